@@ -1,0 +1,1 @@
+"""bagel_jax: BAGEL in JAX/Flax."""
