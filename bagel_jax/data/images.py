@@ -1,0 +1,110 @@
+"""Image preprocessing with the official resize rule (BAGEL.md 6.6).
+
+``MaxLongEdgeMinShortEdgeResize``: scale the long side down to ``max_size`` (never up), then up so
+the short side reaches ``min_size``; round each side (Python half-to-even) and snap to a multiple of
+``stride``; re-check ``max_pixels`` (by the *area* ratio, as the official code does) and ``max_size``.
+PIL bicubic (antialiased). Then ``x/255`` normalised with mean 0.5, std 0.5 to [-1, 1].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Union
+
+import numpy as np
+from PIL import Image
+
+DEFAULT_MAX_PIXELS = 14 * 14 * 9 * 1024
+
+
+class ImageError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTransform:
+    max_image_size: int
+    min_image_size: int
+    image_stride: int
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    @staticmethod
+    def from_dict(d) -> "ImageTransform":
+        return ImageTransform(int(d["max_image_size"]), int(d["min_image_size"]), int(d["image_stride"]),
+                              int(d.get("max_pixels", DEFAULT_MAX_PIXELS)))
+
+    def _snap(self, v: float) -> int:
+        return max(self.image_stride, int(round(v / self.image_stride) * self.image_stride))
+
+    def _apply_scale(self, w: int, h: int, s: float) -> tuple[int, int]:
+        return self._snap(round(w * s)), self._snap(round(h * s))
+
+    def target_size(self, width: int, height: int, img_num: int = 1) -> tuple[int, int]:
+        """``(W', H')`` the official rule resizes a ``width x height`` image to."""
+        if width < 1 or height < 1:
+            raise ImageError(f"image has an empty side ({width}x{height})")
+        s = min(self.max_image_size / max(width, height), 1.0)
+        s = max(s, self.min_image_size / min(width, height))
+        w, h = self._apply_scale(width, height, s)
+        if w * h > self.max_pixels / img_num:
+            s = self.max_pixels / img_num / (w * h)
+            w, h = self._apply_scale(w, h, s)
+        if max(w, h) > self.max_image_size:
+            s = self.max_image_size / max(w, h)
+            w, h = self._apply_scale(w, h, s)
+        return w, h
+
+    def resize(self, img: Image.Image, img_num: int = 1) -> Image.Image:
+        w, h = self.target_size(*img.size, img_num=img_num)
+        if (w, h) == img.size:
+            return img
+        return img.resize((w, h), Image.BICUBIC)
+
+    def __call__(self, img: Image.Image, img_num: int = 1) -> np.ndarray:
+        """PIL image -> ``[3, H', W']`` float32 in [-1, 1]."""
+        return to_tensor(self.resize(img, img_num))
+
+
+# Official transforms.
+INFERENCE_VAE = ImageTransform(1024, 512, 16)
+INFERENCE_VIT = ImageTransform(980, 224, 14)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGBA / transparent images are composited onto white; everything else converted to RGB."""
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, img).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(src: Union[str, os.PathLike, Image.Image, np.ndarray]) -> Image.Image:
+    """A path, a PIL image or an ``[H, W, 3]`` uint8 array -> RGB PIL image (clear error if unreadable)."""
+    if isinstance(src, Image.Image):
+        return to_rgb(src)
+    if isinstance(src, np.ndarray):
+        if src.ndim != 3 or src.shape[-1] not in (3, 4) or src.dtype != np.uint8:
+            raise ImageError(f"expected an [H, W, 3] uint8 array, got shape {src.shape} dtype {src.dtype}")
+        return to_rgb(Image.fromarray(src))
+    path = os.fspath(src)
+    if not os.path.isfile(path):
+        raise ImageError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_rgb(im)
+    except Exception as e:  # PIL raises several types
+        raise ImageError(f"cannot read image {path}: {e}") from None
+
+
+def to_tensor(img: Image.Image) -> np.ndarray:
+    """RGB PIL image -> ``[3, H, W]`` float32 in [-1, 1]."""
+    x = np.asarray(img, dtype=np.uint8).astype(np.float32) / 255.0
+    return np.transpose((x - 0.5) / 0.5, (2, 0, 1)).astype(np.float32)
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """Decoded ``[..., H, W, 3]`` in [-1, 1] -> uint8 by the official truncation ``(clamp(x/2+0.5,0,1)*255).to(uint8)``."""
+    return (np.clip(np.asarray(x, np.float32) * 0.5 + 0.5, 0.0, 1.0) * 255.0).astype(np.uint8)

@@ -1,0 +1,260 @@
+"""Host-side packing of multimodal samples into one static-shape batch (BAGEL.md sections 6, 7, 9).
+
+A *sample* is a list of items (text, ViT image, VAE image). Samples are concatenated into packed
+rows; each sample gets its own segment id so samples never attend to each other. For every token we
+emit the RoPE position and the three mask vectors of :mod:`bagel_jax.nn.attention`:
+
+* text ``[<|im_start|>] + ids + [<|im_end|>]``: causal, positions ``r .. r+n+1``, ``r += n+2``;
+  CE (if ``loss``) at ``<|im_start|>`` + ids with labels ``ids + [<|im_end|>]``;
+* ViT image ``[<|vision_start|>] + patches + [<|vision_end|>]``: full block, one position, ``r += 1``;
+* VAE image, clean (conditioning): full block, one position, ``r += 1``, t = 0;
+* VAE image, noised (``loss=True``): "noise" block (invisible to every other block), one position,
+  ``r`` not advanced, MSE target.
+
+Markers are text tokens (und expert); ViT tokens use the und expert; VAE latent tokens the gen expert.
+
+Static shapes: the row length ``L`` and the capacities (ViT tokens, latent tokens, VAE images and
+their padded size, CE tokens) are arguments; padding entries point at the dump index ``B*L`` (scatter
+with ``mode="drop"``) or carry weight 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from ..config import BagelConfig
+from ..models.siglip_navit import patchify
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialTokens:
+    bos: int            # <|im_start|>
+    eos: int            # <|im_end|>
+    start_of_image: int  # <|vision_start|>
+    end_of_image: int    # <|vision_end|>
+
+
+@dataclasses.dataclass
+class TextItem:
+    ids: Sequence[int]
+    loss: bool = False
+
+
+@dataclasses.dataclass
+class VitItem:
+    image: np.ndarray            # [3, H, W] float in [-1, 1], H and W multiples of the ViT patch
+
+
+@dataclasses.dataclass
+class VaeItem:
+    image: np.ndarray            # [3, H, W] float in [-1, 1], H and W multiples of 16
+    loss: bool = False           # noised target (MSE) vs clean conditioning
+    t_raw: float = 0.0           # raw timestep logit for noised targets (t = sigmoid(t_raw), then shift)
+
+
+Item = Union[TextItem, VitItem, VaeItem]
+
+KIND_PAD, KIND_TEXT, KIND_VIT, KIND_VAE = 0, 1, 2, 3
+
+
+@dataclasses.dataclass
+class PackedBatch:
+    """Numpy arrays of one packed training batch. ``B`` rows of ``L`` tokens."""
+
+    token_ids: np.ndarray     # [B, L] int32 text/marker ids (0 elsewhere)
+    kind: np.ndarray          # [B, L] int8 KIND_*
+    positions: np.ndarray     # [B, L] int32 RoPE positions
+    seg: np.ndarray           # [B, L] int32 sample id (0 = padding)
+    vis: np.ndarray           # [B, L] int32
+    nblk: np.ndarray          # [B, L] int32
+    vit_patches: np.ndarray   # [Nv, p*p*3] float32
+    vit_pos: np.ndarray       # [Nv] int32 r*Gv + c
+    vit_seg: np.ndarray       # [Nv] int32 ViT image id (1..), 0 = padding
+    vit_dest: np.ndarray      # [Nv] int32 flat index into B*L (B*L = padding)
+    vae_images: np.ndarray    # [Ni, H, W, 3] float32, zero padded bottom/right
+    vae_src: np.ndarray       # [Nl] int32 flat index into the patchified latents [Ni * H/16 * W/16]
+    vae_pos: np.ndarray       # [Nl] int32 r*Gl + c
+    vae_dest: np.ndarray      # [Nl] int32 flat index into B*L
+    vae_t_raw: np.ndarray     # [Nl] float32 raw timestep logit (-inf = clean)
+    vae_mse: np.ndarray       # [Nl] bool noised target tokens
+    ce_index: np.ndarray      # [Nce] int32 flat index into B*L whose hidden state predicts the label
+    ce_label: np.ndarray      # [Nce] int32
+    ce_valid: np.ndarray      # [Nce] float32 1 = real CE token, 0 = padding
+    ce_reweight: np.ndarray   # [Nce] float32 1/sqrt(text segment length) (official ce_loss_reweighting)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.token_ids.shape
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return dataclasses.asdict(self)
+
+    @property
+    def is_gen(self) -> np.ndarray:
+        return self.kind == KIND_VAE
+
+
+@dataclasses.dataclass(frozen=True)
+class Capacities:
+    """Static sizes of a packed batch (pad up to these). ``None`` = exactly what the data needs."""
+
+    rows: Optional[int] = None
+    row_len: Optional[int] = None
+    vit_tokens: Optional[int] = None
+    latent_tokens: Optional[int] = None
+    vae_images: Optional[int] = None
+    vae_hw: Optional[tuple[int, int]] = None
+    ce_tokens: Optional[int] = None
+
+
+class PackingError(ValueError):
+    pass
+
+
+def _cap(name: str, need: int, cap: Optional[int]) -> int:
+    if cap is None:
+        return need
+    if need > cap:
+        raise PackingError(f"packed batch needs {need} {name} but the capacity is {cap}")
+    return cap
+
+
+def pack(rows: Sequence[Sequence[Sequence[Item]]], special: SpecialTokens, cfg: BagelConfig,
+         caps: Capacities = Capacities()) -> PackedBatch:
+    """Pack ``rows[b] = [sample, sample, ...]`` (each sample a list of items) into a :class:`PackedBatch`."""
+    p_vit, Gv, Gl = cfg.vit.patch_size, cfg.vit_max_num_patch_per_side, cfg.max_latent_size
+    ds = cfg.latent_downsample
+
+    toks, vit, vae_imgs, vae_tok, ce = [], [], [], [], []
+    row_lens = []
+    vit_img_id = 0
+    for b, row in enumerate(rows):
+        ids, kind, pos, seg, vis, nblk = [], [], [], [], [], []
+        n_noise = 0
+        for s_idx, sample in enumerate(row, start=1):
+            r = 0
+            for item in sample:
+                start = len(ids)
+                if isinstance(item, TextItem):
+                    seq = [special.bos] + list(item.ids) + [special.eos]
+                    ids += seq
+                    kind += [KIND_TEXT] * len(seq)
+                    pos += list(range(r, r + len(seq)))
+                    vis += list(range(start, start + len(seq)))
+                    nblk += [0] * len(seq)
+                    seg += [s_idx] * len(seq)
+                    if item.loss:
+                        labels = list(item.ids) + [special.eos]
+                        w = 1.0 / np.sqrt(len(labels))
+                        for j, lab in enumerate(labels):
+                            ce.append((b, start + j, lab, w))
+                    r += len(seq)
+                    continue
+                if isinstance(item, VitItem):
+                    tokens, pids = patchify(np.asarray(item.image, np.float32), p_vit, Gv)
+                    n = tokens.shape[0]
+                    vit_img_id += 1
+                    for j in range(n):
+                        vit.append((tokens[j], pids[j], vit_img_id, b, start + 1 + j))
+                    body_kind, block_nblk, advance = KIND_VIT, 0, 1
+                elif isinstance(item, VaeItem):
+                    _, H, W = item.image.shape
+                    if H % ds or W % ds:
+                        raise PackingError(f"VAE image size {H}x{W} is not a multiple of {ds}")
+                    h, w = H // ds, W // ds
+                    if h > Gl or w > Gl:
+                        raise PackingError(f"VAE image {H}x{W} exceeds the latent position table "
+                                           f"({Gl}x{Gl} tokens = {Gl * ds}px per side)")
+                    img_idx = len(vae_imgs)
+                    vae_imgs.append(np.asarray(item.image, np.float32))
+                    t_raw = float(item.t_raw) if item.loss else -np.inf
+                    for rr in range(h):
+                        for cc in range(w):
+                            vae_tok.append((img_idx, rr, cc, rr * Gl + cc, b, start + 1 + rr * w + cc, t_raw, item.loss))
+                    n = h * w
+                    body_kind = KIND_VAE
+                    if item.loss:
+                        n_noise += 1
+                        block_nblk, advance = n_noise, 0
+                    else:
+                        block_nblk, advance = 0, 1
+                else:
+                    raise PackingError(f"unknown item type {type(item).__name__}")
+                ids += [special.start_of_image] + [0] * n + [special.end_of_image]
+                kind += [KIND_TEXT] + [body_kind] * n + [KIND_TEXT]
+                pos += [r] * (n + 2)
+                vis += [start] * (n + 2)
+                nblk += [block_nblk] * (n + 2)
+                seg += [s_idx] * (n + 2)
+                r += advance
+        toks.append((ids, kind, pos, seg, vis, nblk))
+        row_lens.append(len(ids))
+
+    B = _cap("rows", len(rows), caps.rows)
+    L = _cap("tokens per row", max(row_lens, default=1), caps.row_len)
+    flat_dump = B * L
+
+    def row_arr(i, dtype):
+        out = np.zeros((B, L), dtype)
+        for b, t in enumerate(toks):
+            out[b, :len(t[i])] = t[i]
+        return out
+
+    # ViT tokens
+    Nv = _cap("ViT tokens", len(vit), caps.vit_tokens)
+    P = p_vit * p_vit * cfg.vit.num_channels
+    vit_patches = np.zeros((Nv, P), np.float32)
+    vit_pos = np.zeros((Nv,), np.int32)
+    vit_seg = np.zeros((Nv,), np.int32)
+    vit_dest = np.full((Nv,), flat_dump, np.int32)
+    for j, (tk, pid, img, b, l) in enumerate(vit):
+        vit_patches[j], vit_pos[j], vit_seg[j], vit_dest[j] = tk, pid, img, b * L + l
+
+    # VAE images: zero-pad bottom/right to the largest size (or the given bucket), as the official trainer does.
+    Ni = _cap("VAE images", len(vae_imgs), caps.vae_images)
+    Hm = max([im.shape[1] for im in vae_imgs], default=ds)
+    Wm = max([im.shape[2] for im in vae_imgs], default=ds)
+    if caps.vae_hw is not None:
+        if Hm > caps.vae_hw[0] or Wm > caps.vae_hw[1]:
+            raise PackingError(f"VAE image {Hm}x{Wm} exceeds the padded size {caps.vae_hw}")
+        Hm, Wm = caps.vae_hw
+    vae_images = np.zeros((Ni, Hm, Wm, 3), np.float32)
+    for i, im in enumerate(vae_imgs):
+        vae_images[i, :im.shape[1], :im.shape[2]] = np.transpose(im, (1, 2, 0))
+    hm, wm = Hm // ds, Wm // ds
+    Nl = _cap("latent tokens", len(vae_tok), caps.latent_tokens)
+    vae_src = np.zeros((Nl,), np.int32)
+    vae_pos = np.zeros((Nl,), np.int32)
+    vae_dest = np.full((Nl,), flat_dump, np.int32)
+    vae_t_raw = np.full((Nl,), -np.inf, np.float32)
+    vae_mse = np.zeros((Nl,), bool)
+    for j, (img, rr, cc, pid, b, l, t_raw, loss) in enumerate(vae_tok):
+        vae_src[j] = img * hm * wm + rr * wm + cc
+        vae_pos[j], vae_dest[j], vae_t_raw[j], vae_mse[j] = pid, b * L + l, t_raw, loss
+
+    Nce = _cap("CE tokens", len(ce), caps.ce_tokens)
+    ce_index = np.zeros((Nce,), np.int32)
+    ce_label = np.zeros((Nce,), np.int32)
+    ce_valid = np.zeros((Nce,), np.float32)
+    ce_reweight = np.zeros((Nce,), np.float32)
+    for j, (b, l, lab, w) in enumerate(ce):
+        ce_index[j], ce_label[j], ce_valid[j], ce_reweight[j] = b * L + l, lab, 1.0, w
+
+    return PackedBatch(
+        token_ids=row_arr(0, np.int32), kind=row_arr(1, np.int8), positions=row_arr(2, np.int32),
+        seg=row_arr(3, np.int32), vis=row_arr(4, np.int32), nblk=row_arr(5, np.int32),
+        vit_patches=vit_patches, vit_pos=vit_pos, vit_seg=vit_seg, vit_dest=vit_dest,
+        vae_images=vae_images, vae_src=vae_src, vae_pos=vae_pos, vae_dest=vae_dest,
+        vae_t_raw=vae_t_raw, vae_mse=vae_mse,
+        ce_index=ce_index, ce_label=ce_label, ce_valid=ce_valid, ce_reweight=ce_reweight)
+
+
+def dense_mask_np(batch: PackedBatch) -> np.ndarray:
+    """The allowed-attention matrix ``[B, L, L]`` (numpy, for tests and the verifier)."""
+    q = lambda a: a[:, :, None]
+    k = lambda a: a[:, None, :]
+    return ((q(batch.seg) == k(batch.seg)) & (k(batch.seg) > 0) & (k(batch.vis) <= q(batch.vis))
+            & ((k(batch.nblk) == 0) | (k(batch.nblk) == q(batch.nblk))))

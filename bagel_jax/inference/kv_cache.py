@@ -1,0 +1,81 @@
+"""Static-shape KV cache and the cached forward of one query chunk (BAGEL.md 7.3).
+
+The cache holds, per layer, post-norm post-RoPE keys and values of everything already in a
+context, ``[layers, batch, capacity, kv_heads, head_dim]``, with a per-row ``length``. A chunk
+attends to the valid cache slots plus itself:
+
+* ``causal=True`` (text prefill / decoding): query ``i`` sees the cache and chunk tokens ``<= i``;
+* ``causal=False`` (ViT / VAE-image prefill, flow steps): query sees the cache and the whole chunk.
+
+``update=True`` appends the chunk's keys/values at ``length`` (prefill, decoding); flow steps pass
+``update=False`` and never write the cache. Rolling back is moving ``length`` back.
+The caller guarantees ``length + chunk_len <= capacity`` (checked on the host by the engine).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from ..config import LLMConfig
+from ..models.bagel import Bagel
+from ..models.qwen2_mot import Routing
+
+
+@flax.struct.dataclass
+class KVCache:
+    k: jax.Array        # [layers, batch, capacity, kv_heads, head_dim]
+    v: jax.Array        # [layers, batch, capacity, kv_heads, head_dim]
+    length: jax.Array   # [batch] int32 valid slots per row
+
+    @staticmethod
+    def empty(cfg: LLMConfig, batch: int, capacity: int, dtype=jnp.float32) -> "KVCache":
+        shape = (cfg.num_hidden_layers, batch, capacity, cfg.num_key_value_heads, cfg.head_dim)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+
+def chunk_mask(cache_length: jax.Array, capacity: int, q_len: jax.Array, Lq: int, causal: bool) -> jax.Array:
+    """``[batch, Lq, capacity + Lq]`` bool: valid cache slots, then the chunk (causal or full)."""
+    slots = jnp.arange(capacity)[None, :] < cache_length[:, None]                 # [B, capacity]
+    chunk_valid = jnp.arange(Lq)[None, :] < q_len[:, None]                        # [B, Lq]
+    m_cache = jnp.broadcast_to(slots[:, None, :], (slots.shape[0], Lq, capacity))
+    m_chunk = jnp.broadcast_to(chunk_valid[:, None, :], (slots.shape[0], Lq, Lq))
+    if causal:
+        m_chunk = m_chunk & jnp.tril(jnp.ones((Lq, Lq), bool))[None]
+    return jnp.concatenate([m_cache, m_chunk], axis=-1)
+
+
+def append(cache: KVCache, k: jax.Array, v: jax.Array, q_len: jax.Array) -> KVCache:
+    """Write chunk keys/values ``[layers, batch, Lq, kv_heads, head_dim]`` at each row's length."""
+    def write(buf, new, start):  # buf [layers, capacity, K, dh], new [layers, Lq, K, dh]
+        return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, start, 0, 0))
+    wk = jax.vmap(write, in_axes=(1, 1, 0), out_axes=1)
+    return KVCache(wk(cache.k, k, cache.length), wk(cache.v, v, cache.length), cache.length + q_len)
+
+
+def forward_chunk(model: Bagel, params, cache: KVCache, x: jax.Array, positions: jax.Array, q_len: jax.Array,
+                  causal: bool, routing: Routing, update: bool, is_gen: Optional[jax.Array] = None,
+                  return_hidden: bool = False):
+    """Run a query chunk against a cache.
+
+    Args:
+      x: ``[batch, Lq, D]`` input embeddings; positions: ``[batch, Lq]`` RoPE positions;
+      q_len: ``[batch]`` number of valid query tokens per row (the rest is padding).
+    Returns:
+      ``(h, new_cache, hidden)``: final-norm hidden states ``[batch, Lq, D]``; the cache with this chunk
+      appended if ``update`` else the same cache; per-layer outputs if ``return_hidden``.
+    """
+    Lq = x.shape[1]
+    mask = chunk_mask(cache.length, cache.capacity, q_len, Lq, causal)
+    h, (k, v), hidden = model.apply({"params": params}, x, positions, mask, routing, is_gen,
+                                    (cache.k, cache.v), return_hidden, method=Bagel.decode)
+    if update:
+        cache = append(cache, k, v, q_len)
+    return h, cache, hidden

@@ -1,0 +1,101 @@
+"""Load an unmodified official BAGEL model folder (or build a random model from a config)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from .config import BagelConfig, ConfigError, load_config
+from .convert import checkpoint
+from .models import flux_vae
+from .models.bagel import Bagel, init_params, key_map, param_shapes
+from .tokenizer import Tokenizer, load_tokenizer
+
+REQUIRED_FILES = ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors")
+
+
+@dataclasses.dataclass
+class BagelModel:
+    """Everything needed to run BAGEL: config, the two Flax modules, their params and the tokenizer."""
+
+    cfg: BagelConfig
+    model: Bagel
+    vae: flux_vae.AutoEncoder
+    params: Any
+    vae_params: Any
+    tokenizer: Optional[Tokenizer] = None
+    folder: Optional[str] = None
+
+
+def build_modules(cfg: BagelConfig, dtype=jnp.float32, param_dtype=jnp.float32, remat_policy: str = "none",
+                  attention_impl: Optional[str] = None, vae_dtype=jnp.float32):
+    """The Bagel and AutoEncoder modules for ``cfg`` (compute dtypes; the VAE runs in float32 by default,
+    as the official app does)."""
+    model = Bagel(cfg, dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy, attention_impl=attention_impl)
+    vae = flux_vae.AutoEncoder(cfg.vae, dtype=vae_dtype)
+    return model, vae
+
+
+def vae_param_shapes(vae: flux_vae.AutoEncoder, param_dtype=jnp.float32):
+    ds = vae.cfg.downsample
+    x = jax.ShapeDtypeStruct((1, ds * 2, ds * 2, vae.cfg.in_channels), jnp.float32)
+    shapes = jax.eval_shape(lambda x: vae.init(jax.random.PRNGKey(0), x), x)["params"]
+    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, param_dtype), shapes)
+
+
+def load_model(folder: str, dtype=jnp.float32, param_dtype=None, shardings=None, vae_shardings=None,
+               with_tokenizer: bool = True, remat_policy: str = "none",
+               attention_impl: Optional[str] = None) -> BagelModel:
+    """Load an official BAGEL folder.
+
+    Args:
+      folder: contains ``llm_config.json``, ``vit_config.json``, ``ema.safetensors``, ``ae.safetensors``
+        and the tokenizer files (``bagel_config.json`` optional, for non-7B shapes).
+      dtype: compute dtype of the Bagel module (float32 or bfloat16).
+      param_dtype: storage dtype of the Bagel params (default: ``dtype``). The VAE stays float32.
+      shardings / vae_shardings: optional trees of ``jax.sharding.Sharding`` matching the params; each
+        tensor is placed directly on its sharding.
+    """
+    if not os.path.isdir(folder):
+        raise ConfigError(f"model folder not found: {folder}")
+    for name in REQUIRED_FILES:
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise ConfigError(f"{folder}: missing file {name}")
+    cfg = load_config(folder)
+    param_dtype = dtype if param_dtype is None else param_dtype
+    model, vae = build_modules(cfg, dtype, param_dtype, remat_policy, attention_impl)
+    shapes = param_shapes(model)
+    params = checkpoint.load_params(os.path.join(folder, "ema.safetensors"), key_map(cfg), shapes,
+                                    dtype=param_dtype, shardings=shardings)
+    vae_params = checkpoint.load_params(os.path.join(folder, "ae.safetensors"), flux_vae.key_map(cfg.vae),
+                                        vae_param_shapes(vae), dtype=jnp.float32, shardings=vae_shardings)
+    tok = load_tokenizer(folder) if with_tokenizer else None
+    return BagelModel(cfg, model, vae, params, vae_params, tok, folder)
+
+
+def random_model(cfg: BagelConfig, key: jax.Array, dtype=jnp.float32, param_dtype=jnp.float32,
+                 remat_policy: str = "none") -> BagelModel:
+    """A randomly initialised model (for tests and training from scratch)."""
+    model, vae = build_modules(cfg, dtype, param_dtype, remat_policy)
+    k1, k2 = jax.random.split(key)
+    params = init_params(model, k1)
+    ds = cfg.vae.downsample
+    vae_params = vae.init(k2, jnp.zeros((1, ds * 2, ds * 2, cfg.vae.in_channels)))["params"]
+    return BagelModel(cfg, model, vae, params, vae_params)
+
+
+def save_model(m: BagelModel, folder: str, dtype=None) -> None:
+    """Write ``m`` as an official folder: ``ema.safetensors``, ``ae.safetensors`` and the config files
+    (the tokenizer files are copied from ``m.tokenizer`` when it has them)."""
+    from .config import write_official_configs
+
+    os.makedirs(folder, exist_ok=True)
+    write_official_configs(m.cfg, folder)
+    checkpoint.export_params(m.params, key_map(m.cfg), os.path.join(folder, "ema.safetensors"), dtype=dtype)
+    checkpoint.export_params(m.vae_params, flux_vae.key_map(m.cfg.vae), os.path.join(folder, "ae.safetensors"))
+    if m.tokenizer is not None:
+        m.tokenizer.hf.save_pretrained(folder)

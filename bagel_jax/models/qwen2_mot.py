@@ -1,0 +1,281 @@
+"""Qwen2 Mixture-of-Transformer-experts decoder (BAGEL.md section 5).
+
+Every layer holds two full parameter sets: the understanding ("und") expert with the original Qwen2
+names and the generation ("gen") expert with the ``_moe_gen`` suffix. Attention is computed jointly
+over the whole sequence; only projections, q/k norms, layer norms and MLPs are expert-specific.
+With ``layer_module="Qwen2DecoderLayer"`` (``cfg.use_moe`` False) this is a plain dense Qwen2
+(optionally with q/k norm).
+
+Routing (which expert a token uses) is given by a :class:`Routing` value:
+
+* ``Routing.und()``: every token uses the und expert (text prefill/decode, ViT prefill);
+* ``Routing.split(n)``: the first ``n`` tokens of each row use und, the rest gen — no wasted
+  FLOPs; packing places tokens accordingly (attention does not depend on physical order, because
+  the mask comes from per-token vectors and RoPE positions are explicit);
+* ``Routing.select()`` with a per-token ``is_gen`` array: both experts are computed on every token
+  and selected per token (simple, 2x the expert FLOPs; used where the layout is arbitrary).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ..config import LLMConfig
+from ..convert import keymap
+from ..nn.attention import dot_product_attention
+from ..nn.layers import RMSNorm, apply_rope, maybe_remat, rope_cos_sin
+
+
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    kind: str                   # "und" | "gen" | "split" | "select"
+    n_und: int = 0              # for "split"
+
+    @staticmethod
+    def und() -> "Routing":
+        return Routing("und")
+
+    @staticmethod
+    def gen() -> "Routing":
+        return Routing("gen")
+
+    @staticmethod
+    def split(n_und: int) -> "Routing":
+        return Routing("split", int(n_und))
+
+    @staticmethod
+    def select() -> "Routing":
+        return Routing("select")
+
+
+def _route(und_fn, gen_fn, x: jax.Array, routing: Routing, is_gen: Optional[jax.Array]) -> jax.Array:
+    """Apply the und or gen version of an op per token. ``x`` is ``[batch, seq, ...]``."""
+    if gen_fn is None or routing.kind == "und":
+        return und_fn(x)
+    if routing.kind == "gen":
+        return gen_fn(x)
+    if routing.kind == "split":
+        n = routing.n_und
+        if n <= 0:
+            return gen_fn(x)
+        if n >= x.shape[1]:
+            return und_fn(x)
+        return jnp.concatenate([und_fn(x[:, :n]), gen_fn(x[:, n:])], axis=1)
+    if routing.kind == "select":
+        if is_gen is None:
+            raise ValueError("Routing.select() needs a per-token is_gen array")
+        sel = is_gen.reshape(is_gen.shape + (1,) * (x.ndim - is_gen.ndim))
+        return jnp.where(sel, gen_fn(x), und_fn(x))
+    raise ValueError(f"unknown routing {routing.kind!r}")
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``, no biases."""
+
+    hidden: int
+    width: int
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        return dense(self.hidden, "down_proj")(nn.silu(dense(self.width, "gate_proj")(x)) * dense(self.width, "up_proj")(x))
+
+
+class MoTLayer(nn.Module):
+    """One decoder layer. Called inside ``nn.scan``: ``(x, broadcast inputs, per-layer cache) -> (x, (k, v))``."""
+
+    cfg: LLMConfig
+    routing: Routing
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    attention_impl: Optional[str] = None
+
+    def setup(self):
+        cfg = self.cfg
+        D, H, K, dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        dense = lambda n, bias, name: nn.Dense(n, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.param_dtype, name=name)
+        suffixes = ("", "_moe_gen") if cfg.use_moe else ("",)
+        self.attn = {s: dict(q=dense(H * dh, True, f"q_proj{s}"), k=dense(K * dh, True, f"k_proj{s}"),
+                             v=dense(K * dh, True, f"v_proj{s}"), o=dense(D, False, f"o_proj{s}"),
+                             **(dict(q_norm=norm(f"q_norm{s}"), k_norm=norm(f"k_norm{s}")) if cfg.qk_norm else {}))
+                     for s in suffixes}
+        self.mlps = {s: MLP(D, cfg.intermediate_size, self.dtype, self.param_dtype, name=f"mlp{s}") for s in suffixes}
+        self.in_norms = {s: norm(f"input_layernorm{s}") for s in suffixes}
+        self.post_norms = {s: norm(f"post_attention_layernorm{s}") for s in suffixes}
+
+    def _apply(self, table, x, is_gen, key=None):
+        und = table[""] if key is None else table[""][key]
+        gen = None
+        if "_moe_gen" in table:
+            gen = table["_moe_gen"] if key is None else table["_moe_gen"][key]
+        return _route(und, gen, x, self.routing, is_gen)
+
+    def __call__(self, x, cos, sin, mask, is_gen, cache_k=None, cache_v=None):
+        """
+        Args:
+          x: ``[batch, seq, hidden]`` residual stream.
+          cos, sin: ``[batch, seq, head_dim]`` RoPE tables for the tokens' positions.
+          mask: ``[batch, seq, cache_len + seq]`` bool (keys = cache slots then this chunk).
+          is_gen: ``[batch, seq]`` bool for ``Routing.select``, else unused.
+          cache_k, cache_v: ``[batch, cache_len, kv_heads, head_dim]`` or None.
+        Returns:
+          ``(x, (k, v))`` with this chunk's post-norm, post-RoPE keys and values ``[batch, seq, kv_heads, head_dim]``.
+        """
+        cfg = self.cfg
+        B, L, _ = x.shape
+        H, K, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        x = x.astype(self.dtype)
+        h = self._apply(self.in_norms, x, is_gen)
+        q = self._apply(self.attn, h, is_gen, "q").reshape(B, L, H, dh)
+        k = self._apply(self.attn, h, is_gen, "k").reshape(B, L, K, dh)
+        v = self._apply(self.attn, h, is_gen, "v").reshape(B, L, K, dh)
+        if cfg.qk_norm:
+            q = self._apply(self.attn, q, is_gen, "q_norm")
+            k = self._apply(self.attn, k, is_gen, "k_norm")
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        keys, values = k, v
+        if cache_k is not None:
+            keys = jnp.concatenate([cache_k.astype(k.dtype), k], axis=1)
+            values = jnp.concatenate([cache_v.astype(v.dtype), v], axis=1)
+        o = dot_product_attention(q, keys, values, mask, self.attention_impl)  # [batch, seq, heads, head_dim]
+        x = x + self._apply(self.attn, o.reshape(B, L, H * dh), is_gen, "o")
+        x = x + self._apply(self.mlps, self._apply(self.post_norms, x, is_gen), is_gen)
+        return x, (k, v)
+
+
+class _ScanBody(nn.Module):
+    """Adapter giving ``MoTLayer`` the ``(carry, xs) -> (carry, ys)`` signature ``nn.scan`` wants."""
+
+    cfg: LLMConfig
+    routing: Routing
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    attention_impl: Optional[str]
+    return_hidden: bool
+    remat_policy: str
+
+    @nn.compact
+    def __call__(self, x, bcast, cache):
+        cos, sin, mask, is_gen = bcast
+        layer_cls = maybe_remat(MoTLayer, self.remat_policy)
+        layer = layer_cls(self.cfg, self.routing, self.dtype, self.param_dtype, self.attention_impl, name="layer")
+        ck, cv = cache if cache is not None else (None, None)
+        x, kv = layer(x, cos, sin, mask, is_gen, ck, cv)
+        return x, (kv, x if self.return_hidden else None)
+
+
+class LayerStack(nn.Module):
+    """All decoder layers under one ``nn.scan`` (parameters stacked on a leading layer axis)."""
+
+    cfg: LLMConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    remat_policy: str = "none"
+    attention_impl: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x, positions, mask, routing: Routing, is_gen=None, cache=None, return_hidden=False):
+        """
+        Args:
+          x: ``[batch, seq, hidden]``; positions: ``[batch, seq]`` RoPE positions.
+          mask: ``[batch, seq, cache_len + seq]`` bool.
+          cache: None or ``(k, v)`` each ``[layers, batch, cache_len, kv_heads, head_dim]``.
+        Returns:
+          ``(x, (k, v), hidden)``: new keys/values of this chunk ``[layers, batch, seq, kv_heads, head_dim]``;
+          ``hidden`` is ``[layers, batch, seq, hidden]`` per-layer outputs when ``return_hidden`` else None.
+        """
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
+        if is_gen is None:
+            is_gen = jnp.zeros(x.shape[:2], bool)
+        scan = nn.scan(
+            _ScanBody,
+            variable_axes={"params": 0, "intermediates": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, 0),
+            length=self.cfg.num_hidden_layers,
+        )
+        body = scan(self.cfg, routing, self.dtype, self.param_dtype, self.attention_impl, return_hidden,
+                    self.remat_policy, name="layers")
+        x, (kv, hidden) = body(x, (cos, sin, mask, is_gen), cache)
+        return x, kv, hidden
+
+
+class Qwen2MoT(nn.Module):
+    """Embedding, MoT layer stack, per-expert final norms and the LM head."""
+
+    cfg: LLMConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    remat_policy: str = "none"
+    attention_impl: Optional[str] = None
+
+    def setup(self):
+        cfg = self.cfg
+        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                                     embedding_init=nn.initializers.normal(0.02))
+        self.stack = LayerStack(cfg, self.dtype, self.param_dtype, self.remat_policy, self.attention_impl, name="model")
+        self.norm = RMSNorm(cfg.rms_norm_eps, self.param_dtype)
+        if cfg.use_moe:
+            self.norm_moe_gen = RMSNorm(cfg.rms_norm_eps, self.param_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def embed(self, ids: jax.Array) -> jax.Array:
+        """``[...] int -> [..., hidden]``."""
+        return self.embed_tokens(ids)
+
+    def __call__(self, x, positions, mask, routing: Routing, is_gen=None, cache=None, return_hidden=False):
+        """Layers + final norms. Same arguments as :class:`LayerStack`; returns ``(h, (k, v), hidden)``."""
+        if is_gen is None:
+            is_gen = jnp.zeros(x.shape[:2], bool)
+        x, kv, hidden = self.stack(x, positions, mask, routing, is_gen, cache, return_hidden)
+        gen_norm = self.norm_moe_gen if self.cfg.use_moe else None
+        h = _route(self.norm, gen_norm, x, routing, is_gen)
+        return h, kv, hidden
+
+    def init_all(self, ids, positions, mask):
+        """Touch every parameter (for ``init`` / ``eval_shape``)."""
+        h, _, _ = self(self.embed(ids), positions, mask, Routing.select(), jnp.zeros(ids.shape, bool))
+        return self.logits(h)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """LM head ``[..., hidden] -> [..., vocab]`` (no bias, no softcap)."""
+        if self.cfg.tie_word_embeddings:
+            return self.embed_tokens.attend(h)
+        return self.lm_head(h)
+
+
+def key_map(cfg: LLMConfig) -> list[keymap.Entry]:
+    """Official names relative to ``language_model.`` -> paths relative to the Qwen2MoT params root."""
+    E = []
+    E.append(keymap.Entry("model.embed_tokens.weight", ("embed_tokens", "embedding")))
+    E += keymap.norm("model.norm", ("norm",), bias=False)
+    if cfg.use_moe:
+        E += keymap.norm("model.norm_moe_gen", ("norm_moe_gen",), bias=False)
+    if not cfg.tie_word_embeddings:
+        E += keymap.linear("lm_head", ("lm_head",), bias=False)
+    suffixes = ("", "_moe_gen") if cfg.use_moe else ("",)
+    root = ("model", "layers", "layer")
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        for s in suffixes:
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                E += keymap.linear(p + f"self_attn.{proj}{s}", root + (f"{proj}{s}",), bias=True, layer=i)
+            E += keymap.linear(p + f"self_attn.o_proj{s}", root + (f"o_proj{s}",), bias=False, layer=i)
+            if cfg.qk_norm:
+                E += keymap.norm(p + f"self_attn.q_norm{s}", root + (f"q_norm{s}",), bias=False, layer=i)
+                E += keymap.norm(p + f"self_attn.k_norm{s}", root + (f"k_norm{s}",), bias=False, layer=i)
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                E += keymap.linear(p + f"mlp{s}.{proj}", root + (f"mlp{s}", proj), bias=False, layer=i)
+            E += keymap.norm(p + f"input_layernorm{s}", root + (f"input_layernorm{s}",), bias=False, layer=i)
+            E += keymap.norm(p + f"post_attention_layernorm{s}", root + (f"post_attention_layernorm{s}",), bias=False, layer=i)
+    return E

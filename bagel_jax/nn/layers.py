@@ -1,0 +1,92 @@
+"""Small building blocks shared by the BAGEL modules: RMSNorm, RoPE, position tables, timestep features."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class RMSNorm(nn.Module):
+    """Qwen2 RMSNorm (BAGEL.md 4.1): normalise in float32, cast back to the input dtype, then scale."""
+
+    eps: float = 1e-6
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
+    """``inv_freq[j] = theta^(-2j/head_dim)`` in float32, as the HF rotary embedding computes it."""
+    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    return (1.0 / (np.float32(theta) ** exponent)).astype(np.float32)
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos/sin ``[batch, seq, head_dim]`` for integer positions ``[batch, seq]`` (rotate-half layout)."""
+    inv_freq = jnp.asarray(rope_inv_freq(head_dim, theta))
+    ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, seq, head_dim/2]
+    emb = jnp.concatenate([ang, ang], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """``x [batch, seq, heads, head_dim]``; HF "rotate-half" convention (not interleaved pairs)."""
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rot * sin[:, :, None, :]
+
+
+def sincos_2d_table(dim: int, grid: int) -> np.ndarray:
+    """Fixed 2D sin-cos table ``[grid*grid, dim]`` (BAGEL.md 4.5), row ``r*grid + c``.
+
+    First half of the channels encodes the column, the second half the row; each half is
+    ``[sin(pos*omega), cos(pos*omega)]`` with ``omega[k] = 10000^(-k/(dim/4))``. Built in float64.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos table width {dim} must be divisible by 4")
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
+
+    def e1(pos: np.ndarray) -> np.ndarray:
+        out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+    return np.concatenate([e1(cols), e1(rows)], axis=1).astype(np.float32)
+
+
+def timestep_features(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
+    """``[cos(t*f), sin(t*f)]`` (cos first), ``f[k] = exp(-ln(max_period) k / (dim/2))``; t in [0, 1], unscaled."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[..., None] * freqs
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_all": jax.checkpoint_policies.dots_saveable,
+}
+
+
+def maybe_remat(module_cls, policy: str, static_argnums=()):
+    """Wrap a module class with ``nn.remat`` under a named policy ("none" leaves it as is)."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {policy!r}; choose from {sorted(REMAT_POLICIES)}")
+    if policy == "none":
+        return module_cls
+    return nn.remat(module_cls, policy=REMAT_POLICIES[policy], prevent_cse=False, static_argnums=static_argnums)

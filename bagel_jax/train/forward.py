@@ -1,0 +1,114 @@
+"""The training forward: packed batch -> CE and MSE losses (BAGEL.md 9.2).
+
+The same function is used by ``train.py`` (inside the jitted train step) and by the parity verifier
+(case ``train_forward``), which injects the recorded noise instead of drawing it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from ..models import flux_vae
+from ..models.bagel import Bagel, patchify_latents
+from ..models.qwen2_mot import Routing
+from ..nn.attention import MaskVectors, dense_mask
+
+
+class TrainNoise(NamedTuple):
+    posterior_eps: jax.Array   # [Ni, H/8, W/8, C] VAE posterior noise
+    flow_noise: jax.Array      # [Nl, p*p*C] flow-matching noise
+
+
+def draw_noise(key: jax.Array, batch: Mapping[str, Any], cfg) -> TrainNoise:
+    """All random draws of one training forward, from one explicit key."""
+    k1, k2 = jax.random.split(key)
+    Ni, H, W, _ = batch["vae_images"].shape
+    ds = cfg.vae.downsample
+    eps = jax.random.normal(k1, (Ni, H // ds, W // ds, cfg.vae.z_channels), jnp.float32)
+    noise = jax.random.normal(k2, (batch["vae_src"].shape[0], cfg.patch_latent_dim), jnp.float32)
+    return TrainNoise(eps, noise)
+
+
+def shift_timesteps(t: jax.Array, shift: float) -> jax.Array:
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def train_forward(model: Bagel, params, vae: flux_vae.AutoEncoder, vae_params, batch: Mapping[str, Any],
+                  noise: TrainNoise, ce_weight: float = 1.0, mse_weight: float = 1.0,
+                  ce_loss_reweighting: bool = False, token_loss_weights: Optional[jax.Array] = None,
+                  return_intermediates: bool = False):
+    """Losses of one packed batch (arrays of :class:`bagel_jax.data.packing.PackedBatch`).
+
+    Returns ``(loss, aux)``; ``aux`` holds ``ce``, ``mse`` (the normalised losses), the token counts and,
+    with ``return_intermediates``, per-token values for the verifier. ``token_loss_weights`` optionally
+    scales the CE of each CE token (e.g. an extra weight on ``<|vision_start|>`` labels).
+    """
+    cfg = model.cfg
+    apply = lambda method, *a, **kw: model.apply({"params": params}, *a, method=method, **kw)
+    B, L = batch["token_ids"].shape
+    D = cfg.llm.hidden_size
+    x = apply(Bagel.embed_text, batch["token_ids"]).reshape(B * L, D)
+    inter = {}
+
+    if cfg.visual_und and batch["vit_patches"].shape[0] > 0:
+        vit = apply(Bagel.embed_vit, batch["vit_patches"][None], batch["vit_pos"][None], batch["vit_seg"][None],
+                    return_hidden=return_intermediates)
+        if return_intermediates:
+            vit, vit_extra = vit
+            inter["vit_output"] = vit_extra["vit_output"][0]
+        x = x.at[batch["vit_dest"]].set(vit[0].astype(x.dtype), mode="drop")
+
+    has_vae = cfg.visual_gen and batch["vae_src"].shape[0] > 0
+    if has_vae:
+        moments = vae.apply({"params": vae_params}, batch["vae_images"], method=flux_vae.AutoEncoder.encode_moments)
+        latents = flux_vae.latent_from_moments(moments, cfg.vae, noise.posterior_eps)   # [Ni, H/8, W/8, C]
+        latents = jax.lax.stop_gradient(latents)                                       # the VAE is frozen
+        tokens = patchify_latents(latents, cfg.latent_patch_size)
+        x0 = tokens.reshape(-1, tokens.shape[-1])[batch["vae_src"]]                    # [Nl, p*p*C]
+        t = shift_timesteps(jax.nn.sigmoid(batch["vae_t_raw"]), cfg.timestep_shift)    # clean: sigmoid(-inf) = 0
+        x_t = (1.0 - t[:, None]) * x0 + t[:, None] * noise.flow_noise
+        emb = apply(Bagel.embed_latents, x_t, t, batch["vae_pos"], return_parts=return_intermediates)
+        if return_intermediates:
+            emb, parts = emb
+            inter.update(parts, latents=latents, packed_latent_clean=x0, timesteps_used=t)
+        x = x.at[batch["vae_dest"]].set(emb.astype(x.dtype), mode="drop")
+
+    vec = MaskVectors(batch["seg"], batch["vis"], batch["nblk"])
+    is_gen = batch["kind"] == 3
+    h, _, hidden = apply(Bagel.decode, x.reshape(B, L, D), batch["positions"], dense_mask(vec, vec),
+                         Routing.select(), is_gen, return_hidden=return_intermediates)
+    h = h.reshape(B * L, D)
+
+    # CE on text tokens (fp32 log-softmax).
+    valid = batch["ce_valid"]
+    logits = apply(Bagel.lm_logits, h[batch["ce_index"]]).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    ce_tok = -jnp.take_along_axis(logp, batch["ce_label"][:, None].astype(jnp.int32), axis=-1)[:, 0]
+    w = valid * (batch["ce_reweight"] if ce_loss_reweighting else 1.0)
+    if token_loss_weights is not None:
+        w = w * token_loss_weights
+    n_ce = valid.sum()
+    ce = (ce_tok * w).sum() / jnp.maximum(w.sum() if ce_loss_reweighting else n_ce, 1.0)
+
+    loss = ce_weight * ce
+    aux = dict(ce=ce, n_ce=n_ce)
+    if has_vae:
+        pred = apply(Bagel.velocity, h[jnp.minimum(batch["vae_dest"], B * L - 1)]).astype(jnp.float32)
+        target = noise.flow_noise - x0
+        m = batch["vae_mse"].astype(jnp.float32)
+        n_mse = m.sum()
+        mse_tok = jnp.mean((pred - target) ** 2, axis=-1)
+        mse = (mse_tok * m).sum() / jnp.maximum(n_mse, 1.0)
+        loss = loss + mse_weight * mse
+        aux.update(mse=mse, n_mse=n_mse)
+        if return_intermediates:
+            inter.update(mse_preds=pred, mse_target=target, mse_per_element=(pred - target) ** 2)
+    else:
+        aux.update(mse=jnp.zeros((), jnp.float32), n_mse=jnp.zeros((), jnp.float32))
+    if return_intermediates:
+        inter.update(final_hidden=h, ce_logits=logits, ce_per_token=ce_tok, hidden=hidden)
+        aux["intermediates"] = inter
+    return loss, aux
