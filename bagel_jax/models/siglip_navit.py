@@ -1,0 +1,230 @@
+"""SigLIP NaViT vision encoder (BAGEL.md 4.6): the understanding-path ViT.
+
+Several images of different sizes are packed along the token axis of one row; each token carries
+a segment id (its image, >= 1; 0 = padding) and a position id into the learned position table
+(``row * vit_max_num_patch_per_side + col``, BAGEL.md 6.3/6.5). Attention is bidirectional inside
+an image and never crosses images, so a packed row gives the same per-image outputs as running
+each image alone.
+
+Differences from a stock SigLIP vision tower, all from BAGEL's loader (BAGEL.md 2.2, 12.1-12.3):
+  * ``ViTConfig.num_hidden_layers`` is the number of layers *used* (official json value minus one),
+    and ``post_layernorm`` is still applied to the last used layer;
+  * the patch embedding is a ``Linear`` over patches flattened in (row, col, channel) order;
+  * positions index the learned table directly (no interpolation, no RoPE).
+
+Parameter tree (relative to this module's params root), mirroring the official names:
+  ``embeddings/patch_embedding/{kernel,bias}``, ``embeddings/position_embedding/embedding``,
+  ``encoder/layers/{layer_norm1,layer_norm2}/{scale,bias}``,
+  ``encoder/layers/self_attn/{q_proj,k_proj,v_proj,out_proj}/{kernel,bias}``,
+  ``encoder/layers/mlp/{fc1,fc2}/{kernel,bias}``, ``post_layernorm/{scale,bias}``.
+Leaves under ``encoder/layers`` are stacked on a leading layer axis (``nn.scan``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bagel_jax.config import ViTConfig
+from bagel_jax.convert import keymap
+from bagel_jax.nn.attention import dot_product_attention, segment_mask
+
+Dtype = Any
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _layer_norm(cfg: ViTConfig, param_dtype: Dtype, name: str) -> nn.LayerNorm:
+    # Statistics in float32 even for a bf16 model; callers cast the result back.
+    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=jnp.float32, param_dtype=param_dtype, name=name)
+
+
+class SiglipEmbeddings(nn.Module):
+    cfg: ViTConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, patches: jax.Array, position_ids: jax.Array) -> jax.Array:
+        """patches ``[B, N, p*p*C]``, position_ids ``[B, N]`` -> ``[B, N, D]``."""
+        cfg = self.cfg
+        x = nn.Dense(cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name="patch_embedding")(patches.astype(self.dtype))
+        table_rows = (cfg.image_size // cfg.patch_size) ** 2
+        pos = nn.Embed(table_rows, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name="position_embedding")(position_ids)
+        return x + pos
+
+
+class SiglipAttention(nn.Module):
+    cfg: ViTConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        """x ``[B, N, D]``, mask ``[B, N, N]`` bool -> ``[B, N, D]``."""
+        cfg = self.cfg
+        B, N, _ = x.shape
+
+        def proj(name):
+            return nn.Dense(cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+        def heads(t):
+            return t.reshape(B, N, cfg.num_attention_heads, cfg.head_dim)
+
+        q = heads(proj("q_proj")(x))  # [batch, seq, heads, head_dim]
+        k = heads(proj("k_proj")(x))
+        v = heads(proj("v_proj")(x))
+        o = dot_product_attention(q, k, v, mask)  # scale 1/sqrt(head_dim)
+        return proj("out_proj")(o.reshape(B, N, cfg.hidden_size))
+
+
+class SiglipMLP(nn.Module):
+    cfg: ViTConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        h = nn.Dense(cfg.intermediate_size, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
+        h = jax.nn.gelu(h, approximate=True)  # gelu_pytorch_tanh
+        return nn.Dense(cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(h)
+
+
+class SiglipEncoderLayer(nn.Module):
+    """One pre-LN block, written as a scan body: ``(h, mask) -> (h, y)``.
+
+    ``y`` is the layer output when ``collect`` is set (stacked by the scan), else None so that a
+    plain forward does not keep ``[L, B, N, D]`` around.
+    """
+
+    cfg: ViTConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    collect: bool = False
+
+    @nn.compact
+    def __call__(self, h: jax.Array, mask: jax.Array):
+        cfg, dt, pdt = self.cfg, self.dtype, self.param_dtype
+        a = _layer_norm(cfg, pdt, "layer_norm1")(h).astype(dt)
+        h = h + SiglipAttention(cfg, dt, pdt, name="self_attn")(a, mask)
+        m = _layer_norm(cfg, pdt, "layer_norm2")(h).astype(dt)
+        h = h + SiglipMLP(cfg, dt, pdt, name="mlp")(m)
+        return h, (h if self.collect else None)
+
+
+class SiglipEncoder(nn.Module):
+    cfg: ViTConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat_policy: str = "none"
+    collect: bool = False
+
+    @nn.compact
+    def __call__(self, h: jax.Array, mask: jax.Array):
+        """h ``[B, N, D]``, mask ``[B, N, N]`` -> (h ``[B, N, D]``, per-layer ``[L, B, N, D]`` or None)."""
+        layer = SiglipEncoderLayer
+        if self.remat_policy != "none":
+            if self.remat_policy not in REMAT_POLICIES:
+                raise ValueError(f"vit: unknown remat_policy {self.remat_policy!r} "
+                                 f"(expected 'none', {', '.join(map(repr, REMAT_POLICIES))})")
+            # prevent_cse=False is safe (and faster) inside scan.
+            layer = nn.remat(layer, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
+        scanned = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                          in_axes=nn.broadcast, length=self.cfg.num_hidden_layers)
+        return scanned(self.cfg, self.dtype, self.param_dtype, self.collect, name="layers")(h, mask)
+
+
+class SiglipNavit(nn.Module):
+    """The ViT: patches of packed images -> post-LayerNormed features.
+
+    Attributes:
+      cfg: the ViT config (``num_hidden_layers`` = layers used).
+      dtype: compute dtype (LayerNorm statistics are always float32).
+      param_dtype: parameter dtype.
+      remat_policy: "none", "full" (recompute everything) or "dots" (save matmul outputs).
+    """
+
+    cfg: ViTConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat_policy: str = "none"
+
+    @nn.compact
+    def __call__(self, patches: jax.Array, position_ids: jax.Array, segment_ids: jax.Array,
+                 return_hidden: bool = False):
+        """Encode packed image patches.
+
+        Args:
+          patches: ``[B, N, p*p*C]`` float; each patch flattened (row-in-patch, col-in-patch,
+            channel), channel fastest (see :func:`patchify`).
+          position_ids: ``[B, N]`` int, ``row * vit_max_num_patch_per_side + col``.
+          segment_ids: ``[B, N]`` int, image id >= 1 per token, 0 for padding.
+          return_hidden: also return the embeddings and every layer's output.
+        Returns:
+          ``[B, N, D]`` in ``dtype``; with ``return_hidden`` a tuple
+          ``(out, {"embeddings": [B, N, D], "layers": [L, B, N, D]})``. Padding rows are finite
+          garbage.
+        """
+        cfg = self.cfg
+        h = SiglipEmbeddings(cfg, self.dtype, self.param_dtype, name="embeddings")(patches, position_ids)
+        mask = segment_mask(segment_ids, segment_ids)  # [batch, seq, seq]
+        enc = SiglipEncoder(cfg, self.dtype, self.param_dtype, self.remat_policy, collect=return_hidden,
+                            name="encoder")
+        out, layers = enc(h, mask)
+        out = _layer_norm(cfg, self.param_dtype, "post_layernorm")(out).astype(self.dtype)
+        if return_hidden:
+            return out, {"embeddings": h, "layers": layers}
+        return out
+
+
+def key_map(cfg: ViTConfig) -> list[keymap.Entry]:
+    """Official names relative to ``vit_model.vision_model.`` -> paths relative to SiglipNavit's params."""
+    emb = ("embeddings",)
+    entries = keymap.linear("embeddings.patch_embedding", emb + ("patch_embedding",))
+    entries.append(keymap.Entry("embeddings.position_embedding.weight",
+                                emb + ("position_embedding", "embedding"), "copy"))
+    root = ("encoder", "layers")
+    for j in range(cfg.num_hidden_layers):
+        o = f"encoder.layers.{j}."
+        for n in ("layer_norm1", "layer_norm2"):
+            entries += keymap.norm(o + n, root + (n,), bias=True, layer=j)
+        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            entries += keymap.linear(o + "self_attn." + n, root + ("self_attn", n), layer=j)
+        for n in ("fc1", "fc2"):
+            entries += keymap.linear(o + "mlp." + n, root + ("mlp", n), layer=j)
+    entries += keymap.norm("post_layernorm", ("post_layernorm",), bias=True)
+    return entries
+
+
+def patchify(image_chw: np.ndarray, patch_size: int, max_patches_per_side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split a normalised ``(C, H, W)`` image into ViT tokens (BAGEL.md 6.3).
+
+    Returns:
+      tokens ``[n, p*p*C]`` float32, row-major over the patch grid, each patch ordered
+      (row-in-patch, col-in-patch, channel) with channel fastest;
+      position_ids ``[n]`` int64, ``r * max_patches_per_side + c``.
+    """
+    x = np.asarray(image_chw)
+    if x.ndim != 3:
+        raise ValueError(f"patchify: expected a (C, H, W) image, got shape {x.shape}")
+    C, H, W = x.shape
+    p = patch_size
+    if H % p or W % p:
+        raise ValueError(f"patchify: image size {H}x{W} is not a multiple of patch_size {p}")
+    h, w = H // p, W // p
+    if h > max_patches_per_side or w > max_patches_per_side:
+        raise ValueError(f"patchify: patch grid {h}x{w} exceeds max_patches_per_side {max_patches_per_side}")
+    tokens = x.reshape(C, h, p, w, p).transpose(1, 3, 2, 4, 0).reshape(h * w, p * p * C)
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    position_ids = (rows * max_patches_per_side + cols).reshape(-1).astype(np.int64)
+    return tokens.astype(np.float32), position_ids
