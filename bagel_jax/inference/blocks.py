@@ -1,0 +1,110 @@
+"""Building blocks of inference: one jitted function per kind of chunk (BAGEL.md 6.2-6.4, 7.3, 8.2-8.5).
+
+Each function runs one block (text, ViT image, clean VAE image, or a flow query) against a
+:class:`~bagel_jax.inference.kv_cache.KVCache`. Chunk layouts (physical order does not matter for
+attention, see :mod:`bagel_jax.nn.attention`):
+
+* text: ``[<|im_start|>, ids..., <|im_end|>]``, positions ``rope .. rope+n+1``, causal, und expert;
+* ViT image: ``[<|vision_start|>, vit tokens..., <|vision_end|>]``, one position, full, und expert;
+* VAE image / flow query: ``[<|vision_start|>, <|vision_end|>, latents...]`` (markers first so the
+  two experts run on static slices: ``Routing.split(2)``), one position, full.
+
+All functions take a batch of rows; ``q_len`` gives each row's number of real tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from ..models import flux_vae
+from ..models.bagel import Bagel, patchify_latents
+from ..models.qwen2_mot import Routing
+from .kv_cache import KVCache, forward_chunk
+
+
+@functools.partial(jax.jit, static_argnames=("model", "update", "return_hidden"))
+def text_chunk(model: Bagel, params, cache: KVCache, ids, positions, q_len, update: bool = True,
+               return_hidden: bool = False):
+    """Causal und-expert forward of token ids ``[B, Lq]`` at ``positions``. Returns ``(h, cache, hidden)``."""
+    x = model.apply({"params": params}, ids, method=Bagel.embed_text)
+    return forward_chunk(model, params, cache, x, positions, q_len, True, Routing.und(), update,
+                         return_hidden=return_hidden)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "return_hidden"))
+def vit_chunk(model: Bagel, params, cache: KVCache, patches, vit_pos, n_tokens, rope, markers,
+              return_hidden: bool = False):
+    """Prefill one ViT image per row.
+
+    Args: patches ``[B, N, p*p*3]`` (padded), vit_pos ``[B, N]``, n_tokens ``[B]`` real patches per row,
+    rope ``[B]`` position of the block, markers ``[2]`` ids of <|vision_start|>, <|vision_end|>.
+    Returns ``(h, cache, hidden)`` with the chunk in official order ``[start, tokens..., end]``.
+    """
+    B, N, _ = patches.shape
+    seg = (jnp.arange(N)[None] < n_tokens[:, None]).astype(jnp.int32)
+    emb = model.apply({"params": params}, patches, vit_pos, seg, method=Bagel.embed_vit)     # [B, N, D]
+    mk = model.apply({"params": params}, markers, method=Bagel.embed_text)                   # [2, D]
+    # [start, tokens (padded), end]; the end marker is moved right after the last real token.
+    x = jnp.concatenate([jnp.broadcast_to(mk[0], (B, 1, mk.shape[-1])), emb.astype(mk.dtype),
+                         jnp.zeros((B, 1, mk.shape[-1]), mk.dtype)], axis=1)
+    end_at = n_tokens + 1
+    x = jax.vmap(lambda xr, e: xr.at[e].set(mk[1]))(x, end_at)
+    positions = jnp.broadcast_to(rope[:, None], (B, N + 2))
+    return forward_chunk(model, params, cache, x, positions, n_tokens + 2, False, Routing.und(), True,
+                         return_hidden=return_hidden)
+
+
+def _latent_chunk(model: Bagel, params, x_t, t, lat_pos, rope, markers):
+    """Embeddings ``[B, 2 + N, D]`` of ``[start, end, latents...]`` and their positions."""
+    B, N, _ = x_t.shape
+    emb = model.apply({"params": params}, x_t, jnp.broadcast_to(t[:, None], (B, N)), lat_pos,
+                      method=Bagel.embed_latents)
+    mk = model.apply({"params": params}, markers, method=Bagel.embed_text)
+    x = jnp.concatenate([jnp.broadcast_to(mk[None], (B, 2, mk.shape[-1])), emb.astype(mk.dtype)], axis=1)
+    positions = jnp.broadcast_to(rope[:, None], (B, N + 2))
+    return x, positions
+
+
+@functools.partial(jax.jit, static_argnames=("model", "vae", "p", "return_hidden"))
+def vae_chunk(model: Bagel, params, vae: flux_vae.AutoEncoder, vae_params, cache: KVCache, images, eps, src,
+              lat_pos, n_tokens, rope, markers, p: int, return_hidden: bool = False):
+    """Prefill one clean (conditioning) VAE image per row, t = 0.
+
+    Args: images ``[B, H, W, 3]`` in [-1, 1] (padded bottom/right), eps ``[B, H/8, W/8, C]`` posterior
+    noise (the official encode samples), src ``[B, N]`` token index into the row's patchified latent grid,
+    lat_pos ``[B, N]`` (``r*Gl + c``), n_tokens ``[B]``, rope ``[B]``.
+    Returns ``(h, cache, hidden, latent_tokens [B, N, p*p*C])``; ``h`` in chunk order ``[start, end, latents]``.
+    """
+    moments = vae.apply({"params": vae_params}, images, method=flux_vae.AutoEncoder.encode_moments)
+    z = flux_vae.latent_from_moments(moments, vae.cfg, eps)
+    tok = patchify_latents(z, p)
+    tok = tok.reshape(tok.shape[0], -1, tok.shape[-1])
+    x0 = jnp.take_along_axis(tok, src[..., None], axis=1)                                  # [B, N, p*p*C]
+    x, positions = _latent_chunk(model, params, x0, jnp.zeros(x0.shape[:1]), lat_pos, rope, markers)
+    h, cache, hidden = forward_chunk(model, params, cache, x, positions, n_tokens + 2, False, Routing.split(2),
+                                     True, return_hidden=return_hidden)
+    return h, cache, hidden, x0
+
+
+@functools.partial(jax.jit, static_argnames=("model", "return_hidden"))
+def flow_velocity(model: Bagel, params, cache: KVCache, x_t, t, lat_pos, n_tokens, rope, markers,
+                  return_hidden: bool = False):
+    """One velocity prediction: the query ``[start, end, latents]`` against ``cache`` (never written).
+
+    Args: x_t ``[B, N, p*p*C]``, t ``[B]`` (shifted sigma), lat_pos ``[B, N]``, n_tokens ``[B]``, rope ``[B]``.
+    Returns ``(v [B, N, p*p*C], h [B, N+2, D], hidden)``.
+    """
+    x, positions = _latent_chunk(model, params, x_t, t, lat_pos, rope, markers)
+    h, _, hidden = forward_chunk(model, params, cache, x, positions, n_tokens + 2, False, Routing.split(2),
+                                 False, return_hidden=return_hidden)
+    v = model.apply({"params": params}, h[:, 2:], method=Bagel.velocity)
+    return v, h, hidden
+
+
+def latent_grid(h: int, w: int, max_latent_size: int):
+    """Position ids ``r*Gl + c`` (row-major) of an ``h x w`` latent token grid."""
+    r, c = jnp.meshgrid(jnp.arange(h), jnp.arange(w), indexing="ij")
+    return (r * max_latent_size + c).reshape(-1)
