@@ -1,0 +1,15 @@
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_A = os.path.join(REPO, "..", "shared", "reference", "fixtures", "tiny-a")
+
+
+@pytest.fixture(scope="session")
+def tiny_a() -> str:
+    """Path of the shared tiny-a fixture folder (skips the test when it is absent)."""
+    if not os.path.isfile(os.path.join(TINY_A, "manifest.json")):
+        pytest.skip(f"shared fixture folder not found at {os.path.normpath(TINY_A)} "
+                    "(the parity tests need ../shared/reference/fixtures/tiny-a beside the checkout)")
+    return os.path.normpath(TINY_A)
