@@ -108,3 +108,27 @@ def latent_grid(h: int, w: int, max_latent_size: int):
     """Position ids ``r*Gl + c`` (row-major) of an ``h x w`` latent token grid."""
     r, c = jnp.meshgrid(jnp.arange(h), jnp.arange(w), indexing="ij")
     return (r * max_latent_size + c).reshape(-1)
+
+
+# -------------------------------------------------------------------------------------------------
+# Pieces used by the engine (context.py): VAE encoding separate from the latent prefill, so that
+# rows with images of different sizes are encoded one by one (no padding inside the VAE, whose
+# GroupNorm / mid attention would see it) and then prefilled together with padded token arrays.
+# -------------------------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("vae", "p"))
+def vae_encode_tokens(vae: flux_vae.AutoEncoder, vae_params, image, eps, p: int):
+    """``image [1, H, W, 3]`` in [-1, 1], ``eps [1, H/8, W/8, C]`` -> clean latent tokens ``[1, h*w, p*p*C]``."""
+    moments = vae.apply({"params": vae_params}, image, method=flux_vae.AutoEncoder.encode_moments)
+    z = flux_vae.latent_from_moments(moments, vae.cfg, eps)
+    tok = patchify_latents(z, p)
+    return tok.reshape(tok.shape[0], -1, tok.shape[-1])
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def latent_prefill(model: Bagel, params, cache: KVCache, x0, lat_pos, n_tokens, rope, markers):
+    """Prefill clean latent tokens ``x0 [B, N, p*p*C]`` (t = 0, padded per row to N) as a full-attention
+    image block ``[start, end, latents...]``. Returns ``(h, cache)``."""
+    x, positions = _latent_chunk(model, params, x0, jnp.zeros(x0.shape[:1]), lat_pos, rope, markers)
+    h, cache, _ = forward_chunk(model, params, cache, x, positions, n_tokens + 2, False, Routing.split(2), True)
+    return h, cache

@@ -1,0 +1,384 @@
+"""Immutable inference contexts (BAGEL.md 8.1-8.3, 8.7).
+
+A :class:`Context` holds a batch of conversations. For image generation it keeps the three branches of
+the official inferencer, each a :class:`Branch` (KV cache + per-row length and RoPE counter):
+
+* ``gen``      everything (full conditioning);
+* ``cfg_text`` a snapshot of ``gen`` taken just before each text input, refreshed after each image;
+* ``cfg_img``  the system prompt and every text input, but no image and no generated (thinking) text.
+
+Every ``add_*`` returns a new Context and costs only the new tokens: history is never re-encoded.
+Branches that are equal share the same object (plain text-to-image: ``cfg_img is gen``), which the
+sampler uses to compute one velocity instead of two. Snapshots are free (arrays are immutable).
+
+Static shapes (the only bucketed shapes of the engine, see :func:`bucket`):
+
+* cache capacity: ``bucket(needed, CACHE_MIN)``; a cache grows by copying into the next bucket;
+* text chunk length: ``bucket(n, TEXT_MIN)`` (padding is masked and never counted in ``length``);
+* ViT patch count: ``bucket(n, VIT_MIN)``.
+
+Latent (VAE) token counts are not bucketed: they follow the image size, which the resize rule already
+snaps to a few values. All input checks (unreadable image, size out of range, context too long) run on
+the host before any device work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..data.images import INFERENCE_VAE, INFERENCE_VIT, ImageError, ImageTransform, load_image
+from ..loading import BagelModel
+from ..models.siglip_navit import patchify
+from . import blocks
+from .kv_cache import KVCache
+
+CACHE_MIN = 256
+TEXT_MIN = 16
+VIT_MIN = 64
+MAX_INPUT_PIXELS = 1 << 28   # refuse absurdly large inputs before decoding them fully
+
+GEN_THINK_SYSTEM_PROMPT = (
+    "You should first think about the planning process in the mind and then generate the image. \n"
+    "The planning process is enclosed within <think> </think> tags, i.e. <think> planning process here </think> "
+    "image here")
+VLM_THINK_SYSTEM_PROMPT = (
+    "You should first think about the reasoning process in the mind and then provide the user with the answer. \n"
+    "The reasoning process is enclosed within <think> </think> tags, i.e. <think> reasoning process here </think> "
+    "answer here")
+
+
+class ContextError(ValueError):
+    """Bad input for a context (too long, batch mismatch, ...)."""
+
+
+def bucket(n: int, minimum: int) -> int:
+    """Smallest value of ``{minimum * 2^k, 1.5 * minimum * 2^k}`` that is ``>= n``."""
+    b = minimum
+    while True:
+        if b >= n:
+            return b
+        if b * 3 // 2 >= n:
+            return b * 3 // 2
+        b *= 2
+
+
+@functools.partial(jax.jit, static_argnames=("capacity",))
+def _grow(cache: KVCache, capacity: int) -> KVCache:
+    pad = [(0, 0), (0, 0), (0, capacity - cache.k.shape[2]), (0, 0), (0, 0)]
+    return KVCache(jnp.pad(cache.k, pad), jnp.pad(cache.v, pad), cache.length)
+
+
+class Engine:
+    """A loaded model plus everything contexts need (special tokens, transforms, limits).
+
+    Args:
+      bm: the loaded model (:func:`bagel_jax.loading.load_model`).
+      vae_transform / vit_transform: image resize rules (official inference defaults, BAGEL.md 6.6).
+      max_context: most KV slots a row may hold (default ``max_position_embeddings``).
+      cache_dtype: dtype of KV caches (default: the model's compute dtype).
+    """
+
+    def __init__(self, bm: BagelModel, vae_transform: ImageTransform = INFERENCE_VAE,
+                 vit_transform: ImageTransform = INFERENCE_VIT, max_context: Optional[int] = None,
+                 cache_dtype=None):
+        if bm.tokenizer is None:
+            raise ContextError("the engine needs a tokenizer (load the model with with_tokenizer=True)")
+        self.bm = bm
+        self.cfg = bm.cfg
+        self.model = bm.model
+        self.params = bm.params
+        self.vae = bm.vae
+        self.vae_params = bm.vae_params
+        self.tok = bm.tokenizer
+        self.sp = bm.tokenizer.special
+        self.markers = jnp.asarray([self.sp.start_of_image, self.sp.end_of_image], jnp.int32)
+        self.vae_transform = vae_transform
+        self.vit_transform = vit_transform
+        self.max_context = int(max_context or self.cfg.llm.max_position_embeddings)
+        self.cache_dtype = cache_dtype or bm.model.dtype
+
+    def empty_cache(self, batch: int, capacity: int = CACHE_MIN) -> KVCache:
+        return KVCache.empty(self.cfg.llm, batch, capacity, self.cache_dtype)
+
+    # -- image preprocessing (host side, raises before any compute) ---------------------------------
+    def preprocess(self, image, vae: bool = True, vit: bool = True) -> dict:
+        """Official inferencer preprocessing: VAE-rule resize, then the ViT transform of the VAE-resized image.
+
+        Returns ``{"hw": (H, W) of the VAE-resized image, "vae": [3, H, W] (if vae), "vit": [3, H', W'] (if vit)}``.
+        """
+        img = load_image(image)
+        w0, h0 = img.size
+        if w0 * h0 > MAX_INPUT_PIXELS:
+            raise ImageError(f"image of {w0}x{h0} pixels is too large (limit {MAX_INPUT_PIXELS} pixels)")
+        W, H = self.vae_transform.target_size(w0, h0)
+        ds = self.cfg.latent_downsample
+        if H % ds or W % ds or max(H, W) // ds > self.cfg.max_latent_size:
+            raise ImageError(f"image of {w0}x{h0} resizes to {W}x{H}, outside the model's latent grid "
+                             f"(multiples of {ds}, at most {self.cfg.max_image_side} per side)")
+        img = self.vae_transform.resize(img)
+        out = {"hw": (H, W), "pil": img}
+        if vae:
+            out["vae"] = self.vae_transform(img)
+        if vit:
+            px = self.vit_transform(img)
+            p, G = self.cfg.vit.patch_size, self.cfg.vit_max_num_patch_per_side
+            if px.shape[1] % p or px.shape[2] % p or max(px.shape[1:]) // p > G:
+                raise ImageError(f"image of {w0}x{h0} gives a ViT input of {px.shape[2]}x{px.shape[1]}, outside "
+                                 f"the ViT grid (multiples of {p}, at most {p * G} per side)")
+            out["vit"] = px
+        return out
+
+    def check_output_size(self, hw) -> tuple[int, int]:
+        H, W = int(hw[0]), int(hw[1])
+        ds = self.cfg.latent_downsample
+        if H <= 0 or W <= 0 or H % ds or W % ds or max(H, W) // ds > self.cfg.max_latent_size:
+            raise ImageError(f"output image size {H}x{W} (H x W) is not supported: each side must be a positive "
+                             f"multiple of {ds} and at most {self.cfg.max_image_side}")
+        return H, W
+
+
+@dataclasses.dataclass(frozen=True)
+class Branch:
+    """One KV cache with host copies of its per-row lengths and RoPE counters."""
+
+    cache: KVCache
+    length: np.ndarray    # [batch] int64, valid slots (mirror of cache.length)
+    rope: np.ndarray      # [batch] int64, next RoPE position
+
+    @staticmethod
+    def empty(engine: Engine, batch: int) -> "Branch":
+        z = np.zeros((batch,), np.int64)
+        return Branch(engine.empty_cache(batch), z, z.copy())
+
+    @property
+    def batch(self) -> int:
+        return int(self.length.shape[0])
+
+    @property
+    def capacity(self) -> int:
+        return self.cache.capacity
+
+    def reserve(self, engine: Engine, extra: int) -> "Branch":
+        """A branch whose cache can take ``extra`` more slots per row (copy into a larger bucket if needed)."""
+        need = int(self.length.max(initial=0)) + int(extra)
+        if need <= self.capacity:
+            return self
+        return dataclasses.replace(self, cache=_grow(self.cache, bucket(need, CACHE_MIN)))
+
+    def with_capacity(self, capacity: int) -> "Branch":
+        if capacity == self.capacity:
+            return self
+        return dataclasses.replace(self, cache=_grow(self.cache, capacity))
+
+
+HistoryItem = tuple  # (kind, role, per-row values); kind in {"text", "image"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """A batch of ``batch`` conversations (see the module docstring). Build with :meth:`Context.new`.
+
+    ``cfg_text`` / ``cfg_img`` are None when ``track_cfg`` is False (understanding-only contexts, which
+    never generate images and so skip the extra prefill of the cfg_img branch).
+    """
+
+    engine: Engine
+    gen: Branch
+    cfg_text: Optional[Branch]
+    cfg_img: Optional[Branch]
+    history: tuple = ()
+    image_hw: Optional[tuple] = None         # per row (H, W) of the last VAE-resized image
+    key: Optional[np.ndarray] = None          # PRNG key data for VAE posterior draws
+    last_hidden: object = None                # final hidden states of the last gen-branch chunk (debugging)
+
+    @staticmethod
+    def new(engine: Engine, batch: int = 1, track_cfg: bool = True, seed: int = 0) -> "Context":
+        if batch < 1:
+            raise ContextError(f"batch must be >= 1, got {batch}")
+        e = Branch.empty(engine, batch)
+        return Context(engine, e, e if track_cfg else None, e if track_cfg else None, (), None,
+                       np.asarray(jax.random.key_data(jax.random.PRNGKey(seed))))
+
+    @property
+    def batch(self) -> int:
+        return self.gen.batch
+
+    @property
+    def track_cfg(self) -> bool:
+        return self.cfg_img is not None
+
+    def _rows(self, values, what: str) -> list:
+        if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)):
+            values = [values]
+        values = list(values)
+        if len(values) == 1 and self.batch > 1:
+            values = values * self.batch
+        if len(values) != self.batch:
+            raise ContextError(f"{what}: got {len(values)} values for a context of batch {self.batch}")
+        return values
+
+    def check_room(self, extra, what: str) -> None:
+        """Raise :class:`ContextError` if adding ``extra`` (per row) slots would exceed the engine's limit."""
+        need = int((self.gen.length + np.asarray(extra)).max())
+        if need > self.engine.max_context:
+            raise ContextError(f"context too long for {what}: {need} tokens needed, limit "
+                               f"{self.engine.max_context} (start a new conversation or raise max_context)")
+
+    # -- text ---------------------------------------------------------------------------------------------
+    def _text_branch(self, br: Branch, seqs: list[list[int]]) -> tuple[Branch, jax.Array]:
+        eng = self.engine
+        n = np.array([len(s) for s in seqs], np.int64)
+        Lq = bucket(int(n.max()), TEXT_MIN)
+        if int((br.length + n).max()) > eng.max_context:
+            raise ContextError(f"context too long: {int((br.length + n).max())} tokens needed, limit "
+                               f"{eng.max_context} (start a new conversation or raise max_context)")
+        br = br.reserve(eng, Lq)
+        ids = np.zeros((br.batch, Lq), np.int32)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = s
+        pos = (br.rope[:, None] + np.arange(Lq)[None]).astype(np.int32)
+        h, cache, _ = blocks.text_chunk(eng.model, eng.params, br.cache, jnp.asarray(ids), jnp.asarray(pos),
+                                        jnp.asarray(n, jnp.int32), True, False)
+        return Branch(cache, br.length + n, br.rope + n), h
+
+    def text_ids(self, texts) -> list[list[int]]:
+        sp = self.engine.sp
+        return [[sp.bos] + self.engine.tok.encode(t) + [sp.eos] for t in self._rows(texts, "text")]
+
+    def add_text(self, texts: Union[str, Sequence[str]], role: str = "user") -> "Context":
+        """Add a text segment (one string, or one per row): cfg_text <- gen (snapshot), gen += text,
+        cfg_img += text (BAGEL.md 8.7). ``role`` is kept in the history only (no chat template)."""
+        texts = self._rows(texts, "add_text")
+        seqs = self.text_ids(texts)
+        gen, h = self._text_branch(self.gen, seqs)
+        cfg_text = cfg_img = None
+        if self.track_cfg:
+            cfg_text = self.gen
+            cfg_img = gen if self.cfg_img is self.gen else self._text_branch(self.cfg_img, seqs)[0]
+        return dataclasses.replace(self, gen=gen, cfg_text=cfg_text, cfg_img=cfg_img, last_hidden=h,
+                                   history=self.history + (("text", role, tuple(texts)),))
+
+    def add_generated_text(self, texts: Union[str, Sequence[str]], role: str = "think") -> "Context":
+        """Add model-generated thinking text: re-tokenised and prefilled into ``gen`` only (official think)."""
+        texts = self._rows(texts, "add_generated_text")
+        gen, h = self._text_branch(self.gen, self.text_ids(texts))
+        return dataclasses.replace(self, gen=gen, last_hidden=h,
+                                   history=self.history + (("text", role, tuple(texts)),))
+
+    # -- images -------------------------------------------------------------------------------------------
+    def add_image(self, images, vae: bool = True, vit: bool = True, role: str = "user",
+                  vae_eps: Optional[Sequence[np.ndarray]] = None, preprocessed: Optional[list] = None) -> "Context":
+        """Add an image (one, or one per row): gen += VAE block (if ``vae``) then ViT block (if ``vit``);
+        cfg_text <- gen (refreshed); cfg_img unchanged.
+
+        ``vae_eps``: per row posterior noise ``[H/8, W/8, C]`` (NHWC) for the VAE encoding (the official
+        encode samples the posterior); drawn from the context's key when None.
+        """
+        if not (vae or vit):
+            raise ContextError("add_image: at least one of vae / vit must be True")
+        eng = self.engine
+        pre = preprocessed if preprocessed is not None else [
+            eng.preprocess(im, vae=vae, vit=vit) for im in self._rows(images, "add_image")]
+        if len(pre) != self.batch:
+            raise ContextError(f"add_image: got {len(pre)} images for a context of batch {self.batch}")
+        cfg = eng.cfg
+        need = np.zeros(self.batch, np.int64)
+        for i, q in enumerate(pre):
+            if vae:
+                need[i] += (q["hw"][0] // cfg.latent_downsample) * (q["hw"][1] // cfg.latent_downsample) + 2
+            if vit:
+                need[i] += (q["vit"].shape[1] // cfg.vit.patch_size) * (q["vit"].shape[2] // cfg.vit.patch_size) + 2
+        self.check_room(need, "add_image")
+        gen = self.gen
+        key = self.key
+        infos = {}
+        if vae:
+            gen, key, infos["vae"] = self._vae_block(gen, pre, vae_eps)
+        if vit:
+            gen, infos["vit"] = self._vit_block(gen, pre)
+        cfg_text = gen if self.track_cfg else None
+        return dataclasses.replace(self, gen=gen, cfg_text=cfg_text, key=key, last_hidden=infos,
+                                   image_hw=tuple(p["hw"] for p in pre),
+                                   history=self.history + (("image", role, tuple(p["pil"] for p in pre)),))
+
+    def _vae_block(self, br: Branch, pre: list, vae_eps):
+        eng, cfg = self.engine, self.engine.cfg
+        ds, p, C, Gl = cfg.latent_downsample, cfg.latent_patch_size, cfg.vae.z_channels, cfg.max_latent_size
+        ns = [(q["hw"][0] // ds) * (q["hw"][1] // ds) for q in pre]
+        N = max(ns)
+        br = br.reserve(eng, N + 2)
+        key = self.key
+        x0 = np.zeros((br.batch, N, p * p * C), np.float32)
+        lat_pos = np.zeros((br.batch, N), np.int32)
+        toks = []
+        for i, q in enumerate(pre):
+            H, W = q["hw"]
+            if vae_eps is not None:
+                eps = jnp.asarray(vae_eps[i], jnp.float32)[None]
+            else:
+                key, sub = self._replace_key(key)
+                eps = jax.random.normal(sub, (1, H // cfg.vae.downsample, W // cfg.vae.downsample, C), jnp.float32)
+            img = jnp.asarray(np.transpose(q["vae"], (1, 2, 0)))[None]
+            t = blocks.vae_encode_tokens(eng.vae, eng.vae_params, img, eps, p)
+            toks.append(t[0])
+            lat_pos[i, :ns[i]] = np.asarray(blocks.latent_grid(H // ds, W // ds, Gl))
+        x0j = jnp.stack([jnp.pad(t, ((0, N - t.shape[0]), (0, 0))) for t in toks]).astype(jnp.float32)
+        n = np.asarray(ns, np.int64)
+        h, cache = blocks.latent_prefill(eng.model, eng.params, br.cache, x0j, jnp.asarray(lat_pos),
+                                         jnp.asarray(n, jnp.int32), jnp.asarray(br.rope, jnp.int32), eng.markers)
+        return Branch(cache, br.length + n + 2, br.rope + 1), key, dict(h=h, latent_tokens=toks, lat_pos=lat_pos, n=n)
+
+    @staticmethod
+    def _replace_key(key):
+        k = jax.random.wrap_key_data(jnp.asarray(key))
+        k1, k2 = jax.random.split(k)
+        return np.asarray(jax.random.key_data(k1)), k2
+
+    def _vit_block(self, br: Branch, pre: list):
+        eng, cfg = self.engine, self.engine.cfg
+        pt = [patchify(q["vit"], cfg.vit.patch_size, cfg.vit_max_num_patch_per_side) for q in pre]
+        ns = np.array([t.shape[0] for t, _ in pt], np.int64)
+        N = bucket(int(ns.max()), VIT_MIN)
+        br = br.reserve(eng, N + 2)
+        patches = np.zeros((br.batch, N, cfg.vit.patch_dim), np.float32)
+        pos = np.zeros((br.batch, N), np.int32)
+        for i, (t, ps) in enumerate(pt):
+            patches[i, :len(t)] = t
+            pos[i, :len(t)] = ps
+        h, cache, _ = blocks.vit_chunk(eng.model, eng.params, br.cache, jnp.asarray(patches), jnp.asarray(pos),
+                                       jnp.asarray(ns, jnp.int32), jnp.asarray(br.rope, jnp.int32), eng.markers)
+        return Branch(cache, br.length + ns + 2, br.rope + 1), dict(h=h, n=ns, pos=[ps for _, ps in pt])
+
+    # -- helpers ------------------------------------------------------------------------------------------
+    def select_rows(self, rows: Sequence[int]) -> "Context":
+        """A context with only the given rows (e.g. to continue one conversation of a batch)."""
+        idx = np.asarray(rows, np.int64)
+
+        def take(br: Optional[Branch]):
+            if br is None:
+                return None
+            c = br.cache
+            return Branch(KVCache(c.k[:, idx], c.v[:, idx], c.length[idx]), br.length[idx], br.rope[idx])
+
+        cache = {}
+
+        def take_shared(br):
+            if br is None:
+                return None
+            if id(br) not in cache:
+                cache[id(br)] = take(br)
+            return cache[id(br)]
+
+        hist = tuple((k, r, tuple(v[i] for i in idx)) for k, r, v in self.history)
+        hw = None if self.image_hw is None else tuple(self.image_hw[i] for i in idx)
+        return dataclasses.replace(self, gen=take_shared(self.gen), cfg_text=take_shared(self.cfg_text),
+                                   cfg_img=take_shared(self.cfg_img), history=hist, image_hw=hw)
+
+    def num_tokens(self) -> np.ndarray:
+        return self.gen.length.copy()

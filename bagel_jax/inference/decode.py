@@ -1,0 +1,185 @@
+"""Text generation as one ``lax.while_loop`` (BAGEL.md 8.4).
+
+Official semantics, per row: the fed sequence starts with ``<|im_start|>`` at the context's RoPE
+counter; each step feeds the current token (und expert, causal, written to a copy of the cache),
+computes the next-token logits and picks the next token; it stops when the picked token is a stop
+token (not appended) or after ``max_length`` fed tokens. The returned ids are the fed tokens
+(starting with ``<|im_start|>``), exactly the official ``generate_text`` output.
+
+Sampling: greedy argmax (official default) or ``softmax(logits / temperature)`` draws, optionally
+restricted by top-k and top-p (extensions; the official code has neither). Batches stop per row
+(``done`` flags); the loop ends when every row is done or after ``max_length`` steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..models.bagel import Bagel
+from ..models.qwen2_mot import Routing
+from .context import Context
+from .kv_cache import KVCache, forward_chunk
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Text sampling settings. ``do_sample=False`` is greedy (official default; temperature unused).
+
+    temperature: softmax temperature when sampling (official app default 0.3).
+    top_k: keep the k most likely tokens (0 = off). top_p: nucleus mass (1.0 = off).
+    """
+
+    do_sample: bool = False
+    temperature: float = 0.3
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def validate(self) -> "SamplingParams":
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        return self
+
+
+def pick_next(logits: jax.Array, keys: jax.Array, do_sample: bool, temperature, top_k, top_p) -> jax.Array:
+    """``logits [B, V]`` -> next ids ``[B]`` (greedy, or temperature / top-k / top-p sampling with one
+    PRNG key per row, ``keys [B, 2]``, so that a row's draws do not depend on the rest of the batch)."""
+    logits = logits.astype(jnp.float32)
+    if not do_sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    V = logits.shape[-1]
+    x = logits / temperature
+    srt = jnp.sort(x, axis=-1)[:, ::-1]                                           # descending
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+    kth = jnp.take_along_axis(srt, jnp.broadcast_to(k - 1, (x.shape[0], 1)).astype(jnp.int32), axis=-1)
+    x = jnp.where(x < kth, -jnp.inf, x)
+    # top-p on the (top-k filtered) distribution: keep the smallest prefix whose mass reaches top_p.
+    srt = jnp.where(jnp.arange(V)[None] < k, srt, -jnp.inf)
+    probs = jax.nn.softmax(srt, axis=-1)
+    cum = jnp.cumsum(probs, axis=-1) - probs                                        # mass before each token
+    keep = cum < top_p
+    thresh = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
+    x = jnp.where(x < thresh, -jnp.inf, x)
+    return jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, x).astype(jnp.int32)
+
+
+def _progress_cb(step, total):
+    from . import progress
+    progress.tick("tokens", int(step), int(total))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_length", "do_sample", "record", "progress"))
+def decode_loop(model: Bagel, params, cache: KVCache, rope, start_id, stop_ids, keys, temperature, top_k, top_p,
+                max_length: int, do_sample: bool = False, record: bool = False, progress: bool = False):
+    """The compiled decoding loop.
+
+    Args:
+      cache: the context's cache (capacity >= length + max_length; it is not modified: JAX arrays are
+        values); rope ``[B]`` int32 next position; start_id scalar; stop_ids ``[S]`` int32;
+      keys: ``[B, 2]`` uint32 one PRNG key per row (step i of row b uses ``fold_in(keys[b], i)``).
+    Returns dict: ``tokens [B, max_length]`` fed ids (start first), ``n [B]`` number of fed tokens,
+    ``stop [B]`` the stop token that ended the row (-1: length limit), and with ``record`` the
+    per-step ``logits [B, max_length, V]`` and ``hidden [B, max_length, D]``.
+    """
+    B = rope.shape[0]
+    V = model.cfg.llm.vocab_size
+    D = model.cfg.llm.hidden_size
+    tokens = jnp.zeros((B, max_length), jnp.int32).at[:, 0].set(start_id)
+    state = dict(i=jnp.int32(0), cache=cache, cur=jnp.full((B,), start_id, jnp.int32), tokens=tokens,
+                 n=jnp.ones((B,), jnp.int32), done=jnp.zeros((B,), bool), stop=jnp.full((B,), -1, jnp.int32),
+                 key=keys)
+    if record:
+        state["logits"] = jnp.zeros((B, max_length, V), jnp.float32)
+        state["hidden"] = jnp.zeros((B, max_length, D), jnp.float32)
+
+    def cond(s):
+        return (s["i"] < max_length) & ~jnp.all(s["done"])
+
+    def body(s):
+        i = s["i"]
+        x = model.apply({"params": params}, s["cur"][:, None], method=Bagel.embed_text)       # [B, 1, D]
+        pos = (rope + i)[:, None]
+        h, c, _ = forward_chunk(model, params, s["cache"], x, pos, jnp.ones((B,), jnp.int32), True,
+                                Routing.und(), True)
+        logits = model.apply({"params": params}, h[:, 0], method=Bagel.lm_logits)             # [B, V]
+        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(s["key"])
+        nxt = pick_next(logits, step_keys, do_sample, temperature, top_k, top_p)
+        is_stop = jnp.any(nxt[:, None] == stop_ids[None, :], axis=-1)
+        live = ~s["done"]
+        newly = live & is_stop
+        # a picked token is fed (appended) next step only if it is not a stop and there is room left
+        append = live & ~is_stop & (i + 1 < max_length)
+        toks = jnp.where(append[:, None] & (jnp.arange(max_length)[None] == i + 1), nxt[:, None], s["tokens"])
+        out = dict(i=i + 1, cache=c, cur=nxt, tokens=toks, n=s["n"] + append.astype(jnp.int32),
+                   done=s["done"] | is_stop | (i + 1 >= max_length), stop=jnp.where(newly, nxt, s["stop"]), key=s["key"])
+        if record:
+            out["logits"] = s["logits"].at[:, i].set(logits.astype(jnp.float32))
+            out["hidden"] = s["hidden"].at[:, i].set(h[:, 0].astype(jnp.float32))
+        if progress:
+            jax.debug.callback(_progress_cb, i + 1, max_length)
+        return out
+
+    s = jax.lax.while_loop(cond, body, state)
+    res = dict(tokens=s["tokens"], n=s["n"], stop=s["stop"], steps=s["i"])
+    if record:
+        res["logits"], res["hidden"] = s["logits"], s["hidden"]
+    return res
+
+
+@dataclasses.dataclass
+class TextResult:
+    texts: list            # per row decoded text (official post-processing)
+    token_ids: list        # per row np.ndarray of fed ids (starts with <|im_start|>)
+    stop: list             # per row: the stop token id that ended it, or None (length limit)
+    raw: dict              # arrays of the loop (tokens, n, stop, and logits / hidden if recorded)
+
+
+def official_text(tokenizer, ids: Sequence[int]) -> str:
+    """Official post-processing: decode all fed ids (special tokens kept), keep the part after the
+    first ``<|im_start|>`` and before any ``<|im_end|>``."""
+    s = tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+    s = s.split("<|im_end|>")[0]
+    parts = s.split("<|im_start|>")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def generate_text(ctx: Context, max_length: int = 1000, sampling: SamplingParams = SamplingParams(),
+                  keys: Optional[Sequence] = None, stop_tokens: Optional[Sequence[int]] = None,
+                  record: bool = False, progress: bool = False) -> TextResult:
+    """Generate text from the ``gen`` branch of ``ctx`` (``ctx`` itself is unchanged; BAGEL.md 8.4).
+
+    Args:
+      max_length: most fed tokens per row (official ``max_think_token_n``; the start token counts).
+      sampling: see :class:`SamplingParams`. keys: one PRNG key per row for sampling (default
+        ``PRNGKey(i)`` for row i; a row's draws depend only on its key).
+      stop_tokens: ids that end a row (default ``[<|im_end|>]``; add ``<|vision_start|>`` to interleave).
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    sampling.validate()
+    eng = ctx.engine
+    ctx.check_room(max_length, "text generation")
+    gen = ctx.gen.reserve(eng, max_length)
+    stops = list(stop_tokens) if stop_tokens is not None else [eng.sp.eos]
+    keys = [jax.random.PRNGKey(i) for i in range(gen.batch)] if keys is None else list(keys)
+    if len(keys) != gen.batch:
+        raise ValueError(f"got {len(keys)} keys for a batch of {gen.batch}")
+    keys = jnp.stack([jnp.asarray(k, jnp.uint32).reshape(2) for k in keys])
+    res = decode_loop(eng.model, eng.params, gen.cache, jnp.asarray(gen.rope, jnp.int32), eng.sp.bos,
+                      jnp.asarray(stops, jnp.int32), keys, jnp.float32(sampling.temperature),
+                      jnp.int32(sampling.top_k), jnp.float32(sampling.top_p), max_length=int(max_length),
+                      do_sample=bool(sampling.do_sample), record=record, progress=progress)
+    res = jax.device_get(res)
+    ids = [res["tokens"][b, :res["n"][b]] for b in range(gen.batch)]
+    texts = [official_text(eng.tok, x) for x in ids]
+    stop = [int(s) if s >= 0 else None for s in res["stop"]]
+    return TextResult(texts, ids, stop, res)
