@@ -1,1 +1,26 @@
-"""bagel_jax: BAGEL in JAX/Flax."""
+"""bagel_jax: BAGEL in JAX/Flax.
+
+``bagel_jax.load(folder)`` returns an inference :class:`~bagel_jax.inference.api.Pipeline`
+(understand / generate_image / edit_image / conversation / interleave). Heavy modules are imported lazily.
+"""
+
+_LAZY = {
+    "load": ("bagel_jax.inference.api", "load"),
+    "Pipeline": ("bagel_jax.inference.api", "Pipeline"),
+    "Conversation": ("bagel_jax.inference.api", "Conversation"),
+    "ImageResult": ("bagel_jax.inference.api", "ImageResult"),
+    "InterleaveResult": ("bagel_jax.inference.api", "InterleaveResult"),
+    "Context": ("bagel_jax.inference.context", "Context"),
+    "Engine": ("bagel_jax.inference.context", "Engine"),
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        return getattr(importlib.import_module(mod), attr)
+    raise AttributeError(f"module 'bagel_jax' has no attribute {name!r}")

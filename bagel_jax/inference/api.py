@@ -1,0 +1,446 @@
+"""High-level inference API: ``bagel_jax.load(folder)`` and the :class:`Pipeline` it returns.
+
+    import bagel_jax
+    pipe = bagel_jax.load("/path/to/BAGEL-7B-MoT", dtype="bfloat16")
+    pipe.understand(image, "What is in this image?")                 # -> str
+    pipe.generate_image("A red cat on a blue mat").image             # -> PIL.Image
+    pipe.edit_image(image, "Make the sky blue.").image
+    conv = pipe.conversation(); conv.add_image(img); conv.ask("...") ; conv.generate_image("...")
+    pipe.interleave("Tell a story in pictures.", num_images=3)       # -> InterleaveResult
+
+Defaults (BAGEL.md 8.8, the official notebook): text-to-image ``cfg_text_scale=4.0, cfg_img_scale=1.0,
+cfg_interval=(0.4, 1.0), timestep_shift=3.0, num_timesteps=50, cfg_renorm_type="global",
+cfg_renorm_min=0.0``, 1024x1024; editing ``cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0),
+cfg_renorm_type="text_channel"``, output size = the VAE-resized input size; understanding and thinking
+greedy with at most 1000 fed tokens (``temperature=0.3`` when ``do_sample``).
+
+Seeds: row ``i`` of a batched call with ``seed=s`` uses ``PRNGKey(s + i)``; the same prompt alone with
+``seed=s + i`` gives the same result (batched equals one at a time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from ..data.images import INFERENCE_VAE, INFERENCE_VIT, ImageTransform
+from . import progress as _progress
+from .context import (Context, ContextError, Engine, GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT)
+from .decode import SamplingParams, generate_text
+from .sampler import ImageParams, generate_images
+
+DEFAULT_IMAGE_SIZE = (1024, 1024)
+DEFAULT_MAX_TEXT = 1000
+
+_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
+
+
+def _dtype(d):
+    if isinstance(d, str):
+        if d not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {d!r}")
+        return _DTYPES[d]
+    return d
+
+
+def load(folder: str, dtype="bfloat16", param_dtype=None, shardings=None, vae_shardings=None,
+         vae_transform: ImageTransform = INFERENCE_VAE, vit_transform: ImageTransform = INFERENCE_VIT,
+         max_context: Optional[int] = None) -> "Pipeline":
+    """Load an official BAGEL folder for inference.
+
+    Args:
+      folder: official model folder (``llm_config.json``, ``vit_config.json``, ``ema.safetensors``,
+        ``ae.safetensors``, tokenizer files).
+      dtype: compute dtype of the Bagel model ("bfloat16" as released, or "float32"); the VAE runs in float32.
+      param_dtype: storage dtype of the weights (default: ``dtype``).
+      shardings / vae_shardings: optional trees of ``jax.sharding.Sharding`` for the params (see
+        :func:`bagel_jax.loading.load_model`); inputs then follow the params' placement.
+      vae_transform / vit_transform: input image resize rules (official inference defaults).
+      max_context: most tokens a conversation may hold (default: the model's max_position_embeddings).
+    """
+    from ..loading import load_model
+
+    dt = _dtype(dtype)
+    bm = load_model(folder, dtype=dt, param_dtype=_dtype(param_dtype) if param_dtype is not None else dt,
+                    shardings=shardings, vae_shardings=vae_shardings)
+    return Pipeline(Engine(bm, vae_transform, vit_transform, max_context))
+
+
+@dataclasses.dataclass
+class ImageResult:
+    """Output of an image generation call: one image per prompt, plus the thinking text (think mode)."""
+
+    images: list                      # PIL images
+    thinking: Optional[list] = None   # per row thinking text (think=True) or None
+    arrays: Optional[np.ndarray] = None  # [B, H, W, 3] uint8
+
+    @property
+    def image(self) -> Image.Image:
+        return self.images[0]
+
+
+@dataclasses.dataclass
+class InterleaveResult:
+    """Ordered output of :meth:`Pipeline.interleave`: ``items`` are ``("text", str)`` / ``("image", PIL)``.
+    ``error`` is set (and ``items`` holds everything produced before it) when generation failed midway."""
+
+    items: list
+    error: Optional[BaseException] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def texts(self) -> list:
+        return [v for k, v in self.items if k == "text"]
+
+    @property
+    def images(self) -> list:
+        return [v for k, v in self.items if k == "image"]
+
+
+def _as_list(x) -> list:
+    if x is None:
+        return []
+    if isinstance(x, (list, tuple)):
+        return list(x)
+    return [x]
+
+
+def _keys(seed: int, n: int) -> list:
+    return [jax.random.PRNGKey(int(seed) + i) for i in range(n)]
+
+
+def _sampling(do_sample, temperature, top_k, top_p) -> SamplingParams:
+    return SamplingParams(bool(do_sample), float(temperature), int(top_k), float(top_p)).validate()
+
+
+class Pipeline:
+    """Every way of using BAGEL on one loaded model. All calls are functional (contexts are immutable)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    @property
+    def tokenizer(self):
+        return self.engine.tok
+
+    def context(self, batch: int = 1, track_cfg: bool = True, seed: int = 0) -> Context:
+        return Context.new(self.engine, batch, track_cfg, seed)
+
+    # -- understanding ------------------------------------------------------------------------------
+    def understand(self, images, question: Union[str, Sequence[str]], think: bool = False,
+                   max_new_tokens: int = DEFAULT_MAX_TEXT, do_sample: bool = False, temperature: float = 0.3,
+                   top_k: int = 0, top_p: float = 1.0, seed: int = 0, progress: bool = False):
+        """Answer a question about zero or more images (official recipe: [SYS(VLM)], I_vit..., question).
+
+        Args:
+          images: None, one image (path / PIL / uint8 array) or a list of images, placed before the
+            question. For a batch (``question`` a list) give one entry per question (each an image or a list).
+          think: prepend the official VLM think system prompt (the answer then contains the reasoning).
+          max_new_tokens: most fed tokens (official ``max_think_token_n``, default 1000; the start token counts).
+        Returns the answer (``str``), or a list for a batch.
+        """
+        batched = isinstance(question, (list, tuple))
+        questions = list(question) if batched else [question]
+        if not questions:
+            raise ValueError("understand: no question given")
+        if batched:
+            per_row = [_as_list(x) for x in (images if images is not None else [None] * len(questions))]
+            if len(per_row) != len(questions):
+                raise ValueError(f"understand: {len(per_row)} image entries for {len(questions)} questions")
+        else:
+            per_row = [_as_list(images)]
+        n_img = {len(r) for r in per_row}
+        if len(n_img) != 1:
+            raise ValueError("understand: in a batch every question needs the same number of images")
+        sampling = _sampling(do_sample, temperature, top_k, top_p)
+        B = len(questions)
+        # preprocess everything first: bad images fail before any compute
+        pre = [[self.engine.preprocess(im, vae=False, vit=True) for im in r] for r in per_row]
+        ctx = Context.new(self.engine, B, track_cfg=False, seed=seed)
+        if think:
+            ctx = ctx.add_text(VLM_THINK_SYSTEM_PROMPT, role="system")
+        for j in range(n_img.pop()):
+            ctx = ctx.add_image(None, vae=False, vit=True, preprocessed=[pre[b][j] for b in range(B)])
+        ctx = ctx.add_text(questions)
+        with _progress.bar("tokens", max_new_tokens, "decoding", progress):
+            r = generate_text(ctx, max_new_tokens, sampling, _keys(seed, B), progress=progress)
+            jax.effects_barrier()
+        return r.texts if batched else r.texts[0]
+
+    # -- image generation ---------------------------------------------------------------------------------
+    def _image_params(self, edit: bool, **kw) -> ImageParams:
+        kw = {k: v for k, v in kw.items() if v is not None}
+        if "cfg_interval" in kw:
+            kw["cfg_interval"] = tuple(float(x) for x in kw["cfg_interval"])
+        return (ImageParams.edit(**kw) if edit else ImageParams.t2i(**kw)).validate()
+
+    def _sample(self, ctx: Context, hw, ip: ImageParams, seed: int, progress: bool, noise=None) -> ImageResult:
+        B = ctx.batch
+        with _progress.bar("steps", ip.num_timesteps - 1, "denoising", progress):
+            out = generate_images(ctx, hw, ip, keys=_keys(seed, B), noise=noise, progress=progress)
+            jax.effects_barrier()
+        arr = out["image"]
+        return ImageResult([Image.fromarray(a) for a in arr], None, arr)
+
+    def _think(self, ctx: Context, max_think_tokens: int, sampling: SamplingParams, seed: int, progress: bool):
+        with _progress.bar("tokens", max_think_tokens, "thinking", progress):
+            r = generate_text(ctx, max_think_tokens, sampling, _keys(seed, ctx.batch), progress=progress)
+            jax.effects_barrier()
+        return ctx.add_generated_text(r.texts), r.texts
+
+    def generate_image(self, prompt: Union[str, Sequence[str]], think: bool = False,
+                       image_size: Sequence[int] = DEFAULT_IMAGE_SIZE, cfg_text_scale: float = 4.0,
+                       cfg_img_scale: float = 1.0, cfg_interval=(0.4, 1.0), timestep_shift: float = 3.0,
+                       num_timesteps: int = 50, cfg_renorm_min: float = 0.0, cfg_renorm_type: str = "global",
+                       seed: int = 0, max_think_tokens: int = DEFAULT_MAX_TEXT, do_sample: bool = False,
+                       temperature: float = 0.3, top_k: int = 0, top_p: float = 1.0,
+                       progress: bool = False) -> ImageResult:
+        """Text-to-image (official recipe, BAGEL.md 8.7). ``prompt`` may be a list: one compiled program
+        generates all of them (same ``image_size``).
+
+        Args:
+          image_size: output (H, W), multiples of 16 (official default 1024x1024; app ratios 1024x1024,
+            768x1024, 1024x768, 576x1024, 1024x576).
+          think: official GEN think system prompt, then thinking text (greedy unless ``do_sample``; at most
+            ``max_think_tokens`` fed tokens) re-encoded into the conditional context before the image.
+          The CFG / schedule arguments are those of BAGEL.md 8.5 (notebook defaults).
+        """
+        prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("generate_image: prompt must be a string or a non-empty list of strings")
+        ip = self._image_params(False, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale,
+                                cfg_interval=cfg_interval, timestep_shift=timestep_shift, num_timesteps=num_timesteps,
+                                cfg_renorm_min=cfg_renorm_min, cfg_renorm_type=cfg_renorm_type)
+        hw = self.engine.check_output_size(image_size)
+        sampling = _sampling(do_sample, temperature, top_k, top_p)
+        ctx = Context.new(self.engine, len(prompts), seed=seed)
+        if think:
+            ctx = ctx.add_text(GEN_THINK_SYSTEM_PROMPT, role="system")
+        ctx = ctx.add_text(prompts)
+        thinking = None
+        if think:
+            ctx, thinking = self._think(ctx, max_think_tokens, sampling, seed, progress)
+        res = self._sample(ctx, hw, ip, seed, progress)
+        res.thinking = thinking
+        return res
+
+    def edit_image(self, image, instruction: Union[str, Sequence[str]], think: bool = False,
+                   cfg_text_scale: float = 4.0, cfg_img_scale: float = 2.0, cfg_interval=(0.0, 1.0),
+                   timestep_shift: float = 3.0, num_timesteps: int = 50, cfg_renorm_min: float = 0.0,
+                   cfg_renorm_type: str = "text_channel", seed: int = 0, max_think_tokens: int = DEFAULT_MAX_TEXT,
+                   do_sample: bool = False, temperature: float = 0.3, top_k: int = 0, top_p: float = 1.0,
+                   progress: bool = False) -> ImageResult:
+        """Image editing (official recipe: [SYS], I_vae, I_vit, instruction [, THINK]); output size = the
+        VAE-resized input size. ``image`` / ``instruction`` may be lists of equal length (batch; all
+        images must resize to the same size)."""
+        batched = isinstance(instruction, (list, tuple))
+        instrs = list(instruction) if batched else [instruction]
+        imgs = list(image) if batched and isinstance(image, (list, tuple)) else [image] * len(instrs)
+        if len(imgs) != len(instrs):
+            raise ValueError(f"edit_image: {len(imgs)} images for {len(instrs)} instructions")
+        ip = self._image_params(True, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale,
+                                cfg_interval=cfg_interval, timestep_shift=timestep_shift, num_timesteps=num_timesteps,
+                                cfg_renorm_min=cfg_renorm_min, cfg_renorm_type=cfg_renorm_type)
+        sampling = _sampling(do_sample, temperature, top_k, top_p)
+        pre = [self.engine.preprocess(im, vae=True, vit=True) for im in imgs]
+        sizes = {p["hw"] for p in pre}
+        if len(sizes) != 1:
+            raise ValueError(f"edit_image: in a batch all images must resize to one size, got {sorted(sizes)}")
+        ctx = Context.new(self.engine, len(instrs), seed=seed)
+        if think:
+            ctx = ctx.add_text(GEN_THINK_SYSTEM_PROMPT, role="system")
+        ctx = ctx.add_image(None, preprocessed=pre)
+        ctx = ctx.add_text(instrs)
+        thinking = None
+        if think:
+            ctx, thinking = self._think(ctx, max_think_tokens, sampling, seed, progress)
+        res = self._sample(ctx, sizes.pop(), ip, seed, progress)
+        res.thinking = thinking
+        return res
+
+    # -- conversations -------------------------------------------------------------------------------------
+    def conversation(self, think: Optional[str] = None, seed: int = 0, **defaults) -> "Conversation":
+        """A multi-turn conversation (images in and out). ``think``: None, "gen" or "vlm" adds the official
+        system prompt at the start. ``defaults`` override the per-call defaults of its methods."""
+        return Conversation(self, think, seed, defaults)
+
+    # -- interleaved generation ---------------------------------------------------------------------------
+    def interleave(self, inputs, mode: str = "model", num_images: int = 1, image_size=(1024, 1024),
+                   max_text_length: int = 500, max_interleaved_blocks: int = 8, think: bool = False,
+                   seed: int = 0, progress: bool = False, **kw) -> InterleaveResult:
+        """Interleaved text and image generation (issue 3 item 6). Never raises for a failure midway:
+        everything produced so far is returned with the error.
+
+        Args:
+          inputs: a prompt string, or a list of strings and images (the user turn, in order).
+          mode: "model"    decode text; each ``<|vision_start|>`` the model emits starts an image of
+                           ``image_size``; continue until ``<|im_end|>``, ``max_text_length`` tokens in a
+                           block, or ``max_interleaved_blocks`` blocks (text or image);
+                "explicit" every ``<|vision_start|>`` marker in the prompt strings gets an image at that point;
+                "auto"     ``num_images`` rounds of text -> image, then a closing text.
+          think: thinking text before each image (official GEN think system prompt at the start).
+          kw: image / text hyperparameters (as :meth:`generate_image`; editing defaults are used when the
+            context holds an input image, text-to-image defaults otherwise).
+        """
+        if mode not in ("model", "explicit", "auto"):
+            raise ValueError(f"interleave: mode must be 'model', 'explicit' or 'auto', got {mode!r}")
+        conv = Conversation(self, "gen" if think else None, seed, dict(kw, image_size=image_size))
+        items = []
+        try:
+            parts = _as_list(inputs) if not isinstance(inputs, str) else [inputs]
+            marker = "<|vision_start|>"
+            for p in parts:
+                if isinstance(p, str):
+                    if mode == "explicit" and marker in p:
+                        continue
+                    conv.say(p)
+                else:
+                    conv.add_image(p)
+            if mode == "explicit":
+                for p in parts:
+                    if not (isinstance(p, str) and marker in p):
+                        continue
+                    segs = p.split(marker)
+                    for j, seg in enumerate(segs):
+                        if seg.strip():
+                            conv.say(seg)
+                            items.append(("text", seg))
+                        if j < len(segs) - 1:
+                            img = conv.generate_image(None, think=think, progress=progress)
+                            items.append(("image", img))
+            elif mode == "auto":
+                if num_images < 0:
+                    raise ValueError(f"num_images must be >= 0, got {num_images}")
+                for _ in range(num_images):
+                    text = conv.reply(max_new_tokens=max_text_length, progress=progress)
+                    if text:
+                        items.append(("text", text))
+                    items.append(("image", conv.generate_image(None, think=think, progress=progress)))
+                text = conv.reply(max_new_tokens=max_text_length, progress=progress)
+                if text:
+                    items.append(("text", text))
+            else:
+                sp = self.engine.sp
+                for _ in range(max_interleaved_blocks):
+                    text, stop = conv.reply(max_new_tokens=max_text_length, progress=progress,
+                                            stop_tokens=[sp.eos, sp.start_of_image], return_stop=True)
+                    if text:
+                        items.append(("text", text))
+                    if stop != sp.start_of_image or len(items) >= max_interleaved_blocks:
+                        break
+                    items.append(("image", conv.generate_image(None, think=think, progress=progress)))
+                    if len(items) >= max_interleaved_blocks:
+                        break
+        except Exception as e:  # nothing lost: return what was produced
+            return InterleaveResult(items, e)
+        return InterleaveResult(items, None)
+
+
+class Conversation:
+    """A stateful wrapper over an immutable :class:`Context` (batch 1): each call adds to the context and
+    only the new tokens are computed. ``history`` lists ``(role, "text"|"image", value)`` in order."""
+
+    def __init__(self, pipe: Pipeline, think: Optional[str] = None, seed: int = 0, defaults: Optional[dict] = None):
+        self.pipe = pipe
+        self.seed = int(seed)
+        self.defaults = dict(defaults or {})
+        self._calls = 0
+        self.ctx = Context.new(pipe.engine, 1, seed=seed)
+        self.has_input_image = False
+        self.history: list = []
+        if think not in (None, "gen", "vlm"):
+            raise ValueError(f"think must be None, 'gen' or 'vlm', got {think!r}")
+        if think:
+            sysp = GEN_THINK_SYSTEM_PROMPT if think == "gen" else VLM_THINK_SYSTEM_PROMPT
+            self.ctx = self.ctx.add_text(sysp, role="system")
+            self.history.append(("system", "text", sysp))
+
+    def _seed(self) -> int:
+        self._calls += 1
+        return self.seed + 1000 * self._calls
+
+    def _d(self, name, value, default):
+        return value if value is not None else self.defaults.get(name, default)
+
+    def say(self, text: str) -> "Conversation":
+        """Add a user text segment (no generation)."""
+        self.ctx = self.ctx.add_text(text, role="user")
+        self.history.append(("user", "text", text))
+        return self
+
+    def add_image(self, image) -> "Conversation":
+        """Add a user image (VAE + ViT blocks, so it can be both understood and edited)."""
+        self.ctx = self.ctx.add_image(image, role="user")
+        self.has_input_image = True
+        self.history.append(("user", "image", self.ctx.history[-1][2][0]))
+        return self
+
+    def reply(self, max_new_tokens: Optional[int] = None, do_sample: Optional[bool] = None,
+              temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
+              stop_tokens=None, return_stop: bool = False, progress: bool = False):
+        """Generate the model's text reply from the current context and add it to the context."""
+        n = int(self._d("max_new_tokens", max_new_tokens, DEFAULT_MAX_TEXT))
+        sampling = _sampling(self._d("do_sample", do_sample, False), self._d("temperature", temperature, 0.3),
+                             self._d("top_k", top_k, 0), self._d("top_p", top_p, 1.0))
+        with _progress.bar("tokens", n, "decoding", progress):
+            r = generate_text(self.ctx, n, sampling, _keys(self._seed(), 1), stop_tokens=stop_tokens,
+                              progress=progress)
+            jax.effects_barrier()
+        text = r.texts[0]
+        if text:
+            self.ctx = self.ctx.add_text(text, role="assistant")
+            self.history.append(("assistant", "text", text))
+        return (text, r.stop[0]) if return_stop else text
+
+    def ask(self, question: str, **kw) -> str:
+        """Add a question and return the reply."""
+        self.say(question)
+        return self.reply(**kw)
+
+    def generate_image(self, prompt: Optional[str] = None, think: bool = False, image_size=None,
+                       progress: bool = False, **kw) -> Image.Image:
+        """Add ``prompt`` (if given) and generate an image from the whole conversation; the image is then
+        added to the context (VAE + ViT) so later turns can refer to / edit it. Editing defaults
+        (image CFG on) are used when the conversation holds an input image, text-to-image defaults otherwise."""
+        if prompt is not None:
+            self.say(prompt)
+        edit = self.has_input_image
+        kw = {k: kw.get(k, self.defaults.get(k)) for k in ("cfg_text_scale", "cfg_img_scale", "cfg_interval",
+                                                          "timestep_shift", "num_timesteps", "cfg_renorm_min",
+                                                          "cfg_renorm_type")}
+        ip = self.pipe._image_params(edit, **kw)
+        if image_size is None:
+            image_size = self.defaults.get("image_size")
+        if image_size is None:
+            image_size = self.ctx.image_hw[0] if (edit and self.ctx.image_hw) else DEFAULT_IMAGE_SIZE
+        hw = self.pipe.engine.check_output_size(image_size)
+        seed = self._seed()
+        ctx = self.ctx
+        if think:
+            n = int(self.defaults.get("max_think_tokens", DEFAULT_MAX_TEXT))
+            with _progress.bar("tokens", n, "thinking", progress):
+                r = generate_text(ctx, n, _sampling(self.defaults.get("do_sample", False),
+                                                    self.defaults.get("temperature", 0.3), 0, 1.0),
+                                  _keys(seed, 1), progress=progress)
+                jax.effects_barrier()
+            ctx = ctx.add_generated_text(r.texts[0])
+            self.history.append(("assistant", "think", r.texts[0]))
+        res = self.pipe._sample(ctx, hw, ip, seed, progress)
+        img = res.image
+        self.ctx = ctx.add_image(img, role="assistant")
+        self.history.append(("assistant", "image", img))
+        return img
+
+    def edit(self, instruction: str, **kw) -> Image.Image:
+        """Edit the latest image with ``instruction`` (editing defaults)."""
+        self.has_input_image = True
+        return self.generate_image(instruction, **kw)
