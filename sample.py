@@ -1,0 +1,383 @@
+#!/usr/bin/env python
+"""BAGEL inference from the command line (JAX).
+
+Subcommands:
+  understand   answer a question about images          sample.py understand --image cat.png --question "What is this?"
+  generate     text-to-image                            sample.py generate --prompt "A red cat on a blue mat"
+  edit         image editing                            sample.py edit --image cat.png --prompt "Make the cat blue"
+  interleave   interleaved text and images              sample.py interleave --prompt "A story in 3 pictures" --num-images 3
+  chat         multi-turn conversation on stdin         sample.py chat   (type /help inside)
+
+Outputs go to --out (created): PNG images, answer / thinking text files, and for interleave and chat a
+Markdown transcript (transcript.md) with the images linked in order. If a run fails midway, everything
+produced so far is saved and the error is written to the transcript (exit status 1).
+
+Defaults are the official ones (BAGEL.md 8.8, notebook): generate cfg_text_scale 4.0, cfg_img_scale 1.0,
+cfg_interval 0.4 1.0, renorm global; edit cfg_text_scale 4.0, cfg_img_scale 2.0, cfg_interval 0.0 1.0,
+renorm text_channel; both timestep_shift 3.0, 50 timesteps, renorm_min 0.0; text greedy, at most 1000 tokens.
+JAX's persistent compilation cache is on (--compilation-cache), so later runs skip most compilation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bagel_jax", "assets", "demo")
+
+
+class CLIError(Exception):
+    pass
+
+
+def _hw(s: str):
+    try:
+        if "x" in s.lower():
+            h, w = s.lower().split("x")
+        else:
+            h = w = s
+        return int(h), int(w)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW (e.g. 1024x768) or one number, got {s!r}") from None
+
+
+def _transform(s: str):
+    try:
+        parts = [int(v) for v in s.split(",")]
+        if len(parts) not in (3, 4):
+            raise ValueError
+        return parts
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MAX,MIN,STRIDE[,MAX_PIXELS], got {s!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sample.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("model and run")
+    g.add_argument("--model-path", default=DEMO_MODEL,
+                   help="official BAGEL model folder (llm_config.json, vit_config.json, ema.safetensors, "
+                        "ae.safetensors, tokenizer files). Default: the embedded demo model bagel_jax/assets/demo")
+    g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="compute dtype of the model: bfloat16 as released, float32 for exact parity; "
+                        "auto = bfloat16 on GPU/TPU, float32 on CPU (default auto). The VAE always runs in float32")
+    g.add_argument("--seed", type=int, default=0,
+                   help="random seed: initial noise, VAE posterior draws and text sampling all derive from it, "
+                        "so a run is reproducible (default 0; the i-th prompt of a batch uses seed+i)")
+    g.add_argument("--out", default="outputs", metavar="DIR", help="output folder, created if missing (default outputs)")
+    g.add_argument("--no-progress", action="store_true", help="hide the progress bars (decoded tokens, denoising steps)")
+    g.add_argument("--compilation-cache", default=os.path.join(os.path.expanduser("~"), ".cache", "bagel_jax", "jax"),
+                   metavar="DIR", help="JAX persistent compilation cache folder ('' to disable)")
+    g.add_argument("--vae-transform", type=_transform, default=None, metavar="MAX,MIN,STRIDE",
+                   help="resize rule of input images for the VAE (default official 1024,512,16)")
+    g.add_argument("--vit-transform", type=_transform, default=None, metavar="MAX,MIN,STRIDE",
+                   help="resize rule for the ViT, applied to the VAE-resized image (default official 980,224,14)")
+    g.add_argument("--max-context", type=int, default=None,
+                   help="most tokens one conversation may hold (default: the model's max_position_embeddings)")
+
+    t = common.add_argument_group("text generation")
+    t.add_argument("--think", action="store_true",
+                   help="think mode: the official think system prompt; for images, thinking text is generated "
+                        "first and conditions the image")
+    t.add_argument("--max-new-tokens", type=int, default=1000,
+                   help="most tokens per generated text, start token included (official max_think_token_n, default 1000)")
+    t.add_argument("--max-think-tokens", type=int, default=1000, help="most tokens of thinking text (default 1000)")
+    t.add_argument("--do-sample", action="store_true", help="sample text instead of greedy decoding (official default: greedy)")
+    t.add_argument("--temperature", type=float, default=0.3, help="sampling temperature with --do-sample (default 0.3)")
+    t.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off, default)")
+    t.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off, default)")
+
+    i = common.add_argument_group("image generation (defaults depend on the subcommand, see above)")
+    i.add_argument("--image-size", type=_hw, default=None, metavar="HxW",
+                   help="output size H x W, multiples of 16 (default 1024x1024; edit: the resized input size)")
+    i.add_argument("--cfg-text-scale", type=float, default=None, help="text guidance scale (default 4.0)")
+    i.add_argument("--cfg-img-scale", type=float, default=None,
+                   help="image guidance scale (default 1.0 = off for generate, 2.0 for edit); acts only with text CFG")
+    i.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="CFG is applied at steps with LO < sigma <= HI (default 0.4 1.0; edit 0.0 1.0)")
+    i.add_argument("--timestep-shift", type=float, default=None, help="schedule shift s in s*t/(1+(s-1)*t) (default 3.0)")
+    i.add_argument("--num-timesteps", type=int, default=None, help="schedule length N; N-1 model evaluations (default 50)")
+    i.add_argument("--cfg-renorm-min", type=float, default=None, help="lower clamp of the CFG renorm factor (default 0.0; 1.0 disables)")
+    i.add_argument("--cfg-renorm-type", default=None, choices=("global", "channel", "text_channel"),
+                   help="CFG renormalisation (default global; edit text_channel)")
+
+    p = sub.add_parser("understand", parents=[common], help="answer a question about images",
+                       description="Answer a question about zero or more images (greedy by default).")
+    p.add_argument("--image", action="append", default=[], help="input image (repeatable, in order)")
+    p.add_argument("--question", "--prompt", dest="question", action="append", required=True,
+                   help="the question (repeat for a batch: each question gets the same images)")
+
+    p = sub.add_parser("generate", parents=[common], help="text-to-image",
+                       description="Generate images from text prompts (several --prompt = one batched program).")
+    p.add_argument("--prompt", action="append", required=True, help="text prompt (repeatable: a batch)")
+
+    p = sub.add_parser("edit", parents=[common], help="image editing",
+                       description="Edit an image following an instruction.")
+    p.add_argument("--image", action="append", required=True, help="input image (one, or one per --prompt)")
+    p.add_argument("--prompt", action="append", required=True, help="editing instruction (repeatable: a batch)")
+
+    p = sub.add_parser("interleave", parents=[common], help="interleaved text and images",
+                       description="Interleaved generation; writes transcript.md with the images in order.")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable; placed after the images)")
+    p.add_argument("--image", action="append", default=[], help="input image (repeatable; placed before the prompts)")
+    p.add_argument("--mode", default=None, choices=("model", "explicit", "auto"),
+                   help="model: the model decides where images go (<|vision_start|>); explicit: one image per "
+                        "<|vision_start|> marker in the prompt; auto: --num-images rounds of text then image. "
+                        "Default: explicit if the prompt has markers, auto if --num-images is given, else model")
+    p.add_argument("--num-images", type=int, default=None, help="number of images in auto mode")
+    p.add_argument("--max-text-length", type=int, default=500, help="most tokens per text block (default 500)")
+    p.add_argument("--max-interleaved-blocks", type=int, default=8, help="most text + image blocks in model mode (default 8)")
+
+    p = sub.add_parser("chat", parents=[common], help="multi-turn conversation on stdin",
+                       description="Multi-turn chat. Lines are questions; /image PATH adds an image, /gen PROMPT "
+                                   "generates an image, /edit INSTRUCTION edits the latest image, /quit ends.")
+    p.add_argument("--image", action="append", default=[], help="image(s) to start the conversation with")
+    return ap
+
+
+def _setup_jax(args):
+    import jax
+
+    if args.compilation_cache:
+        os.makedirs(args.compilation_cache, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    if args.dtype == "auto":
+        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return args.dtype
+
+
+def _load(args):
+    if not os.path.isdir(args.model_path):
+        if os.path.abspath(args.model_path) == DEMO_MODEL:
+            raise CLIError(f"the embedded demo model ({DEMO_MODEL}) is not present in this checkout; "
+                           "pass --model-path /path/to/an/official/BAGEL/folder")
+        raise CLIError(f"model folder not found: {args.model_path}")
+    dtype = _setup_jax(args)
+    from bagel_jax.data.images import INFERENCE_VAE, INFERENCE_VIT, ImageTransform
+    from bagel_jax.inference.api import load
+
+    def tf(v, default):
+        return ImageTransform(*v) if v else default
+
+    t0 = time.time()
+    pipe = load(args.model_path, dtype=dtype, vae_transform=tf(args.vae_transform, INFERENCE_VAE),
+                vit_transform=tf(args.vit_transform, INFERENCE_VIT), max_context=args.max_context)
+    print(f"loaded {args.model_path} ({dtype}) in {time.time() - t0:.1f}s", file=sys.stderr)
+    return pipe
+
+
+def _image_kw(args, edit: bool) -> dict:
+    kw = dict(cfg_text_scale=args.cfg_text_scale, cfg_img_scale=args.cfg_img_scale,
+              cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else None,
+              timestep_shift=args.timestep_shift, num_timesteps=args.num_timesteps,
+              cfg_renorm_min=args.cfg_renorm_min, cfg_renorm_type=args.cfg_renorm_type)
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def _text_kw(args) -> dict:
+    return dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def cmd_understand(args, pipe) -> int:
+    qs = args.question
+    images = args.image or None
+    if len(qs) == 1:
+        ans = pipe.understand(images, qs[0], think=args.think, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                              progress=not args.no_progress, **_text_kw(args))
+        answers = [ans]
+    else:
+        answers = pipe.understand([images] * len(qs) if images else None, qs, think=args.think,
+                                  max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                  progress=not args.no_progress, **_text_kw(args))
+    for k, a in enumerate(answers):
+        print(a)
+        _write(os.path.join(args.out, f"answer_{k:02d}.txt" if len(answers) > 1 else "answer.txt"), a)
+    return 0
+
+
+def _save_images(args, res, stem: str) -> list:
+    paths = []
+    for k, im in enumerate(res.images):
+        p = os.path.join(args.out, f"{stem}_{k:02d}.png")
+        im.save(p)
+        paths.append(p)
+        print(p)
+    if res.thinking:
+        for k, t in enumerate(res.thinking):
+            _write(os.path.join(args.out, f"{stem}_{k:02d}_thinking.txt"), t)
+    return paths
+
+
+def cmd_generate(args, pipe) -> int:
+    kw = _image_kw(args, False)
+    res = pipe.generate_image(args.prompt if len(args.prompt) > 1 else args.prompt[0], think=args.think,
+                              image_size=args.image_size or (1024, 1024), seed=args.seed,
+                              max_think_tokens=args.max_think_tokens, progress=not args.no_progress,
+                              **_text_kw(args), **kw)
+    _save_images(args, res, "image")
+    return 0
+
+
+def cmd_edit(args, pipe) -> int:
+    if args.image_size is not None:
+        raise CLIError("edit: the output size is the resized input size; --image-size is not used")
+    if len(args.image) not in (1, len(args.prompt)):
+        raise CLIError(f"edit: give one --image, or one per --prompt ({len(args.prompt)})")
+    batched = len(args.prompt) > 1
+    images = args.image if len(args.image) > 1 else args.image[0]
+    if batched and len(args.image) == 1:
+        images = args.image * len(args.prompt)
+    res = pipe.edit_image(images, args.prompt if batched else args.prompt[0], think=args.think, seed=args.seed,
+                          max_think_tokens=args.max_think_tokens, progress=not args.no_progress,
+                          **_text_kw(args), **_image_kw(args, True))
+    _save_images(args, res, "edited")
+    return 0
+
+
+def _transcript(args, items, error=None, inputs=()) -> str:
+    lines = ["# BAGEL transcript", ""]
+    for role, kind, value in inputs:
+        lines.append(f"**{role}:** {value}" if kind == "text" else f"**{role}:** ![input]({value})")
+        lines.append("")
+    n = 0
+    for item in items:
+        role, kind, value = item if len(item) == 3 else ("assistant",) + tuple(item)
+        if kind == "image":
+            n += 1
+            name = f"image_{n:02d}.png"
+            value.save(os.path.join(args.out, name))
+            lines.append(f"**{role}:** ![image {n}]({name})")
+        else:
+            lines.append(f"**{role}:** {value}")
+        lines.append("")
+    if error is not None:
+        lines += [f"**error:** `{type(error).__name__}: {error}`", ""]
+    path = os.path.join(args.out, "transcript.md")
+    _write(path, "\n".join(lines))
+    return path
+
+
+def cmd_interleave(args, pipe) -> int:
+    if not args.prompt and not args.image:
+        raise CLIError("interleave: give at least one --prompt or --image")
+    mode = args.mode
+    if mode is None:
+        if any("<|vision_start|>" in p for p in args.prompt):
+            mode = "explicit"
+        elif args.num_images is not None:
+            mode = "auto"
+        else:
+            mode = "model"
+    inputs = list(args.image) + list(args.prompt)
+    kw = _image_kw(args, bool(args.image))
+    kw.update(_text_kw(args))
+    size = args.image_size or (1024, 1024)
+    res = pipe.interleave(inputs, mode=mode, num_images=args.num_images or 1, image_size=size,
+                          max_text_length=args.max_text_length, max_interleaved_blocks=args.max_interleaved_blocks,
+                          think=args.think, seed=args.seed, progress=not args.no_progress, **kw)
+    shown = [("user", "image", os.path.abspath(p)) for p in args.image] + \
+            ([("user", "text", p) for p in args.prompt] if mode != "explicit" else [])
+    path = _transcript(args, res.items, res.error, shown)
+    for kind, v in res.items:
+        print(v if kind == "text" else "[image]")
+    print(path)
+    if res.error is not None:
+        print(f"error: generation stopped early: {type(res.error).__name__}: {res.error} "
+              f"(partial output saved to {path})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_chat(args, pipe) -> int:
+    defaults = dict(max_new_tokens=args.max_new_tokens, max_think_tokens=args.max_think_tokens, **_text_kw(args))
+    defaults.update({k: v for k, v in _image_kw(args, False).items()})
+    if args.image_size:
+        defaults["image_size"] = args.image_size
+    conv = pipe.conversation(think="gen" if args.think else None, seed=args.seed, **defaults)
+    items = []
+    error = None
+    interactive = sys.stdin.isatty()
+    prog = not args.no_progress
+    try:
+        for path in args.image:
+            conv.add_image(path)
+            items.append(("user", "text", f"[image {path}]"))
+        while True:
+            if interactive:
+                print("> ", end="", flush=True)
+            line = sys.stdin.readline()
+            if not line:
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if line in ("/quit", "/exit"):
+                break
+            if line == "/help":
+                print("text = ask; /image PATH = add an image; /gen PROMPT = generate an image; "
+                      "/edit INSTRUCTION = edit the latest image; /quit")
+                continue
+            if line.startswith("/image "):
+                p = line[7:].strip()
+                conv.add_image(p)
+                items.append(("user", "text", f"[image {p}]"))
+            elif line.startswith("/gen ") or line.startswith("/edit "):
+                cmd, prompt = line.split(" ", 1)
+                items.append(("user", "text", prompt))
+                img = (conv.edit(prompt, progress=prog) if cmd == "/edit"
+                       else conv.generate_image(prompt, progress=prog))
+                items.append(("assistant", "image", img))
+                print(f"[image {sum(1 for it in items if it[1] == 'image')}]")
+            else:
+                items.append(("user", "text", line))
+                ans = conv.ask(line, progress=prog)
+                items.append(("assistant", "text", ans))
+                print(ans)
+    except KeyboardInterrupt:
+        pass
+    except Exception as e:   # keep what was produced
+        error = e
+    path = _transcript(args, items, error)
+    print(path)
+    if error is not None:
+        print(f"error: {type(error).__name__}: {error} (conversation so far saved to {path})", file=sys.stderr)
+        return 1
+    return 0
+
+
+COMMANDS = {"understand": cmd_understand, "generate": cmd_generate, "edit": cmd_edit,
+            "interleave": cmd_interleave, "chat": cmd_chat}
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not args.command:
+        ap.print_help()
+        return 2
+    try:
+        pipe = _load(args)
+        os.makedirs(args.out, exist_ok=True)
+        return COMMANDS[args.command](args, pipe)
+    except CLIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:   # bad input: images, sizes, hyperparameters, context length
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.exit(main())
