@@ -55,7 +55,14 @@ class VaeItem:
     t_raw: float = 0.0           # raw timestep logit for noised targets (t = sigmoid(t_raw), then shift)
 
 
-Item = Union[TextItem, VitItem, VaeItem]
+@dataclasses.dataclass
+class PositionGap:
+    """No tokens; advances the sample's RoPE counter by ``n`` (an image dropped by conditional dropout
+    still consumes one position in the official trainer, BAGEL.md 9.3)."""
+    n: int = 1
+
+
+Item = Union[TextItem, VitItem, VaeItem, PositionGap]
 
 KIND_PAD, KIND_TEXT, KIND_VIT, KIND_VAE = 0, 1, 2, 3
 
@@ -138,6 +145,9 @@ def pack(rows: Sequence[Sequence[Sequence[Item]]], special: SpecialTokens, cfg: 
             r = 0
             for item in sample:
                 start = len(ids)
+                if isinstance(item, PositionGap):
+                    r += int(item.n)
+                    continue
                 if isinstance(item, TextItem):
                     seq = [special.bos] + list(item.ids) + [special.eos]
                     ids += seq

@@ -1,0 +1,314 @@
+"""Readers for the official BAGEL training formats and their sequence plans (BAGEL.md 9.3).
+
+Each dataset maps a *row index* to one sample: a list of plan entries (text / vit_image / vae_image
+with the official ``enable_cfg`` / ``loss`` flags). :func:`plan_to_items` turns a plan into packing
+items, applying the conditional dropout (text 0.1, ViT 0.3, VAE 0.3 by default) and drawing one raw
+timestep ``N(0, 1)`` per noised image; ``sigmoid`` and the timestep shift happen in ``train_forward``.
+
+Supported groups (names as in the official dataset YAML):
+
+* ``t2i_pretrain``: parquet files in ``data_dir`` with columns ``image`` (encoded bytes) and
+  ``captions`` (JSON dict of alternative captions; one chosen uniformly);
+  plan ``[text(cfg=1, loss=0), vae_image(cfg=0, loss=1)]``.
+* ``unified_edit``: parquet files (listed by ``parquet_info_path``, a JSON ``{path: {num_row_groups}}``,
+  or all ``*.parquet`` in ``data_dir``) with ``image_list`` and ``instruction_list``; official plan with a
+  random start/end and the 50 % concatenated-instruction branch.
+* ``vlm_sft``: a JSONL file (``jsonl_path``) of ``{"image": str | [str], "conversations": [{from, value}]}``
+  with image paths relative to ``data_dir``; ``<image>`` splits the human turns. Videos are not supported
+  (a ``video`` row is a bad sample).
+
+Every random choice of a sample comes from ``numpy.random.default_rng((seed, group, index))``, so a
+sample is a pure function of its index and the iterator state is a handful of integers.
+Unreadable rows raise :class:`SampleError`; the loader skips and counts them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from . import packing
+from .images import ImageTransform, to_rgb, to_tensor
+
+
+class SampleError(ValueError):
+    """One row of a dataset cannot be turned into a sample (unreadable image, bad JSON, no loss...)."""
+
+
+class DataConfigError(ValueError):
+    """The data folder or the dataset config is missing something or is malformed."""
+
+
+@dataclasses.dataclass
+class PlanEntry:
+    type: str                       # "text" | "vit_image" | "vae_image"
+    enable_cfg: bool = False
+    loss: bool = False
+    text: Optional[list[int]] = None
+    image: Optional[np.ndarray] = None   # [3, H, W] in [-1, 1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Dropout:
+    text: float = 0.1
+    vit: float = 0.3
+    vae: float = 0.3
+
+
+def decode_image(data: bytes) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return to_rgb(im)
+    except Exception as e:
+        raise SampleError(f"unreadable image ({e})") from None
+
+
+def plan_to_items(plan: Sequence[PlanEntry], rng: np.random.Generator, dropout: Dropout) -> list:
+    """Official ``to_tensor`` semantics: conditional dropout and raw timesteps (BAGEL.md 9.3)."""
+    items = []
+    for e in plan:
+        if e.type == "text":
+            if e.enable_cfg and rng.random() < dropout.text:
+                continue  # dropped text does not advance the RoPE counter
+            items.append(packing.TextItem(list(e.text), loss=bool(e.loss)))
+        elif e.type == "vit_image":
+            if e.enable_cfg and rng.random() < dropout.vit:
+                items.append(packing.PositionGap(1))
+                continue
+            items.append(packing.VitItem(e.image))
+        elif e.type == "vae_image":
+            if e.enable_cfg and rng.random() < dropout.vae:
+                items.append(packing.PositionGap(1))
+                continue
+            t_raw = float(rng.standard_normal()) if e.loss else 0.0
+            items.append(packing.VaeItem(e.image, loss=bool(e.loss), t_raw=t_raw))
+        else:
+            raise SampleError(f"unknown plan entry type {e.type!r}")
+    return items
+
+
+def item_tokens(item, vit_patch: int, latent_ds: int) -> int:
+    """Sequence tokens an item occupies after packing."""
+    if isinstance(item, packing.TextItem):
+        return len(item.ids) + 2
+    if isinstance(item, packing.VitItem):
+        return (item.image.shape[1] // vit_patch) * (item.image.shape[2] // vit_patch) + 2
+    if isinstance(item, packing.VaeItem):
+        return (item.image.shape[1] // latent_ds) * (item.image.shape[2] // latent_ds) + 2
+    return 0
+
+
+@dataclasses.dataclass
+class SampleStats:
+    tokens: int
+    vae_images: int
+    vae_hw: tuple[int, int]
+    has_loss: bool
+
+
+def sample_stats(items, vit_patch: int, latent_ds: int) -> SampleStats:
+    vae = [it.image.shape[1:] for it in items if isinstance(it, packing.VaeItem)]
+    hw = (max([h for h, _ in vae], default=0), max([w for _, w in vae], default=0))
+    loss = any((isinstance(it, packing.TextItem) and it.loss) or (isinstance(it, packing.VaeItem) and it.loss)
+               for it in items)
+    return SampleStats(sum(item_tokens(it, vit_patch, latent_ds) for it in items), len(vae), hw, loss)
+
+
+# -------------------------------------------------------------------------------------------------
+# Datasets
+# -------------------------------------------------------------------------------------------------
+
+class _ParquetRows:
+    """Row access over a list of parquet files (one cached row group at a time)."""
+
+    def __init__(self, files: Sequence[str], columns: Sequence[str]):
+        import pyarrow.parquet as pq
+
+        self.files = list(files)
+        self.columns = list(columns)
+        self.index = []  # (file, row_group, row) per global row
+        for fi, path in enumerate(self.files):
+            try:
+                pf = pq.ParquetFile(path)
+                meta = pf.metadata
+            except Exception as e:
+                raise DataConfigError(f"{path}: not a readable parquet file ({e})") from None
+            names = set(pf.schema_arrow.names)
+            missing = [c for c in self.columns if c not in names]
+            if missing:
+                raise DataConfigError(f"{path}: missing column(s) {missing} (found {sorted(names)})")
+            for g in range(meta.num_row_groups):
+                n = meta.row_group(g).num_rows
+                self.index += [(fi, g, r) for r in range(n)]
+        self._cache_key = None
+        self._cache = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def row(self, i: int) -> dict[str, Any]:
+        import pyarrow.parquet as pq
+
+        fi, g, r = self.index[i]
+        if self._cache_key != (fi, g):
+            self._cache = pq.ParquetFile(self.files[fi]).read_row_group(g, columns=self.columns).to_pylist()
+            self._cache_key = (fi, g)
+        return self._cache[r]
+
+
+def _parquet_files(data_dir: str) -> list[str]:
+    if not os.path.isdir(data_dir):
+        raise DataConfigError(f"data folder not found: {data_dir}")
+    files = sorted(os.path.join(data_dir, f) for f in os.listdir(data_dir) if f.endswith(".parquet"))
+    if not files:
+        raise DataConfigError(f"{data_dir}: no .parquet files")
+    return files
+
+
+class T2IDataset:
+    group = "t2i_pretrain"
+
+    def __init__(self, root: str, spec: dict, tokenizer, cfg):
+        self.rows = _ParquetRows(_parquet_files(os.path.join(root, spec["data_dir"])), ["image", "captions"])
+        self.tf = ImageTransform.from_dict(spec["image_transform_args"])
+        self.tok = tokenizer
+
+    def __len__(self):
+        return len(self.rows)
+
+    def plan(self, i: int, rng: np.random.Generator) -> list[PlanEntry]:
+        row = self.rows.row(i)
+        img = decode_image(row["image"])
+        try:
+            caps = json.loads(row["captions"]) if isinstance(row["captions"], str) else row["captions"]
+            caps = list(caps.values()) if isinstance(caps, dict) else list(caps)
+        except Exception as e:
+            raise SampleError(f"bad captions field ({e})") from None
+        if not caps:
+            raise SampleError("empty captions")
+        cap = caps[int(rng.integers(0, len(caps)))]
+        return [PlanEntry("text", enable_cfg=True, loss=False, text=self.tok.encode(cap)),
+                PlanEntry("vae_image", enable_cfg=False, loss=True, image=to_tensor(self.tf.resize(img)))]
+
+
+class EditDataset:
+    group = "unified_edit"
+
+    def __init__(self, root: str, spec: dict, tokenizer, cfg):
+        data_dir = os.path.join(root, spec["data_dir"])
+        info = spec.get("parquet_info_path")
+        if info:
+            info_path = os.path.join(root, info)
+            if not os.path.isfile(info_path):
+                raise DataConfigError(f"parquet_info_path not found: {info_path}")
+            with open(info_path) as f:
+                listed = json.load(f)
+            files = [p if os.path.isabs(p) else os.path.join(os.path.dirname(info_path), p) for p in sorted(listed)]
+        else:
+            files = _parquet_files(data_dir)
+        self.rows = _ParquetRows(files, ["image_list", "instruction_list"])
+        self.vae_tf = ImageTransform.from_dict(spec["image_transform_args"])
+        self.vit_tf = ImageTransform.from_dict(spec.get("vit_image_transform_args", spec["image_transform_args"]))
+        self.tok = tokenizer
+
+    def __len__(self):
+        return len(self.rows)
+
+    def plan(self, i: int, rng: np.random.Generator) -> list[PlanEntry]:
+        row = self.rows.row(i)
+        imgs, instr = row["image_list"], row["instruction_list"]
+        n = len(imgs)
+        if n < 2 or len(instr) < n - 1:
+            raise SampleError(f"edit row needs >= 2 images and one instruction list per transition "
+                              f"(got {n} images, {len(instr)} instruction lists)")
+        s = int(rng.integers(0, n - 1))
+        e = int(rng.integers(s + 1, min(s + 3, n)))
+        pics = {}
+
+        def pic(k):
+            if k not in pics:
+                pics[k] = decode_image(imgs[k])
+            return pics[k]
+
+        vae = lambda k: to_tensor(self.vae_tf.resize(pic(k)))
+        vit = lambda k: to_tensor(self.vit_tf.resize(pic(k)))
+        choose = lambda k: instr[k][int(rng.integers(0, len(instr[k])))]
+        plan = [PlanEntry("vae_image", enable_cfg=True, loss=False, image=vae(s)),
+                PlanEntry("vit_image", enable_cfg=True, image=vit(s))]
+        if e - s > 1 and rng.random() < 0.5:
+            if e == n - 1:
+                e -= 1
+            text = "".join(choose(k) + ". " for k in range(s, e)).rstrip()
+            plan += [PlanEntry("text", enable_cfg=True, loss=False, text=self.tok.encode(text)),
+                     PlanEntry("vae_image", enable_cfg=False, loss=True, image=vae(e))]
+            return plan
+        for k in range(s, e):
+            plan.append(PlanEntry("text", enable_cfg=True, loss=False, text=self.tok.encode(choose(k))))
+            plan.append(PlanEntry("vae_image", enable_cfg=False, loss=True, image=vae(k + 1)))
+            if k + 1 < e:
+                plan += [PlanEntry("vae_image", enable_cfg=True, loss=False, image=vae(k + 1)),
+                         PlanEntry("vit_image", enable_cfg=True, image=vit(k + 1))]
+        return plan
+
+
+class VLMDataset:
+    group = "vlm_sft"
+
+    def __init__(self, root: str, spec: dict, tokenizer, cfg):
+        self.dir = os.path.join(root, spec["data_dir"])
+        path = os.path.join(root, spec["jsonl_path"])
+        if not os.path.isfile(path):
+            raise DataConfigError(f"jsonl_path not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            self.lines = [line for line in f if line.strip()]
+        self.tf = ImageTransform.from_dict(spec["image_transform_args"])
+        self.tok = tokenizer
+
+    def __len__(self):
+        return len(self.lines)
+
+    def plan(self, i: int, rng: np.random.Generator) -> list[PlanEntry]:
+        try:
+            row = json.loads(self.lines[i])
+            conv = row["conversations"]
+        except Exception as e:
+            raise SampleError(f"bad JSONL row ({e})") from None
+        if "video" in row:
+            raise SampleError("video rows are not supported")
+        paths = row.get("image", [])
+        paths = [paths] if isinstance(paths, str) else list(paths)
+        images = []
+        for p in paths:
+            full = os.path.join(self.dir, p)
+            try:
+                with Image.open(full) as im:
+                    im.load()
+                    img = to_rgb(im)
+            except Exception as e:
+                raise SampleError(f"unreadable image {full} ({e})") from None
+            images.append(to_tensor(self.tf.resize(img, img_num=max(1, len(paths)))))
+        plan, k = [], 0
+        for turn in conv:
+            if turn.get("from") == "human":
+                pieces = str(turn.get("value", "")).split("<image>")
+                for j, piece in enumerate(pieces):
+                    if j > 0:
+                        if k >= len(images):
+                            raise SampleError("more <image> tags than images")
+                        plan.append(PlanEntry("vit_image", enable_cfg=False, image=images[k]))
+                        k += 1
+                    if piece.strip():
+                        plan.append(PlanEntry("text", enable_cfg=False, loss=False, text=self.tok.encode(piece.strip())))
+            else:
+                plan.append(PlanEntry("text", enable_cfg=False, loss=True, text=self.tok.encode(str(turn.get("value", "")))))
+        return plan
+
+
+DATASET_CLASSES = {c.group: c for c in (T2IDataset, EditDataset, VLMDataset)}

@@ -1,0 +1,298 @@
+"""Deterministic, checkpointable packing iterator (official ``PackedDataset`` semantics, BAGEL.md 9.3).
+
+One training step consumes ``accum x packs`` packed sequences (``packs`` = the process's share of the
+global ``packs_per_step``); each pack is one row of up to ``max_num_tokens`` tokens built greedily:
+groups are drawn with probability proportional to ``weight``; at the start of a pack one sample of every
+``is_mandatory`` group is inserted; a sample that would overflow is parked in a buffer (at most
+``max_buffer_size``) and parked samples are preferred while the pack is shorter than
+``prefer_buffer_before``; a pack is emitted once it reaches ``expected_num_tokens`` (or when an
+overflowing sample cannot be parked; that sample is dropped).
+
+Static shapes (the only bucketed shapes of training): every array of a step is padded to
+``row_len`` = the smallest of ``row_buckets`` that holds the longest pack (ViT, latent and CE token
+capacities equal ``row_len``), ``vae_images_per_pack`` VAE images of the smallest ``vae_hw_buckets``
+entry that holds them. So a run compiles at most ``len(row_buckets) * len(vae_hw_buckets)`` programs.
+Note: zero-padding the VAE batch to the bucket (rather than to the batch maximum as the official code
+does) changes the latents of smaller images slightly (GroupNorm sees the padding; BAGEL.md 12.20).
+
+State (``get_state()``): a JSON dict of integers (draw counter, next index per group, buffer of parked
+``(group, index)``) plus counters of skipped samples. A sample is a pure function of
+``(seed, group, index, shard)``, so restoring the state resumes the stream exactly.
+Multi-host: process ``p`` of ``P`` reads rows ``p, p+P, p+2P, ...`` of each group's per-epoch permutation.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import queue
+import threading
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import yaml
+
+from . import packing
+from .datasets import DATASET_CLASSES, DataConfigError, Dropout, SampleError, plan_to_items, sample_stats
+
+log = logging.getLogger("bagel_jax.data")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    seed: int = 42
+    groups_file: str = "dataset.yaml"         # relative to the data folder
+    dropout_text: float = 0.1
+    dropout_vit: float = 0.3
+    dropout_vae: float = 0.3
+    expected_num_tokens: int = 192
+    max_num_tokens: int = 256
+    max_num_tokens_per_sample: int = 192
+    prefer_buffer_before: int = 128
+    max_buffer_size: int = 50
+    row_buckets: tuple[int, ...] = (128, 256)
+    vae_images_per_pack: int = 12
+    vae_hw_buckets: tuple[tuple[int, int], ...] = ((64, 64),)
+    packs_per_step: int = 1                    # global number of packs per (micro)step
+    prefetch: int = 2
+
+    @staticmethod
+    def from_dict(d: dict) -> "DataConfig":
+        names = {f.name for f in dataclasses.fields(DataConfig)}
+        bad = sorted(set(d) - names)
+        if bad:
+            raise DataConfigError(f"data config: unknown key(s) {bad} (known: {sorted(names)})")
+        d = dict(d)
+        if "row_buckets" in d:
+            d["row_buckets"] = tuple(int(v) for v in d["row_buckets"])
+        if "vae_hw_buckets" in d:
+            d["vae_hw_buckets"] = tuple((int(h), int(w)) for h, w in d["vae_hw_buckets"])
+        c = DataConfig(**d)
+        c.validate()
+        return c
+
+    def validate(self) -> None:
+        if not self.row_buckets or max(self.row_buckets) < self.max_num_tokens:
+            raise DataConfigError(f"data: row_buckets {list(self.row_buckets)} must include a size >= "
+                                  f"max_num_tokens {self.max_num_tokens}")
+        if not (0 < self.expected_num_tokens <= self.max_num_tokens):
+            raise DataConfigError(f"data: need 0 < expected_num_tokens ({self.expected_num_tokens}) <= "
+                                  f"max_num_tokens ({self.max_num_tokens})")
+        if self.max_num_tokens_per_sample > self.max_num_tokens:
+            raise DataConfigError("data: max_num_tokens_per_sample must be <= max_num_tokens")
+        for p in (self.dropout_text, self.dropout_vit, self.dropout_vae):
+            if not 0.0 <= p <= 1.0:
+                raise DataConfigError(f"data: dropout probabilities must be in [0, 1], got {p}")
+        if self.packs_per_step < 1 or self.vae_images_per_pack < 0:
+            raise DataConfigError("data: packs_per_step must be >= 1 and vae_images_per_pack >= 0")
+
+
+def load_groups(data_dir: str, dcfg: DataConfig) -> dict[str, dict]:
+    path = os.path.join(data_dir, dcfg.groups_file)
+    if not os.path.isdir(data_dir):
+        raise DataConfigError(f"data folder not found: {data_dir}")
+    if not os.path.isfile(path):
+        raise DataConfigError(f"{data_dir}: missing dataset config {dcfg.groups_file} "
+                              "(write one, or generate data with python -m bagel_jax.data.synthetic)")
+    with open(path) as f:
+        groups = yaml.safe_load(f)
+    if not isinstance(groups, dict) or not groups:
+        raise DataConfigError(f"{path}: expected a mapping of dataset groups")
+    for name, spec in groups.items():
+        if name not in DATASET_CLASSES:
+            raise DataConfigError(f"{path}: unknown dataset group {name!r} (supported: {sorted(DATASET_CLASSES)})")
+        if not isinstance(spec, dict) or "data_dir" not in spec or "image_transform_args" not in spec:
+            raise DataConfigError(f"{path}: group {name!r} needs data_dir and image_transform_args")
+    return groups
+
+
+class PackedIterator:
+    """Yields ``(arrays, n_tokens)`` per step: ``arrays`` maps PackedBatch field -> ``[accum, packs, ...]``."""
+
+    def __init__(self, data_dir: str, dcfg: DataConfig, model_cfg, tokenizer, accum: int = 1,
+                 shard: int = 0, num_shards: int = 1):
+        self.dcfg, self.cfg, self.tok = dcfg, model_cfg, tokenizer
+        self.accum = accum
+        if dcfg.packs_per_step % num_shards:
+            raise DataConfigError(f"data: packs_per_step {dcfg.packs_per_step} is not divisible by the "
+                                  f"number of processes {num_shards}")
+        self.packs = dcfg.packs_per_step // num_shards
+        self.shard, self.num_shards = shard, num_shards
+        self.groups = load_groups(data_dir, dcfg)
+        self.names = list(self.groups)
+        self.ds = {n: DATASET_CLASSES[n](data_dir, self.groups[n], tokenizer, model_cfg) for n in self.names}
+        for n, d in self.ds.items():
+            if len(d) == 0:
+                raise DataConfigError(f"dataset group {n!r} in {data_dir} has no rows")
+        w = np.array([float(self.groups[n].get("weight", 1.0)) for n in self.names])
+        if (w < 0).any() or w.sum() <= 0:
+            raise DataConfigError("data: group weights must be >= 0 with a positive sum")
+        self.p = w / w.sum()
+        self.mandatory = [n for n in self.names if self.groups[n].get("is_mandatory", False)]
+        self.dropout = Dropout(dcfg.dropout_text, dcfg.dropout_vit, dcfg.dropout_vae)
+        self._perm_cache: dict = {}
+        self.state = dict(draw=0, next={n: 0 for n in self.names}, buffer=[],
+                          skipped={n: 0 for n in self.names}, too_long=0, dropped=0, packs=0)
+
+    # -- state --------------------------------------------------------------------------------------
+    def get_state(self) -> dict:
+        return copy.deepcopy(self.state)
+
+    def set_state(self, state: dict) -> None:
+        if set(state.get("next", {})) != set(self.names):
+            raise DataConfigError(f"data-iterator state is for groups {sorted(state.get('next', {}))}, "
+                                  f"the data folder has {sorted(self.names)}")
+        self.state = copy.deepcopy(state)
+
+    # -- samples ------------------------------------------------------------------------------------
+    def _row(self, g: str, idx: int) -> int:
+        N = len(self.ds[g])
+        k = idx * self.num_shards + self.shard
+        epoch = k // N
+        key = (g, epoch)
+        if key not in self._perm_cache:
+            gid = self.names.index(g)
+            self._perm_cache = {key: np.random.default_rng([self.dcfg.seed, gid, epoch]).permutation(N)}
+        return int(self._perm_cache[key][k % N])
+
+    def _sample(self, g: str, idx: int):
+        """Items of sample ``idx`` of group ``g`` or None (skipped and counted)."""
+        row = self._row(g, idx)
+        rng = np.random.default_rng([self.dcfg.seed, self.names.index(g), idx, self.shard, 1])
+        try:
+            items = plan_to_items(self.ds[g].plan(row, rng), rng, self.dropout)
+        except SampleError as e:
+            self.state["skipped"][g] += 1
+            log.warning("skipping bad sample %s row %d: %s (skipped so far: %d)", g, row, e, self.state["skipped"][g])
+            return None
+        st = sample_stats(items, self.cfg.vit.patch_size, self.cfg.latent_downsample)
+        max_hw = max(self.dcfg.vae_hw_buckets, key=lambda b: b[0] * b[1])
+        if (st.tokens > self.dcfg.max_num_tokens_per_sample or st.vae_images > self.dcfg.vae_images_per_pack
+                or st.vae_hw[0] > max_hw[0] or st.vae_hw[1] > max_hw[1] or not st.has_loss):
+            self.state["too_long"] += 1
+            return None
+        return items, st
+
+    def _draw(self):
+        while True:
+            rng = np.random.default_rng([self.dcfg.seed, 7, self.shard, self.state["draw"]])
+            self.state["draw"] += 1
+            g = self.names[int(rng.choice(len(self.names), p=self.p))]
+            idx = self.state["next"][g]
+            self.state["next"][g] += 1
+            s = self._sample(g, idx)
+            if s is not None:
+                return g, idx, s
+
+    def _next_pack(self) -> list:
+        d = self.dcfg
+        samples, tokens, nvae = [], 0, 0
+
+        def fits(st):
+            return tokens + st.tokens <= d.max_num_tokens and nvae + st.vae_images <= d.vae_images_per_pack
+
+        def add(s):
+            nonlocal tokens, nvae
+            samples.append(s[0])
+            tokens += s[1].tokens
+            nvae += s[1].vae_images
+
+        for g in self.mandatory:
+            idx = self.state["next"][g]
+            self.state["next"][g] += 1
+            s = self._sample(g, idx)
+            if s is not None and fits(s[1]):
+                add(s)
+        while True:
+            chosen = None
+            if self.state["buffer"] and tokens < d.prefer_buffer_before:
+                for j, (g, idx) in enumerate(self.state["buffer"]):
+                    s = self._sample(g, idx)
+                    if s is not None and fits(s[1]):
+                        chosen = s
+                        del self.state["buffer"][j]
+                        break
+            if chosen is None:
+                g, idx, s = self._draw()
+                if not fits(s[1]):
+                    if len(self.state["buffer"]) < d.max_buffer_size:
+                        self.state["buffer"].append([g, idx])
+                        continue
+                    self.state["dropped"] += 1
+                    if samples:
+                        break
+                    continue
+                chosen = s
+            add(chosen)
+            if tokens >= d.expected_num_tokens:
+                break
+        self.state["packs"] += 1
+        return samples
+
+    # -- batches ------------------------------------------------------------------------------------
+    def next_batch(self) -> tuple[dict[str, np.ndarray], int]:
+        n = self.accum * self.packs
+        packs = [self._next_pack() for _ in range(n)]
+        return self.collate(packs)
+
+    def collate(self, packs) -> tuple[dict[str, np.ndarray], int]:
+        d = self.dcfg
+        lens = [sum(sample_stats(s, self.cfg.vit.patch_size, self.cfg.latent_downsample).tokens for s in p)
+                for p in packs]
+        row_len = min(b for b in d.row_buckets if b >= max(lens))
+        hw = [it.image.shape[1:] for p in packs for s in p for it in s if isinstance(it, packing.VaeItem)]
+        mh, mw = max([h for h, _ in hw], default=0), max([w for _, w in hw], default=0)
+        vae_hw = min((b for b in d.vae_hw_buckets if b[0] >= mh and b[1] >= mw), key=lambda b: b[0] * b[1])
+        caps = packing.Capacities(rows=1, row_len=row_len, vit_tokens=row_len, latent_tokens=row_len,
+                                  vae_images=max(d.vae_images_per_pack, 1), vae_hw=tuple(vae_hw), ce_tokens=row_len)
+        batches = [packing.pack([p], self.tok.special, self.cfg, caps).arrays() for p in packs]
+        out = {k: np.stack([b[k] for b in batches]).reshape((self.accum, self.packs) + batches[0][k].shape)
+               for k in batches[0]}
+        return out, int(sum(lens))
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
+
+
+class Prefetcher:
+    """Runs ``it.next_batch`` in a background thread; each item carries the iterator state *after* it, so
+    checkpointing the state of the last consumed batch resumes exactly."""
+
+    def __init__(self, it: PackedIterator, depth: int = 2):
+        self.it = it
+        self.q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _run(self):
+        try:
+            while not self._stop.is_set():
+                b = self.it.next_batch()
+                item = (b, self.it.get_state())
+                while not self._stop.is_set():
+                    try:
+                        self.q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+        except BaseException as e:  # surfaced in the consumer
+            self.q.put(e)
+
+    def next(self):
+        item = self.q.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self):
+        self._stop.set()
+        self.t.join(timeout=5)
+
+
+def describe_state(state: dict) -> str:
+    return (f"packs={state['packs']} skipped={sum(state['skipped'].values())} "
+            f"too_long={state['too_long']} dropped={state['dropped']}")

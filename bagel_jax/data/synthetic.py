@@ -1,0 +1,284 @@
+"""Synthetic multimodal data in the official BAGEL formats: coloured shapes on backgrounds.
+
+``python -m bagel_jax.data.synthetic --out DIR --num N --seed S`` writes::
+
+    DIR/t2i/part-00000.parquet        text-to-image: columns image (PNG bytes), captions (JSON dict)
+    DIR/edit/part-00000.parquet       editing: image_list (PNG bytes list), instruction_list (list of lists)
+    DIR/edit/parquet_info.json        {parquet path (relative to edit/): {"num_row_groups": n}} (official edit index)
+    DIR/vlm/train.jsonl + images/     VLM SFT: {"image": file, "conversations": [{from, value}, ...]}
+    DIR/eval/t2i.parquet              held-out (colour, shape, position) combinations (same format)
+    DIR/eval/prompts.jsonl            {"prompt", "colour", "shape", "position"} per held-out combination
+    DIR/tokenizer/                    a tiny Qwen2-format byte-level BPE over all texts
+    DIR/dataset.yaml                  the dataset groups (t2i_pretrain, unified_edit, vlm_sft)
+
+Every picture shows one to three shapes ({circle, square, triangle, star}) in distinct colours at
+distinct positions ({left, right, top, bottom, center}) on a plain background. A (colour, shape,
+position) with 0-based indexes ``(colour + 2*shape + 3*position) % 5 == 0`` never appears in a
+training image; those combinations go to the eval split only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "star")
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
+POSITIONS = ("left", "right", "top", "bottom", "center")
+RGB = dict(red=(220, 30, 30), green=(30, 170, 40), blue=(30, 60, 220), yellow=(240, 220, 30),
+           purple=(140, 40, 170), orange=(250, 140, 20), white=(250, 250, 250), black=(10, 10, 10))
+BACKGROUNDS = ((128, 128, 128), (180, 170, 150), (90, 110, 130), (160, 190, 170))
+NUMBERS = ("zero", "one", "two", "three", "four")
+
+Obj = tuple[int, int, int]  # (colour, shape, position) indexes
+
+
+def held_out(c: int, s: int, p: int) -> bool:
+    """True for the (colour, shape, position) combinations excluded from training."""
+    return (c + 2 * s + 3 * p) % 5 == 0
+
+
+def where(p: int) -> str:
+    return "in the center" if POSITIONS[p] == "center" else f"on the {POSITIONS[p]}"
+
+
+def phrase(o: Obj) -> str:
+    c, s, p = o
+    return f"a {COLOURS[c]} {SHAPES[s]} {where(p)}"
+
+
+def render(objs: Sequence[Obj], bg: int, size: int = 64) -> Image.Image:
+    img = Image.new("RGB", (size, size), BACKGROUNDS[bg])
+    d = ImageDraw.Draw(img)
+    r = size * 0.14
+    centres = dict(left=(0.2, 0.5), right=(0.8, 0.5), top=(0.5, 0.2), bottom=(0.5, 0.8), center=(0.5, 0.5))
+    for c, s, p in objs:
+        cx, cy = (v * size for v in centres[POSITIONS[p]])
+        fill = RGB[COLOURS[c]]
+        if SHAPES[s] == "circle":
+            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif SHAPES[s] == "square":
+            d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif SHAPES[s] == "triangle":
+            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+        else:
+            pts = []
+            for k in range(10):
+                rad = r if k % 2 == 0 else r * 0.45
+                a = -np.pi / 2 + k * np.pi / 5
+                pts.append((cx + rad * np.cos(a), cy + rad * np.sin(a)))
+            d.polygon(pts, fill=fill)
+    return img
+
+
+def png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def join(parts: Sequence[str]) -> str:
+    if len(parts) == 1:
+        return parts[0]
+    return ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def captions(objs: Sequence[Obj], rng: np.random.Generator) -> dict[str, str]:
+    """Several phrasings; every one contains "a {colour} {shape} on the {position}" for each shape."""
+    ps = [phrase(o) for o in objs]
+    n = len(objs)
+    noun = "shape" if n == 1 else "shapes"
+    return {
+        "short": join(ps),
+        "simple": f"an image of {join(ps)}",
+        "detailed": f"a picture with {NUMBERS[n]} {noun}: {join(ps)}, on a plain background",
+        "plain": f"there is {join(ps)}",
+    }
+
+
+def sample_objs(rng: np.random.Generator, allow_held_out: bool = False, n: int | None = None) -> list[Obj]:
+    n = int(rng.integers(1, 4)) if n is None else n
+    while True:
+        shapes = rng.choice(len(SHAPES), n, replace=False)
+        colours = rng.choice(len(COLOURS), n, replace=False)
+        pos = rng.choice(len(POSITIONS), n, replace=False)
+        objs = [(int(c), int(s), int(p)) for c, s, p in zip(colours, shapes, pos)]
+        if allow_held_out or not any(held_out(*o) for o in objs):
+            return objs
+
+
+def vqa(objs: Sequence[Obj], rng: np.random.Generator) -> tuple[str, str]:
+    kind = int(rng.integers(0, 3))
+    o = objs[int(rng.integers(0, len(objs)))]
+    if kind == 0:
+        return f"what colour is the {SHAPES[o[1]]}?", COLOURS[o[0]]
+    if kind == 1:
+        return f"where is the {SHAPES[o[1]]}?", where(o[2])
+    return "how many shapes are there?", NUMBERS[len(objs)]
+
+
+def edit_step(objs: list[Obj], rng: np.random.Generator) -> tuple[list[Obj], list[str]]:
+    """One edit (recolour or move one shape) keeping every shape out of the held-out set."""
+    for _ in range(100):
+        i = int(rng.integers(0, len(objs)))
+        c, s, p = objs[i]
+        if rng.random() < 0.5:
+            free = [k for k in range(len(COLOURS)) if k not in [o[0] for o in objs]]
+            new = (int(rng.choice(free)), s, p)
+            instr = [f"make the {SHAPES[s]} {COLOURS[new[0]]}", f"change the colour of the {SHAPES[s]} to {COLOURS[new[0]]}",
+                     f"turn the {SHAPES[s]} {COLOURS[new[0]]}"]
+        else:
+            free = [k for k in range(len(POSITIONS)) if k not in [o[2] for o in objs]]
+            if not free:
+                continue
+            new = (c, s, int(rng.choice(free)))
+            pos = "the center" if POSITIONS[new[2]] == "center" else f"the {POSITIONS[new[2]]}"
+            instr = [f"move the {SHAPES[s]} to {pos}", f"put the {SHAPES[s]} {where(new[2])}"]
+        if not held_out(*new):
+            out = list(objs)
+            out[i] = new
+            return out, instr
+    raise RuntimeError("could not find an edit")  # pragma: no cover
+
+
+def all_texts(rng: np.random.Generator, n: int = 3000) -> list[str]:
+    """Texts covering the whole vocabulary of the generator (for the tokenizer)."""
+    out = []
+    for _ in range(n):
+        objs = sample_objs(rng, allow_held_out=True)
+        out += list(captions(objs, rng).values())
+        out += list(vqa(objs, rng))
+        _, instr = edit_step(objs, rng)
+        out += instr
+    out += [f"what colour is the {s}?" for s in SHAPES] + [f"where is the {s}?" for s in SHAPES]
+    return out
+
+
+def write(out: str, num: int = 256, seed: int = 0, size: int = 64, vocab_size: int = 560,
+          bad: int = 0) -> dict:
+    """Write the dataset (``num`` rows per training split); ``bad`` extra rows with unreadable images are
+    appended to each split (for tests of the bad-sample path). Returns a summary dict."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .tokenizer_build import build_tokenizer
+
+    rng = np.random.default_rng(seed)
+    for d in ("t2i", "edit", "vlm/images", "eval"):
+        os.makedirs(os.path.join(out, d), exist_ok=True)
+    bg = lambda: int(rng.integers(0, len(BACKGROUNDS)))
+
+    # text-to-image
+    imgs, caps = [], []
+    for _ in range(num):
+        objs = sample_objs(rng)
+        imgs.append(png(render(objs, bg(), size)))
+        caps.append(json.dumps(captions(objs, rng)))
+    for _ in range(bad):
+        imgs.append(b"not an image")
+        caps.append(json.dumps({"short": "a broken image"}))
+    t2i_path = os.path.join(out, "t2i", "part-00000.parquet")
+    pq.write_table(pa.table({"image": pa.array(imgs, pa.binary()), "captions": caps}), t2i_path, row_group_size=64)
+
+    # editing: chains of 2-3 images
+    ilists, instrs = [], []
+    for _ in range(num):
+        objs = sample_objs(rng, n=int(rng.integers(1, 3)))
+        b = bg()
+        chain, steps = [objs], []
+        for _ in range(int(rng.integers(1, 3))):
+            objs, ins = edit_step(objs, rng)
+            chain.append(objs)
+            steps.append(ins)
+        ilists.append([png(render(o, b, size)) for o in chain])
+        instrs.append(steps)
+    for _ in range(bad):
+        ilists.append([b"broken", b"broken"])
+        instrs.append([["make it broken"]])
+    edit_path = os.path.join(out, "edit", "part-00000.parquet")
+    pq.write_table(pa.table({"image_list": pa.array(ilists, pa.list_(pa.binary())),
+                             "instruction_list": pa.array(instrs, pa.list_(pa.list_(pa.string())))}),
+                   edit_path, row_group_size=64)
+    with open(os.path.join(out, "edit", "parquet_info.json"), "w") as f:
+        json.dump({"part-00000.parquet": {"num_row_groups": pq.ParquetFile(edit_path).num_row_groups}}, f)
+
+    # VLM SFT jsonl
+    with open(os.path.join(out, "vlm", "train.jsonl"), "w") as f:
+        for i in range(num):
+            objs = sample_objs(rng)
+            name = f"images/{i:06d}.png"
+            render(objs, bg(), size).save(os.path.join(out, "vlm", name))
+            conv = []
+            for t in range(int(rng.integers(1, 3))):
+                q, a = vqa(objs, rng)
+                conv += [dict(**{"from": "human", "value": ("<image>\n" if t == 0 else "") + q}),
+                         dict(**{"from": "gpt", "value": a})]
+            f.write(json.dumps({"image": name, "conversations": conv}) + "\n")
+        for i in range(bad):
+            name = f"images/bad{i:04d}.png"
+            with open(os.path.join(out, "vlm", name), "wb") as g:
+                g.write(b"broken")
+            f.write(json.dumps({"image": name, "conversations": [{"from": "human", "value": "<image>\nwhat?"},
+                                                                 {"from": "gpt", "value": "broken"}]}) + "\n")
+
+    # held-out evaluation split: every held-out combination, alone on each background
+    ev_imgs, ev_caps, prompts = [], [], []
+    for c in range(len(COLOURS)):
+        for s in range(len(SHAPES)):
+            for p in range(len(POSITIONS)):
+                if held_out(c, s, p):
+                    o = (c, s, p)
+                    ev_imgs.append(png(render([o], bg(), size)))
+                    ev_caps.append(json.dumps(captions([o], rng)))
+                    prompts.append(dict(prompt=phrase(o), colour=COLOURS[c], shape=SHAPES[s], position=POSITIONS[p]))
+    pq.write_table(pa.table({"image": pa.array(ev_imgs, pa.binary()), "captions": ev_caps}),
+                   os.path.join(out, "eval", "t2i.parquet"))
+    with open(os.path.join(out, "eval", "prompts.jsonl"), "w") as f:
+        for p in prompts:
+            f.write(json.dumps(p) + "\n")
+
+    build_tokenizer(all_texts(np.random.default_rng(seed + 1)), os.path.join(out, "tokenizer"), vocab_size)
+    groups = {
+        "t2i_pretrain": dict(data_dir="t2i", weight=1.0, is_mandatory=False,
+                             image_transform_args=dict(max_image_size=size, min_image_size=size, image_stride=16)),
+        "unified_edit": dict(data_dir="edit", parquet_info_path="edit/parquet_info.json", weight=1.0,
+                             is_mandatory=False,
+                             image_transform_args=dict(max_image_size=size, min_image_size=size, image_stride=16),
+                             vit_image_transform_args=dict(max_image_size=size - size % 14,
+                                                           min_image_size=size - size % 14, image_stride=14)),
+        "vlm_sft": dict(data_dir="vlm", jsonl_path="vlm/train.jsonl", weight=1.0, is_mandatory=False,
+                        image_transform_args=dict(max_image_size=size - size % 14, min_image_size=size - size % 14,
+                                                  image_stride=14)),
+    }
+    import yaml
+
+    with open(os.path.join(out, "dataset.yaml"), "w") as f:
+        yaml.safe_dump(groups, f, sort_keys=False)
+    summary = dict(out=out, t2i=num + bad, edit=num + bad, vlm=num + bad, eval=len(prompts), seed=seed, size=size)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description="Write a synthetic coloured-shapes dataset in the official BAGEL "
+                                             "formats (T2I parquet, edit parquet, VLM jsonl) plus a tiny tokenizer.")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--num", type=int, default=256, help="rows per training split (t2i, edit, vlm)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed (same seed -> same files)")
+    ap.add_argument("--size", type=int, default=64, help="image side in pixels")
+    ap.add_argument("--vocab-size", type=int, default=560,
+                    help="tokenizer vocabulary incl. special tokens (<= the model's vocab_size)")
+    ap.add_argument("--bad", type=int, default=0, help="append this many rows with unreadable images per split")
+    a = ap.parse_args(argv)
+    print(json.dumps(write(a.out, a.num, a.seed, a.size, a.vocab_size, a.bad)))
+
+
+if __name__ == "__main__":
+    main()

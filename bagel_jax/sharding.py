@@ -1,0 +1,175 @@
+"""Device mesh over ``(data, fsdp, tensor)`` and the logical-axis rules for BAGEL's parameters.
+
+* ``data``: pure data parallelism (params replicated along it);
+* ``fsdp``: data parallelism with parameters, gradients, optimiser state and EMA sharded along it
+  (ZeRO-3 style: XLA all-gathers a weight where it is used);
+* ``tensor``: Megatron-style model parallelism over attention heads, MLP width and vocabulary.
+
+Packed training batches carry a leading ``packs`` axis that is split over ``("data", "fsdp")``.
+The same code runs on one device (every axis size 1) and on many.
+
+Parameter rules (:data:`RULES`) map a regular expression over the ``/``-joined parameter path to
+the *logical* axes of the trailing dimensions; stacked layer axes (``nn.scan``) are left unsharded.
+:data:`LOGICAL_TO_MESH` maps logical axes to mesh axes. A dimension that is not divisible by its
+mesh axis size is replicated instead, so tiny test models shard on any mesh.
+The same rules apply to any tree whose dict keys end in a parameter path (optimiser moments, EMA).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+LOGICAL_TO_MESH = {
+    "embed": "fsdp",     # model width
+    "vocab": "tensor",
+    "heads": "tensor",   # q/k/v output features (= heads x head_dim)
+    "mlp": "tensor",     # MLP hidden width
+    None: None,
+}
+
+# (pattern on the "/"-joined path, logical axes of the trailing dims). First match wins.
+RULES: list[tuple[str, tuple]] = [
+    (r"pos_embed|position_embedding", (None, None)),                      # fixed / small lookup tables
+    (r"embed_tokens/embedding$", ("vocab", "embed")),
+    (r"lm_head/kernel$", ("embed", "vocab")),
+    (r"(q|k|v)_proj[^/]*/kernel$", ("embed", "heads")),
+    (r"(q|k|v)_proj[^/]*/bias$", ("heads",)),
+    (r"(o_proj[^/]*|out_proj)/kernel$", ("heads", "embed")),
+    (r"(gate_proj|up_proj|fc1)/kernel$", ("embed", "mlp")),
+    (r"(down_proj|fc2)/kernel$", ("mlp", "embed")),
+    (r"fc1/bias$", ("mlp",)),
+    (r"/kernel$", ("embed", None)),                                       # other dense layers
+    (r".*", ()),                                                          # norms, biases, scalars
+]
+
+
+class MeshError(ValueError):
+    pass
+
+
+def parse_mesh(spec: Optional[str]) -> dict[str, int]:
+    """``"data=2,fsdp=2,tensor=2"`` -> dict (missing axes = 1; ``fsdp=-1`` = all remaining devices)."""
+    out = {a: 1 for a in AXES}
+    if not spec:
+        return out
+    for part in spec.split(","):
+        if "=" not in part:
+            raise MeshError(f"--mesh: expected axis=size pairs like data=2,fsdp=4,tensor=1, got {part!r}")
+        k, v = part.split("=", 1)
+        k = k.strip()
+        if k not in AXES:
+            raise MeshError(f"--mesh: unknown axis {k!r} (axes: {', '.join(AXES)})")
+        try:
+            out[k] = int(v)
+        except ValueError:
+            raise MeshError(f"--mesh: size of {k} must be an integer, got {v!r}") from None
+    return out
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Optional[Sequence] = None) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh; one size may be -1 (= the remaining devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise MeshError("--mesh: at most one axis may be -1")
+    if -1 in sizes:
+        rest = int(np.prod([s for s in sizes if s != -1]))
+        if len(devices) % rest:
+            raise MeshError(f"--mesh: {len(devices)} devices are not divisible by {rest}")
+        sizes[sizes.index(-1)] = len(devices) // rest
+    if any(s < 1 for s in sizes):
+        raise MeshError(f"--mesh: axis sizes must be >= 1, got {dict(zip(AXES, sizes))}")
+    n = int(np.prod(sizes))
+    if n != len(devices):
+        raise MeshError(f"--mesh {dict(zip(AXES, sizes))} needs {n} devices but {len(devices)} are available")
+    arr = np.asarray(devices, dtype=object).reshape(sizes)
+    return Mesh(arr, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def _path_str(path) -> str:
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(str(k.name))
+    return "/".join(parts)
+
+
+def logical_axes(path: str, ndim: int) -> tuple:
+    for pat, axes in RULES:
+        if re.search(pat, path):
+            if len(axes) > ndim:
+                return (None,) * ndim
+            return (None,) * (ndim - len(axes)) + tuple(axes)
+    return (None,) * ndim  # pragma: no cover
+
+
+def spec_for(path: str, shape: Sequence[int], mesh: Mesh) -> P:
+    """PartitionSpec of a parameter (or a same-shaped optimiser / EMA leaf) at ``path``."""
+    spec = []
+    used = set()
+    for dim, lax_name in zip(shape, logical_axes(path, len(shape))):
+        ax = LOGICAL_TO_MESH[lax_name]
+        if ax is None or ax in used or mesh.shape[ax] == 1 or dim % mesh.shape[ax]:
+            spec.append(None)
+        else:
+            spec.append(ax)
+            used.add(ax)
+    return P(*spec)
+
+
+def tree_shardings(tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings for every array leaf of ``tree`` (params, optimiser state, EMA, ...) by name rules."""
+    def one(path, leaf):
+        shape = getattr(leaf, "shape", ())
+        return NamedSharding(mesh, spec_for(_path_str(path), shape, mesh))
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, ndim: int, packs_axis: int = 1) -> NamedSharding:
+    """Arrays ``[accum, packs, ...]``: ``packs`` split over ``(data, fsdp)``."""
+    spec = [None] * ndim
+    spec[packs_axis] = BATCH_AXES
+    return NamedSharding(mesh, P(*spec))
+
+
+def batch_shardings(batch: dict, mesh: Mesh) -> dict:
+    return {k: batch_sharding(mesh, np.ndim(v) if not hasattr(v, "ndim") else v.ndim) for k, v in batch.items()}
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assemble the global batch from this process's local packs (multi-host safe)."""
+    out = {}
+    for k, v in batch.items():
+        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
+    return out
+
+
+def shard_params(params: Any, mesh: Mesh) -> Any:
+    return jax.device_put(params, tree_shardings(params, mesh))
+
+
+def describe(tree: Any, mesh: Mesh) -> list[str]:
+    """One line per leaf: path, shape, spec (for logs and tests)."""
+    lines = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        p = _path_str(path)
+        lines.append(f"{p} {tuple(leaf.shape)} {spec_for(p, leaf.shape, mesh)}")
+    return lines

@@ -1,0 +1,156 @@
+"""Training hyper-parameters, the optax optimiser, freezing masks and EMA (BAGEL.md 9.4, 9.5).
+
+Official defaults: AdamW lr 1e-4, betas (0.9, 0.95), eps 1e-15, weight decay 0; linear warm-up
+(2000 steps) then constant, or cosine down to ``min_lr`` 1e-7; global-norm clipping 1.0; EMA decay
+0.9999 on trainable parameters only, applied after every optimiser step; fp32 master weights.
+
+Freezing: frozen parameters get ``stop_gradient`` in the forward and ``optax.set_to_zero`` (no optimiser
+state). The VAE is never trained (its params are not in the train state). The two fixed sin-cos
+position tables (``vit_pos_embed``, ``latent_pos_embed``) are never trained.
+``freeze_und`` freezes the understanding expert (embedding, und projections / norms / MLPs, final
+``norm``), the ViT and the connector; the gen expert, ``lm_head`` and the generation heads train.
+(The official code detaches the und *activations*, which additionally blocks gradients that reach gen
+parameters through und tokens; here only the parameters are frozen.)
+``trainable: connector`` trains the connector only (alignment stage).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ..config import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 1e-4
+    min_lr: float = 1e-7
+    warmup_steps: int = 2000
+    lr_schedule: str = "constant"          # constant | cosine
+    total_steps: Optional[int] = None      # cosine horizon (default: --steps)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-15
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    accum_steps: int = 1
+    ema_decay: float = 0.9999
+    freeze_und: bool = False
+    freeze_vit: bool = False
+    freeze_llm: bool = False
+    trainable: str = "all"                 # all | connector
+    compute_dtype: str = "bfloat16"        # bfloat16 | float32 (master weights are always float32)
+    remat_policy: str = "none"
+    ce_weight: float = 1.0
+    mse_weight: float = 1.0
+    ce_loss_reweighting: bool = False
+    special_token_weights: dict = dataclasses.field(default_factory=dict)  # {"<|vision_start|>": 2.0}
+    seed: int = 4396
+    save_every: int = 100
+    keep_checkpoints: int = 3
+    init: Any = "random"                   # "random" | official folder | {qwen2:, siglip:, ae:}
+    peak_tflops_per_device: Optional[float] = None
+
+    @staticmethod
+    def from_dict(d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        bad = sorted(set(d) - names)
+        if bad:
+            raise ConfigError(f"train config: unknown key(s) {bad} (known: {sorted(names)})")
+        c = TrainConfig(**d)
+        c.validate()
+        return c
+
+    def validate(self) -> None:
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"train: lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.trainable not in ("all", "connector"):
+            raise ConfigError(f"train: trainable must be 'all' or 'connector', got {self.trainable!r}")
+        if self.compute_dtype not in ("bfloat16", "float32"):
+            raise ConfigError(f"train: compute_dtype must be bfloat16 or float32, got {self.compute_dtype!r}")
+        if self.accum_steps < 1 or self.save_every < 1 or self.keep_checkpoints < 1:
+            raise ConfigError("train: accum_steps, save_every and keep_checkpoints must be >= 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train: ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.lr <= 0 or self.warmup_steps < 0:
+            raise ConfigError("train: lr must be > 0 and warmup_steps >= 0")
+
+
+def lr_schedule(tc: TrainConfig, total_steps: int) -> optax.Schedule:
+    """Linear warm-up from 0 (official: ``lr * step / warmup``), then constant or cosine to ``min_lr``."""
+    warm = max(tc.warmup_steps, 0)
+    if tc.lr_schedule == "constant":
+        if warm == 0:
+            return optax.constant_schedule(tc.lr)
+        return optax.join_schedules([optax.linear_schedule(0.0, tc.lr, warm), optax.constant_schedule(tc.lr)], [warm])
+    horizon = max((tc.total_steps or total_steps) - warm, 1)
+    cos = optax.cosine_decay_schedule(tc.lr, horizon, alpha=tc.min_lr / tc.lr)
+    if warm == 0:
+        return cos
+    return optax.join_schedules([optax.linear_schedule(0.0, tc.lr, warm), cos], [warm])
+
+
+def _path(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def is_trainable(path: str, tc: TrainConfig) -> bool:
+    if "pos_embed/" in path + "/" and re.search(r"(vit_pos_embed|latent_pos_embed)", path):
+        return False
+    if tc.trainable == "connector":
+        return path.startswith("connector/")
+    if tc.freeze_llm and path.startswith("language_model/"):
+        return False
+    if tc.freeze_vit and path.startswith("vit_model/"):
+        return False
+    if tc.freeze_und:
+        if path.startswith(("vit_model/", "connector/")):
+            return False
+        if path.startswith("language_model/") and "_moe_gen" not in path and not path.startswith("language_model/lm_head"):
+            return False
+    return True
+
+
+def trainable_mask(params, tc: TrainConfig):
+    """Pytree of bools, True = trained."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: is_trainable(_path(p), tc), params)
+
+
+def make_optimizer(tc: TrainConfig, mask, total_steps: int) -> optax.GradientTransformation:
+    sched = lr_schedule(tc, total_steps)
+    inner = optax.chain(
+        optax.clip_by_global_norm(tc.max_grad_norm),
+        optax.adamw(sched, b1=tc.beta1, b2=tc.beta2, eps=tc.eps, weight_decay=tc.weight_decay),
+    )
+    labels = jax.tree_util.tree_map(lambda t: "train" if t else "freeze", mask)
+    return optax.multi_transform({"train": inner, "freeze": optax.set_to_zero()}, labels)
+
+
+def freeze(params, mask):
+    return jax.tree_util.tree_map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, mask)
+
+
+def ema_update(ema, params, mask, decay: float):
+    """``ema <- decay * ema + (1 - decay) * params`` on trainable leaves (fp32)."""
+    return jax.tree_util.tree_map(
+        lambda e, p, t: (e * decay + p.astype(e.dtype) * (1.0 - decay)) if t else e, ema, params, mask)
+
+
+def global_norm(tree) -> jax.Array:
+    return optax.global_norm(tree)
+
+
+def count_params(tree, mask=None) -> int:
+    leaves = jax.tree_util.tree_leaves(tree)
+    if mask is None:
+        return int(sum(x.size for x in leaves))
+    return int(sum(x.size for x, t in zip(leaves, jax.tree_util.tree_leaves(mask)) if t))
+
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}

@@ -1,0 +1,153 @@
+"""Train state and the jitted, sharded train step.
+
+State (a plain dict pytree, so orbax saves it as is)::
+
+    step       int32 []            optimiser steps done
+    params     fp32 master weights (the whole Bagel params tree; frozen leaves never change)
+    opt_state  optax state (moments only for trainable leaves)
+    ema        fp32 EMA of the params (only trainable leaves move)
+    rng        uint32 [2]          base key; step ``s`` uses ``fold_in(rng, s)``
+
+A step consumes a batch with arrays ``[accum, packs, ...]`` (one packed row per pack). Each pack goes
+through :func:`bagel_jax.train.forward.train_forward` (the code path the parity verifier checks) under
+``jax.vmap``; losses are re-normalised by the *global* token counts of the micro-batch (official
+normalisation, BAGEL.md 9.2.7), micro-batches are accumulated with ``lax.scan`` (loss / accum).
+The noise of pack ``g`` of micro-batch ``a`` comes from ``fold_in(fold_in(fold_in(rng, step), a), g)``,
+so results do not depend on the device layout.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .. import sharding as shd
+from .forward import draw_noise, train_forward
+from .optimizer import TrainConfig, ema_update, freeze
+
+
+def make_state(params, optimizer: optax.GradientTransformation, seed: int):
+    """The initial train state (call under ``jax.jit`` with ``out_shardings``)."""
+    params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)
+    return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                ema=jax.tree_util.tree_map(lambda x: x * 1.0, params),
+                rng=jax.random.PRNGKey(seed))
+
+
+def abstract_state(param_shapes, optimizer, seed: int):
+    return jax.eval_shape(lambda p: make_state(p, optimizer, seed), param_shapes)
+
+
+def state_shardings(abstract, mesh):
+    sh = shd.tree_shardings(abstract, mesh)
+    sh["step"] = shd.replicated(mesh)
+    sh["rng"] = shd.replicated(mesh)
+    return sh
+
+
+def init_state(params, optimizer, seed: int, mesh):
+    """Build the sharded initial state from (possibly sharded) params."""
+    abstract = abstract_state(jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params),
+                              optimizer, seed)
+    sh = state_shardings(abstract, mesh)
+    params = jax.device_put(params, sh["params"])
+    return jax.jit(lambda p: make_state(p, optimizer, seed), out_shardings=sh)(params), sh
+
+
+def special_weights_by_id(tc: TrainConfig, tokenizer) -> dict[int, float]:
+    out = {}
+    for tok, w in (tc.special_token_weights or {}).items():
+        ids = tokenizer.hf.convert_tokens_to_ids(tok) if tokenizer is not None else None
+        if ids is None or (tokenizer is not None and ids == tokenizer.hf.unk_token_id and tokenizer.hf.unk_token_id is not None):
+            raise ValueError(f"train.special_token_weights: unknown token {tok!r}")
+        out[int(ids)] = float(w)
+    return out
+
+
+def make_loss_fn(model, vae, tc: TrainConfig, mask, special_weights: Mapping[int, float]):
+    cfg = model.cfg
+
+    def loss_fn(params, vae_params, micro, key):
+        p = freeze(params, mask)
+        G = micro["token_ids"].shape[0]
+        keys = jax.vmap(lambda g: jax.random.fold_in(key, g))(jnp.arange(G))
+
+        def one(b, k):
+            noise = draw_noise(k, b, cfg)
+            tw = None
+            if special_weights:
+                tw = jnp.ones(b["ce_label"].shape, jnp.float32)
+                for tid, w in special_weights.items():
+                    tw = jnp.where(b["ce_label"] == tid, w, tw)
+            _, aux = train_forward(model, p, vae, vae_params, b, noise, ce_weight=tc.ce_weight,
+                                   mse_weight=tc.mse_weight, ce_loss_reweighting=tc.ce_loss_reweighting,
+                                   token_loss_weights=tw)
+            den_ce = (b["ce_valid"] * b["ce_reweight"]).sum() if tc.ce_loss_reweighting else b["ce_valid"].sum()
+            return (aux["ce"] * jnp.maximum(den_ce, 1.0), den_ce, aux["mse"] * jnp.maximum(aux["n_mse"], 1.0),
+                    aux["n_mse"], b["ce_valid"].sum())
+
+        num_ce, den_ce, num_mse, den_mse, n_ce = jax.vmap(one)(micro, keys)
+        ce = num_ce.sum() / jnp.maximum(den_ce.sum(), 1.0)
+        mse = num_mse.sum() / jnp.maximum(den_mse.sum(), 1.0)
+        loss = tc.ce_weight * ce + tc.mse_weight * mse
+        return loss, dict(loss=loss, ce=ce, mse=mse, n_ce=n_ce.sum(), n_mse=den_mse.sum())
+
+    return loss_fn
+
+
+def make_train_step(model, vae, tc: TrainConfig, mask, optimizer, schedule, special_weights=None,
+                    param_shardings=None):
+    """``step(state, batch, vae_params) -> (state, metrics)`` (pure; jit it with :func:`jit_train_step`)."""
+    loss_fn = make_loss_fn(model, vae, tc, mask, special_weights or {})
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state, batch, vae_params):
+        A = batch["token_ids"].shape[0]
+        key = jax.random.fold_in(state["rng"], state["step"])
+        params = state["params"]
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+
+        def micro(acc, xs):
+            mb, i = xs
+            (_, aux), g = grad_fn(params, vae_params, mb, jax.random.fold_in(key, i))
+            acc = jax.tree_util.tree_map(lambda a, b: a + b / A, acc, g)
+            if param_shardings is not None:
+                acc = jax.lax.with_sharding_constraint(acc, param_shardings)
+            return acc, aux
+
+        grads, auxs = jax.lax.scan(micro, zeros, (batch, jnp.arange(A)))
+        gnorm = optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        ema = ema_update(state["ema"], new_params, mask, tc.ema_decay)
+        metrics = dict(loss=auxs["loss"].mean(), loss_ce=auxs["ce"].mean(), loss_mse=auxs["mse"].mean(),
+                       grad_norm=gnorm, lr=schedule(state["step"]), n_ce=auxs["n_ce"].sum(),
+                       n_mse=auxs["n_mse"].sum())
+        new = dict(step=state["step"] + 1, params=new_params, opt_state=opt_state, ema=ema, rng=state["rng"])
+        return new, metrics
+
+    return train_step
+
+
+def jit_train_step(step_fn, state_sh, mesh, vae_sh):
+    """``jax.jit`` with explicit in/out shardings and the state donated."""
+    rep = shd.replicated(mesh)
+
+    def batch_sh(b):
+        return {k: shd.batch_sharding(mesh, len(v.shape)) for k, v in b.items()}
+
+    cache = {}
+
+    def call(state, batch, vae_params):
+        key = tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))
+        if key not in cache:
+            cache[key] = jax.jit(step_fn, in_shardings=(state_sh, batch_sh(batch), vae_sh),
+                                 out_shardings=(state_sh, rep), donate_argnums=(0,))
+        return cache[key](state, batch, vae_params)
+
+    call.cache = cache
+    return call
