@@ -1,0 +1,273 @@
+"""Inference engine tests on the tiny-a fixture model (small images, few steps).
+
+Covers: cached decoding == full recompute at every step; batched == one at a time (understanding and
+text-to-image); branch dedup and CFG-off steps give the official numbers; mode recipes; model-driven
+interleave (steered logits) gives text, image, text; a failure midway returns the partial output;
+bad inputs give clear errors before any compute.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bagel_jax.data.images import ImageError, ImageTransform
+from bagel_jax.inference import api, blocks
+from bagel_jax.inference.context import Context, ContextError, Engine, bucket
+from bagel_jax.inference.decode import SamplingParams, generate_text, pick_next
+from bagel_jax.inference.sampler import ImageParams, generate_images
+from bagel_jax.models.bagel import Bagel
+from bagel_jax.models.qwen2_mot import Routing
+
+SMALL_VAE = ImageTransform(256, 32, 16)
+SMALL_VIT = ImageTransform(256, 28, 14)
+HW = (32, 32)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_a):
+    return api.load(tiny_a, dtype="float32", vae_transform=SMALL_VAE, vit_transform=SMALL_VIT)
+
+
+def _img(h, w, seed=0):
+    return (np.random.RandomState(seed).rand(h, w, 3) * 255).astype(np.uint8)
+
+
+def test_bucket():
+    assert [bucket(n, 16) for n in (1, 16, 17, 24, 25, 33, 100)] == [16, 16, 24, 24, 32, 48, 128]
+
+
+def test_decode_with_cache_equals_full_recompute(pipe):
+    eng = pipe.engine
+    sp = eng.sp
+    ctx = Context.new(eng, 1, track_cfg=False).add_text("A small dog runs under the old tree.")
+    r = generate_text(ctx, max_length=6, stop_tokens=[-1], record=True)
+    fed = list(r.token_ids[0])
+    assert fed[0] == sp.bos and len(fed) == 6
+    prefix = [sp.bos] + eng.tok.encode("A small dog runs under the old tree.") + [sp.eos]
+    m, p = eng.model, {"params": eng.params}
+    L = 32
+
+    @jax.jit
+    def full_logits(seq, last):          # no cache: the whole sequence, causal, one forward
+        x = m.apply(p, seq, method=Bagel.embed_text)
+        h, _, _ = m.apply(p, x, jnp.arange(L)[None], jnp.tril(jnp.ones((1, L, L), bool)), Routing.und(),
+                          method=Bagel.decode)
+        return m.apply(p, h[0, last], method=Bagel.lm_logits)
+
+    for k in range(len(fed)):
+        toks = prefix + fed[: k + 1]
+        seq = np.zeros((1, L), np.int32)
+        seq[0, :len(toks)] = toks
+        logits = full_logits(jnp.asarray(seq), len(toks) - 1)
+        np.testing.assert_allclose(r.raw["logits"][0, k], np.asarray(logits), atol=1e-4, rtol=1e-4)
+        if k + 1 < len(fed):
+            assert int(jnp.argmax(logits)) == fed[k + 1]
+
+
+def test_decode_after_image_equals_one_chunk_recompute(pipe):
+    """With an image in the context: step-by-step cached decoding == the fed tokens as one causal chunk."""
+    eng = pipe.engine
+    ctx = Context.new(eng, 1, track_cfg=False).add_image(_img(48, 64), vae=False).add_text("What is it?")
+    r = generate_text(ctx, max_length=5, stop_tokens=[-1], record=True)
+    fed = np.asarray(r.token_ids[0], np.int32)
+    g = ctx.gen.reserve(eng, 16)
+    n = len(fed)
+    ids = np.zeros((1, 16), np.int32)
+    ids[0, :n] = fed
+    pos = (g.rope[:, None] + np.arange(16)[None]).astype(np.int32)
+    h, _, _ = blocks.text_chunk(eng.model, eng.params, g.cache, jnp.asarray(ids), jnp.asarray(pos),
+                                jnp.asarray([n], jnp.int32), True, False)
+    logits = eng.model.apply({"params": eng.params}, h[0, :n], method=Bagel.lm_logits)
+    np.testing.assert_allclose(r.raw["logits"][0, :n], np.asarray(logits), atol=1e-4, rtol=1e-4)
+
+
+def test_sampling_controls():
+    logits = jnp.asarray([[0.0, 5.0, 4.0, -1.0], [3.0, 0.0, 0.0, 2.9]])
+    keys = jnp.stack([jax.random.PRNGKey(0), jax.random.PRNGKey(1)])
+    assert list(pick_next(logits, keys, False, 1.0, 0, 1.0)) == [1, 0]
+    for s in range(20):
+        ks = jnp.stack([jax.random.PRNGKey(s), jax.random.PRNGKey(s + 100)])
+        assert list(pick_next(logits, ks, True, 1.0, 1, 1.0)) == [1, 0]        # top-k 1 == greedy
+        assert set(np.asarray(pick_next(logits, ks, True, 1.0, 2, 1.0)).tolist()) <= {0, 1, 2, 3}
+        out = np.asarray(pick_next(logits, ks, True, 1.0, 0, 0.5))             # top-p 0.5 keeps the top token
+        assert out[0] == 1
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(True, 0.0).validate()
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(True, 0.3, 0, 0.0).validate()
+
+
+def test_batched_understanding_equals_one_at_a_time(pipe):
+    imgs = [_img(48, 64, 1), _img(32, 32, 2)]            # different ViT patch counts (padding)
+    qs = ["What is in this image?", "Colour?"]           # different lengths
+    batch = pipe.understand(imgs, qs, max_new_tokens=6)
+    single = [pipe.understand(imgs[i], qs[i], max_new_tokens=6) for i in range(2)]
+    assert batch == single
+    # sampled text: row i of a batch with seed s == alone with seed s + i
+    kw = dict(max_new_tokens=5, do_sample=True, temperature=1.0)
+    b = pipe.understand(imgs, qs, seed=7, **kw)
+    assert b == [pipe.understand(imgs[0], qs[0], seed=7, **kw), pipe.understand(imgs[1], qs[1], seed=8, **kw)]
+
+
+def test_batched_t2i_equals_one_at_a_time(pipe):
+    prompts = ["A red cat sits on the blue mat.", "dog"]
+    ip = ImageParams(num_timesteps=4, cfg_interval=(0.4, 1.0))
+    eng = pipe.engine
+    keys = [jax.random.PRNGKey(3), jax.random.PRNGKey(4)]
+    both = generate_images(Context.new(eng, 2).add_text(prompts), HW, ip, keys=keys)
+    for i in range(2):
+        one = generate_images(Context.new(eng, 1).add_text(prompts[i]), HW, ip, keys=[keys[i]])
+        np.testing.assert_allclose(both["latent_tokens"][i], one["latent_tokens"][0], atol=2e-5)
+        assert np.abs(both["image"][i].astype(int) - one["image"][0].astype(int)).max() <= 1
+    res = pipe.generate_image(prompts, image_size=HW, num_timesteps=4, seed=3)
+    assert len(res.images) == 2 and res.images[0].size == (32, 32)
+    np.testing.assert_array_equal(res.arrays[1], pipe.generate_image(prompts[1], image_size=HW, num_timesteps=4,
+                                                                     seed=4).arrays[0])
+
+
+def test_branch_dedup_and_cfg_off_match_explicit_branches(pipe):
+    """Plain T2I with cfg_img_scale > 1: computing v once (cfg_img is gen) == three explicit branches;
+    lax.cond CFG-off steps == computing every branch and selecting."""
+    eng = pipe.engine
+    c = Context.new(eng, 1).add_text("A red cat")
+    assert c.cfg_img is c.gen and c.cfg_text.length[0] == 0
+    ip = ImageParams(cfg_img_scale=1.5, num_timesteps=4)
+    a = generate_images(c, HW, ip, decode=False)
+    assert a["n_branches"] == 2
+    separate = Context.new(eng, 1).add_text("A red cat")
+    c3 = dataclasses.replace(c, cfg_img=separate.gen)          # same content, different object
+    b = generate_images(c3, HW, ip, decode=False)
+    assert b["n_branches"] == 3
+    np.testing.assert_allclose(a["latent_tokens"], b["latent_tokens"], atol=2e-5)
+    w = generate_images(c, HW, ip, decode=False, cfg_off="where")
+    np.testing.assert_allclose(a["latent_tokens"], w["latent_tokens"], atol=1e-6)
+
+
+def test_mode_recipes(pipe):
+    """BAGEL.md 8.7: edit and think contexts, positions and lengths per branch."""
+    eng = pipe.engine
+    ids = eng.tok.encode("Make the sky blue.")
+    n = len(ids)
+    c0 = Context.new(eng, 1).add_image(_img(32, 32))
+    assert c0.cfg_text is c0.gen and int(c0.cfg_img.length[0]) == 0 and int(c0.gen.rope[0]) == 2
+    c = c0.add_text("Make the sky blue.")
+    assert c.cfg_text is c0.gen
+    assert int(c.gen.rope[0]) == n + 4 and int(c.cfg_text.rope[0]) == 2 and int(c.cfg_img.rope[0]) == n + 2
+    assert int(c.gen.length[0]) == int(c0.gen.length[0]) + n + 2 and int(c.cfg_img.length[0]) == n + 2
+    t = c.add_generated_text("thinking")
+    assert t.cfg_img is c.cfg_img and t.cfg_text is c.cfg_text and t.gen.rope[0] > c.gen.rope[0]
+    # the original context is unchanged (immutable)
+    assert int(c.gen.rope[0]) == n + 4
+
+
+def test_context_growth_keeps_results(pipe):
+    eng = pipe.engine
+    c = Context.new(eng, 1, track_cfg=False)
+    cap0 = c.gen.capacity
+    for _ in range(14):
+        c = c.add_text("A red cat sits on the blue mat, again and again.")
+    assert c.gen.capacity > cap0
+    r1 = generate_text(c, 4)
+    big = Engine(eng.bm, eng.vae_transform, eng.vit_transform)
+    c2 = Context(big, c.gen.with_capacity(bucket(c.gen.capacity + 1, 1024)), None, None)
+    r2 = generate_text(c2, 4)
+    assert r1.texts == r2.texts
+
+
+def _steered_pipeline(pipe, prompt):
+    """A pipeline whose lm_head makes <|vision_start|> win wherever token ``t`` would (t = a token the
+    model emits greedily after a few steps), so the model emits it on its own."""
+    eng = pipe.engine
+    sp = eng.sp
+    ctx = Context.new(eng, 1, track_cfg=False).add_text(prompt)
+    fed = list(generate_text(ctx, 12, stop_tokens=[sp.eos]).token_ids[0])
+    target = next(t for k, t in enumerate(fed) if k >= 2 and t not in fed[:k])
+    params = jax.tree_util.tree_map(lambda x: x, eng.params)
+    W = params["language_model"]["lm_head"]["kernel"]
+    W = W.at[:, sp.start_of_image].set(W[:, target] * 1.5 + 1e-3 * jnp.sign(W[:, target]))
+    params["language_model"]["lm_head"]["kernel"] = W
+    bm = dataclasses.replace(eng.bm, params=params)
+    return api.Pipeline(Engine(bm, eng.vae_transform, eng.vit_transform))
+
+
+def test_interleave_model_driven(pipe):
+    prompt = "Tell a story."
+    steered = _steered_pipeline(pipe, prompt)
+    res = steered.interleave(prompt, mode="model", image_size=HW, num_timesteps=3, max_text_length=12,
+                             max_interleaved_blocks=3)
+    assert res.error is None, res.error
+    assert [k for k, _ in res.items] == ["text", "image", "text"]
+    assert res.items[1][1].size == (32, 32)
+
+
+def test_interleave_auto_and_explicit(pipe):
+    res = pipe.interleave("Two pictures", mode="auto", num_images=2, image_size=HW, num_timesteps=3,
+                          max_text_length=4)
+    assert res.ok and [k for k, _ in res.items if k == "image"] == ["image", "image"]
+    res = pipe.interleave("first <|vision_start|> second <|vision_start|>", mode="explicit", image_size=HW,
+                          num_timesteps=3)
+    assert res.ok and [k for k, _ in res.items] == ["text", "image", "text", "image"]
+
+
+def test_interleave_failure_returns_partial(pipe, monkeypatch):
+    calls = {"n": 0}
+    real = api.generate_images
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected failure")
+        return real(*a, **k)
+
+    monkeypatch.setattr(api, "generate_images", flaky)
+    res = pipe.interleave("Two pictures", mode="auto", num_images=2, image_size=HW, num_timesteps=3,
+                          max_text_length=4)
+    assert isinstance(res.error, RuntimeError) and "injected" in str(res.error)
+    assert [k for k, _ in res.items].count("image") == 1
+
+
+def test_conversation_multi_turn(pipe):
+    conv = pipe.conversation(max_new_tokens=4, num_timesteps=3, image_size=HW)
+    conv.add_image(_img(32, 32))
+    n0 = int(conv.ctx.gen.length[0])
+    a = conv.ask("What is it?")
+    assert isinstance(a, str) and int(conv.ctx.gen.length[0]) > n0
+    img = conv.edit("Make it red.")
+    assert img.size == (32, 32)
+    assert [h[1] for h in conv.history][-2:] == ["text", "image"]
+
+
+def test_think_system_prompts_byte_exact():
+    from bagel_jax.inference.context import GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT
+    assert GEN_THINK_SYSTEM_PROMPT == (
+        "You should first think about the planning process in the mind and then generate the image. \n"
+        "The planning process is enclosed within <think> </think> tags, i.e. <think> planning process here "
+        "</think> image here")
+    assert VLM_THINK_SYSTEM_PROMPT.split("\n")[0].endswith("answer. ")
+
+
+def test_bad_inputs_clear_errors(pipe, tmp_path):
+    with pytest.raises(ImageError, match="not found"):
+        pipe.understand(str(tmp_path / "missing.png"), "q")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ImageError, match="cannot read image"):
+        pipe.edit_image(str(bad), "x")
+    with pytest.raises(ImageError, match="not supported"):
+        pipe.generate_image("x", image_size=(30, 32))
+    with pytest.raises(ImageError, match="not supported"):
+        pipe.generate_image("x", image_size=(4096, 4096))
+    with pytest.raises(ValueError, match="cfg_renorm_type"):
+        pipe.generate_image("x", image_size=HW, cfg_renorm_type="local")
+    with pytest.raises(ValueError, match="num_timesteps"):
+        pipe.generate_image("x", image_size=HW, num_timesteps=1)
+    with pytest.raises(ValueError, match="mode"):
+        pipe.interleave("x", mode="nope")
+    short = api.Pipeline(Engine(pipe.engine.bm, SMALL_VAE, SMALL_VIT, max_context=20))
+    with pytest.raises(ContextError, match="too long"):
+        short.understand(None, "A red cat sits on the blue mat and a dog runs under the tree.")
+    with pytest.raises(ContextError, match="too long"):
+        short.understand(None, "hi", max_new_tokens=50)
