@@ -71,7 +71,7 @@ def test_decode_after_image_equals_one_chunk_recompute(pipe):
     """With an image in the context: step-by-step cached decoding == the fed tokens as one causal chunk."""
     eng = pipe.engine
     ctx = Context.new(eng, 1, track_cfg=False).add_image(_img(48, 64), vae=False).add_text("What is it?")
-    r = generate_text(ctx, max_length=5, stop_tokens=[-1], record=True)
+    r = generate_text(ctx, max_length=6, stop_tokens=[-1], record=True)
     fed = np.asarray(r.token_ids[0], np.int32)
     g = ctx.gen.reserve(eng, 16)
     n = len(fed)
@@ -107,14 +107,14 @@ def test_batched_understanding_equals_one_at_a_time(pipe):
     single = [pipe.understand(imgs[i], qs[i], max_new_tokens=6) for i in range(2)]
     assert batch == single
     # sampled text: row i of a batch with seed s == alone with seed s + i
-    kw = dict(max_new_tokens=5, do_sample=True, temperature=1.0)
+    kw = dict(max_new_tokens=6, do_sample=True, temperature=1.0)
     b = pipe.understand(imgs, qs, seed=7, **kw)
     assert b == [pipe.understand(imgs[0], qs[0], seed=7, **kw), pipe.understand(imgs[1], qs[1], seed=8, **kw)]
 
 
 def test_batched_t2i_equals_one_at_a_time(pipe):
     prompts = ["A red cat sits on the blue mat.", "dog"]
-    ip = ImageParams(num_timesteps=4, cfg_interval=(0.4, 1.0))
+    ip = ImageParams(num_timesteps=3, cfg_interval=(0.8, 1.0))   # second step: CFG off
     eng = pipe.engine
     keys = [jax.random.PRNGKey(3), jax.random.PRNGKey(4)]
     both = generate_images(Context.new(eng, 2).add_text(prompts), HW, ip, keys=keys)
@@ -122,10 +122,10 @@ def test_batched_t2i_equals_one_at_a_time(pipe):
         one = generate_images(Context.new(eng, 1).add_text(prompts[i]), HW, ip, keys=[keys[i]])
         np.testing.assert_allclose(both["latent_tokens"][i], one["latent_tokens"][0], atol=2e-5)
         assert np.abs(both["image"][i].astype(int) - one["image"][0].astype(int)).max() <= 1
-    res = pipe.generate_image(prompts, image_size=HW, num_timesteps=4, seed=3)
+    res = pipe.generate_image(prompts, image_size=HW, num_timesteps=3, cfg_interval=(0.8, 1.0), seed=3)
     assert len(res.images) == 2 and res.images[0].size == (32, 32)
-    np.testing.assert_array_equal(res.arrays[1], pipe.generate_image(prompts[1], image_size=HW, num_timesteps=4,
-                                                                     seed=4).arrays[0])
+    np.testing.assert_array_equal(res.arrays[1], pipe.generate_image(prompts[1], image_size=HW, num_timesteps=3,
+                                                                     cfg_interval=(0.8, 1.0), seed=4).arrays[0])
 
 
 def test_branch_dedup_and_cfg_off_match_explicit_branches(pipe):
@@ -134,7 +134,7 @@ def test_branch_dedup_and_cfg_off_match_explicit_branches(pipe):
     eng = pipe.engine
     c = Context.new(eng, 1).add_text("A red cat")
     assert c.cfg_img is c.gen and c.cfg_text.length[0] == 0
-    ip = ImageParams(cfg_img_scale=1.5, num_timesteps=4)
+    ip = ImageParams(cfg_img_scale=1.5, num_timesteps=3, cfg_interval=(0.8, 1.0))   # 2nd step CFG off
     a = generate_images(c, HW, ip, decode=False)
     assert a["n_branches"] == 2
     separate = Context.new(eng, 1).add_text("A red cat")
@@ -170,10 +170,10 @@ def test_context_growth_keeps_results(pipe):
     for _ in range(14):
         c = c.add_text("A red cat sits on the blue mat, again and again.")
     assert c.gen.capacity > cap0
-    r1 = generate_text(c, 4)
+    r1 = generate_text(c, 6)
     big = Engine(eng.bm, eng.vae_transform, eng.vit_transform)
     c2 = Context(big, c.gen.with_capacity(bucket(c.gen.capacity + 1, 1024)), None, None)
-    r2 = generate_text(c2, 4)
+    r2 = generate_text(c2, 6)
     assert r1.texts == r2.texts
 
 
@@ -205,7 +205,7 @@ def test_interleave_model_driven(pipe):
 
 def test_interleave_auto_and_explicit(pipe):
     res = pipe.interleave("Two pictures", mode="auto", num_images=2, image_size=HW, num_timesteps=3,
-                          max_text_length=4)
+                          max_text_length=6)
     assert res.ok and [k for k, _ in res.items if k == "image"] == ["image", "image"]
     res = pipe.interleave("first <|vision_start|> second <|vision_start|>", mode="explicit", image_size=HW,
                           num_timesteps=3)
@@ -224,13 +224,13 @@ def test_interleave_failure_returns_partial(pipe, monkeypatch):
 
     monkeypatch.setattr(api, "generate_images", flaky)
     res = pipe.interleave("Two pictures", mode="auto", num_images=2, image_size=HW, num_timesteps=3,
-                          max_text_length=4)
+                          max_text_length=6)
     assert isinstance(res.error, RuntimeError) and "injected" in str(res.error)
     assert [k for k, _ in res.items].count("image") == 1
 
 
 def test_conversation_multi_turn(pipe):
-    conv = pipe.conversation(max_new_tokens=4, num_timesteps=3, image_size=HW)
+    conv = pipe.conversation(max_new_tokens=6, num_timesteps=3, image_size=HW)
     conv.add_image(_img(32, 32))
     n0 = int(conv.ctx.gen.length[0])
     a = conv.ask("What is it?")
