@@ -1,0 +1,51 @@
+"""Shared helpers of the tests/test_train_*.py files (run train.py in subprocesses, read metrics)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "train-tiny.yaml")
+# One persistent XLA compilation cache for all training tests: identical programs compile once.
+COMPILE_CACHE = os.path.join(tempfile.gettempdir(), "bagel_jax_test_compile_cache")
+# The same overrides in every single-device test so that they share compiled programs.
+COMMON = ["data.packs_per_step=4", "train.save_every=3"]
+
+
+def make_data(path: str, num: int = 24, bad: int = 1, seed: int = 0) -> str:
+    from bagel_jax.data import synthetic
+
+    if not os.path.isfile(os.path.join(path, "dataset.yaml")):
+        synthetic.write(path, num=num, seed=seed, bad=bad)
+    return path
+
+
+def env(devices: int = 1) -> dict:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
+    e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    e["JAX_PLATFORMS"] = "cpu"
+    return e
+
+
+def train_cmd(data: str, workdir: str, steps: int, *extra: str, mesh: str = "data=1,fsdp=1,tensor=1") -> list[str]:
+    return [sys.executable, os.path.join(REPO, "train.py"), "--config", CONFIG, "--data", data, "--workdir", workdir,
+            "--steps", str(steps), "--mesh", mesh, "--compile-cache", COMPILE_CACHE, "--no-progress", *COMMON, *extra]
+
+
+def run_train(data: str, workdir: str, steps: int, *extra: str, devices: int = 1, mesh: str = "data=1,fsdp=1,tensor=1",
+              check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    p = subprocess.run(train_cmd(data, workdir, steps, *extra, mesh=mesh), env=env(devices), capture_output=True,
+                       text=True, timeout=timeout, cwd=REPO)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def metrics(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
