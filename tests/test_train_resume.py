@@ -28,24 +28,28 @@ def reference(data, tmp_path_factory):
     return wd, metrics(wd)
 
 
-def test_sigkill_then_resume_matches_uninterrupted(data, reference, tmp_path):
+def test_failure_then_sigkill_then_resume_matches_uninterrupted(data, reference, tmp_path):
     _, ref = reference
     wd = str(tmp_path / "killed")
-    # A long run, killed (SIGKILL: no cleanup at all) as soon as the step-3 checkpoint is complete.
+    # 1) an error after step 4: the state is checkpointed before exiting (save_every is 3)
+    out = run_train(data, wd, 9, "--debug-fail-at", "4", check=False)
+    assert out.returncode != 0 and "simulated failure" in out.stderr
+    assert os.path.isdir(os.path.join(wd, "checkpoints", "4", "state"))
+    # 2) a long run resumed from 4, killed (SIGKILL: no cleanup at all) once the step-6 checkpoint is complete
     p = subprocess.Popen(train_cmd(data, wd, 1000), env=env(1), stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
-    ck = os.path.join(wd, "checkpoints", "3")
+    ck = os.path.join(wd, "checkpoints", "6")
     t0 = time.time()
     try:
         while not (os.path.isdir(os.path.join(ck, "state")) and os.path.isdir(os.path.join(ck, "data"))):
-            assert p.poll() is None, "training exited before its first checkpoint"
+            assert p.poll() is None, "training exited before the step-6 checkpoint"
             assert time.time() - t0 < 500, "no checkpoint within 500 s"
             time.sleep(0.05)
-        time.sleep(0.2)
     finally:
         p.send_signal(signal.SIGKILL)
         p.wait()
     killed_at = max(m["step"] for m in metrics(wd))
+    # 3) resume from the latest complete checkpoint and finish
     out = run_train(data, wd, 9)
     assert "resumed from step" in out.stdout
     got = metrics(wd)
@@ -63,13 +67,19 @@ def test_rerun_when_done_is_a_no_op(data, reference):
     assert metrics(wd) == ref
 
 
-def test_corrupt_checkpoint_is_a_clear_error(data, reference, tmp_path):
+def _main_in_process(data, wd, steps, capsys):
+    from bagel_jax.train.loop import main
+
+    rc = main(train_cmd(data, wd, steps)[2:])
+    return rc, capsys.readouterr()
+
+
+def test_corrupt_checkpoint_is_a_clear_error(data, reference, tmp_path, capsys):
     wd = str(tmp_path / "corrupt")
     shutil.copytree(reference[0], wd)
     state_dir = os.path.join(wd, "checkpoints", "9", "state")
-    # truncate every data file of the state item
     n = 0
-    for root, _, files in os.walk(state_dir):
+    for root, _, files in os.walk(state_dir):  # truncate every file of the state item
         for f in files:
             path = os.path.join(root, f)
             if os.path.getsize(path) > 0:
@@ -77,36 +87,23 @@ def test_corrupt_checkpoint_is_a_clear_error(data, reference, tmp_path):
                     fh.truncate(os.path.getsize(path) // 3)
                 n += 1
     assert n > 0
-    out = run_train(data, wd, 12, check=False)
-    assert out.returncode == 2, out.stdout + out.stderr
-    assert "cannot restore checkpoint" in out.stderr and "checkpoints/9" in out.stderr
+    rc, out = _main_in_process(data, wd, 12, capsys)
+    assert rc == 2, out
+    assert "cannot restore checkpoint" in out.err and "checkpoints/9" in out.err
     assert max(m["step"] for m in metrics(wd)) == 9  # nothing was trained or overwritten
 
 
-def test_missing_checkpoint_item_is_a_clear_error(data, reference, tmp_path):
+def test_missing_checkpoint_item_is_a_clear_error(data, reference, tmp_path, capsys):
     wd = str(tmp_path / "missing")
     shutil.copytree(reference[0], wd)
     shutil.rmtree(os.path.join(wd, "checkpoints", "9", "data"))
-    out = run_train(data, wd, 12, check=False)
-    assert out.returncode == 2
-    assert "incomplete" in out.stderr and "'data'" in out.stderr
+    rc, out = _main_in_process(data, wd, 12, capsys)
+    assert rc == 2 and "incomplete" in out.err and "'data'" in out.err
 
 
-def test_missing_vae_weights_is_a_clear_error(data, reference, tmp_path):
+def test_missing_vae_weights_is_a_clear_error(data, reference, tmp_path, capsys):
     wd = str(tmp_path / "novae")
     shutil.copytree(reference[0], wd)
     os.remove(os.path.join(wd, "ae.safetensors"))
-    out = run_train(data, wd, 12, check=False)
-    assert out.returncode == 2 and "ae.safetensors" in out.stderr
-
-
-def test_failure_saves_state_before_exit(data, reference, tmp_path):
-    _, ref = reference
-    wd = str(tmp_path / "fail")
-    out = run_train(data, wd, 9, "--debug-fail-at", "5", check=False)
-    assert out.returncode != 0 and "simulated failure" in out.stderr
-    assert os.path.isdir(os.path.join(wd, "checkpoints", "5"))  # saved although save_every is 3
-    run_train(data, wd, 9)
-    got = metrics(wd)
-    assert [(m["step"], m["loss_ce"], m["loss_mse"]) for m in got] == [(m["step"], m["loss_ce"], m["loss_mse"])
-                                                                        for m in ref]
+    rc, out = _main_in_process(data, wd, 12, capsys)
+    assert rc == 2 and "ae.safetensors" in out.err

@@ -125,12 +125,20 @@ def init_params(tc, cfg, model, vae, param_sh, vae_sh):
     import jax
     import jax.numpy as jnp
 
-    from ..loading import load_model, random_model
+    from ..loading import load_model
 
     init = tc.init
     if init in (None, "random"):
-        bm = random_model(cfg, jax.random.PRNGKey(tc.seed))
-        return jax.device_put(bm.params, param_sh), jax.device_put(bm.vae_params, vae_sh), None
+        # Same keys as loading.random_model, but jitted: each leaf is created directly on its sharding
+        # (no host copy of a large model) and the init program lands in the compilation cache.
+        from ..models.bagel import init_params as bagel_init
+
+        k1, k2 = jax.random.split(jax.random.PRNGKey(tc.seed))
+        params = jax.jit(lambda k: bagel_init(model, k), out_shardings=param_sh)(k1)
+        ds = cfg.vae.downsample
+        x = jnp.zeros((1, ds * 2, ds * 2, cfg.vae.in_channels))
+        vae_params = jax.jit(lambda k: vae.init(k, x)["params"], out_shardings=vae_sh)(k2)
+        return params, vae_params, None
     if isinstance(init, str):
         if not os.path.isdir(init):
             raise TrainSetupError(f"train.init: model folder not found: {init}")
