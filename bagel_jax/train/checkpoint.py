@@ -110,4 +110,29 @@ def export_ema(ema_params: Any, cfg, vae_params: Any, out: str, tokenizer=None, 
     vae_host = to_host(vae_params)
     if jax.process_index() == 0:
         save_model(BagelModel(cfg, model, vae, host, vae_host, tokenizer), out, dtype=dtype)
+        # The official loader reads the slow Qwen2 files (vocab.json + merges.txt); copy them from the source.
+        src = getattr(getattr(tokenizer, "hf", None), "name_or_path", None)
+        if src and os.path.isdir(src):
+            import shutil
+
+            for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+                if os.path.isfile(os.path.join(src, name)):
+                    shutil.copyfile(os.path.join(src, name), os.path.join(out, name))
     return out
+
+
+def load_train_state(directory: str, step: Optional[int] = None) -> Any:
+    """Restore a saved train state as host arrays, without a target (for inspection and tests)."""
+    ck = Checkpointer(directory, async_save=False)
+    step = ck.latest() if step is None else step
+    if step is None:
+        raise TrainCheckpointError(f"no checkpoint in {directory}")
+    ck._check(step)
+    ocp = ck.ocp
+    try:
+        out = ck.mngr.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    except Exception as e:
+        raise TrainCheckpointError(f"cannot restore checkpoint {directory}/{step}: {e}") from None
+    finally:
+        ck.close()
+    return out["state"]
