@@ -125,7 +125,10 @@ def decode_loop(model: Bagel, params, cache: KVCache, rope, start_id, stop_ids, 
             out["logits"] = s["logits"].at[:, i].set(logits.astype(jnp.float32))
             out["hidden"] = s["hidden"].at[:, i].set(h[:, 0].astype(jnp.float32))
         if progress:
-            jax.debug.callback(_progress_cb, i + 1, max_length)
+            # host callbacks are not free on CPU (~ms each): tick about 50 times per loop at most
+            every = max(1, max_length // 50)
+            jax.lax.cond((i + 1) % every == 0, lambda: jax.debug.callback(_progress_cb, i + 1, max_length),
+                         lambda: None)
         return out
 
     s = jax.lax.while_loop(cond, body, state)
