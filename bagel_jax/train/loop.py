@@ -365,7 +365,10 @@ def run(args: argparse.Namespace) -> dict:
                 ckpt.save(step, state, dstate)
                 saved = step
             if stop["sig"] is not None:
-                print(f"[train] signal {stop['sig']}: stopping at step {step}", flush=True)
+                if saved != step:
+                    ckpt.save(step, state, dstate)
+                    saved = step
+                print(f"[train] signal {stop['sig']}: checkpointed and stopping at step {step}", flush=True)
                 break
     except BaseException as e:
         if step > saved and dstate is not None and _state_alive(state):
