@@ -271,3 +271,9 @@ def test_bad_inputs_clear_errors(pipe, tmp_path):
         short.understand(None, "A red cat sits on the blue mat and a dog runs under the tree.")
     with pytest.raises(ContextError, match="too long"):
         short.understand(None, "hi", max_new_tokens=50)
+
+
+def test_progress_bars_do_not_change_results(pipe, capsys):
+    img = _img(32, 32)
+    plain = pipe.understand(img, "What is it?", max_new_tokens=6)
+    assert pipe.understand(img, "What is it?", max_new_tokens=6, progress=True) == plain
