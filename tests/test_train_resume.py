@@ -107,3 +107,24 @@ def test_missing_vae_weights_is_a_clear_error(data, reference, tmp_path, capsys)
     os.remove(os.path.join(wd, "ae.safetensors"))
     rc, out = _main_in_process(data, wd, 12, capsys)
     assert rc == 2 and "ae.safetensors" in out.err
+
+
+def test_sigterm_checkpoints_and_stops(data, tmp_path):
+    wd = str(tmp_path / "term")
+    p = subprocess.Popen(train_cmd(data, wd, 1000), env=env(1), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                         text=True)
+    path = os.path.join(wd, "metrics.jsonl")
+    t0 = time.time()
+    try:
+        while not (os.path.isfile(path) and any('"step": 4,' in line for line in open(path))):
+            assert p.poll() is None and time.time() - t0 < 500
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, out
+    last = max(m["step"] for m in metrics(wd))
+    assert f"checkpointed and stopping at step {last}" in out
+    assert os.path.isdir(os.path.join(wd, "checkpoints", str(last), "state"))
