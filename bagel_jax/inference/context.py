@@ -194,7 +194,7 @@ class Context:
     cfg_img: Optional[Branch]
     history: tuple = ()
     image_hw: Optional[tuple] = None         # per row (H, W) of the last VAE-resized image
-    key: Optional[np.ndarray] = None          # PRNG key data for VAE posterior draws
+    key: Optional[np.ndarray] = None          # [batch, 2] per-row PRNG key data for VAE posterior draws
     last_hidden: object = None                # final hidden states of the last gen-branch chunk (debugging)
 
     @staticmethod
@@ -203,7 +203,7 @@ class Context:
             raise ContextError(f"batch must be >= 1, got {batch}")
         e = Branch.empty(engine, batch)
         return Context(engine, e, e if track_cfg else None, e if track_cfg else None, (), None,
-                       np.asarray(jax.random.key_data(jax.random.PRNGKey(seed))))
+                       np.stack([np.asarray(jax.random.PRNGKey(seed + i)) for i in range(batch)]))
 
     @property
     def batch(self) -> int:
@@ -278,7 +278,8 @@ class Context:
         cfg_text <- gen (refreshed); cfg_img unchanged.
 
         ``vae_eps``: per row posterior noise ``[H/8, W/8, C]`` (NHWC) for the VAE encoding (the official
-        encode samples the posterior); drawn from the context's key when None.
+        encode samples the posterior); drawn from the row's key when None (row i of a context made with
+        ``seed=s`` starts from ``PRNGKey(s + i)``, so a batched context equals single ones with seeds s + i).
         """
         if not (vae or vit):
             raise ContextError("add_image: at least one of vae / vit must be True")
@@ -313,7 +314,7 @@ class Context:
         ns = [(q["hw"][0] // ds) * (q["hw"][1] // ds) for q in pre]
         N = max(ns)
         br = br.reserve(eng, N + 2)
-        key = self.key
+        key = np.array(self.key)
         x0 = np.zeros((br.batch, N, p * p * C), np.float32)
         lat_pos = np.zeros((br.batch, N), np.int32)
         toks = []
@@ -322,7 +323,7 @@ class Context:
             if vae_eps is not None:
                 eps = jnp.asarray(vae_eps[i], jnp.float32)[None]
             else:
-                key, sub = self._replace_key(key)
+                key[i], sub = self._replace_key(key[i])
                 eps = jax.random.normal(sub, (1, H // cfg.vae.downsample, W // cfg.vae.downsample, C), jnp.float32)
             img = jnp.asarray(np.transpose(q["vae"], (1, 2, 0)))[None]
             t = blocks.vae_encode_tokens(eng.vae, eng.vae_params, img, eps, p)
@@ -336,9 +337,8 @@ class Context:
 
     @staticmethod
     def _replace_key(key):
-        k = jax.random.wrap_key_data(jnp.asarray(key))
-        k1, k2 = jax.random.split(k)
-        return np.asarray(jax.random.key_data(k1)), k2
+        k1, k2 = jax.random.split(jnp.asarray(key, jnp.uint32))
+        return np.asarray(k1), k2
 
     def _vit_block(self, br: Branch, pre: list):
         eng, cfg = self.engine, self.engine.cfg
@@ -377,8 +377,9 @@ class Context:
 
         hist = tuple((k, r, tuple(v[i] for i in idx)) for k, r, v in self.history)
         hw = None if self.image_hw is None else tuple(self.image_hw[i] for i in idx)
+        key = None if self.key is None else np.asarray(self.key)[idx]
         return dataclasses.replace(self, gen=take_shared(self.gen), cfg_text=take_shared(self.cfg_text),
-                                   cfg_img=take_shared(self.cfg_img), history=hist, image_hw=hw)
+                                   cfg_img=take_shared(self.cfg_img), history=hist, image_hw=hw, key=key)
 
     def num_tokens(self) -> np.ndarray:
         return self.gen.length.copy()
