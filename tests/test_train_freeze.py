@@ -1,5 +1,5 @@
-"""Freezing (freeze_und), bfloat16 compute with fp32 master weights, and extra special-token CE weights
-in one short train.py run: frozen leaves never move, trainable ones do, the losses are finite."""
+"""Freezing (freeze_und), bfloat16 compute with fp32 master weights, gradient accumulation (2 micro-batches)
+and extra special-token CE weights in one short train.py run: frozen leaves never move, trainable ones do, the losses are finite."""
 
 import os
 
@@ -15,6 +15,7 @@ def run(tmp_path_factory):
     data = make_data(str(tmp_path_factory.mktemp("syn")), num=24, bad=0)
     wd = str(tmp_path_factory.mktemp("run"))
     run_train(data, wd, 3, "train.freeze_und=true", "train.compute_dtype=bfloat16", "train.ema_decay=0.5",
+              "train.accum_steps=2",
               'train.special_token_weights={"<|vision_start|>": 2.0}')
     return wd
 
@@ -25,6 +26,8 @@ def test_freeze_und_bf16(run):
 
     m = metrics(run)
     assert len(m) == 3 and all(np.isfinite(r["loss_ce"]) and np.isfinite(r["loss_mse"]) for r in m)
+    # 2 micro-batches x 4 packs per step: each step consumed 8 packs
+    assert all(r["tokens"] > 8 * 48 for r in m)
     state = load_train_state(os.path.join(run, "checkpoints"))
     tc = TrainConfig(freeze_und=True)
     ema = dict(jax.tree_util.tree_leaves_with_path(state["ema"]))
