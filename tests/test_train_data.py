@@ -192,3 +192,32 @@ def test_lr_schedule_official_defaults():
     assert float(s(0)) == 0.0 and abs(float(s(1000)) - 5e-5) < 1e-9 and abs(float(s(5000)) - 1e-4) < 1e-9
     c = O.lr_schedule(O.TrainConfig(lr_schedule="cosine", warmup_steps=10, total_steps=110), 0)
     assert abs(float(c(10)) - 1e-4) < 1e-9 and abs(float(c(110)) - 1e-7) < 1e-9
+
+
+def test_interleaved_group(tmp_path, data, cfg):
+    import shutil
+
+    import yaml
+
+    root = tmp_path / "inter"
+    os.makedirs(root / "seq")
+    shutil.copytree(os.path.join(data, "tokenizer"), root / "tokenizer")
+    shutil.copyfile(os.path.join(data, "vlm", "images", "000000.png"), root / "seq" / "a.png")
+    row = {"sequence": [{"type": "text", "text": "draw a red circle on the left", "enable_cfg": 1},
+                        {"type": "vae_image", "image": "a.png", "loss": 1},
+                        {"type": "vit_image", "image": "a.png"},
+                        {"type": "text", "text": "it is red", "loss": 1}]}
+    with open(root / "seq" / "rows.jsonl", "w") as f:
+        f.write(json.dumps(row) + "\n")
+        f.write(json.dumps({"sequence": [{"type": "vae_image", "image": "missing.png", "loss": 1}]}) + "\n")
+    tf = dict(max_image_size=64, min_image_size=64, image_stride=16)
+    yaml.safe_dump({"interleaved": dict(data_dir="seq", jsonl_path="seq/rows.jsonl", image_transform_args=tf,
+                                        vit_image_transform_args=dict(max_image_size=56, min_image_size=56,
+                                                                      image_stride=14))},
+                   open(root / "dataset.yaml", "w"))
+    tok = load_tokenizer(str(root / "tokenizer"))
+    it = PackedIterator(str(root), small_dcfg(dropout_text=0.0, dropout_vit=0.0, dropout_vae=0.0), cfg, tok)
+    arr, _ = it.next_batch()
+    n_vit = int((arr["vit_seg"] > 0).sum())
+    assert arr["vae_mse"].sum() > 0 and arr["ce_valid"].sum() > 0 and n_vit > 0 and n_vit % 16 == 0
+    assert it.get_state()["skipped"]["interleaved"] >= 1  # the row with a missing image

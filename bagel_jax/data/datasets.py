@@ -13,6 +13,7 @@ Supported groups (names as in the official dataset YAML):
 * ``unified_edit``: parquet files (listed by ``parquet_info_path``, a JSON ``{path: {num_row_groups}}``,
   or all ``*.parquet`` in ``data_dir``) with ``image_list`` and ``instruction_list``; official plan with a
   random start/end and the 50 % concatenated-instruction branch.
+* ``interleaved``: a JSONL file of explicit sequences (see :class:`InterleavedDataset`).
 * ``vlm_sft``: a JSONL file (``jsonl_path``) of ``{"image": str | [str], "conversations": [{from, value}]}``
   with image paths relative to ``data_dir``; ``<image>`` splits the human turns. Videos are not supported
   (a ``video`` row is a bad sample).
@@ -311,4 +312,57 @@ class VLMDataset:
         return plan
 
 
-DATASET_CLASSES = {c.group: c for c in (T2IDataset, EditDataset, VLMDataset)}
+class InterleavedDataset:
+    """Generic interleaved sequences (our JSONL form of an official sequence plan, BAGEL.md 9.3)::
+
+        {"sequence": [{"type": "text", "text": "...", "loss": 0, "enable_cfg": 1},
+                      {"type": "vae_image", "image": "a.png", "loss": 1},
+                      {"type": "vit_image", "image": "a.png", "enable_cfg": 1}, ...]}
+
+    Image paths are relative to ``data_dir``; VAE images use ``image_transform_args``, ViT images
+    ``vit_image_transform_args``. Items are processed exactly like the official plan entries.
+    """
+
+    group = "interleaved"
+
+    def __init__(self, root: str, spec: dict, tokenizer, cfg):
+        self.dir = os.path.join(root, spec["data_dir"])
+        path = os.path.join(root, spec["jsonl_path"])
+        if not os.path.isfile(path):
+            raise DataConfigError(f"jsonl_path not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            self.lines = [line for line in f if line.strip()]
+        self.vae_tf = ImageTransform.from_dict(spec["image_transform_args"])
+        self.vit_tf = ImageTransform.from_dict(spec.get("vit_image_transform_args", spec["image_transform_args"]))
+        self.tok = tokenizer
+
+    def __len__(self):
+        return len(self.lines)
+
+    def plan(self, i: int, rng: np.random.Generator) -> list[PlanEntry]:
+        try:
+            seq = json.loads(self.lines[i])["sequence"]
+        except Exception as e:
+            raise SampleError(f"bad JSONL row ({e})") from None
+        plan = []
+        for e in seq:
+            t = e.get("type")
+            cfg_, loss = bool(e.get("enable_cfg", False)), bool(e.get("loss", False))
+            if t == "text":
+                plan.append(PlanEntry("text", enable_cfg=cfg_, loss=loss, text=self.tok.encode(str(e.get("text", "")))))
+            elif t in ("vit_image", "vae_image"):
+                full = os.path.join(self.dir, str(e.get("image", "")))
+                try:
+                    with Image.open(full) as im:
+                        im.load()
+                        img = to_rgb(im)
+                except Exception as err:
+                    raise SampleError(f"unreadable image {full} ({err})") from None
+                tf = self.vae_tf if t == "vae_image" else self.vit_tf
+                plan.append(PlanEntry(t, enable_cfg=cfg_, loss=loss and t == "vae_image", image=to_tensor(tf.resize(img))))
+            else:
+                raise SampleError(f"unknown sequence item type {t!r}")
+        return plan
+
+
+DATASET_CLASSES = {c.group: c for c in (T2IDataset, EditDataset, VLMDataset, InterleavedDataset)}
