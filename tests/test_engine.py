@@ -235,7 +235,10 @@ def test_think_system_prompts_byte_exact():
         "You should first think about the planning process in the mind and then generate the image. \n"
         "The planning process is enclosed within <think> </think> tags, i.e. <think> planning process here "
         "</think> image here")
-    assert VLM_THINK_SYSTEM_PROMPT.split("\n")[0].endswith("answer. ")
+    assert VLM_THINK_SYSTEM_PROMPT == (
+        "You should first think about the reasoning process in the mind and then provide the user with the answer. \n"
+        "The reasoning process is enclosed within <think> </think> tags, i.e. <think> reasoning process here "
+        "</think> answer here")
 
 
 def test_bad_inputs_clear_errors(pipe, tmp_path):
@@ -275,3 +278,20 @@ def test_batched_edit_equals_one_at_a_time(pipe):
     for i in range(2):
         one = pipe.edit_image(imgs[i], instr[i], seed=3 + i, **kw)
         assert np.abs(both.arrays[i].astype(int) - one.arrays[0].astype(int)).max() <= 1
+
+
+def test_too_long_request_fails_before_compute(pipe, monkeypatch):
+    from bagel_jax.inference import context as context_mod
+
+    def no_compute(*a, **k):
+        raise AssertionError("compute started")
+
+    short = api.Pipeline(Engine(pipe.engine.bm, SMALL_VAE, SMALL_VIT, max_context=40))
+    monkeypatch.setattr(context_mod.blocks, "text_chunk", no_compute)
+    monkeypatch.setattr(context_mod.blocks, "vit_chunk", no_compute)
+    with pytest.raises(ContextError, match="too long"):
+        short.understand(_img(32, 32), "hi", max_new_tokens=35)
+    with pytest.raises(ContextError, match="too long"):
+        short.generate_image("hi", image_size=(128, 128))
+    with pytest.raises(ContextError, match="too long"):
+        short.edit_image(_img(64, 64), "hi")

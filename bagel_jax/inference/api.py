@@ -128,6 +128,19 @@ class Pipeline:
     def __init__(self, engine: Engine):
         self.engine = engine
 
+    def _precheck(self, texts: Sequence[str], pre: Sequence[dict], extra: int, what: str) -> None:
+        """Raise :class:`ContextError` before any compute if a request cannot fit in the context limit."""
+        eng, cfg = self.engine, self.engine.cfg
+        n = sum(len(eng.tok.encode(t)) + 2 for t in texts) + int(extra)
+        for q in pre:
+            if "vae" in q:
+                n += (q["hw"][0] // cfg.latent_downsample) * (q["hw"][1] // cfg.latent_downsample) + 2
+            if "vit" in q:
+                n += (q["vit"].shape[1] // cfg.vit.patch_size) * (q["vit"].shape[2] // cfg.vit.patch_size) + 2
+        if n > eng.max_context:
+            raise ContextError(f"context too long for {what}: {n} tokens needed (inputs + generation), limit "
+                               f"{eng.max_context}")
+
     @property
     def tokenizer(self):
         return self.engine.tok
@@ -165,6 +178,8 @@ class Pipeline:
         B = len(questions)
         # preprocess everything first: bad images fail before any compute
         pre = [[self.engine.preprocess(im, vae=False, vit=True) for im in r] for r in per_row]
+        for b, q in enumerate(questions):
+            self._precheck(([VLM_THINK_SYSTEM_PROMPT] if think else []) + [q], pre[b], max_new_tokens, "understand")
         ctx = Context.new(self.engine, B, track_cfg=False, seed=seed)
         if think:
             ctx = ctx.add_text(VLM_THINK_SYSTEM_PROMPT, role="system")
@@ -222,6 +237,10 @@ class Pipeline:
                                 cfg_renorm_min=cfg_renorm_min, cfg_renorm_type=cfg_renorm_type)
         hw = self.engine.check_output_size(image_size)
         sampling = _sampling(do_sample, temperature, top_k, top_p)
+        n_img = (hw[0] // self.engine.cfg.latent_downsample) * (hw[1] // self.engine.cfg.latent_downsample) + 2
+        for p in prompts:
+            self._precheck(([GEN_THINK_SYSTEM_PROMPT] if think else []) + [p], [],
+                           n_img + (max_think_tokens if think else 0), "generate_image")
         ctx = Context.new(self.engine, len(prompts), seed=seed)
         if think:
             ctx = ctx.add_text(GEN_THINK_SYSTEM_PROMPT, role="system")
@@ -255,6 +274,11 @@ class Pipeline:
         sizes = {p["hw"] for p in pre}
         if len(sizes) != 1:
             raise ValueError(f"edit_image: in a batch all images must resize to one size, got {sorted(sizes)}")
+        hw = next(iter(sizes))
+        n_img = (hw[0] // self.engine.cfg.latent_downsample) * (hw[1] // self.engine.cfg.latent_downsample) + 2
+        for q, t in zip(pre, instrs):
+            self._precheck(([GEN_THINK_SYSTEM_PROMPT] if think else []) + [t], [q],
+                           n_img + (max_think_tokens if think else 0), "edit_image")
         ctx = Context.new(self.engine, len(instrs), seed=seed)
         if think:
             ctx = ctx.add_text(GEN_THINK_SYSTEM_PROMPT, role="system")
