@@ -74,9 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compilation-cache", default=os.path.join(os.path.expanduser("~"), ".cache", "bagel_jax", "jax"),
                    metavar="DIR", help="JAX persistent compilation cache folder ('' to disable)")
     g.add_argument("--vae-transform", type=_transform, default=None, metavar="MAX,MIN,STRIDE",
-                   help="resize rule of input images for the VAE (default official 1024,512,16)")
+                   help="resize rule of input images for the VAE (default: the model folder's inference.json, else the official 1024,512,16)")
     g.add_argument("--vit-transform", type=_transform, default=None, metavar="MAX,MIN,STRIDE",
-                   help="resize rule for the ViT, applied to the VAE-resized image (default official 980,224,14)")
+                   help="resize rule for the ViT, applied to the VAE-resized image (default: the folder's inference.json, else the official 980,224,14)")
     g.add_argument("--max-context", type=int, default=None,
                    help="most tokens one conversation may hold (default: the model's max_position_embeddings)")
 
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = common.add_argument_group("image generation (defaults depend on the subcommand, see above)")
     i.add_argument("--image-size", type=_hw, default=None, metavar="HxW",
-                   help="output size H x W, multiples of 16 (default 1024x1024; edit: the resized input size)")
+                   help="output size H x W, multiples of 16 (default: the folder's inference.json image_size, else 1024x1024; edit: the resized input size)")
     i.add_argument("--cfg-text-scale", type=float, default=None, help="text guidance scale (default 4.0)")
     i.add_argument("--cfg-img-scale", type=float, default=None,
                    help="image guidance scale (default 1.0 = off for generate, 2.0 for edit); acts only with text CFG")
@@ -159,15 +159,15 @@ def _load(args):
                            "pass --model-path /path/to/an/official/BAGEL/folder")
         raise CLIError(f"model folder not found: {args.model_path}")
     dtype = _setup_jax(args)
-    from bagel_jax.data.images import INFERENCE_VAE, INFERENCE_VIT, ImageTransform
+    from bagel_jax.data.images import ImageTransform
     from bagel_jax.inference.api import load
 
-    def tf(v, default):
-        return ImageTransform(*v) if v else default
+    def tf(v):  # None: the folder's inference.json, else the official transforms
+        return ImageTransform(*v) if v else None
 
     t0 = time.time()
-    pipe = load(args.model_path, dtype=dtype, vae_transform=tf(args.vae_transform, INFERENCE_VAE),
-                vit_transform=tf(args.vit_transform, INFERENCE_VIT), max_context=args.max_context)
+    pipe = load(args.model_path, dtype=dtype, vae_transform=tf(args.vae_transform),
+                vit_transform=tf(args.vit_transform), max_context=args.max_context)
     print(f"loaded {args.model_path} ({dtype}) in {time.time() - t0:.1f}s", file=sys.stderr)
     return pipe
 
@@ -222,7 +222,7 @@ def _save_images(args, res, stem: str) -> list:
 def cmd_generate(args, pipe) -> int:
     kw = _image_kw(args, False)
     res = pipe.generate_image(args.prompt if len(args.prompt) > 1 else args.prompt[0], think=args.think,
-                              image_size=args.image_size or (1024, 1024), seed=args.seed,
+                              image_size=args.image_size or pipe.default_image_size, seed=args.seed,
                               max_think_tokens=args.max_think_tokens, progress=not args.no_progress,
                               **_text_kw(args), **kw)
     _save_images(args, res, "image")
@@ -282,7 +282,7 @@ def cmd_interleave(args, pipe) -> int:
     inputs = list(args.image) + list(args.prompt)
     kw = _image_kw(args, bool(args.image))
     kw.update(_text_kw(args))
-    size = args.image_size or (1024, 1024)
+    size = args.image_size or pipe.default_image_size
     res = pipe.interleave(inputs, mode=mode, num_images=args.num_images or 1, image_size=size,
                           max_text_length=args.max_text_length, max_interleaved_blocks=args.max_interleaved_blocks,
                           think=args.think, seed=args.seed, progress=not args.no_progress, **kw)

@@ -49,8 +49,34 @@ def _dtype(d):
     return d
 
 
+INFERENCE_DEFAULTS_FILE = "inference.json"
+
+
+def folder_defaults(folder: str) -> dict:
+    """Optional ``inference.json`` of a model folder (not part of the official format; our small models
+    use it): ``image_size`` [H, W], ``vae_transform`` / ``vit_transform`` dicts of
+    :class:`~bagel_jax.data.images.ImageTransform` fields. Missing file -> {} (official defaults)."""
+    import json
+
+    path = os.path.join(folder, INFERENCE_DEFAULTS_FILE)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            d = json.load(f)
+        out = {}
+        if "image_size" in d:
+            out["image_size"] = tuple(int(v) for v in d["image_size"])
+        for k in ("vae_transform", "vit_transform"):
+            if k in d:
+                out[k] = ImageTransform.from_dict(d[k])
+        return out
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: bad inference defaults ({e})") from None
+
+
 def load(folder: str, dtype="bfloat16", param_dtype=None, shardings=None, vae_shardings=None,
-         vae_transform: ImageTransform = INFERENCE_VAE, vit_transform: ImageTransform = INFERENCE_VIT,
+         vae_transform: Optional[ImageTransform] = None, vit_transform: Optional[ImageTransform] = None,
          max_context: Optional[int] = None) -> "Pipeline":
     """Load an official BAGEL folder for inference.
 
@@ -61,7 +87,8 @@ def load(folder: str, dtype="bfloat16", param_dtype=None, shardings=None, vae_sh
       param_dtype: storage dtype of the weights (default: ``dtype``).
       shardings / vae_shardings: optional trees of ``jax.sharding.Sharding`` for the params (see
         :func:`bagel_jax.loading.load_model`); inputs then follow the params' placement.
-      vae_transform / vit_transform: input image resize rules (official inference defaults).
+      vae_transform / vit_transform: input image resize rules (default: the folder's ``inference.json``
+        if it has one, else the official inference transforms).
       max_context: most tokens a conversation may hold (default: the model's max_position_embeddings).
     """
     from ..loading import load_model
@@ -69,7 +96,12 @@ def load(folder: str, dtype="bfloat16", param_dtype=None, shardings=None, vae_sh
     dt = _dtype(dtype)
     bm = load_model(folder, dtype=dt, param_dtype=_dtype(param_dtype) if param_dtype is not None else dt,
                     shardings=shardings, vae_shardings=vae_shardings)
-    return Pipeline(Engine(bm, vae_transform, vit_transform, max_context))
+    fd = folder_defaults(folder)
+    vae_transform = vae_transform or fd.get("vae_transform", INFERENCE_VAE)
+    vit_transform = vit_transform or fd.get("vit_transform", INFERENCE_VIT)
+    pipe = Pipeline(Engine(bm, vae_transform, vit_transform, max_context))
+    pipe.default_image_size = fd.get("image_size", DEFAULT_IMAGE_SIZE)
+    return pipe
 
 
 @dataclasses.dataclass
@@ -125,8 +157,9 @@ def _sampling(do_sample, temperature, top_k, top_p) -> SamplingParams:
 class Pipeline:
     """Every way of using BAGEL on one loaded model. All calls are functional (contexts are immutable)."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, default_image_size=DEFAULT_IMAGE_SIZE):
         self.engine = engine
+        self.default_image_size = tuple(default_image_size)  # (H, W) when a call gives no image_size
 
     def _precheck(self, texts: Sequence[str], pre: Sequence[dict], extra: int, what: str) -> None:
         """Raise :class:`ContextError` before any compute if a request cannot fit in the context limit."""
@@ -213,7 +246,7 @@ class Pipeline:
         return ctx.add_generated_text(r.texts), r.texts
 
     def generate_image(self, prompt: Union[str, Sequence[str]], think: bool = False,
-                       image_size: Sequence[int] = DEFAULT_IMAGE_SIZE, cfg_text_scale: float = 4.0,
+                       image_size: Optional[Sequence[int]] = None, cfg_text_scale: float = 4.0,
                        cfg_img_scale: float = 1.0, cfg_interval=(0.4, 1.0), timestep_shift: float = 3.0,
                        num_timesteps: int = 50, cfg_renorm_min: float = 0.0, cfg_renorm_type: str = "global",
                        seed: int = 0, max_think_tokens: int = DEFAULT_MAX_TEXT, do_sample: bool = False,
@@ -235,7 +268,7 @@ class Pipeline:
         ip = self._image_params(False, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale,
                                 cfg_interval=cfg_interval, timestep_shift=timestep_shift, num_timesteps=num_timesteps,
                                 cfg_renorm_min=cfg_renorm_min, cfg_renorm_type=cfg_renorm_type)
-        hw = self.engine.check_output_size(image_size)
+        hw = self.engine.check_output_size(image_size or self.default_image_size)
         sampling = _sampling(do_sample, temperature, top_k, top_p)
         n_img = (hw[0] // self.engine.cfg.latent_downsample) * (hw[1] // self.engine.cfg.latent_downsample) + 2
         for p in prompts:
@@ -298,7 +331,7 @@ class Pipeline:
         return Conversation(self, think, seed, defaults)
 
     # -- interleaved generation ---------------------------------------------------------------------------
-    def interleave(self, inputs, mode: str = "model", num_images: int = 1, image_size=(1024, 1024),
+    def interleave(self, inputs, mode: str = "model", num_images: int = 1, image_size=None,
                    max_text_length: int = 500, max_interleaved_blocks: int = 8, think: bool = False,
                    seed: int = 0, progress: bool = False, **kw) -> InterleaveResult:
         """Interleaved text and image generation (issue 3 item 6). Never raises for a failure midway:
@@ -317,7 +350,8 @@ class Pipeline:
         """
         if mode not in ("model", "explicit", "auto"):
             raise ValueError(f"interleave: mode must be 'model', 'explicit' or 'auto', got {mode!r}")
-        conv = Conversation(self, "gen" if think else None, seed, dict(kw, image_size=image_size))
+        conv = Conversation(self, "gen" if think else None, seed,
+                            dict(kw, image_size=image_size or self.default_image_size))
         items = []
         try:
             parts = _as_list(inputs) if not isinstance(inputs, str) else [inputs]
@@ -445,7 +479,7 @@ class Conversation:
         if image_size is None:
             image_size = self.defaults.get("image_size")
         if image_size is None:
-            image_size = self.ctx.image_hw[0] if (edit and self.ctx.image_hw) else DEFAULT_IMAGE_SIZE
+            image_size = self.ctx.image_hw[0] if (edit and self.ctx.image_hw) else self.pipe.default_image_size
         hw = self.pipe.engine.check_output_size(image_size)
         seed = self._seed()
         ctx = self.ctx
