@@ -1,0 +1,65 @@
+"""Write the starting point of a from-scratch run as an official folder: random BAGEL weights, a
+trained autoencoder and a tokenizer (then train with ``train.init: <that folder>``).
+
+    python -m bagel_jax.train.demo_init --config configs/demo.yaml --vae VAE_DIR --tokenizer TOK_DIR --out DIR
+
+``VAE_DIR`` is the output of ``python -m bagel_jax.train.vae_train`` (``ae.safetensors`` +
+``vae_config.json``); its config must equal the ``model.vae`` section of ``--config``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from ..config import ConfigError, VAEConfig, load_config
+from ..convert.checkpoint import load_params
+from ..loading import random_model, save_model, vae_param_shapes
+from ..models import flux_vae
+from ..tokenizer import load_tokenizer
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bagel_jax.train.demo_init", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="YAML with the model: section")
+    ap.add_argument("--vae", required=True, help="folder with ae.safetensors and vae_config.json (vae_train output)")
+    ap.add_argument("--tokenizer", required=True, help="tokenizer folder (vocab.json, merges.txt, tokenizer_config.json)")
+    ap.add_argument("--out", required=True, help="output model folder")
+    ap.add_argument("--seed", type=int, default=4396, help="seed of the random BAGEL weights")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        with open(os.path.join(args.vae, "vae_config.json")) as f:
+            d = json.load(f)
+        vcfg = VAEConfig(**dict(d, ch_mult=tuple(d["ch_mult"])))
+        if vcfg != cfg.vae:
+            diff = {k: (getattr(cfg.vae, k), getattr(vcfg, k)) for k in d if getattr(cfg.vae, k) != getattr(vcfg, k)}
+            raise ConfigError(f"{args.config}: model.vae differs from {args.vae}/vae_config.json: {diff} "
+                              "(copy the trained values into the YAML)")
+        tok = load_tokenizer(args.tokenizer)
+        if len(tok) > cfg.llm.vocab_size:
+            raise ConfigError(f"tokenizer has {len(tok)} tokens > llm.vocab_size {cfg.llm.vocab_size}")
+    except (ConfigError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    m = random_model(cfg, jax.random.PRNGKey(args.seed))
+    # the official trainer zero-initialises the velocity head when training from scratch
+    m.params["llm2vae"] = jax.tree_util.tree_map(jnp.zeros_like, m.params["llm2vae"])
+    vae = flux_vae.AutoEncoder(cfg.vae)
+    m.vae_params = load_params(os.path.join(args.vae, "ae.safetensors"), flux_vae.key_map(cfg.vae),
+                               vae_param_shapes(vae), dtype=jnp.float32)
+    m.tokenizer = tok
+    save_model(m, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
