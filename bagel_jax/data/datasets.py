@@ -259,16 +259,21 @@ class EditDataset:
         return plan
 
 
+def _jsonl_lines(root: str, spec: dict) -> list[str]:
+    """The non-empty lines of a group's ``jsonl_path`` (relative to the data root)."""
+    path = os.path.join(root, spec["jsonl_path"])
+    if not os.path.isfile(path):
+        raise DataConfigError(f"jsonl_path not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        return [line for line in f if line.strip()]
+
+
 class VLMDataset:
     group = "vlm_sft"
 
     def __init__(self, root: str, spec: dict, tokenizer, cfg):
         self.dir = os.path.join(root, spec["data_dir"])
-        path = os.path.join(root, spec["jsonl_path"])
-        if not os.path.isfile(path):
-            raise DataConfigError(f"jsonl_path not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            self.lines = [line for line in f if line.strip()]
+        self.lines = _jsonl_lines(root, spec)
         self.tf = ImageTransform.from_dict(spec["image_transform_args"])
         self.tok = tokenizer
 
@@ -327,11 +332,7 @@ class InterleavedDataset:
 
     def __init__(self, root: str, spec: dict, tokenizer, cfg):
         self.dir = os.path.join(root, spec["data_dir"])
-        path = os.path.join(root, spec["jsonl_path"])
-        if not os.path.isfile(path):
-            raise DataConfigError(f"jsonl_path not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            self.lines = [line for line in f if line.strip()]
+        self.lines = _jsonl_lines(root, spec)
         self.vae_tf = ImageTransform.from_dict(spec["image_transform_args"])
         self.vit_tf = ImageTransform.from_dict(spec.get("vit_image_transform_args", spec["image_transform_args"]))
         self.tok = tokenizer

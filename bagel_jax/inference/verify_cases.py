@@ -172,12 +172,19 @@ def run_t2i_sampling(vctx, meta: dict, arr: dict) -> dict:
     c = c.add_text(P["prompt"])
     out.update(_text_layout("ctx_text.cond", seq, kv_g, rope_g))
     out.update(_text_layout("ctx_text.cfg_img", seq, kv_i, rope_i))
+    H, W = (int(v) for v in P["image_hw"])
+    out.update(_think_and_sample(c, eng, P, arr, (H, W)))
+    return out
+
+
+def _think_and_sample(c: Context, eng, P: dict, arr: dict, hw) -> dict:
+    """Optional thinking, then the sampling loop with the recorded initial noise (both sampling cases)."""
     if P.get("think"):
         c = _think(c, P)
-    H, W = (int(v) for v in P["image_hw"])
+    H, W = hw
     ds = eng.cfg.latent_downsample
     pos = np.asarray(blocks.latent_grid(H // ds, W // ds, eng.cfg.max_latent_size))
-    out.update(_query_layout(c, (H // ds) * (W // ds), pos, sp))
+    out = _query_layout(c, (H // ds) * (W // ds), pos, eng.sp)
     res = generate_images(c, (H, W), _image_params(P), noise=np.asarray(arr["init_noise"])[None], record=True)
     out.update(_sampling_outputs(res))
     return out
@@ -216,12 +223,7 @@ def run_edit_sampling(vctx, meta: dict, arr: dict) -> dict:
     c2 = c1.add_text(P["instruction"])
     out.update(_text_layout("ctx2_text.cond", seq, kv_g, rope_g))
     out.update(_text_layout("ctx2_text.cfg_img", seq, kv_i, rope_i))
-    if P.get("think"):
-        c2 = _think(c2, P)
-    pos = np.asarray(blocks.latent_grid(H // ds, W // ds, eng.cfg.max_latent_size))
-    out.update(_query_layout(c2, (H // ds) * (W // ds), pos, sp))
-    res = generate_images(c2, (H, W), _image_params(P), noise=np.asarray(arr["init_noise"])[None], record=True)
-    out.update(_sampling_outputs(res))
+    out.update(_think_and_sample(c2, eng, P, arr, (H, W)))
     return out
 
 
