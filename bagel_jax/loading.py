@@ -99,3 +99,10 @@ def save_model(m: BagelModel, folder: str, dtype=None) -> None:
     checkpoint.export_params(m.vae_params, flux_vae.key_map(m.cfg.vae), os.path.join(folder, "ae.safetensors"))
     if m.tokenizer is not None:
         m.tokenizer.hf.save_pretrained(folder)
+        # the official loader reads the slow-tokenizer files: carry them over when the source has them
+        import shutil
+
+        for name in ("vocab.json", "merges.txt"):
+            src = os.path.join(str(m.tokenizer.source), name)
+            if os.path.isfile(src) and not os.path.isfile(os.path.join(folder, name)):
+                shutil.copy(src, os.path.join(folder, name))

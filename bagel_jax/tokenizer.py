@@ -24,6 +24,7 @@ class Tokenizer:
 
     def __init__(self, hf_tokenizer, source: str = "<tokenizer>"):
         self.hf = hf_tokenizer
+        self.source = source
         ids = {}
         vocab = hf_tokenizer.get_vocab()
         for role, tok in SPECIAL_TOKENS.items():

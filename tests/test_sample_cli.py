@@ -44,11 +44,22 @@ def test_help_documents_every_flag(capsys):
     assert "--cfg-renorm-type" in capsys.readouterr().out
 
 
-def test_missing_demo_model_says_pass_model_path(capsys):
-    if os.path.isdir(sample.DEMO_MODEL):
-        pytest.skip("the demo model exists in this checkout")
+def test_missing_demo_model_says_pass_model_path(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(sample, "DEMO_MODEL", str(tmp_path / "absent"))
     rc = sample.main(["generate", "--prompt", "x"])
     assert rc == 2 and "--model-path" in capsys.readouterr().err
+
+
+def test_default_model_generates_a_png(tmp_path):
+    """With no --model-path, sample.py uses the embedded demo model (its inference.json sets 64x64)."""
+    if not os.path.isdir(sample.DEMO_MODEL):
+        pytest.skip("no embedded demo model in this checkout")
+    from PIL import Image
+    rc = sample.main(["generate", "--prompt", "a blue square on the right", "--num-timesteps", "8",
+                      "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert len(pngs) == 1 and Image.open(pngs[0]).size == (64, 64)
 
 
 def test_understand(base, capsys):
