@@ -14,17 +14,22 @@ def run_verify(*args):
                           text=True, timeout=1200)
 
 
-def test_verify_core_cases_pass(tiny_a, tmp_path):
-    out_dir = tmp_path / "outputs"
-    r = run_verify("--fixtures", tiny_a, "--cases", CORE_CASES, "--save-outputs", str(out_dir))
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    lines = [l for l in r.stdout.splitlines() if l.split()[:1] and l.split()[0] in CORE_CASES.split(",")]
-    assert len(lines) > 100 and all(l.rstrip().endswith("PASS") for l in lines)
-    # --save-outputs writes every output array of the manifest under its name
+def test_verify_every_case_passes(tiny_a, tmp_path):
+    """The default run (every case of the manifest: the core cases plus understanding, t2i_sampling
+    and edit_sampling through the inference engine)."""
     import json
     from bagel_jax.convert.safetensors_io import load_file
     manifest = json.load(open(os.path.join(tiny_a, "manifest.json")))
-    for case in CORE_CASES.split(","):
+    cases = list(manifest["cases"])
+    assert set(CORE_CASES.split(",")) <= set(cases)
+    out_dir = tmp_path / "outputs"
+    r = run_verify("--fixtures", tiny_a, "--save-outputs", str(out_dir))
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    lines = [l for l in r.stdout.splitlines() if l.split()[:1] and l.split()[0] in cases]
+    assert {l.split()[0] for l in lines} == set(cases)
+    assert len(lines) > 200 and all(l.rstrip().endswith("PASS") for l in lines)
+    # --save-outputs writes every output array of the manifest under its name
+    for case in cases:
         saved = load_file(str(out_dir / f"{case}.safetensors"))
         outputs = [k for k, v in manifest["cases"][case]["arrays"].items() if v["role"] == "output"]
         assert outputs and all(k in saved for k in outputs), (case, set(outputs) - set(saved))
