@@ -157,14 +157,20 @@ def _think(c: Context, P: dict) -> Context:
     return c.add_generated_text(r.texts[0])
 
 
-def run_t2i_sampling(vctx, meta: dict, arr: dict) -> dict:
-    P = meta["params"]
+def _start(vctx, P: dict):
+    """The engine for a sampling case and its starting context (with the think system prompt if asked)."""
     eng = _engine(vctx, P)
-    sp = eng.sp
-    out = {}
     c = Context.new(eng, 1)
     if P.get("think"):
         c = c.add_text(GEN_THINK_SYSTEM_PROMPT, role="system")
+    return eng, c
+
+
+def run_t2i_sampling(vctx, meta: dict, arr: dict) -> dict:
+    P = meta["params"]
+    eng, c = _start(vctx, P)
+    sp = eng.sp
+    out = {}
     ids = eng.tok.encode(P["prompt"])
     out["prompt_token_ids"] = np.array(ids)
     seq = [sp.bos] + ids + [sp.eos]
@@ -192,12 +198,9 @@ def _think_and_sample(c: Context, eng, P: dict, arr: dict, hw) -> dict:
 
 def run_edit_sampling(vctx, meta: dict, arr: dict) -> dict:
     P = meta["params"]
-    eng = _engine(vctx, P)
+    eng, c = _start(vctx, P)
     sp = eng.sp
     out = {}
-    c = Context.new(eng, 1)
-    if P.get("think"):
-        c = c.add_text(GEN_THINK_SYSTEM_PROMPT, role="system")
     eps = np.transpose(np.asarray(arr["vae_posterior_eps"], np.float32), (0, 2, 3, 1))
     kv0, rope0 = int(c.gen.length[0]), int(c.gen.rope[0])
     pre = eng.preprocess(arr["image_uint8"], vae=True, vit=True)
