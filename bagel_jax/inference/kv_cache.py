@@ -41,15 +41,14 @@ class KVCache:
         return self.k.shape[2]
 
 
-def chunk_mask(cache_length: jax.Array, capacity: int, q_len: jax.Array, Lq: int, causal: bool) -> jax.Array:
-    """``[batch, Lq, capacity + Lq]`` bool: valid cache slots, then the chunk (causal or full)."""
-    slots = jnp.arange(capacity)[None, :] < cache_length[:, None]                 # [B, capacity]
+def chunk_mask(q_len: jax.Array, Lq: int, causal: bool) -> jax.Array:
+    """``[batch, Lq, Lq]`` bool among the chunk's tokens (causal or full; padding keys hidden). The valid
+    cache slots are visible to every query on top of this (see :func:`bagel_jax.nn.attention.cached_attention`)."""
     chunk_valid = jnp.arange(Lq)[None, :] < q_len[:, None]                        # [B, Lq]
-    m_cache = jnp.broadcast_to(slots[:, None, :], (slots.shape[0], Lq, capacity))
-    m_chunk = jnp.broadcast_to(chunk_valid[:, None, :], (slots.shape[0], Lq, Lq))
+    m_chunk = jnp.broadcast_to(chunk_valid[:, None, :], (q_len.shape[0], Lq, Lq))
     if causal:
         m_chunk = m_chunk & jnp.tril(jnp.ones((Lq, Lq), bool))[None]
-    return jnp.concatenate([m_cache, m_chunk], axis=-1)
+    return m_chunk
 
 
 def append(cache: KVCache, k: jax.Array, v: jax.Array, q_len: jax.Array) -> KVCache:
@@ -73,9 +72,9 @@ def forward_chunk(model: Bagel, params, cache: KVCache, x: jax.Array, positions:
       appended if ``update`` else the same cache; per-layer outputs if ``return_hidden``.
     """
     Lq = x.shape[1]
-    mask = chunk_mask(cache.length, cache.capacity, q_len, Lq, causal)
+    mask = chunk_mask(q_len, Lq, causal)
     h, (k, v), hidden = model.apply({"params": params}, x, positions, mask, routing, is_gen,
-                                    (cache.k, cache.v), return_hidden, method=Bagel.decode)
+                                    (cache.k, cache.v, cache.length), return_hidden, method=Bagel.decode)
     if update:
         cache = append(cache, k, v, q_len)
     return h, cache, hidden

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from ..config import LLMConfig
 from ..convert import keymap
-from ..nn.attention import dot_product_attention
+from ..nn.attention import cached_attention, dot_product_attention
 from ..nn.layers import RMSNorm, apply_rope, maybe_remat, rope_cos_sin
 
 
@@ -118,14 +118,17 @@ class MoTLayer(nn.Module):
             gen = table["_moe_gen"] if key is None else table["_moe_gen"][key]
         return _route(und, gen, x, self.routing, is_gen)
 
-    def __call__(self, x, cos, sin, mask, is_gen, cache_k=None, cache_v=None):
+    def __call__(self, x, cos, sin, mask, is_gen, cache=None, layer=None):
         """
         Args:
           x: ``[batch, seq, hidden]`` residual stream.
           cos, sin: ``[batch, seq, head_dim]`` RoPE tables for the tokens' positions.
-          mask: ``[batch, seq, cache_len + seq]`` bool (keys = cache slots then this chunk).
+          mask: ``[batch, seq, seq]`` bool among this chunk's tokens (with a cache, every valid cache slot
+            is visible to every query on top of it).
           is_gen: ``[batch, seq]`` bool for ``Routing.select``, else unused.
-          cache_k, cache_v: ``[batch, cache_len, kv_heads, head_dim]`` or None.
+          cache: None or ``(k, v, length)``: all layers' cached keys/values
+            ``[layers, batch, capacity, kv_heads, head_dim]`` and valid slots per row ``[batch]``;
+            ``layer`` is this layer's index into them.
         Returns:
           ``(x, (k, v))`` with this chunk's post-norm, post-RoPE keys and values ``[batch, seq, kv_heads, head_dim]``.
         """
@@ -142,11 +145,10 @@ class MoTLayer(nn.Module):
             k = self._apply(self.attn, k, is_gen, "k_norm")
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        keys, values = k, v
-        if cache_k is not None:
-            keys = jnp.concatenate([cache_k.astype(k.dtype), k], axis=1)
-            values = jnp.concatenate([cache_v.astype(v.dtype), v], axis=1)
-        o = dot_product_attention(q, keys, values, mask, self.attention_impl)  # [batch, seq, heads, head_dim]
+        if cache is None:
+            o = dot_product_attention(q, k, v, mask, self.attention_impl)  # [batch, seq, heads, head_dim]
+        else:
+            o = cached_attention(q, k, v, mask, cache[0], cache[1], cache[2], layer)
         x = x + self._apply(self.attn, o.reshape(B, L, H * dh), is_gen, "o")
         x = x + self._apply(self.mlps, self._apply(self.post_norms, x, is_gen), is_gen)
         return x, (k, v)
@@ -164,12 +166,11 @@ class _ScanBody(nn.Module):
     remat_policy: str
 
     @nn.compact
-    def __call__(self, x, bcast, cache):
-        cos, sin, mask, is_gen = bcast
+    def __call__(self, x, bcast, index):
+        cos, sin, mask, is_gen, cache = bcast
         layer_cls = maybe_remat(MoTLayer, self.remat_policy)
         layer = layer_cls(self.cfg, self.routing, self.dtype, self.param_dtype, self.attention_impl, name="layer")
-        ck, cv = cache if cache is not None else (None, None)
-        x, kv = layer(x, cos, sin, mask, is_gen, ck, cv)
+        x, kv = layer(x, cos, sin, mask, is_gen, cache, index)
         return x, (kv, x if self.return_hidden else None)
 
 
@@ -187,8 +188,10 @@ class LayerStack(nn.Module):
         """
         Args:
           x: ``[batch, seq, hidden]``; positions: ``[batch, seq]`` RoPE positions.
-          mask: ``[batch, seq, cache_len + seq]`` bool.
-          cache: None or ``(k, v)`` each ``[layers, batch, cache_len, kv_heads, head_dim]``.
+          mask: ``[batch, seq, seq]`` bool among this chunk's tokens.
+          cache: None or ``(k, v, length)``: keys/values ``[layers, batch, capacity, kv_heads, head_dim]``
+            and valid slots per row ``[batch]``, all visible to every query of the chunk. The cache is
+            read, never written (the caller appends the returned keys/values).
         Returns:
           ``(x, (k, v), hidden)``: new keys/values of this chunk ``[layers, batch, seq, kv_heads, head_dim]``;
           ``hidden`` is ``[layers, batch, seq, hidden]`` per-layer outputs when ``return_hidden`` else None.
@@ -205,7 +208,9 @@ class LayerStack(nn.Module):
         )
         body = scan(self.cfg, routing, self.dtype, self.param_dtype, self.attention_impl, return_hidden,
                     self.remat_policy, name="layers")
-        x, (kv, hidden) = body(x, (cos, sin, mask, is_gen), cache)
+        # the cache is a loop constant (each layer reads its own valid blocks); the scanned input is
+        # the layer index, so no per-layer slice of the whole buffer is ever materialised.
+        x, (kv, hidden) = body(x, (cos, sin, mask, is_gen, cache), jnp.arange(self.cfg.num_hidden_layers))
         return x, kv, hidden
 
 
