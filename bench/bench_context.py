@@ -47,7 +47,8 @@ def main():
         return Context(eng, br, None, None), ids
 
     turn_len = len(eng.tok.encode(TURN)) + 2
-    base = None
+    Lq = bucket(turn_len, TEXT_MIN)
+    base = base_flops = None
     for n in (int(v) for v in args.contexts.split(",")):
         c0, ids = history(n)
         grown = c0.gen.reserve(eng, bucket(turn_len, TEXT_MIN))
@@ -61,10 +62,26 @@ def main():
         full = ids + [eng.sp.bos] + eng.tok.encode(TURN) + [eng.sp.eos]
         e = Context.new(eng, 1, track_cfg=False)
         jax.block_until_ready(e._text_branch(e.gen, [full])[0].cache.k)   # compile
-        t_full = timeit(lambda: jax.block_until_ready(e._text_branch(e.gen, [full])[0].cache.k), repeat=3)
+        t_full = timeit(lambda: jax.block_until_ready(e._text_branch(e.gen, [full])[0].cache.k),
+                        repeat=3 if n <= 1024 else 1)
+        flops = turn_flops(cfg.llm, Lq, n)
+        base_flops = base_flops or flops
         print(f"context {n:6d} tokens (cache capacity {c.gen.capacity:6d}): add one turn {1000 * t_turn:8.2f} ms "
-              f"({t_turn / base:4.2f}x the first) | re-encoding the whole history instead {1000 * t_full:9.2f} ms | "
-              f"one-off cache growth {1000 * t_grow:6.2f} ms")
+              f"({t_turn / base:4.2f}x the first; FLOPs {flops / base_flops:4.2f}x) | re-encoding the whole history "
+              f"instead {1000 * t_full:9.2f} ms | one-off cache growth {1000 * t_grow:6.2f} ms")
+    from bagel_jax.config import LLMConfig
+    big = LLMConfig(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                    intermediate_size=18944, vocab_size=152064)
+    ratio = turn_flops(big, Lq, 4096) / turn_flops(big, Lq, 64)
+    print(f"FLOPs of one turn, 4096 vs 64 tokens of history, at the size of BAGEL-7B's LLM: {ratio:.2f}x")
+
+
+def turn_flops(llm, Lq: int, history: int) -> float:
+    """Matmul FLOPs of one turn of ``Lq`` tokens over ``history`` cached tokens (projections, MLP, attention)."""
+    D, H, K, dh, I = (llm.hidden_size, llm.num_attention_heads, llm.num_key_value_heads, llm.head_dim,
+                      llm.intermediate_size)
+    per_token = 2 * (D * H * dh + 2 * D * K * dh + H * dh * D + 3 * D * I) + 4 * H * dh * (history + Lq)
+    return float(Lq * llm.num_hidden_layers * per_token)
 
 
 if __name__ == "__main__":
