@@ -3,16 +3,18 @@
 import itertools
 
 import numpy as np
+import pytest
 
 from bagel_jax.data import synthetic as syn
 from bagel_jax.eval.checker import detect
 
 
-def test_checker_reads_single_shapes_exactly():
+@pytest.mark.parametrize("size", [64, 32])
+def test_checker_reads_single_shapes_exactly(size):
     total = colour_ok = pos_ok = shape_ok = 0
     for c, s, p in itertools.product(range(len(syn.COLOURS)), range(len(syn.SHAPES)), range(len(syn.POSITIONS))):
         for bg in range(len(syn.BACKGROUNDS)):
-            d = detect(np.asarray(syn.render([(c, s, p)], bg, 64)))
+            d = detect(np.asarray(syn.render([(c, s, p)], bg, size)))
             total += 1
             colour_ok += d.colour == syn.COLOURS[c]
             pos_ok += d.position == syn.POSITIONS[p]

@@ -44,6 +44,12 @@ def held_out(c: int, s: int, p: int) -> bool:
     return (c + 2 * s + 3 * p) % 5 == 0
 
 
+def vit_side(size: int) -> int:
+    """ViT input side for ``size``-pixel images: a multiple of the 14-pixel patch with at least 3x3
+    patches (small images are scaled up, so that left / center / right fall in distinct patch columns)."""
+    return max(42, size - size % 14)
+
+
 def where(p: int) -> str:
     return "in the center" if POSITIONS[p] == "center" else f"on the {POSITIONS[p]}"
 
@@ -250,10 +256,10 @@ def write(out: str, num: int = 256, seed: int = 0, size: int = 64, vocab_size: i
         "unified_edit": dict(data_dir="edit", parquet_info_path="edit/parquet_info.json", weight=1.0,
                              is_mandatory=False,
                              image_transform_args=dict(max_image_size=size, min_image_size=size, image_stride=16),
-                             vit_image_transform_args=dict(max_image_size=size - size % 14,
-                                                           min_image_size=size - size % 14, image_stride=14)),
+                             vit_image_transform_args=dict(max_image_size=vit_side(size),
+                                                           min_image_size=vit_side(size), image_stride=14)),
         "vlm_sft": dict(data_dir="vlm", jsonl_path="vlm/train.jsonl", weight=1.0, is_mandatory=False,
-                        image_transform_args=dict(max_image_size=size - size % 14, min_image_size=size - size % 14,
+                        image_transform_args=dict(max_image_size=vit_side(size), min_image_size=vit_side(size),
                                                   image_stride=14)),
     }
     import yaml

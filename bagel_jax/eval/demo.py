@@ -1,6 +1,6 @@
 """Evaluate a model of the synthetic shapes world on the held-out (colour, shape, position) combinations.
 
-    python -m bagel_jax.eval.demo [--model-path DIR] [--num-timesteps 20] [--limit N] [--json OUT]
+    python -m bagel_jax.eval.demo [--model-path DIR] [--size PX] [--num-timesteps 20] [--limit N] [--json OUT]
 
 * generation: "a {colour} {shape} on the {position}" for every held-out combination; the generated
   image is read by the pixel checker (:mod:`bagel_jax.eval.checker`): colour and position accuracy;
@@ -33,14 +33,14 @@ def held_out_combinations() -> list[tuple[int, int, int]]:
 
 def demo_transforms(size: int) -> tuple[ImageTransform, ImageTransform]:
     """VAE and ViT transforms of the demo world (images are ``size`` pixels square)."""
-    return ImageTransform(size, size, 16), ImageTransform(size - size % 14, size - size % 14, 14)
+    return ImageTransform(size, size, 16), ImageTransform(syn.vit_side(size), syn.vit_side(size), 14)
 
 
 def _norm(s: str) -> str:
     return " ".join(s.strip().lower().replace(".", "").split())
 
 
-def evaluate(pipe, size: int = 64, num_timesteps: int = 20, seed: int = 0, limit: Optional[int] = None,
+def evaluate(pipe, size: int = 32, num_timesteps: int = 20, seed: int = 0, limit: Optional[int] = None,
              batch: int = 16, save_dir: Optional[str] = None) -> dict:
     combos = held_out_combinations()[:limit]
     res: dict = {"num_combinations": len(combos)}
@@ -105,7 +105,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bagel_jax.eval.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-path", default=None, help="model folder (default: the embedded demo model)")
-    ap.add_argument("--size", type=int, default=64, help="image side of the synthetic world")
+    ap.add_argument("--size", type=int, default=None,
+                    help="image side of the synthetic world (default: the model folder's inference.json image size)")
     ap.add_argument("--num-timesteps", type=int, default=20, help="flow steps for generation and editing")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N held-out combinations")
@@ -121,6 +122,10 @@ def main(argv=None) -> int:
     if not os.path.isdir(path):
         print(f"error: model folder not found: {path}", file=sys.stderr)
         return 2
+    if args.size is None:
+        from ..inference.api import folder_defaults
+
+        args.size = int(folder_defaults(path).get("image_size", (64, 64))[0])
     vae_tf, vit_tf = demo_transforms(args.size)
     pipe = load(path, dtype="float32", vae_transform=vae_tf, vit_transform=vit_tf)
     if args.save_images:
