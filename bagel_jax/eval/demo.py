@@ -41,7 +41,11 @@ def _norm(s: str) -> str:
 
 
 def evaluate(pipe, size: int = 32, num_timesteps: int = 20, seed: int = 0, limit: Optional[int] = None,
-             batch: int = 16, save_dir: Optional[str] = None) -> dict:
+             batch: int = 16, save_dir: Optional[str] = None, gen_kw: Optional[dict] = None,
+             edit_kw: Optional[dict] = None) -> dict:
+    """Accuracies on the held-out combinations (see the module doc). ``gen_kw`` / ``edit_kw``: extra sampling
+    arguments of ``generate_image`` / ``edit_image`` (default: the official defaults)."""
+    gen_kw, edit_kw = dict(gen_kw or {}), dict(edit_kw or {})
     combos = held_out_combinations()[:limit]
     res: dict = {"num_combinations": len(combos)}
 
@@ -53,7 +57,7 @@ def evaluate(pipe, size: int = 32, num_timesteps: int = 20, seed: int = 0, limit
     gen_c = gen_p = 0
     for chunk in batches(list(enumerate(combos))):
         prompts = [syn.phrase(o) for _, o in chunk]
-        out = pipe.generate_image(prompts, image_size=(size, size), num_timesteps=num_timesteps, seed=seed)
+        out = pipe.generate_image(prompts, image_size=(size, size), num_timesteps=num_timesteps, seed=seed, **gen_kw)
         for (i, (c, s, p)), arr in zip(chunk, out.arrays):
             d = detect(arr)
             gen_c += d.colour == syn.COLOURS[c]
@@ -92,7 +96,8 @@ def evaluate(pipe, size: int = 32, num_timesteps: int = 20, seed: int = 0, limit
     ok = 0
     for chunk in batches(edits):
         imgs = [np.asarray(syn.render([src], k % len(syn.BACKGROUNDS), size)) for src, _, _, k in chunk]
-        out = pipe.edit_image(imgs, [ins for _, ins, _, _ in chunk], num_timesteps=num_timesteps, seed=seed)
+        out = pipe.edit_image(imgs, [ins for _, ins, _, _ in chunk], num_timesteps=num_timesteps, seed=seed,
+                              **edit_kw)
         for (_, _, (c, s, p), _), arr in zip(chunk, out.arrays):
             d = detect(arr)
             ok += d.colour == syn.COLOURS[c] and d.position == syn.POSITIONS[p]
@@ -111,6 +116,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N held-out combinations")
     ap.add_argument("--batch", type=int, default=16, help="prompts per compiled call")
+    ap.add_argument("--cfg-text-scale", type=float, default=None,
+                    help="text CFG scale for generation and editing (default: official 4.0)")
+    ap.add_argument("--cfg-img-scale", type=float, default=None, help="image CFG scale for editing (default: official 2.0)")
+    ap.add_argument("--timestep-shift", type=float, default=None, help="flow schedule shift (default: official 3.0)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--save-images", default=None, help="write the generated images to this folder")
     args = ap.parse_args(argv)
@@ -130,7 +139,11 @@ def main(argv=None) -> int:
     pipe = load(path, dtype="float32", vae_transform=vae_tf, vit_transform=vit_tf)
     if args.save_images:
         os.makedirs(args.save_images, exist_ok=True)
-    res = evaluate(pipe, args.size, args.num_timesteps, args.seed, args.limit, args.batch, args.save_images)
+    gen_kw = {k: v for k, v in (("cfg_text_scale", args.cfg_text_scale), ("timestep_shift", args.timestep_shift))
+              if v is not None}
+    edit_kw = dict(gen_kw, **({"cfg_img_scale": args.cfg_img_scale} if args.cfg_img_scale is not None else {}))
+    res = evaluate(pipe, args.size, args.num_timesteps, args.seed, args.limit, args.batch, args.save_images,
+                   gen_kw, edit_kw)
     for k, v in res.items():
         print(f"{k:<22} {v:.3f}" if isinstance(v, float) else f"{k:<22} {v}")
     if args.json:
