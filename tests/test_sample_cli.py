@@ -51,15 +51,19 @@ def test_missing_demo_model_says_pass_model_path(capsys, monkeypatch, tmp_path):
 
 
 def test_default_model_generates_a_png(tmp_path):
-    """With no --model-path, sample.py uses the embedded demo model (its inference.json sets 64x64)."""
+    """The README's command 1: with no --model-path, sample.py uses the embedded demo model (its
+    inference.json sets 32x32) and the PNG shows a blue shape on the right (read by the pixel checker)."""
     if not os.path.isdir(sample.DEMO_MODEL):
         pytest.skip("no embedded demo model in this checkout")
     from PIL import Image
-    rc = sample.main(["generate", "--prompt", "a blue square on the right", "--num-timesteps", "8",
-                      "--out", str(tmp_path), "--no-progress"])
+
+    from bagel_jax.eval.checker import detect
+    rc = sample.main(["generate", "--prompt", "a blue square on the right", "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
     pngs = sorted(tmp_path.glob("*.png"))
-    assert len(pngs) == 1 and Image.open(pngs[0]).size == (64, 64)
+    assert len(pngs) == 1 and Image.open(pngs[0]).size == (32, 32)
+    d = detect(np.asarray(Image.open(pngs[0]).convert("RGB")))
+    assert (d.colour, d.position) == ("blue", "right"), d
 
 
 def test_understand(base, capsys):

@@ -1,0 +1,80 @@
+"""The embedded demo model (issue 5): held-out accuracy on a subset, and the recipe reproduces its curve."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tests.train_helpers import REPO, env
+
+import subprocess
+import sys
+
+DEMO = os.path.join(REPO, "bagel_jax", "assets", "demo")
+RECORDED = os.path.join(REPO, "docs", "demo_train_metrics.jsonl")
+# The recipe of the README ("Demo model"): data, init seed and config (the autoencoder is the shipped one,
+# which is the frozen autoencoder the recipe trained first).
+DATA_NUM, DATA_SEED, DATA_SIZE, INIT_SEED = 12000, 0, 32, 4396
+# First 8 held-out combinations, seed 0, 20 flow steps (python -m bagel_jax.eval.demo --limit 8 --batch 8).
+# Measured when the model was made: colour 6/8, position 8/8, VQA 17/24, edit 8/16; each threshold leaves
+# one item of slack (float rounding differs across CPUs).
+SUBSET, THRESHOLDS = 8, dict(generation_colour=0.62, generation_position=0.87, vqa=0.66, edit=0.43)
+
+
+def _need_demo():
+    if not os.path.isfile(os.path.join(DEMO, "ema.safetensors")):
+        pytest.skip("no embedded demo model in this checkout")
+
+
+def test_demo_model_reaches_thresholds_on_held_out_subset():
+    _need_demo()
+    from bagel_jax.eval.demo import demo_transforms, evaluate
+    from bagel_jax.inference.api import load
+
+    vae_tf, vit_tf = demo_transforms(DATA_SIZE)
+    pipe = load(DEMO, dtype="float32", vae_transform=vae_tf, vit_transform=vit_tf)
+    res = evaluate(pipe, DATA_SIZE, num_timesteps=20, seed=0, limit=SUBSET, batch=SUBSET)
+    for k, t in THRESHOLDS.items():
+        assert res[k] >= t, (k, res)
+
+
+def test_recipe_reproduces_recorded_curve(tmp_path):
+    """Rebuild the recipe's starting point (same data, same init seed, the shipped autoencoder) and check
+    that train.py's first steps give the recorded losses (identical programs and seeds: only float
+    rounding across machines may differ)."""
+    _need_demo()
+    from bagel_jax.config import load_config
+    from bagel_jax.data import synthetic
+
+    data = tmp_path / "data"
+    synthetic.write(str(data), num=DATA_NUM, seed=DATA_SEED, size=DATA_SIZE)
+    cfg = load_config(os.path.join(REPO, "configs", "demo.yaml"))
+    vae_dir = tmp_path / "vae"
+    vae_dir.mkdir()
+    import dataclasses
+    import shutil
+
+    d = dataclasses.asdict(cfg.vae)
+    d["ch_mult"] = list(cfg.vae.ch_mult)
+    (vae_dir / "vae_config.json").write_text(json.dumps(d))
+    shutil.copy(os.path.join(DEMO, "ae.safetensors"), vae_dir / "ae.safetensors")
+    init = tmp_path / "init"
+    py = [sys.executable, "-m"]
+    p = subprocess.run(py + ["bagel_jax.train.demo_init", "--config", os.path.join(REPO, "configs", "demo.yaml"),
+                             "--vae", str(vae_dir), "--tokenizer", str(data / "tokenizer"), "--out", str(init),
+                             "--seed", str(INIT_SEED)], env=env(1), capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-2000:]
+    steps = 12
+    p = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--config", os.path.join(REPO, "configs", "demo.yaml"),
+                        "--data", str(data), "--workdir", str(tmp_path / "run"), "--steps", str(steps), "--no-progress",
+                        f"train.init={init}"], env=env(1), capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        got = [json.loads(line) for line in f if line.strip()]
+    with open(RECORDED) as f:
+        want = [json.loads(line) for line in f if line.strip()][:steps]
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    assert [r["tokens"] for r in got] == [r["tokens"] for r in want]      # same packs
+    for key in ("loss_ce", "loss_mse"):
+        np.testing.assert_allclose([r[key] for r in got], [r[key] for r in want], rtol=1e-2, atol=1e-3, err_msg=key)
