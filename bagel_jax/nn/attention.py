@@ -66,8 +66,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
 _NEG = -1e30  # finite "minus infinity": fully masked rows stay NaN-free
 
 
-def _cache_block(capacity: int, preferred: int = 256) -> int:
-    """Largest power of two ``<= preferred`` dividing ``capacity`` (cache buckets are multiples of 128)."""
+def _cache_block(capacity: int, preferred: int = 512) -> int:
+    """Largest power of two ``<= preferred`` dividing ``capacity`` (cache buckets are multiples of 128).
+    512 measured best on CPU at hidden 512 (256: 30% slower at 4k keys; 2048: no better)."""
     b = preferred
     while capacity % b:
         b //= 2
@@ -89,7 +90,7 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_mask: jax.A
         ``layer``'s valid blocks are read).
       cache_len: ``[batch]`` int valid cache slots per row (slots ``< cache_len`` are visible to every query).
       layer: int (may be traced) layer index into the cache.
-      block: keys per block (default: the largest power of two <= 256 dividing the capacity).
+      block: keys per block (default: the largest power of two <= 512 dividing the capacity).
     Returns:
       ``[batch, q_len, num_heads, head_dim]`` in ``q.dtype``. Softmax scale ``1/sqrt(head_dim)``; rows with
       no visible key give zeros.
