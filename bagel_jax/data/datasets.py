@@ -173,6 +173,12 @@ def _parquet_files(data_dir: str) -> list[str]:
     return files
 
 
+def _vae_vit_transforms(spec: dict) -> tuple[ImageTransform, ImageTransform]:
+    """VAE and ViT transforms of a group with both: ``vit_image_transform_args`` defaults to ``image_transform_args``."""
+    vae = spec["image_transform_args"]
+    return ImageTransform.from_dict(vae), ImageTransform.from_dict(spec.get("vit_image_transform_args", vae))
+
+
 class T2IDataset:
     group = "t2i_pretrain"
 
@@ -215,8 +221,7 @@ class EditDataset:
         else:
             files = _parquet_files(data_dir)
         self.rows = _ParquetRows(files, ["image_list", "instruction_list"])
-        self.vae_tf = ImageTransform.from_dict(spec["image_transform_args"])
-        self.vit_tf = ImageTransform.from_dict(spec.get("vit_image_transform_args", spec["image_transform_args"]))
+        self.vae_tf, self.vit_tf = _vae_vit_transforms(spec)
         self.tok = tokenizer
 
     def __len__(self):
@@ -333,8 +338,7 @@ class InterleavedDataset:
     def __init__(self, root: str, spec: dict, tokenizer, cfg):
         self.dir = os.path.join(root, spec["data_dir"])
         self.lines = _jsonl_lines(root, spec)
-        self.vae_tf = ImageTransform.from_dict(spec["image_transform_args"])
-        self.vit_tf = ImageTransform.from_dict(spec.get("vit_image_transform_args", spec["image_transform_args"]))
+        self.vae_tf, self.vit_tf = _vae_vit_transforms(spec)
         self.tok = tokenizer
 
     def __len__(self):
