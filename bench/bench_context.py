@@ -51,9 +51,9 @@ def main():
     base = base_flops = None
     for n in (int(v) for v in args.contexts.split(",")):
         c0, ids = history(n)
-        grown = c0.gen.reserve(eng, bucket(turn_len, TEXT_MIN))
+        grown = c0.gen.reserve(eng, Lq)                                    # what add_text reserves
         jax.block_until_ready(grown.cache.k)                                # compile
-        t_grow = timeit(lambda: jax.block_until_ready(c0.gen.reserve(eng, bucket(turn_len, TEXT_MIN)).cache.k), repeat=3) \
+        t_grow = timeit(lambda: jax.block_until_ready(c0.gen.reserve(eng, Lq).cache.k), repeat=3) \
             if grown.capacity != c0.gen.capacity else 0.0
         c = Context(eng, grown, None, None)
         jax.block_until_ready(c.add_text(TURN).gen.cache.k)          # compile

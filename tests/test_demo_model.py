@@ -2,14 +2,14 @@
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from tests.train_helpers import REPO, env
-
-import subprocess
-import sys
 
 DEMO = os.path.join(REPO, "bagel_jax", "assets", "demo")
 RECORDED = os.path.join(REPO, "docs", "demo_train_metrics.jsonl")
@@ -46,27 +46,22 @@ def test_recipe_reproduces_recorded_curve(tmp_path):
     _need_demo()
     from bagel_jax.config import load_config
     from bagel_jax.data import synthetic
+    from bagel_jax.train.vae_train import write_vae_config
 
+    config = os.path.join(REPO, "configs", "demo.yaml")
     data = tmp_path / "data"
     synthetic.write(str(data), num=DATA_NUM, seed=DATA_SEED, size=DATA_SIZE)
-    cfg = load_config(os.path.join(REPO, "configs", "demo.yaml"))
     vae_dir = tmp_path / "vae"
     vae_dir.mkdir()
-    import dataclasses
-    import shutil
-
-    d = dataclasses.asdict(cfg.vae)
-    d["ch_mult"] = list(cfg.vae.ch_mult)
-    (vae_dir / "vae_config.json").write_text(json.dumps(d))
+    write_vae_config(load_config(config).vae, str(vae_dir))
     shutil.copy(os.path.join(DEMO, "ae.safetensors"), vae_dir / "ae.safetensors")
     init = tmp_path / "init"
-    py = [sys.executable, "-m"]
-    p = subprocess.run(py + ["bagel_jax.train.demo_init", "--config", os.path.join(REPO, "configs", "demo.yaml"),
-                             "--vae", str(vae_dir), "--tokenizer", str(data / "tokenizer"), "--out", str(init),
-                             "--seed", str(INIT_SEED)], env=env(1), capture_output=True, text=True, cwd=REPO)
+    p = subprocess.run([sys.executable, "-m", "bagel_jax.train.demo_init", "--config", config, "--vae", str(vae_dir),
+                        "--tokenizer", str(data / "tokenizer"), "--out", str(init), "--seed", str(INIT_SEED)],
+                       env=env(1), capture_output=True, text=True, cwd=REPO)
     assert p.returncode == 0, p.stderr[-2000:]
     steps = 12
-    p = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--config", os.path.join(REPO, "configs", "demo.yaml"),
+    p = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--config", config,
                         "--data", str(data), "--workdir", str(tmp_path / "run"), "--steps", str(steps), "--no-progress",
                         f"train.init={init}"], env=env(1), capture_output=True, text=True, cwd=REPO, timeout=900)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]

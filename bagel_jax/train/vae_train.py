@@ -80,6 +80,14 @@ def latent_stats(vae: flux_vae.AutoEncoder, params, images: np.ndarray) -> tuple
     return float(mean.mean()), float(mean.std())
 
 
+def write_vae_config(cfg: VAEConfig, folder: str) -> None:
+    """``folder/vae_config.json``: the autoencoder's config as ``demo_init`` reads it."""
+    d = dataclasses.asdict(cfg)
+    d["ch_mult"] = list(cfg.ch_mult)
+    with open(os.path.join(folder, "vae_config.json"), "w") as f:
+        json.dump(d, f, indent=2)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bagel_jax.train.vae_train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -126,10 +134,7 @@ def main(argv=None) -> int:
     mu, sd = latent_stats(vae, params, synthetic_batch(np.random.default_rng(args.seed + 1), 64, args.size))
     cfg = dataclasses.replace(cfg, shift_factor=round(mu, 4), scale_factor=round(1.0 / max(sd, 1e-6), 4))
     export_params(params, flux_vae.key_map(cfg), os.path.join(args.out, "ae.safetensors"))
-    d = dataclasses.asdict(cfg)
-    d["ch_mult"] = list(cfg.ch_mult)
-    with open(os.path.join(args.out, "vae_config.json"), "w") as f:
-        json.dump(d, f, indent=2)
+    write_vae_config(cfg, args.out)
     print(f"wrote {args.out}/ae.safetensors; shift_factor={cfg.shift_factor} scale_factor={cfg.scale_factor}")
     return 0
 
