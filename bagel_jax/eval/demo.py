@@ -9,6 +9,9 @@
 * editing: a training-distribution image edited into each held-out combination ("make the {shape}
   {colour}" / "move the {shape} to the {position}"); correct when the checker reads the target
   colour and position.
+
+Besides the totals, the result has ``vqa_colour`` / ``vqa_where`` / ``vqa_count`` (per question type) and
+``edit_recolour`` / ``edit_move`` (per edit type).
 """
 
 from __future__ import annotations
@@ -72,14 +75,17 @@ def evaluate(pipe, size: int = 32, num_timesteps: int = 20, seed: int = 0, limit
     items = []
     for k, (c, s, p) in enumerate(combos):
         img = np.asarray(syn.render([(c, s, p)], k % len(syn.BACKGROUNDS), size))
-        items += [(img, f"what colour is the {syn.SHAPES[s]}?", syn.COLOURS[c]),
-                  (img, f"where is the {syn.SHAPES[s]}?", syn.where(p)),
-                  (img, "how many shapes are there?", syn.NUMBERS[1])]
-    correct = 0
+        items += [(img, f"what colour is the {syn.SHAPES[s]}?", syn.COLOURS[c], "colour"),
+                  (img, f"where is the {syn.SHAPES[s]}?", syn.where(p), "where"),
+                  (img, "how many shapes are there?", syn.NUMBERS[1], "count")]
+    by_kind = {"colour": 0, "where": 0, "count": 0}
     for chunk in batches(items):
-        answers = pipe.understand([[im] for im, _, _ in chunk], [q for _, q, _ in chunk], max_new_tokens=12)
-        correct += sum(_norm(a) == _norm(want) for a, (_, _, want) in zip(answers, chunk))
-    res["vqa"] = correct / len(items)
+        answers = pipe.understand([[it[0]] for it in chunk], [it[1] for it in chunk], max_new_tokens=12)
+        for a, (_, _, want, kind) in zip(answers, chunk):
+            by_kind[kind] += _norm(a) == _norm(want)
+    res["vqa"] = sum(by_kind.values()) / len(items)
+    for kind, n in by_kind.items():
+        res[f"vqa_{kind}"] = n / len(combos)
 
     # -- editing into held-out combinations
     rng = np.random.default_rng(seed)
@@ -87,22 +93,24 @@ def evaluate(pipe, size: int = 32, num_timesteps: int = 20, seed: int = 0, limit
     for k, (c, s, p) in enumerate(combos):
         srcs = [cc for cc in range(len(syn.COLOURS)) if cc != c and not syn.held_out(cc, s, p)]
         src = (int(rng.choice(srcs)), s, p)
-        edits.append((src, f"make the {syn.SHAPES[s]} {syn.COLOURS[c]}", (c, s, p), k))
+        edits.append((src, f"make the {syn.SHAPES[s]} {syn.COLOURS[c]}", (c, s, p), k, "recolour"))
         srcs = [pp for pp in range(len(syn.POSITIONS)) if pp != p and not syn.held_out(c, s, pp)]
         if srcs:
             src = (c, s, int(rng.choice(srcs)))
             to = "the center" if syn.POSITIONS[p] == "center" else f"the {syn.POSITIONS[p]}"
-            edits.append((src, f"move the {syn.SHAPES[s]} to {to}", (c, s, p), k))
-    ok = 0
+            edits.append((src, f"move the {syn.SHAPES[s]} to {to}", (c, s, p), k, "move"))
+    ok = {"recolour": 0, "move": 0}
     for chunk in batches(edits):
-        imgs = [np.asarray(syn.render([src], k % len(syn.BACKGROUNDS), size)) for src, _, _, k in chunk]
-        out = pipe.edit_image(imgs, [ins for _, ins, _, _ in chunk], num_timesteps=num_timesteps, seed=seed,
-                              **edit_kw)
-        for (_, _, (c, s, p), _), arr in zip(chunk, out.arrays):
+        imgs = [np.asarray(syn.render([e[0]], e[3] % len(syn.BACKGROUNDS), size)) for e in chunk]
+        out = pipe.edit_image(imgs, [e[1] for e in chunk], num_timesteps=num_timesteps, seed=seed, **edit_kw)
+        for (_, _, (c, s, p), _, kind), arr in zip(chunk, out.arrays):
             d = detect(arr)
-            ok += d.colour == syn.COLOURS[c] and d.position == syn.POSITIONS[p]
-    res["edit"] = ok / len(edits)
+            ok[kind] += d.colour == syn.COLOURS[c] and d.position == syn.POSITIONS[p]
+    res["edit"] = sum(ok.values()) / len(edits)
     res["num_edits"] = len(edits)
+    for kind, n in ok.items():
+        total = sum(e[4] == kind for e in edits)
+        res[f"edit_{kind}"] = n / total if total else None   # (--limit may leave no move edit)
     return res
 
 

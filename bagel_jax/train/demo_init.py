@@ -1,7 +1,8 @@
 """Write the starting point of a from-scratch run as an official folder: random BAGEL weights, a
 trained autoencoder and a tokenizer (then train with ``train.init: <that folder>``).
 
-    python -m bagel_jax.train.demo_init --config configs/demo.yaml --vae VAE_DIR --tokenizer TOK_DIR --out DIR
+    python -m bagel_jax.train.demo_init --config configs/demo.yaml --vae VAE_DIR --tokenizer TOK_DIR --out DIR \
+        [--siglip VIT_DIR]
 
 ``VAE_DIR`` is the output of ``python -m bagel_jax.train.vae_train`` (``ae.safetensors`` +
 ``vae_config.json``); its config must equal the ``model.vae`` section of ``--config``.
@@ -32,6 +33,8 @@ def main(argv=None) -> int:
     ap.add_argument("--vae", required=True, help="folder with ae.safetensors and vae_config.json (vae_train output)")
     ap.add_argument("--tokenizer", required=True, help="tokenizer folder (vocab.json, merges.txt, tokenizer_config.json)")
     ap.add_argument("--out", required=True, help="output model folder")
+    ap.add_argument("--siglip", default=None,
+                    help="optional SigLIP vision tower (folder or .safetensors, vision_model.* names) for the ViT")
     ap.add_argument("--seed", type=int, default=4396, help="seed of the random BAGEL weights")
     args = ap.parse_args(argv)
     try:
@@ -55,6 +58,15 @@ def main(argv=None) -> int:
     vae = flux_vae.AutoEncoder(cfg.vae)
     m.vae_params = load_params(os.path.join(args.vae, "ae.safetensors"), flux_vae.key_map(cfg.vae),
                                vae_param_shapes(vae), dtype=jnp.float32)
+    if args.siglip:
+        from .init import InitError, init_from_components
+
+        try:
+            m.params, _, _ = init_from_components({"siglip": args.siglip}, cfg, m.model, vae, None, None, args.seed,
+                                                  base=(m.params, m.vae_params))
+        except (InitError, ValueError, OSError) as e:
+            print(f"error: --siglip {args.siglip}: {e}", file=sys.stderr)
+            return 2
     m.tokenizer = tok
     save_model(m, args.out)
     print(f"wrote {args.out}")
