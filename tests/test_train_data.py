@@ -1,6 +1,7 @@
 """Training data (no compilation): synthetic data, tokenizer, official-format readers, packing iterator,
 bad samples, sharding rules, optimiser config. Runs in a few seconds."""
 
+import dataclasses
 import json
 import os
 
@@ -221,3 +222,20 @@ def test_interleaved_group(tmp_path, data, cfg):
     n_vit = int((arr["vit_seg"] > 0).sum())
     assert arr["vae_mse"].sum() > 0 and arr["ce_valid"].sum() > 0 and n_vit > 0 and n_vit % 16 == 0
     assert it.get_state()["skipped"]["interleaved"] >= 1  # the row with a missing image
+
+
+def test_group_weights_override_the_groups_file(data, cfg):
+    tok = load_tokenizer(os.path.join(data, "tokenizer"))
+    dc = DataConfig.from_dict(dict(dataclasses.asdict(small_dcfg()), group_weights={"vlm_sft": 0.0, "unified_edit": 3.0}))
+    it = PackedIterator(data, dc, cfg, tok)
+    want = {"t2i_pretrain": 1.0, "unified_edit": 3.0, "vlm_sft": 0.0}
+    np.testing.assert_allclose(it.p, [want[n] / 4.0 for n in it.names])
+    for _ in range(3):
+        it.next_batch()
+    assert it.state["next"]["vlm_sft"] == 0 and it.state["next"]["unified_edit"] > 0
+    with pytest.raises(DataConfigError, match="not in"):
+        PackedIterator(data, dataclasses.replace(dc, group_weights=(("nope", 1.0),)), cfg, tok)
+    with pytest.raises(DataConfigError, match="mapping"):
+        DataConfig.from_dict(dict(group_weights=[1, 2]))
+    with pytest.raises(DataConfigError, match="numbers"):
+        DataConfig.from_dict(dict(group_weights={"vlm_sft": "lots"}))

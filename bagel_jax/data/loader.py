@@ -44,6 +44,8 @@ log = logging.getLogger("bagel_jax.data")
 class DataConfig:
     seed: int = 42
     groups_file: str = "dataset.yaml"         # relative to the data folder
+    # {group name: weight} overriding the groups file's ``weight`` (a mapping in YAML)
+    group_weights: tuple[tuple[str, float], ...] = ()
     dropout_text: float = 0.1
     dropout_vit: float = 0.3
     dropout_vae: float = 0.3
@@ -69,6 +71,14 @@ class DataConfig:
             d["row_buckets"] = tuple(int(v) for v in d["row_buckets"])
         if "vae_hw_buckets" in d:
             d["vae_hw_buckets"] = tuple((int(h), int(w)) for h, w in d["vae_hw_buckets"])
+        if "group_weights" in d:
+            gw = d["group_weights"] or {}
+            if not isinstance(gw, dict):
+                raise DataConfigError(f"data: group_weights must be a mapping {{group: weight}}, got {gw!r}")
+            try:
+                d["group_weights"] = tuple((str(k), float(v)) for k, v in gw.items())
+            except (TypeError, ValueError):
+                raise DataConfigError(f"data: group_weights values must be numbers, got {gw!r}") from None
         c = DataConfig(**d)
         c.validate()
         return c
@@ -126,7 +136,12 @@ class PackedIterator:
         for n, d in self.ds.items():
             if len(d) == 0:
                 raise DataConfigError(f"dataset group {n!r} in {data_dir} has no rows")
-        w = np.array([float(self.groups[n].get("weight", 1.0)) for n in self.names])
+        override = dict(dcfg.group_weights)
+        unknown = sorted(set(override) - set(self.names))
+        if unknown:
+            raise DataConfigError(f"data: group_weights names {unknown} not in {data_dir}/{dcfg.groups_file} "
+                                  f"(groups: {self.names})")
+        w = np.array([override.get(n, float(self.groups[n].get("weight", 1.0))) for n in self.names])
         if (w < 0).any() or w.sum() <= 0:
             raise DataConfigError("data: group weights must be >= 0 with a positive sum")
         self.p = w / w.sum()
