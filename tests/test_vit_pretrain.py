@@ -36,7 +36,7 @@ def test_labels_put_each_shape_in_the_patch_of_its_position():
 def test_scenes_never_show_a_held_out_combination():
     rng = np.random.default_rng(0)
     for _ in range(500):
-        assert not any(syn.held_out(*o) for o in vit_pretrain.scene(rng))
+        assert not any(syn.held_out(*o) for o in syn.sample_objs(rng))
 
 
 def test_learns_and_writes_a_siglip_tower_transformers_loads(tmp_path):

@@ -35,6 +35,8 @@ RGB = dict(red=(220, 30, 30), green=(30, 170, 40), blue=(30, 60, 220), yellow=(2
            purple=(140, 40, 170), orange=(250, 140, 20), white=(250, 250, 250), black=(10, 10, 10))
 BACKGROUNDS = ((128, 128, 128), (180, 170, 150), (90, 110, 130), (160, 190, 170))
 NUMBERS = ("zero", "one", "two", "three", "four")
+# Layout: the centre of each position as a fraction of the image side (x, y).
+CENTRES = dict(left=(0.2, 0.5), right=(0.8, 0.5), top=(0.5, 0.2), bottom=(0.5, 0.8), center=(0.5, 0.5))
 
 Obj = tuple[int, int, int]  # (colour, shape, position) indexes
 
@@ -63,9 +65,8 @@ def render(objs: Sequence[Obj], bg: int, size: int = 64) -> Image.Image:
     img = Image.new("RGB", (size, size), BACKGROUNDS[bg])
     d = ImageDraw.Draw(img)
     r = size * 0.14
-    centres = dict(left=(0.2, 0.5), right=(0.8, 0.5), top=(0.5, 0.2), bottom=(0.5, 0.8), center=(0.5, 0.5))
     for c, s, p in objs:
-        cx, cy = (v * size for v in centres[POSITIONS[p]])
+        cx, cy = (v * size for v in CENTRES[POSITIONS[p]])
         fill = RGB[COLOURS[c]]
         if SHAPES[s] == "circle":
             d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)

@@ -23,7 +23,6 @@ import numpy as np
 
 from ..data import synthetic as syn
 
-CENTRES = dict(left=(0.2, 0.5), right=(0.8, 0.5), top=(0.5, 0.2), bottom=(0.5, 0.8), center=(0.5, 0.5))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +54,7 @@ def detect(image: np.ndarray, fg_threshold: float = 60.0, min_area: float = 0.00
     if area < min_area:
         return Detection(None, None, None, float(area))
     cy, cx = (ys.mean() + 0.5) / H, (xs.mean() + 0.5) / W
-    position = min(CENTRES, key=lambda p: (CENTRES[p][0] - cx) ** 2 + (CENTRES[p][1] - cy) ** 2)
+    position = min(syn.CENTRES, key=lambda p: (syn.CENTRES[p][0] - cx) ** 2 + (syn.CENTRES[p][1] - cy) ** 2)
     bh, bw = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
     fill = len(ys) / float(bh * bw)
     # reference fill ratios measured on 64 px renders (rasterisation makes them differ from the ideal shapes)

@@ -42,13 +42,6 @@ from ..data import synthetic as syn
 from ..data.images import ImageTransform
 from ..models.siglip_navit import SiglipNavit, key_map, patchify
 
-CENTRES = dict(left=(0.2, 0.5), right=(0.8, 0.5), top=(0.5, 0.2), bottom=(0.5, 0.8), center=(0.5, 0.5))
-
-
-def scene(rng: np.random.Generator) -> list[tuple[int, int, int]]:
-    """One to three shapes of distinct colours at distinct positions, never a held-out combination."""
-    return syn.sample_objs(rng)
-
 
 def labels(objs, grid: int, max_side: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-patch targets of a ``grid x grid`` patch layout: own cell id ``r*max_side + c``, shape
@@ -58,7 +51,7 @@ def labels(objs, grid: int, max_side: int) -> tuple[np.ndarray, np.ndarray, np.n
     shape = np.zeros(grid * grid, np.int32)
     colour = np.zeros(grid * grid, np.int32)
     for c, s, p in objs:
-        fx, fy = CENTRES[syn.POSITIONS[p]]
+        fx, fy = syn.CENTRES[syn.POSITIONS[p]]
         k = min(int(fy * grid), grid - 1) * grid + min(int(fx * grid), grid - 1)
         shape[k], colour[k] = s + 1, c + 1
     return cell.astype(np.int32), shape, colour
@@ -68,7 +61,7 @@ def make_batch(rng: np.random.Generator, batch: int, size: int, transform: Image
                max_side: int) -> dict:
     toks, pos, cells, shapes, colours = [], [], [], [], []
     for _ in range(batch):
-        objs = scene(rng)
+        objs = syn.sample_objs(rng)   # held-out combinations excluded
         img = syn.render(objs, int(rng.integers(len(syn.BACKGROUNDS))), size)
         x = transform(img)
         grid = x.shape[1] // patch
