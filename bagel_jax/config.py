@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any, Mapping
 
 import yaml
@@ -272,11 +273,31 @@ def config_from_dict(d: Mapping[str, Any], source: str = "<dict>") -> BagelConfi
     return cfg
 
 
+class YamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads exponent floats without a dot (``1e-3``, ``2E5``) as floats; plain
+    YAML 1.1 reads them as strings, which would turn ``lr: 1e-3`` into a type error."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def load_yaml(stream) -> Any:
+    """Parse YAML text or a file object with :class:`YamlLoader`."""
+    return yaml.load(stream, Loader=YamlLoader)
+
+
 def config_from_yaml(path: str) -> BagelConfig:
     if not os.path.isfile(path):
         raise ConfigError(f"missing file: {path}")
     with open(path, "r", encoding="utf-8") as f:
-        data = yaml.safe_load(f)
+        data = load_yaml(f)
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: expected a mapping at top level")
     model = data.get("model", data)

@@ -239,3 +239,29 @@ def test_group_weights_override_the_groups_file(data, cfg):
         DataConfig.from_dict(dict(group_weights=[1, 2]))
     with pytest.raises(DataConfigError, match="numbers"):
         DataConfig.from_dict(dict(group_weights={"vlm_sft": "lots"}))
+
+
+def test_exponent_floats_in_config_file_and_overrides(tmp_path):
+    """``lr: 1e-3`` (no dot) is a string in plain YAML 1.1; configs and ``key=value`` overrides read it as a float."""
+    from bagel_jax.train.loop import load_train_config
+
+    with open(os.path.join(REPO, "configs", "train-tiny.yaml")) as f:
+        text = f.read()
+    assert "\ntrain:\n" in text
+    path = tmp_path / "c.yaml"
+    path.write_text(text.replace("\ntrain:\n", "\ntrain:\n  min_lr: 2e-6\n", 1))
+    _, _, tc, dc = load_train_config(str(path), ["train.lr=3e-4", "train.warmup_steps=5", "data.dropout_text=1E-1"])
+    assert tc.lr == pytest.approx(3e-4) and tc.min_lr == pytest.approx(2e-6) and tc.warmup_steps == 5
+    assert dc.dropout_text == pytest.approx(0.1)
+
+
+def test_edit_move_share(tmp_path):
+    def moves(share):
+        out = synthetic.write(str(tmp_path / f"m{share}"), num=40, seed=1, size=32, edit_move_share=share)
+        import pyarrow.parquet as pq
+        instr = pq.read_table(os.path.join(out["out"], "edit", "part-00000.parquet")).column("instruction_list").to_pylist()
+        steps = [s for row in instr for s in row]
+        return sum(s[0].startswith("move") for s in steps) / len(steps)
+    assert moves(1.0) > 0.8 and moves(0.0) == 0.0 and moves(0.5) < moves(1.0)
+    with pytest.raises(ValueError, match="edit_move_share"):
+        synthetic.write(str(tmp_path / "bad"), num=2, edit_move_share=1.5)

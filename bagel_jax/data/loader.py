@@ -32,8 +32,8 @@ import threading
 from typing import Any, Optional, Sequence
 
 import numpy as np
-import yaml
 
+from ..config import load_yaml
 from . import packing
 from .datasets import DATASET_CLASSES, DataConfigError, Dropout, SampleError, plan_to_items, sample_stats
 
@@ -107,7 +107,7 @@ def load_groups(data_dir: str, dcfg: DataConfig) -> dict[str, dict]:
         raise DataConfigError(f"{data_dir}: missing dataset config {dcfg.groups_file} "
                               "(write one, or generate data with python -m bagel_jax.data.synthetic)")
     with open(path) as f:
-        groups = yaml.safe_load(f)
+        groups = load_yaml(f)
     if not isinstance(groups, dict) or not groups:
         raise DataConfigError(f"{path}: expected a mapping of dataset groups")
     for name, spec in groups.items():

@@ -130,12 +130,13 @@ def vqa(objs: Sequence[Obj], rng: np.random.Generator) -> tuple[str, str]:
     return "how many shapes are there?", NUMBERS[len(objs)]
 
 
-def edit_step(objs: list[Obj], rng: np.random.Generator) -> tuple[list[Obj], list[str]]:
-    """One edit (recolour or move one shape) keeping every shape out of the held-out set."""
+def edit_step(objs: list[Obj], rng: np.random.Generator, move_share: float = 0.5) -> tuple[list[Obj], list[str]]:
+    """One edit (recolour or move one shape) keeping every shape out of the held-out set; a move with
+    probability ``move_share`` (when some position is free)."""
     for _ in range(100):
         i = int(rng.integers(0, len(objs)))
         c, s, p = objs[i]
-        if rng.random() < 0.5:
+        if rng.random() < 1.0 - move_share:
             free = [k for k in range(len(COLOURS)) if k not in [o[0] for o in objs]]
             new = (int(rng.choice(free)), s, p)
             instr = [f"make the {SHAPES[s]} {COLOURS[new[0]]}", f"change the colour of the {SHAPES[s]} to {COLOURS[new[0]]}",
@@ -168,9 +169,12 @@ def all_texts(rng: np.random.Generator, n: int = 3000) -> list[str]:
 
 
 def write(out: str, num: int = 256, seed: int = 0, size: int = 64, vocab_size: int = 560,
-          bad: int = 0) -> dict:
+          bad: int = 0, edit_move_share: float = 0.5) -> dict:
     """Write the dataset (``num`` rows per training split); ``bad`` extra rows with unreadable images are
-    appended to each split (for tests of the bad-sample path). Returns a summary dict."""
+    appended to each split (for tests of the bad-sample path); ``edit_move_share``: the share of moves
+    among the edit steps (the rest recolour). Returns a summary dict."""
+    if not 0.0 <= edit_move_share <= 1.0:
+        raise ValueError(f"edit_move_share must be in [0, 1], got {edit_move_share}")
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -200,7 +204,7 @@ def write(out: str, num: int = 256, seed: int = 0, size: int = 64, vocab_size: i
         b = bg()
         chain, steps = [objs], []
         for _ in range(int(rng.integers(1, 3))):
-            objs, ins = edit_step(objs, rng)
+            objs, ins = edit_step(objs, rng, edit_move_share)
             chain.append(objs)
             steps.append(ins)
         ilists.append([png(render(o, b, size)) for o in chain])
@@ -267,7 +271,8 @@ def write(out: str, num: int = 256, seed: int = 0, size: int = 64, vocab_size: i
 
     with open(os.path.join(out, "dataset.yaml"), "w") as f:
         yaml.safe_dump(groups, f, sort_keys=False)
-    summary = dict(out=out, t2i=num + bad, edit=num + bad, vlm=num + bad, eval=len(prompts), seed=seed, size=size)
+    summary = dict(out=out, t2i=num + bad, edit=num + bad, vlm=num + bad, eval=len(prompts), seed=seed, size=size,
+                   edit_move_share=edit_move_share)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
@@ -283,8 +288,10 @@ def main(argv=None) -> None:
     ap.add_argument("--vocab-size", type=int, default=560,
                     help="tokenizer vocabulary incl. special tokens (<= the model's vocab_size)")
     ap.add_argument("--bad", type=int, default=0, help="append this many rows with unreadable images per split")
+    ap.add_argument("--edit-move-share", type=float, default=0.5,
+                    help="share of moves among the edit steps, the rest recolour (0..1)")
     a = ap.parse_args(argv)
-    print(json.dumps(write(a.out, a.num, a.seed, a.size, a.vocab_size, a.bad)))
+    print(json.dumps(write(a.out, a.num, a.seed, a.size, a.vocab_size, a.bad, a.edit_move_share)))
 
 
 if __name__ == "__main__":

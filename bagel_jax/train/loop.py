@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import numpy as np
 import yaml
+from ..config import load_yaml
 
 log = logging.getLogger("bagel_jax.train")
 
@@ -35,7 +36,7 @@ class TrainSetupError(ValueError):
 
 def parse_value(v: str):
     try:
-        return yaml.safe_load(v)
+        return load_yaml(v)
     except yaml.YAMLError:
         return v
 
@@ -67,7 +68,7 @@ def load_train_config(path: str, overrides: list[str]):
     if not os.path.isfile(path):
         raise TrainSetupError(f"config file not found: {path}")
     with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+        raw = load_yaml(f) or {}
     if not isinstance(raw, dict) or "model" not in raw:
         raise TrainSetupError(f"{path}: expected a mapping with a 'model:' section (and optional train:, data:)")
     raw = apply_overrides(raw, overrides)
