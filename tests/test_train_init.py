@@ -79,3 +79,18 @@ def test_init_errors(setup):
     with pytest.raises(InitError, match="not found"):
         init_from_components(dict(qwen2=str(d / "nope")), cfg, base.model, base.vae, None, None, 0,
                              base=(base.params, base.vae_params))
+
+
+def test_init_from_model_folder_checks_shapes_not_training_shift():
+    """train.init=FOLDER: the YAML's model must match the folder, except the training-only timestep_shift."""
+    from bagel_jax.train.loop import TrainSetupError, init_params
+    from bagel_jax.train.optimizer import TrainConfig
+
+    folder = os.path.join(REPO, "bagel_jax", "assets", "demo")
+    cfg = config_from_yaml(os.path.join(REPO, "configs", "demo.yaml"))
+    tc = TrainConfig(init=folder)
+    params, vae_params, tok = init_params(tc, dataclasses.replace(cfg, timestep_shift=3.0), None, None, None, None)
+    assert tok is not None and "language_model" in params and vae_params
+    wider = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, intermediate_size=cfg.llm.intermediate_size * 2))
+    with pytest.raises(TrainSetupError, match="different model config"):
+        init_params(tc, wider, None, None, None, None)
