@@ -5,7 +5,9 @@ trained autoencoder and a tokenizer (then train with ``train.init: <that folder>
         [--siglip VIT_DIR]
 
 ``VAE_DIR`` is the output of ``python -m bagel_jax.train.vae_train`` (``ae.safetensors`` +
-``vae_config.json``); its config must equal the ``model.vae`` section of ``--config``.
+``vae_config.json``); its config must equal the ``model.vae`` section of ``--config``. The folder also gets
+an ``inference.json`` with the synthetic world's image sizes (``--size``: VAE side, ViT side
+``synthetic.vit_side``), which ``train.py --export`` passes on to the trained model.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import jax.numpy as jnp
 
 from ..config import ConfigError, VAEConfig, load_config
 from ..convert.checkpoint import load_params
+from ..data import synthetic
+from ..inference.api import INFERENCE_DEFAULTS_FILE
 from ..loading import random_model, save_model, vae_param_shapes
 from ..models import flux_vae
 from ..tokenizer import load_tokenizer
@@ -36,6 +40,8 @@ def main(argv=None) -> int:
     ap.add_argument("--siglip", default=None,
                     help="optional SigLIP vision tower (folder or .safetensors, vision_model.* names) for the ViT")
     ap.add_argument("--seed", type=int, default=4396, help="seed of the random BAGEL weights")
+    ap.add_argument("--size", type=int, default=None,
+                    help="image side in pixels of inference.json (default: the autoencoder's resolution)")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config)
@@ -69,6 +75,12 @@ def main(argv=None) -> int:
             return 2
     m.tokenizer = tok
     save_model(m, args.out)
+    size = args.size or cfg.vae.resolution
+    vit = synthetic.vit_side(size)
+    with open(os.path.join(args.out, INFERENCE_DEFAULTS_FILE), "w") as f:
+        json.dump({"image_size": [size, size],
+                   "vae_transform": {"max_image_size": size, "min_image_size": size, "image_stride": 16},
+                   "vit_transform": {"max_image_size": vit, "min_image_size": vit, "image_stride": 14}}, f)
     print(f"wrote {args.out}")
     return 0
 

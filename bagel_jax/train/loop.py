@@ -121,6 +121,20 @@ def step_flops(cfg, batch: dict) -> float:
 # Init
 # -------------------------------------------------------------------------------------------------
 
+def _export(ema, cfg, vae_params, out: str, tokenizer, init) -> None:
+    """EMA weights as an official folder; a model folder given as ``train.init`` passes on its optional
+    ``inference.json`` (image-size defaults of small models, :func:`bagel_jax.inference.api.folder_defaults`)."""
+    import shutil
+
+    from ..inference.api import INFERENCE_DEFAULTS_FILE
+    from .checkpoint import export_ema
+
+    export_ema(ema, cfg, vae_params, out, tokenizer)
+    if isinstance(init, str) and os.path.isfile(os.path.join(init, INFERENCE_DEFAULTS_FILE)):
+        shutil.copy(os.path.join(init, INFERENCE_DEFAULTS_FILE), os.path.join(out, INFERENCE_DEFAULTS_FILE))
+    print(f"[train] exported EMA weights to {out}", flush=True)
+
+
 def init_params(tc, cfg, model, vae, param_sh, vae_sh):
     """Initial (params, vae_params, tokenizer_or_None) per ``train.init``."""
     import jax
@@ -232,7 +246,7 @@ def run(args: argparse.Namespace) -> dict:
     from ..tokenizer import load_tokenizer
     from . import optimizer as O
     from . import step as S
-    from .checkpoint import Checkpointer, TrainCheckpointError, export_ema
+    from .checkpoint import Checkpointer, TrainCheckpointError
 
     overrides = list(args.overrides)
     if args.save_every is not None:
@@ -298,8 +312,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"[train] nothing to do: already at step {start} >= --steps {args.steps}", flush=True)
         result = dict(step=start)
         if args.export:
-            export_ema(state["ema"], cfg, vae_params, args.export, tokenizer)
-            print(f"[train] exported EMA weights to {args.export}", flush=True)
+            _export(state["ema"], cfg, vae_params, args.export, tokenizer, tc.init)
         ckpt.close()
         metrics.close()
         return result
@@ -390,8 +403,7 @@ def run(args: argparse.Namespace) -> dict:
         for s, h in old.items():
             signal.signal(s, h)
     if stop["sig"] is None and step == args.steps and args.export:
-        export_ema(state["ema"], cfg, vae_params, args.export, tokenizer)
-        print(f"[train] exported EMA weights to {args.export}", flush=True)
+        _export(state["ema"], cfg, vae_params, args.export, tokenizer, tc.init)
     return dict(step=step, last=last, saved=saved)
 
 
