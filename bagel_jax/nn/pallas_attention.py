@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
 
 from .attention import MaskVectors
 
@@ -161,6 +163,25 @@ def _dkdv_kernel(ks_ref, kv_ref, kn_ref, qs_ref, qv_ref, qn_ref, k_ref, v_ref, q
 
 # ----------------------------------------------------------------------------------------------- wrappers
 
+def _pallas(kernel, *, grid, in_specs, out_specs, out_shape, interpret, name):
+    """``pl.pallas_call`` with the compiler parameters of the platform it is lowered for.
+
+    The choice is staged out with ``lax.platform_dependent`` (made at lowering time, so ahead-of-time lowering
+    for another platform picks the right one): CUDA/ROCm lower through Triton (jax's default GPU lowering is
+    Mosaic GPU, whose TMA copies need 16-byte strides that the ``[..., 1]`` vector blocks do not have), TPU
+    through Mosaic with every grid axis parallel (no kernel accumulates across grid steps)."""
+    def call(params, *args):
+        return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                              compiler_params=params, interpret=interpret, name=name)(*args)
+
+    if interpret:
+        return functools.partial(call, None)
+    triton = functools.partial(call, pltriton.CompilerParams())
+    tpu = functools.partial(call, pltpu.CompilerParams(dimension_semantics=("parallel",) * len(grid)))
+    return lambda *args: lax.platform_dependent(*args, cuda=triton, rocm=triton, tpu=tpu,
+                                                default=functools.partial(call, None))
+
+
 def _block(requested: int, length: int) -> int:
     return min(requested, max(16, pl.next_power_of_2(length)))
 
@@ -206,7 +227,7 @@ def _forward(t: _Layout, interpret):
     kall = pl.BlockSpec((None, None, t.Lkp, dh), lambda b, h, i: (b, h // G, 0, 0))
     lse_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, i: (b, h, i, 0))
     kernel = functools.partial(_fwd_kernel, scale=dh ** -0.5, block_k=bk, num_k=t.Lkp // bk)
-    o, lse = pl.pallas_call(
+    o, lse = _pallas(
         kernel, grid=grid,
         in_specs=[qcol] * 3 + [krow] * 3 + [qblk, kall, kall],
         out_specs=[qblk, lse_spec],
@@ -227,7 +248,7 @@ def _backward(t: _Layout, o, lse, do, interpret):
     qblk = pl.BlockSpec((None, None, bq, dh), lambda b, h, i: (b, h, i, 0))
     kall = pl.BlockSpec((None, None, t.Lkp, dh), lambda b, h, i: (b, h // G, 0, 0))
     stat = pl.BlockSpec((None, None, bq, 1), lambda b, h, i: (b, h, i, 0))
-    dq = pl.pallas_call(
+    dq = _pallas(
         functools.partial(_dq_kernel, scale=scale, block_k=bk, num_k=t.Lkp // bk),
         grid=(B, H, t.Lqp // bq),
         in_specs=[qcol] * 3 + [krow] * 3 + [qblk, kall, kall, qblk, stat, stat],
@@ -243,7 +264,7 @@ def _backward(t: _Layout, o, lse, do, interpret):
     qgrp = pl.BlockSpec((None, G, t.Lqp, dh), lambda b, kh, j: (b, kh, 0, 0))
     sgrp = pl.BlockSpec((None, None, G, 1, t.Lqp), lambda b, kh, j: (b, kh, 0, 0, 0))
     as_rows = lambda x: x.reshape(B, K, G, 1, t.Lqp)               # [B, H, Lqp, 1] -> [B, K, G, 1, Lqp]
-    dk, dv = pl.pallas_call(
+    dk, dv = _pallas(
         functools.partial(_dkdv_kernel, scale=scale, block_q=bq, num_q=t.Lqp // bq, groups=G),
         grid=(B, K, t.Lkp // bk),
         in_specs=[kcol] * 3 + [qrow] * 3 + [kblk, kblk, qgrp, qgrp, sgrp, sgrp],
