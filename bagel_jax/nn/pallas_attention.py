@@ -20,6 +20,19 @@ Kernels (all plain ``pl.pallas_call`` with a grid and BlockSpecs, no backend-spe
 Block sizes are powers of two (Triton tensors) of at least 16 (Triton ``dot``); a length shorter than the
 block shrinks the block to the next power of two, so the padded length then equals the block (a "full
 dimension" block, which TPU tiling also accepts).
+
+Caveats (checked on CPU only: interpret mode, plus ahead-of-time lowering to Triton IR and Mosaic MLIR; the
+device compilers never ran):
+
+* The forward and dq kernels take the whole key/value length of one kv head as a block, and dk/dv the whole
+  query length of the G query heads of its group. On GPU (Triton) a block is a pointer and this costs nothing;
+  on TPU those blocks are copied into VMEM, which bounds the sequence length (at 32k tokens, head_dim 128,
+  bf16, G = 7 the dk/dv inputs alone exceed VMEM). A TPU-sized variant would put the inner loop in the grid
+  with VMEM scratch accumulators (backend-specific), as jax's TPU flash attention does.
+* One ``jax.export`` for several platforms at once fails ("Compiler params for platform gpu cannot be used for
+  tpu lowering"): ``lax.platform_dependent`` lowers every branch for every platform. Export per platform.
+* The kernels are opaque to the SPMD partitioner: with sharded inputs call this under ``shard_map`` (batch and
+  heads shard trivially; the sequence axis does not).
 """
 
 from __future__ import annotations
