@@ -233,3 +233,23 @@ def test_train_forward_same_loss_and_grads(train_case, impl):
     floor = 1e-3 * max(float(np.abs(np.asarray(x)).max()) for x in flat_ref.values())
     for path, leaf in jax.tree_util.tree_flatten_with_path(g)[0]:
         _assert_close(leaf, flat_ref[path], jax.tree_util.keystr(path), floor)
+
+
+def test_one_setting_selects_decoder_and_vit_attention():
+    """``train.attention_impl`` is validated with the list of names and reaches the decoder and the ViT."""
+    from bagel_jax.config import ConfigError
+    from bagel_jax.loading import build_modules
+    from bagel_jax.train.optimizer import TrainConfig
+
+    assert TrainConfig.from_dict({}).attention_impl == "auto"
+    assert TrainConfig.from_dict({"attention_impl": "blocked"}).attention_impl == "blocked"
+    with pytest.raises(ConfigError, match="attention_impl must be one of auto, xla, blocked, pallas, cudnn"):
+        TrainConfig.from_dict({"attention_impl": "flash"})
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "bagel_jax", "assets", "demo"))
+    model, _ = build_modules(cfg, attention_impl="blocked")
+    bound = model.bind({})
+    bound.language_model.stack  # noqa: B018  (setup runs lazily)
+    assert bound.language_model.attention_impl == "blocked"
+    assert bound.vit_model.attention_impl == "blocked"
+    with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+        build_modules(cfg, attention_impl="flash")
