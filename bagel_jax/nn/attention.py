@@ -43,13 +43,14 @@ import numpy as np
 
 IMPLEMENTATIONS = ("xla", "blocked", "pallas", "cudnn")
 
-# Above this many keys "auto" picks "blocked". Measured on this project's 2-core CPU, forward+backward of
-# one attention at a small model's shape (bench/bench_attention.py; numbers in the docstring there).
-AUTO_BLOCKED_MIN_LEN = 1024
+# Above this many keys "auto" picks "blocked". Measured on this project's 2-core CPU, forward + backward of
+# one attention at a small model's shape (bench/bench_attention.py, numbers in its docstring): on par up
+# to 256 keys, "blocked" 1.2-2.8x faster at 512, 13x at 4096. Not measured on GPU / TPU.
+AUTO_BLOCKED_MIN_LEN = 256
 
 # Default block sizes of "blocked": 64 x 64 measured best on CPU (bench/bench_attention.py: at 2048 / 4096
 # tokens 64 x 64 beat 32 x 32, 128 x 128 and 256 x 256); on GPU / TPU larger blocks amortise the per-iteration
-# loop overhead (512 x 512; not measured here, no accelerator was available).
+# loop overhead (512 x 512; not measured: no accelerator was available to this work).
 CPU_BLOCK = 64
 ACCELERATOR_BLOCK = 512
 
