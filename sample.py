@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resize rule for the ViT, applied to the VAE-resized image (default: the folder's inference.json, else the official 980,224,14)")
     g.add_argument("--max-context", type=int, default=None,
                    help="most tokens one conversation may hold (default: the model's max_position_embeddings)")
+    # the names of bagel_jax.nn.attention (not imported here: --help must not wait for jax)
+    g.add_argument("--attention", default="auto", choices=("auto", "xla", "blocked", "pallas", "cudnn"),
+                   help="attention implementation of the decoder and the ViT: auto ('blocked' when reading the KV "
+                        "cache and for long sequences, 'xla' for short ones; default), xla (dense reference), blocked "
+                        "(flash-style, any backend), pallas (GPU/TPU kernel), cudnn (NVIDIA GPU, bfloat16)")
 
     t = common.add_argument_group("text generation")
     t.add_argument("--think", action="store_true",
@@ -167,7 +172,7 @@ def _load(args):
 
     t0 = time.time()
     pipe = load(args.model_path, dtype=dtype, vae_transform=tf(args.vae_transform),
-                vit_transform=tf(args.vit_transform), max_context=args.max_context)
+                vit_transform=tf(args.vit_transform), max_context=args.max_context, attention_impl=args.attention)
     print(f"loaded {args.model_path} ({dtype}) in {time.time() - t0:.1f}s", file=sys.stderr)
     return pipe
 

@@ -13,6 +13,7 @@ from .config import BagelConfig, ConfigError, load_config
 from .convert import checkpoint
 from .models import flux_vae
 from .models.bagel import Bagel, init_params, key_map, param_shapes
+from .nn.attention import validate_implementation
 from .tokenizer import Tokenizer, load_tokenizer
 
 REQUIRED_FILES = ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors")
@@ -32,9 +33,11 @@ class BagelModel:
 
 
 def build_modules(cfg: BagelConfig, dtype=jnp.float32, param_dtype=jnp.float32, remat_policy: str = "none",
-                  attention_impl: Optional[str] = None, vae_dtype=jnp.float32):
+                  attention_impl: Optional[str] = "auto", vae_dtype=jnp.float32):
     """The Bagel and AutoEncoder modules for ``cfg`` (compute dtypes; the VAE runs in float32 by default,
-    as the official app does)."""
+    as the official app does). ``attention_impl`` selects the attention of the decoder and the ViT
+    ("auto", "xla", "blocked", "pallas", "cudnn"; see :mod:`bagel_jax.nn.attention`)."""
+    attention_impl = validate_implementation(attention_impl)
     model = Bagel(cfg, dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy, attention_impl=attention_impl)
     vae = flux_vae.AutoEncoder(cfg.vae, dtype=vae_dtype)
     return model, vae
@@ -49,7 +52,7 @@ def vae_param_shapes(vae: flux_vae.AutoEncoder, param_dtype=jnp.float32):
 
 def load_model(folder: str, dtype=jnp.float32, param_dtype=None, shardings=None, vae_shardings=None,
                with_tokenizer: bool = True, remat_policy: str = "none",
-               attention_impl: Optional[str] = None) -> BagelModel:
+               attention_impl: Optional[str] = "auto") -> BagelModel:
     """Load an official BAGEL folder.
 
     Args:
@@ -59,6 +62,7 @@ def load_model(folder: str, dtype=jnp.float32, param_dtype=None, shardings=None,
       param_dtype: storage dtype of the Bagel params (default: ``dtype``). The VAE stays float32.
       shardings / vae_shardings: optional trees of ``jax.sharding.Sharding`` matching the params; each
         tensor is placed directly on its sharding.
+      attention_impl: attention implementation of the decoder and the ViT (see :func:`build_modules`).
     """
     if not os.path.isdir(folder):
         raise ConfigError(f"model folder not found: {folder}")

@@ -36,6 +36,7 @@ from .inference import blocks
 from .inference.cfg import combine_cfg
 from .inference.kv_cache import KVCache
 from .loading import BagelModel, load_model
+from .nn.attention import AUTO_BLOCKED_MIN_LEN, IMPLEMENTATIONS
 from .models import flux_vae
 from .models.bagel import Bagel, unpatchify_latents
 from .models.siglip_navit import patchify
@@ -61,10 +62,10 @@ def nhwc(x) -> np.ndarray:
 class Ctx:
     """Loaded model + helpers shared by the case runners."""
 
-    def __init__(self, folder: str, manifest: dict, dtype):
+    def __init__(self, folder: str, manifest: dict, dtype, attention_impl: str = "auto"):
         self.folder = folder
         self.manifest = manifest
-        self.bm: BagelModel = load_model(folder, dtype=dtype, param_dtype=jnp.float32)
+        self.bm: BagelModel = load_model(folder, dtype=dtype, param_dtype=jnp.float32, attention_impl=attention_impl)
         self.cfg = self.bm.cfg
         self.tok = self.bm.tokenizer
         self.sp = self.tok.special
@@ -221,10 +222,10 @@ def run_text(ctx: Ctx, meta: dict, arr: dict) -> dict:
     L = b.shape[1]
     m, p = ctx.bm.model, {"params": ctx.bm.params}
     x = m.apply(p, jnp.asarray(b.token_ids), method=Bagel.embed_text)
-    from .nn.attention import MaskVectors, dense_mask
+    from .nn.attention import MaskVectors
     from .models.qwen2_mot import Routing
     vec = MaskVectors(jnp.asarray(b.seg), jnp.asarray(b.vis), jnp.asarray(b.nblk))
-    h, _, hidden = m.apply(p, x, jnp.asarray(b.positions), dense_mask(vec, vec), Routing.und(), None, None, True,
+    h, _, hidden = m.apply(p, x, jnp.asarray(b.positions), vec, Routing.und(), None, None, True,
                            method=Bagel.decode)
     logits = m.apply(p, h, method=Bagel.lm_logits)
     out = dict(text_token_lens=np.array([len(ctx.tok.encode(q)) + 2 for q in prompts]),
@@ -342,7 +343,8 @@ def run_gen_single_step(ctx: Ctx, meta: dict, arr: dict) -> dict:
     return out
 
 
-def run_train_forward(ctx: Ctx, meta: dict, arr: dict) -> dict:
+def train_forward_inputs(ctx: Ctx, meta: dict, arr: dict):
+    """The packed batch of the ``train_forward`` case: ``(PackedBatch, batch arrays, TrainNoise)``."""
     P = meta["params"]
     t2i_tf = ImageTransform.from_dict(P["t2i_transform"]) if "t2i_transform" in P else None
     vit_tf = ImageTransform.from_dict(P["vit_transform"]) if "vit_transform" in P else None
@@ -370,6 +372,13 @@ def run_train_forward(ctx: Ctx, meta: dict, arr: dict) -> dict:
     b = packing.pack([samples], ctx.sp, ctx.cfg)
     batch = {k: jnp.asarray(v) for k, v in b.arrays().items()}
     noise = TrainNoise(jnp.asarray(nhwc(arr["vae_posterior_eps"])), jnp.asarray(arr["noise"]))
+    return b, batch, noise
+
+
+def run_train_forward(ctx: Ctx, meta: dict, arr: dict) -> dict:
+    P = meta["params"]
+    b, batch, noise = train_forward_inputs(ctx, meta, arr)
+    samples = P["samples"]
     loss, aux = train_forward(ctx.bm.model, ctx.bm.params, ctx.bm.vae, ctx.bm.vae_params, batch, noise,
                               ce_weight=float(P.get("ce_weight", 1.0)), mse_weight=float(P.get("mse_weight", 1.0)),
                               return_intermediates=True)
@@ -452,6 +461,9 @@ def main(argv=None) -> int:
                     help="also write DIR/<case>.safetensors with every array computed, under the manifest's names")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                     help="compute dtype of the Bagel model (bfloat16 reports errors without gating)")
+    ap.add_argument("--attention", default="auto", choices=("auto",) + IMPLEMENTATIONS,
+                    help="attention implementation of the decoder and the ViT (default auto: 'blocked' with a KV "
+                         "cache or above %d keys, else 'xla')" % AUTO_BLOCKED_MIN_LEN)
     args = ap.parse_args(argv)
 
     mpath = os.path.join(args.fixtures, "manifest.json")
@@ -466,7 +478,7 @@ def main(argv=None) -> int:
     gate = args.dtype == "float32"
     ok = True
     try:
-        ctx = Ctx(args.fixtures, manifest, dtype)
+        ctx = Ctx(args.fixtures, manifest, dtype, args.attention)
     except Exception as e:
         print(f"error: cannot load the model from {args.fixtures}: {e}", file=sys.stderr)
         return 1

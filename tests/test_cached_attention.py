@@ -1,27 +1,39 @@
-"""Blocked cache attention (reads only the valid cache blocks) == dense attention over cache + chunk."""
+"""Cached attention: "blocked" (reads only the valid cache blocks) and "xla" (dense over the whole buffer)
+== a numpy softmax over [valid cache slots ; chunk]."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bagel_jax.nn.attention import cached_attention, dot_product_attention
+from bagel_jax.nn.attention import CacheView, attention, blocked_attention, chunk_vectors, dense_mask
 
 
-def _dense_reference(q, k, v, chunk_mask, cache_k, cache_v, cache_len, layer):
-    """Concatenate the layer's whole cache buffer with the chunk and mask the invalid slots."""
-    cap = cache_k.shape[2]
-    B, Lq = q.shape[:2]
-    keys = jnp.concatenate([cache_k[layer], k], axis=1)
-    values = jnp.concatenate([cache_v[layer], v], axis=1)
-    slots = jnp.arange(cap)[None, :] < cache_len[:, None]
-    mask = jnp.concatenate([jnp.broadcast_to(slots[:, None], (B, Lq, cap)), chunk_mask], axis=-1)
-    return dot_product_attention(q, keys, values, mask)
+def _numpy_reference(q, k, v, vec, cache_k, cache_v, cache_len, layer):
+    """Softmax of each query over the layer's valid cache slots and its allowed chunk keys (float64)."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    ck, cv = np.asarray(cache_k[layer], np.float64), np.asarray(cache_v[layer], np.float64)
+    B, Lq, H, dh = q.shape
+    G = H // k.shape[2]
+    chunk = np.asarray(dense_mask(vec, vec))
+    out = np.zeros(q.shape)
+    for b in range(B):
+        n = int(cache_len[b])
+        keys, vals = np.concatenate([ck[b, :n], k[b]]), np.concatenate([cv[b, :n], v[b]])
+        for i in range(Lq):
+            ok = np.concatenate([np.ones(n, bool), chunk[b, i]])
+            if not ok.any():
+                continue
+            for h in range(H):
+                s = keys[ok, h // G] @ q[b, i, h] / np.sqrt(dh)
+                p = np.exp(s - s.max())
+                out[b, i, h] = p @ vals[ok, h // G] / p.sum()
+    return out
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("block", [None, 32])
-def test_cached_attention_matches_dense(causal, block):
+@pytest.mark.parametrize("impl,block", [("blocked", None), ("blocked", 32), ("xla", None)])
+def test_cached_attention_matches_reference(causal, impl, block):
     rng = np.random.default_rng(0)
     layers, B, cap, H, K, dh, Lq = 3, 4, 384, 4, 2, 16, 8
     f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
@@ -30,21 +42,26 @@ def test_cached_attention_matches_dense(causal, block):
     cache_k, cache_v = f(layers, B, cap, K, dh) * 3, f(layers, B, cap, K, dh)
     cache_len = jnp.asarray([0, 1, 200, 384 - Lq], jnp.int32)       # empty, tiny, mid-block, almost full
     q_len = jnp.asarray([Lq, 3, 5, Lq], jnp.int32)
-    valid = jnp.arange(Lq)[None, :] < q_len[:, None]
-    chunk_mask = jnp.broadcast_to(valid[:, None, :], (B, Lq, Lq))
-    if causal:
-        chunk_mask = chunk_mask & jnp.tril(jnp.ones((Lq, Lq), bool))[None]
+    vec = chunk_vectors(q_len, Lq, causal)
+
+    @jax.jit
+    def run(q, k, v, vec, ck, cv, n, layer):
+        view = CacheView(ck, cv, n, layer)
+        if impl == "blocked":
+            return blocked_attention(q, k, v, vec, vec, cache=view, block_cache=block)
+        return attention(q, k, v, vec, vec, impl, cache=view)
+
     for layer in range(layers):
-        got = jax.jit(cached_attention, static_argnames="block")(q, k, v, chunk_mask, cache_k, cache_v, cache_len,
-                                                                  layer, block=block)
-        want = _dense_reference(q, k, v, chunk_mask, cache_k, cache_v, cache_len, layer)
+        got = run(q, k, v, vec, cache_k, cache_v, cache_len, layer)
+        want = _numpy_reference(q, k, v, vec, cache_k, cache_v, cache_len, layer)
         for b in range(B):   # padding queries (>= q_len) are discarded by callers
             n = int(q_len[b])
-            np.testing.assert_allclose(np.asarray(got[b, :n]), np.asarray(want[b, :n]), atol=2e-6, rtol=1e-5)
+            np.testing.assert_allclose(np.asarray(got[b, :n]), want[b, :n], atol=2e-6, rtol=1e-5)
 
 
 def test_cached_attention_reads_only_valid_blocks():
-    """NaNs planted in cache blocks beyond every row's length are never touched."""
+    """NaNs planted in cache blocks beyond every row's length are never touched; the number of blocks
+    visited is the valid cache blocks plus the chunk's one block."""
     layers, B, cap, H, K, dh, Lq = 1, 2, 512, 2, 1, 8, 4
     rng = np.random.default_rng(1)
     f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
@@ -52,15 +69,20 @@ def test_cached_attention_reads_only_valid_blocks():
     cache_k[:, :, 256:] = np.nan
     cache_v[:, :, 256:] = np.nan
     cache_len = jnp.asarray([100, 250], jnp.int32)
-    mask = jnp.ones((B, Lq, Lq), bool)
-    out = cached_attention(f(B, Lq, H, dh), f(B, Lq, K, dh), f(B, Lq, K, dh), mask, jnp.asarray(cache_k),
-                           jnp.asarray(cache_v), cache_len, 0, block=128)
+    vec = chunk_vectors(jnp.full((B,), Lq, jnp.int32), Lq, False)
+    out, visited = blocked_attention(f(B, Lq, H, dh), f(B, Lq, K, dh), f(B, Lq, K, dh), vec, vec,
+                                     cache=CacheView(jnp.asarray(cache_k), jnp.asarray(cache_v), cache_len, 0),
+                                     block_cache=128, return_visited=True)
     assert np.isfinite(np.asarray(out)).all()
+    assert int(visited) == 2 + 1
 
 
-def test_cached_attention_fully_masked_row_is_finite():
+@pytest.mark.parametrize("impl", ["blocked", "xla"])
+def test_cached_attention_fully_masked_row_is_zero(impl):
+    """No visible cache slot and no allowed chunk key: exactly 0 (not NaN, not an average)."""
     B, cap, H, K, dh, Lq = 1, 128, 2, 2, 8, 4
-    z = jnp.zeros((B, Lq, H, dh))
-    out = cached_attention(z, z[:, :, :K], z[:, :, :K], jnp.zeros((B, Lq, Lq), bool), jnp.ones((1, B, cap, K, dh)),
-                           jnp.ones((1, B, cap, K, dh)), jnp.zeros((B,), jnp.int32), 0)
-    assert np.isfinite(np.asarray(out)).all()
+    z = jnp.ones((B, Lq, H, dh))
+    vec = chunk_vectors(jnp.zeros((B,), jnp.int32), Lq, True)
+    view = CacheView(jnp.ones((1, B, cap, K, dh)), jnp.ones((1, B, cap, K, dh)), jnp.zeros((B,), jnp.int32), 0)
+    out = attention(z, z[:, :, :K], z[:, :, :K], vec, vec, impl, cache=view)
+    np.testing.assert_array_equal(np.asarray(out), 0.0)

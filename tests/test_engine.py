@@ -20,6 +20,7 @@ from bagel_jax.inference.decode import SamplingParams, generate_text, pick_next
 from bagel_jax.inference.sampler import ImageParams, generate_images
 from bagel_jax.models.bagel import Bagel
 from bagel_jax.models.qwen2_mot import Routing
+from bagel_jax.nn.attention import MaskVectors
 
 SMALL_VAE = ImageTransform(256, 32, 16)
 SMALL_VIT = ImageTransform(256, 28, 14)
@@ -53,8 +54,8 @@ def test_decode_with_cache_equals_full_recompute(pipe):
     @jax.jit
     def full_logits(seq, last):          # no cache: the whole sequence, causal, one forward
         x = m.apply(p, seq, method=Bagel.embed_text)
-        h, _, _ = m.apply(p, x, jnp.arange(L)[None], jnp.tril(jnp.ones((1, L, L), bool)), Routing.und(),
-                          method=Bagel.decode)
+        causal = MaskVectors(jnp.ones((1, L), jnp.int32), jnp.arange(L)[None], jnp.zeros((1, L), jnp.int32))
+        h, _, _ = m.apply(p, x, jnp.arange(L)[None], causal, Routing.und(), method=Bagel.decode)
         return m.apply(p, h[0, last], method=Bagel.lm_logits)
 
     for k in range(len(fed)):

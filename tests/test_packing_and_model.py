@@ -13,7 +13,7 @@ from bagel_jax.inference.kv_cache import KVCache
 from bagel_jax.loading import load_model
 from bagel_jax.models.bagel import Bagel
 from bagel_jax.models.qwen2_mot import Routing
-from bagel_jax.nn.attention import MaskVectors, dense_mask
+from bagel_jax.nn.attention import MaskVectors
 from bagel_jax.nn.layers import sincos_2d_table
 from bagel_jax.train.forward import draw_noise, train_forward
 
@@ -106,7 +106,7 @@ def test_split_routing_equals_select_routing(bm):
     x = jnp.asarray(rng.normal(size=(B, L, D)).astype(np.float32))
     pos = jnp.asarray(rng.integers(0, 20, (B, L)))
     vec = MaskVectors(jnp.ones((B, L), jnp.int32), jnp.zeros((B, L), jnp.int32), jnp.zeros((B, L), jnp.int32))
-    mask = dense_mask(vec, vec)
+    mask = vec
     is_gen = jnp.arange(L)[None].repeat(B, 0) >= 3
     p = {"params": bm.params}
     h1, _, _ = bm.model.apply(p, x, pos, mask, Routing.split(3), method=Bagel.decode)

@@ -53,3 +53,12 @@ def test_verify_detects_a_wrong_model(tiny_a, tmp_path):
     r = run_verify("--fixtures", str(d), "--cases", "text")
     assert r.returncode == 1
     assert any(l.startswith("text") and "logits" in l and l.rstrip().endswith("FAIL") for l in r.stdout.splitlines())
+
+
+def test_verify_attention_option(tiny_a):
+    """--attention selects the implementation of the decoder and the ViT; a bad name is refused by argparse."""
+    r = run_verify("--fixtures", tiny_a, "--cases", "text,vit,gen_single_step", "--attention", "blocked")
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "verify: PASS" in r.stdout
+    r = run_verify("--fixtures", tiny_a, "--attention", "flash")
+    assert r.returncode == 2 and "invalid choice: 'flash'" in r.stderr

@@ -77,7 +77,7 @@ def folder_defaults(folder: str) -> dict:
 
 def load(folder: str, dtype="bfloat16", param_dtype=None, shardings=None, vae_shardings=None,
          vae_transform: Optional[ImageTransform] = None, vit_transform: Optional[ImageTransform] = None,
-         max_context: Optional[int] = None) -> "Pipeline":
+         max_context: Optional[int] = None, attention_impl: str = "auto") -> "Pipeline":
     """Load an official BAGEL folder for inference.
 
     Args:
@@ -90,12 +90,15 @@ def load(folder: str, dtype="bfloat16", param_dtype=None, shardings=None, vae_sh
       vae_transform / vit_transform: input image resize rules (default: the folder's ``inference.json``
         if it has one, else the official inference transforms).
       max_context: most tokens a conversation may hold (default: the model's max_position_embeddings).
+      attention_impl: attention implementation of the decoder and the ViT: "auto" (default: "blocked" for
+        cached inference and long sequences, "xla" for short ones), "xla", "blocked", "pallas" or "cudnn"
+        (see :mod:`bagel_jax.nn.attention`).
     """
     from ..loading import load_model
 
     dt = _dtype(dtype)
     bm = load_model(folder, dtype=dt, param_dtype=_dtype(param_dtype) if param_dtype is not None else dt,
-                    shardings=shardings, vae_shardings=vae_shardings)
+                    shardings=shardings, vae_shardings=vae_shardings, attention_impl=attention_impl)
     fd = folder_defaults(folder)
     vae_transform = vae_transform or fd.get("vae_transform", INFERENCE_VAE)
     vit_transform = vit_transform or fd.get("vit_transform", INFERENCE_VIT)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from ..config import LLMConfig
 from ..models.bagel import Bagel
 from ..models.qwen2_mot import Routing
+from ..nn.attention import chunk_vectors
 
 
 @flax.struct.dataclass
@@ -39,16 +40,6 @@ class KVCache:
     @property
     def capacity(self) -> int:
         return self.k.shape[2]
-
-
-def chunk_mask(q_len: jax.Array, Lq: int, causal: bool) -> jax.Array:
-    """``[batch, Lq, Lq]`` bool among the chunk's tokens (causal or full; padding keys hidden). The valid
-    cache slots are visible to every query on top of this (see :func:`bagel_jax.nn.attention.cached_attention`)."""
-    chunk_valid = jnp.arange(Lq)[None, :] < q_len[:, None]                        # [B, Lq]
-    m_chunk = jnp.broadcast_to(chunk_valid[:, None, :], (q_len.shape[0], Lq, Lq))
-    if causal:
-        m_chunk = m_chunk & jnp.tril(jnp.ones((Lq, Lq), bool))[None]
-    return m_chunk
 
 
 def append(cache: KVCache, k: jax.Array, v: jax.Array, q_len: jax.Array) -> KVCache:
@@ -72,8 +63,10 @@ def forward_chunk(model: Bagel, params, cache: KVCache, x: jax.Array, positions:
       appended if ``update`` else the same cache; per-layer outputs if ``return_hidden``.
     """
     Lq = x.shape[1]
-    mask = chunk_mask(q_len, Lq, causal)
-    h, (k, v), hidden = model.apply({"params": params}, x, positions, mask, routing, is_gen,
+    # mask vectors of the chunk (causal or full; padding hidden); the valid cache slots are visible to every
+    # query on top of them (bagel_jax.nn.attention.attention with a cache)
+    vec = chunk_vectors(q_len, Lq, causal)
+    h, (k, v), hidden = model.apply({"params": params}, x, positions, vec, routing, is_gen,
                                     (cache.k, cache.v, cache.length), return_hidden, method=Bagel.decode)
     if update:
         cache = append(cache, k, v, q_len)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from ..config import BagelConfig
 from ..convert import keymap
+from ..nn.attention import MaskVectors
 from ..nn.layers import gelu_tanh, sincos_2d_table, timestep_features
 from . import qwen2_mot, siglip_navit
 from .qwen2_mot import Qwen2MoT, Routing
@@ -74,7 +75,7 @@ class Bagel(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat_policy: str = "none"
-    attention_impl: Optional[str] = None
+    attention_impl: Optional[str] = "auto"   # decoder and ViT (bagel_jax.nn.attention.attention)
 
     def setup(self):
         cfg = self.cfg
@@ -83,7 +84,8 @@ class Bagel(nn.Module):
         self.language_model = Qwen2MoT(cfg.llm, remat_policy=self.remat_policy,
                                        attention_impl=self.attention_impl, **kw)
         if cfg.visual_und:
-            self.vit_model = siglip_navit.SiglipNavit(cfg.vit, remat_policy=self.remat_policy, **kw)
+            self.vit_model = siglip_navit.SiglipNavit(cfg.vit, remat_policy=self.remat_policy,
+                                                      attention_impl=self.attention_impl, **kw)
             self.connector = Connector(D, **kw)
             self.vit_pos_embed = PositionTable(cfg.vit_max_num_patch_per_side, D, self.param_dtype)
         if cfg.visual_gen:
@@ -126,7 +128,8 @@ class Bagel(nn.Module):
 
     # -- decoder and heads --------------------------------------------------------------------------
     def decode(self, x, positions, mask, routing: Routing, is_gen=None, cache=None, return_hidden=False):
-        """MoT layers + per-expert final norm; see :meth:`Qwen2MoT.__call__`. Returns ``(h, (k, v), hidden)``."""
+        """MoT layers + per-expert final norm; see :meth:`Qwen2MoT.__call__` (``mask``: the chunk's
+        :class:`~bagel_jax.nn.attention.MaskVectors`). Returns ``(h, (k, v), hidden)``."""
         return self.language_model(x, positions, mask, routing, is_gen, cache, return_hidden)
 
     def lm_logits(self, h: jax.Array) -> jax.Array:
@@ -155,7 +158,7 @@ def init_inputs(cfg: BagelConfig, L: int = 4):
     n = 4
     return dict(
         ids=jnp.zeros((1, L), jnp.int32), positions=jnp.zeros((1, L), jnp.int32),
-        mask=jnp.ones((1, L, L), bool),
+        mask=MaskVectors(jnp.ones((1, L), jnp.int32), jnp.zeros((1, L), jnp.int32), jnp.zeros((1, L), jnp.int32)),
         patches=jnp.zeros((1, n, cfg.vit.patch_dim)), vit_pos=jnp.zeros((1, n), jnp.int32),
         vit_seg=jnp.ones((1, n), jnp.int32),
         latents=jnp.zeros((1, n, cfg.patch_latent_dim)), lat_pos=jnp.zeros((1, n), jnp.int32))

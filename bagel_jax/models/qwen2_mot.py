@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from ..config import LLMConfig
 from ..convert import keymap
-from ..nn.attention import cached_attention, dot_product_attention
+from ..nn.attention import CacheView, MaskVectors, attention
 from ..nn.layers import RMSNorm, apply_rope, maybe_remat, rope_cos_sin
 
 
@@ -95,7 +95,7 @@ class MoTLayer(nn.Module):
     routing: Routing
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
-    attention_impl: Optional[str] = None
+    attention_impl: Optional[str] = "auto"
 
     def setup(self):
         cfg = self.cfg
@@ -123,8 +123,8 @@ class MoTLayer(nn.Module):
         Args:
           x: ``[batch, seq, hidden]`` residual stream.
           cos, sin: ``[batch, seq, head_dim]`` RoPE tables for the tokens' positions.
-          mask: ``[batch, seq, seq]`` bool among this chunk's tokens (with a cache, every valid cache slot
-            is visible to every query on top of it).
+          mask: :class:`MaskVectors` of this chunk's tokens, each ``[batch, seq]`` (with a cache, every
+            valid cache slot is visible to every query on top of it).
           is_gen: ``[batch, seq]`` bool for ``Routing.select``, else unused.
           cache: None or ``(k, v, length)``: all layers' cached keys/values
             ``[layers, batch, capacity, kv_heads, head_dim]`` and valid slots per row ``[batch]``;
@@ -145,10 +145,8 @@ class MoTLayer(nn.Module):
             k = self._apply(self.attn, k, is_gen, "k_norm")
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        if cache is None:
-            o = dot_product_attention(q, k, v, mask, self.attention_impl)  # [batch, seq, heads, head_dim]
-        else:
-            o = cached_attention(q, k, v, mask, cache[0], cache[1], cache[2], layer)
+        view = None if cache is None else CacheView(cache[0], cache[1], cache[2], layer)
+        o = attention(q, k, v, mask, mask, self.attention_impl, cache=view)  # [batch, seq, heads, head_dim]
         x = x + self._apply(self.attn, o.reshape(B, L, H * dh), is_gen, "o")
         x = x + self._apply(self.mlps, self._apply(self.post_norms, x, is_gen), is_gen)
         return x, (k, v)
@@ -181,14 +179,14 @@ class LayerStack(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat_policy: str = "none"
-    attention_impl: Optional[str] = None
+    attention_impl: Optional[str] = "auto"
 
     @nn.compact
     def __call__(self, x, positions, mask, routing: Routing, is_gen=None, cache=None, return_hidden=False):
         """
         Args:
           x: ``[batch, seq, hidden]``; positions: ``[batch, seq]`` RoPE positions.
-          mask: ``[batch, seq, seq]`` bool among this chunk's tokens.
+          mask: :class:`MaskVectors` of this chunk's tokens (``seg``, ``vis``, ``nblk``, each ``[batch, seq]``).
           cache: None or ``(k, v, length)``: keys/values ``[layers, batch, capacity, kv_heads, head_dim]``
             and valid slots per row ``[batch]``, all visible to every query of the chunk. The cache is
             read, never written (the caller appends the returned keys/values).
@@ -221,7 +219,7 @@ class Qwen2MoT(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat_policy: str = "none"
-    attention_impl: Optional[str] = None
+    attention_impl: Optional[str] = "auto"
 
     def setup(self):
         cfg = self.cfg

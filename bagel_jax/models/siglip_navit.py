@@ -22,7 +22,7 @@ Leaves under ``encoder/layers`` are stacked on a leading layer axis (``nn.scan``
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -31,7 +31,7 @@ import numpy as np
 
 from bagel_jax.config import ViTConfig
 from bagel_jax.convert import keymap
-from bagel_jax.nn.attention import dot_product_attention, segment_mask
+from bagel_jax.nn.attention import MaskVectors, attention, full_vectors
 
 Dtype = Any
 
@@ -67,10 +67,11 @@ class SiglipAttention(nn.Module):
     cfg: ViTConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: Optional[str] = "auto"
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        """x ``[B, N, D]``, mask ``[B, N, N]`` bool -> ``[B, N, D]``."""
+    def __call__(self, x: jax.Array, vec: MaskVectors) -> jax.Array:
+        """x ``[B, N, D]``, vec: mask vectors ``[B, N]`` (full attention within each image) -> ``[B, N, D]``."""
         cfg = self.cfg
         B, N, _ = x.shape
 
@@ -83,7 +84,7 @@ class SiglipAttention(nn.Module):
         q = heads(proj("q_proj")(x))  # [batch, seq, heads, head_dim]
         k = heads(proj("k_proj")(x))
         v = heads(proj("v_proj")(x))
-        o = dot_product_attention(q, k, v, mask)  # scale 1/sqrt(head_dim)
+        o = attention(q, k, v, vec, vec, self.attention_impl)  # scale 1/sqrt(head_dim)
         return proj("out_proj")(o.reshape(B, N, cfg.hidden_size))
 
 
@@ -101,7 +102,7 @@ class SiglipMLP(nn.Module):
 
 
 class SiglipEncoderLayer(nn.Module):
-    """One pre-LN block, written as a scan body: ``(h, mask) -> (h, y)``.
+    """One pre-LN block, written as a scan body: ``(h, vec) -> (h, y)``.
 
     ``y`` is the layer output when ``collect`` is set (stacked by the scan), else None so that a
     plain forward does not keep ``[L, B, N, D]`` around.
@@ -111,12 +112,13 @@ class SiglipEncoderLayer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     collect: bool = False
+    attention_impl: Optional[str] = "auto"
 
     @nn.compact
-    def __call__(self, h: jax.Array, mask: jax.Array):
+    def __call__(self, h: jax.Array, vec: MaskVectors):
         cfg, dt, pdt = self.cfg, self.dtype, self.param_dtype
         a = _layer_norm(cfg, pdt, "layer_norm1")(h).astype(dt)
-        h = h + SiglipAttention(cfg, dt, pdt, name="self_attn")(a, mask)
+        h = h + SiglipAttention(cfg, dt, pdt, self.attention_impl, name="self_attn")(a, vec)
         m = _layer_norm(cfg, pdt, "layer_norm2")(h).astype(dt)
         h = h + SiglipMLP(cfg, dt, pdt, name="mlp")(m)
         return h, (h if self.collect else None)
@@ -128,10 +130,11 @@ class SiglipEncoder(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
     collect: bool = False
+    attention_impl: Optional[str] = "auto"
 
     @nn.compact
-    def __call__(self, h: jax.Array, mask: jax.Array):
-        """h ``[B, N, D]``, mask ``[B, N, N]`` -> (h ``[B, N, D]``, per-layer ``[L, B, N, D]`` or None)."""
+    def __call__(self, h: jax.Array, vec: MaskVectors):
+        """h ``[B, N, D]``, vec mask vectors ``[B, N]`` -> (h ``[B, N, D]``, per-layer ``[L, B, N, D]`` or None)."""
         layer = SiglipEncoderLayer
         if self.remat_policy != "none":
             if self.remat_policy not in REMAT_POLICIES:
@@ -141,7 +144,8 @@ class SiglipEncoder(nn.Module):
             layer = nn.remat(layer, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
         scanned = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                           in_axes=nn.broadcast, length=self.cfg.num_hidden_layers)
-        return scanned(self.cfg, self.dtype, self.param_dtype, self.collect, name="layers")(h, mask)
+        return scanned(self.cfg, self.dtype, self.param_dtype, self.collect, self.attention_impl,
+                       name="layers")(h, vec)
 
 
 class SiglipNavit(nn.Module):
@@ -152,12 +156,14 @@ class SiglipNavit(nn.Module):
       dtype: compute dtype (LayerNorm statistics are always float32).
       param_dtype: parameter dtype.
       remat_policy: "none", "full" (recompute everything) or "dots" (save matmul outputs).
+      attention_impl: attention implementation (:func:`bagel_jax.nn.attention.attention`; "auto" by length).
     """
 
     cfg: ViTConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
+    attention_impl: Optional[str] = "auto"
 
     @nn.compact
     def __call__(self, patches: jax.Array, position_ids: jax.Array, segment_ids: jax.Array,
@@ -177,10 +183,10 @@ class SiglipNavit(nn.Module):
         """
         cfg = self.cfg
         h = SiglipEmbeddings(cfg, self.dtype, self.param_dtype, name="embeddings")(patches, position_ids)
-        mask = segment_mask(segment_ids, segment_ids)  # [batch, seq, seq]
+        vec = full_vectors(segment_ids)  # full attention within each image: seg = image id, vis = nblk = 0
         enc = SiglipEncoder(cfg, self.dtype, self.param_dtype, self.remat_policy, collect=return_hidden,
-                            name="encoder")
-        out, layers = enc(h, mask)
+                            attention_impl=self.attention_impl, name="encoder")
+        out, layers = enc(h, vec)
         out = _layer_norm(cfg, self.param_dtype, "post_layernorm")(out).astype(self.dtype)
         if return_hidden:
             return out, {"embeddings": h, "layers": layers}

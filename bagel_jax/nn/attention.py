@@ -1,4 +1,4 @@
-"""Attention with BAGEL's packed masks.
+"""Attention with BAGEL's packed masks: one entry point, several implementations.
 
 The mask of a packed BAGEL sequence reduces to three per-token integer vectors (STYLE.md):
 
@@ -11,16 +11,53 @@ The mask of a packed BAGEL sequence reduces to three per-token integer vectors (
 Physical token order is irrelevant to the mask (and RoPE positions are explicit), which lets packing
 put tokens in any order (e.g. all und-expert tokens before all gen-expert tokens).
 
-``dot_product_attention`` is the seam where cuDNN / Pallas / splash kernels plug in: a kernel can
-read the three vectors instead of the dense mask.
+:func:`attention` takes q, k, v, the query and key vectors, an optional read-only KV cache and an
+implementation name (the porting reference, section 5 for the decoder and 6.3 for the ViT):
+
+* ``"xla"``: the dense reference; builds the ``[B, Lq, Lk]`` mask from the vectors (O(L^2) memory).
+* ``"blocked"``: flash-style attention in plain JAX (any backend) with a custom VJP: O(L) memory, running
+  max / sum in float32, and key blocks that per-block summaries of the vectors prove fully masked are
+  never visited (a data-dependent trip count per query block). With a cache it is the cached inference
+  attention (reads only the cache blocks that hold valid slots).
+* ``"pallas"``: the Pallas flash kernel of :mod:`bagel_jax.nn.pallas_attention` (GPU / TPU; interpret
+  mode on CPU). With a cache, the ``"blocked"`` cached path runs.
+* ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU, bf16/fp16). jax's API
+  offers cuDNN only causal, padding (sequence lengths) and a dense mask/bias; packed BAGEL masks are
+  none of the first two, so the dense mask is passed as cuDNN's bias (O(L^2) mask memory, fused
+  kernel). With a cache, the ``"blocked"`` cached path runs.
+* ``"auto"`` (see :func:`resolve_implementation`): ``"blocked"`` above :data:`AUTO_BLOCKED_MIN_LEN` keys
+  and whenever a cache is read, ``"xla"`` below.
+
+Every implementation returns exactly 0 (and passes 0 gradient) for a query with no allowed key and
+no visible cache slot.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+IMPLEMENTATIONS = ("xla", "blocked", "pallas", "cudnn")
+
+# Above this many keys "auto" picks "blocked". Measured on this project's 2-core CPU, forward + backward of
+# one attention at a small model's shape (bench/bench_attention.py, numbers in its docstring): on par up
+# to 256 keys, "blocked" 1.2-2.8x faster at 512, 13x at 4096. Not measured on GPU / TPU.
+AUTO_BLOCKED_MIN_LEN = 256
+
+# Default block sizes of "blocked": 64 x 64 measured best on CPU (bench/bench_attention.py: at 2048 / 4096
+# tokens 64 x 64 beat 32 x 32, 128 x 128 and 256 x 256); on GPU / TPU larger blocks amortise the per-iteration
+# loop overhead (512 x 512; not measured: no accelerator was available to this work).
+CPU_BLOCK = 64
+ACCELERATOR_BLOCK = 512
+
+
+def default_block() -> int:
+    """Default ``block_q`` / ``block_k`` of "blocked" on the current backend."""
+    return CPU_BLOCK if jax.default_backend() == "cpu" else ACCELERATOR_BLOCK
 
 
 class MaskVectors(NamedTuple):
@@ -31,8 +68,33 @@ class MaskVectors(NamedTuple):
     nblk: jax.Array
 
 
+class CacheView(NamedTuple):
+    """A static-capacity KV cache, read-only here."""
+
+    k: jax.Array       # [layers, batch, capacity, kv_heads, head_dim]
+    v: jax.Array       # [layers, batch, capacity, kv_heads, head_dim]
+    length: jax.Array  # [batch] int32 valid slots per row; slots < length are visible to every query
+    layer: jax.Array | int  # which layer of the cache to read (may be traced)
+
+
+def full_vectors(seg: jax.Array) -> MaskVectors:
+    """Vectors of full attention within equal non-zero ``seg`` ids (``[batch, seq]``), e.g. the ViT's images."""
+    seg = seg.astype(jnp.int32)
+    z = jnp.zeros_like(seg)
+    return MaskVectors(seg, z, z)
+
+
+def chunk_vectors(q_len: jax.Array, length: int, causal: bool) -> MaskVectors:
+    """Vectors of one inference chunk of ``length`` slots whose first ``q_len[b]`` tokens are real:
+    causal (text) or full (image blocks); padding tokens get ``seg`` 0 (never visible)."""
+    idx = jnp.arange(length, dtype=jnp.int32)[None, :]
+    seg = (idx < q_len[:, None]).astype(jnp.int32)
+    vis = jnp.broadcast_to(idx if causal else jnp.zeros_like(idx), seg.shape)
+    return MaskVectors(seg, vis, jnp.zeros_like(seg))
+
+
 def dense_mask(q: MaskVectors, k: MaskVectors) -> jax.Array:
-    """Boolean mask ``[batch, q_len, k_len]`` (True = may attend)."""
+    """Boolean mask ``[batch, q_len, k_len]`` (True = may attend). For the reference path and tests."""
     same = q.seg[:, :, None] == k.seg[:, None, :]
     valid = (k.seg > 0)[:, None, :]
     order = k.vis[:, None, :] <= q.vis[:, :, None]
@@ -40,30 +102,115 @@ def dense_mask(q: MaskVectors, k: MaskVectors) -> jax.Array:
     return same & valid & order & noise_ok
 
 
-def segment_mask(seg_q: jax.Array, seg_k: jax.Array) -> jax.Array:
-    """Full attention within equal non-zero segment ids: ``[batch, q_len, k_len]``."""
-    return (seg_q[:, :, None] == seg_k[:, None, :]) & (seg_k > 0)[:, None, :]
+def validate_implementation(name: Optional[str]) -> str:
+    """``name`` if it is ``"auto"`` or one of :data:`IMPLEMENTATIONS` (None means ``"auto"``), else a
+    ValueError listing the names."""
+    name = "auto" if name is None else name
+    if name != "auto" and name not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {name!r} "
+                         f"(expected one of: auto, {', '.join(IMPLEMENTATIONS)})")
+    return name
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                          implementation: str | None = None) -> jax.Array:
-    """Multi-head / grouped-query attention.
+def resolve_implementation(name: Optional[str], seq_len: int, cached: bool = False) -> str:
+    """The implementation that runs for ``name`` at ``seq_len`` keys.
+
+    ``"auto"`` (or None) gives ``"blocked"`` when a cache is read (its cost then follows the valid history,
+    not the buffer's capacity) or when ``seq_len > AUTO_BLOCKED_MIN_LEN``, else ``"xla"``. Other names are
+    returned unchanged (after validation).
+    """
+    name = validate_implementation(name)
+    if name != "auto":
+        return name
+    return "blocked" if cached or seq_len > AUTO_BLOCKED_MIN_LEN else "xla"
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_vec: MaskVectors, k_vec: MaskVectors,
+              implementation: Optional[str] = "xla", *, cache: Optional[CacheView] = None) -> jax.Array:
+    """Multi-head / grouped-query attention under BAGEL's mask rule.
 
     Args:
-      q: ``[batch, q_len, num_heads, head_dim]``.
-      k, v: ``[batch, k_len, num_kv_heads, head_dim]``; ``num_heads % num_kv_heads == 0``
-        (query head ``h`` reads kv head ``h // (num_heads // num_kv_heads)``).
-      mask: ``[batch, q_len, k_len]`` bool. Rows with no allowed key produce finite garbage
-        (never NaN); callers discard them.
-      implementation: ``None``/"xla" (any backend) or "cudnn" (GPU, bf16/fp16).
+      q: ``[B, Lq, H, dh]``; k, v: ``[B, Lk, K, dh]`` with ``H % K == 0`` (query head ``h`` reads kv head
+        ``h // (H // K)``).
+      q_vec, k_vec: :class:`MaskVectors` of the queries ``[B, Lq]`` and keys ``[B, Lk]``.
+      implementation: "auto", "xla", "blocked", "pallas" or "cudnn" (module docstring).
+      cache: optional :class:`CacheView`; its valid slots are visible to every query, in addition to
+        the keys allowed by the vectors. Never written. ``"pallas"`` and ``"cudnn"`` use the
+        ``"blocked"`` cached path when a cache is given; with a cache only ``"xla"`` is differentiable.
     Returns:
-      ``[batch, q_len, num_heads, head_dim]`` in ``q.dtype``. Softmax scale ``1/sqrt(head_dim)``.
+      ``[B, Lq, H, dh]`` in ``q.dtype``. Softmax scale ``1/sqrt(dh)``, softmax in float32. A query with no
+      allowed key (and no visible cache slot) gives exactly 0.
     """
-    impl = None if implementation in (None, "xla") else implementation
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :], implementation=impl)
+    if not (isinstance(q_vec, MaskVectors) and isinstance(k_vec, MaskVectors)):
+        raise TypeError(f"attention takes MaskVectors for the queries and keys (seg, vis, nblk), got "
+                        f"{type(q_vec).__name__} and {type(k_vec).__name__} (a dense mask is no longer accepted)")
+    impl = resolve_implementation(implementation, k.shape[1], cached=cache is not None)
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"attention: {q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads")
+    if impl == "xla":
+        return _xla_attention(q, k, v, q_vec, k_vec, cache)
+    if impl == "blocked" or cache is not None:
+        return blocked_attention(q, k, v, q_vec, k_vec, cache=cache)
+    if impl == "pallas":
+        try:
+            from .pallas_attention import flash_attention
+        except ModuleNotFoundError as e:
+            if e.name != __name__.rsplit(".", 1)[0] + ".pallas_attention":
+                raise
+            raise NotImplementedError("attention implementation 'pallas' needs bagel_jax/nn/pallas_attention.py, "
+                                      "which this checkout does not have; use 'blocked' (any backend) or 'xla'") from None
+        return flash_attention(q, k, v, q_vec, k_vec)
+    return _cudnn_attention(q, k, v, q_vec, k_vec)
 
+
+# -------------------------------------------------------------------------------------------------
+# "xla": the dense reference
+# -------------------------------------------------------------------------------------------------
+
+def _dense(q, k, v, mask):
+    """``mask [B, Lq, Lk]``; fully masked query rows -> 0 (jax would average them uniformly)."""
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :])
+    return jnp.where(mask.any(-1)[:, :, None, None], out, 0).astype(q.dtype)
+
+
+def _xla_attention(q, k, v, q_vec, k_vec, cache):
+    mask = dense_mask(q_vec, k_vec)                                         # [B, Lq, Lk]
+    if cache is None:
+        return _dense(q, k, v, mask)
+    # dense over [the layer's whole cache buffer (invalid slots masked) ; the chunk]
+    ck = jax.lax.dynamic_index_in_dim(cache.k, cache.layer, 0, keepdims=False).astype(k.dtype)
+    cv = jax.lax.dynamic_index_in_dim(cache.v, cache.layer, 0, keepdims=False).astype(v.dtype)
+    B, Lq = q.shape[:2]
+    cap = ck.shape[1]
+    slots = jnp.arange(cap)[None, :] < cache.length[:, None]                # [B, cap]
+    full = jnp.concatenate([jnp.broadcast_to(slots[:, None, :], (B, Lq, cap)), mask], axis=-1)
+    return _dense(q, jnp.concatenate([ck, k], 1), jnp.concatenate([cv, v], 1), full)
+
+
+# -------------------------------------------------------------------------------------------------
+# "cudnn"
+# -------------------------------------------------------------------------------------------------
+
+def _cudnn_attention(q, k, v, q_vec, k_vec):
+    if jax.default_backend() != "gpu":
+        raise ValueError(f"attention implementation 'cudnn' needs an NVIDIA GPU (backend is "
+                         f"{jax.default_backend()!r}); use 'blocked' (any backend), 'pallas' or 'xla'")
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"attention implementation 'cudnn' needs bfloat16 or float16 inputs, got {q.dtype}; "
+                         "use 'blocked' or 'xla' for float32")
+    # jax's cuDNN entry knows causal, padding lengths and a dense mask (applied as a bias); BAGEL's packed
+    # masks (several samples, full-attention blocks inside causal text, noised blocks) need the dense mask.
+    mask = dense_mask(q_vec, k_vec)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :], implementation="cudnn")
+    return jnp.where(mask.any(-1)[:, :, None, None], out, 0).astype(q.dtype)
+
+
+# -------------------------------------------------------------------------------------------------
+# "blocked": flash attention in plain JAX
+# -------------------------------------------------------------------------------------------------
 
 _NEG = -1e30  # finite "minus infinity": fully masked rows stay NaN-free
+_BIG = np.iinfo(np.int32).max
 
 
 def _cache_block(capacity: int, preferred: int = 512) -> int:
@@ -75,61 +222,250 @@ def _cache_block(capacity: int, preferred: int = 512) -> int:
     return b
 
 
-def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_mask: jax.Array, cache_k: jax.Array,
-                     cache_v: jax.Array, cache_len: jax.Array, layer, block: int | None = None) -> jax.Array:
-    """Attention of a query chunk over a static-capacity KV cache plus the chunk itself, reading only the
-    cache blocks that hold valid slots (cost follows the history's length, not the buffer's capacity).
+def _block_size(length: int, preferred: int) -> int:
+    """One block for short sequences (no padding), else ``preferred``."""
+    return length if length <= preferred else preferred
 
-    The chunk is never written into the cache here (no copy of the buffer per layer); the two parts are
-    merged with the usual running-max softmax (flash attention), one key block at a time, in float32.
 
-    Args:
-      q: ``[batch, q_len, num_heads, head_dim]``; k, v: ``[batch, q_len, num_kv_heads, head_dim]`` (the chunk).
-      chunk_mask: ``[batch, q_len, q_len]`` bool, query -> chunk key.
-      cache_k, cache_v: ``[layers, batch, capacity, num_kv_heads, head_dim]`` (all layers; only
-        ``layer``'s valid blocks are read).
-      cache_len: ``[batch]`` int valid cache slots per row (slots ``< cache_len`` are visible to every query).
-      layer: int (may be traced) layer index into the cache.
-      block: keys per block (default: the largest power of two <= 512 dividing the capacity).
+def _pad_seq(x, n):
+    """Pad axis 1 to ``n`` with zeros (padded tokens get seg 0: never visible, rows sliced off)."""
+    if x.shape[1] == n:
+        return x
+    return jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+
+
+class _Summary(NamedTuple):
+    """Per-block summaries of mask vectors over the block's real tokens (seg > 0), each ``[B, n_blocks]``."""
+
+    any: jax.Array
+    seg_min: jax.Array
+    seg_max: jax.Array
+    vis_min: jax.Array
+    vis_max: jax.Array
+    clean: jax.Array      # a real token with nblk == 0
+    nblk_min: jax.Array   # range of the non-zero nblk ids
+    nblk_max: jax.Array
+
+
+def _summaries(vec: MaskVectors, block: int) -> _Summary:
+    B, L = vec.seg.shape
+    seg, vis, nb = (a.reshape(B, L // block, block) for a in vec)
+    real = seg > 0
+    noised = real & (nb > 0)
+    lo = lambda x, m: jnp.where(m, x, _BIG).min(-1)
+    hi = lambda x, m: jnp.where(m, x, -_BIG).max(-1)
+    return _Summary(real.any(-1), lo(seg, real), hi(seg, real), lo(vis, real), hi(vis, real),
+                    (real & (nb == 0)).any(-1), lo(nb, noised), hi(nb, noised))
+
+
+def block_plan(q_vec: MaskVectors, k_vec: MaskVectors, block_q: int, block_k: int):
+    """Which key blocks each query block must visit.
+
+    A block pair is skipped when the summaries prove every (query, key) pair of it masked, in some row
+    of the batch: no real key or query, disjoint sample-id ranges, every key later than every query
+    (``min vis_k > max vis_q``), or only noised keys whose ids no query shares. The decision is taken
+    over the whole batch (a pair is visited if any row needs it); the vectors must be padded to the blocks.
+
     Returns:
-      ``[batch, q_len, num_heads, head_dim]`` in ``q.dtype``. Softmax scale ``1/sqrt(head_dim)``; rows with
-      no visible key give zeros.
+      ``(needed [nQ, nK] bool, ids [nQ, nK] int32, count [nQ] int32)``: the needed key block ids of query
+      block ``i`` are ``ids[i, :count[i]]`` (ascending).
+    """
+    qs, ks = _summaries(q_vec, block_q), _summaries(k_vec, block_k)
+    Q = lambda a: a[:, :, None]
+    K = lambda a: a[:, None, :]
+    need = (Q(qs.any) & K(ks.any)
+            & (Q(qs.seg_min) <= K(ks.seg_max)) & (K(ks.seg_min) <= Q(qs.seg_max))
+            & (K(ks.vis_min) <= Q(qs.vis_max))
+            & (K(ks.clean) | ((K(ks.nblk_min) <= Q(qs.nblk_max)) & (Q(qs.nblk_min) <= K(ks.nblk_max)))))
+    need = need.any(0)                                                       # [nQ, nK]
+    ids = jnp.argsort((~need).astype(jnp.int32), axis=-1, stable=True).astype(jnp.int32)
+    return need, ids, need.sum(-1).astype(jnp.int32)
+
+
+def _allowed(qv: MaskVectors, kv: MaskVectors) -> jax.Array:
+    """``[B, bq, bk]`` mask of one block pair."""
+    return ((qv.seg[:, :, None] == kv.seg[:, None, :]) & (kv.seg > 0)[:, None, :]
+            & (kv.vis[:, None, :] <= qv.vis[:, :, None])
+            & ((kv.nblk[:, None, :] == 0) | (kv.nblk[:, None, :] == qv.nblk[:, :, None])))
+
+
+def _scores(qb, kb, allowed, scale):
+    """qb ``[B, bq, K, G, dh]``, kb ``[B, bk, K, dh]``, allowed ``[B, bq or 1, bk]`` -> ``[B, K, G, bq, bk]`` f32."""
+    s = jnp.einsum("bqkgd,bskd->bkgqs", qb, kb, preferred_element_type=jnp.float32) * scale
+    return jnp.where(allowed[:, None, None], s, _NEG)
+
+
+def _online_update(carry, qb, kb, vb, allowed, scale):
+    """One key block of the running-max softmax (flash attention); float32 state."""
+    m, l, acc = carry                                     # [B, K, G, bq], same, [B, K, G, bq, dh]
+    s = _scores(qb, kb, allowed, scale)
+    m_new = jnp.maximum(m, s.max(-1))
+    corr = jnp.exp(m - m_new)
+    p = jnp.where(allowed[:, None, None], jnp.exp(s - m_new[..., None]), 0.0)
+    pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+    return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
+
+
+def _slice_vec(vec: MaskVectors, start, size) -> MaskVectors:
+    return MaskVectors(*(jax.lax.dynamic_slice_in_dim(a, start, size, axis=1) for a in vec))
+
+
+def _to_blocks(x, block):
+    """``[B, L, ...] -> [L / block, B, block, ...]`` (scan over the leading axis)."""
+    B, L = x.shape[:2]
+    return jnp.moveaxis(x.reshape((B, L // block, block) + x.shape[2:]), 1, 0)
+
+
+def _from_blocks(x):
+    n, B, block = x.shape[:3]
+    return jnp.moveaxis(x, 0, 1).reshape((B, n * block) + x.shape[3:])
+
+
+def _forward(q, k, v, q_vec, k_vec, bq, bk, cache=None, bc=None):
+    """Blocked forward on block-padded inputs.
+
+    q ``[B, Lq, H, dh]`` (Lq a multiple of bq), k, v ``[B, Lk, K, dh]`` (Lk a multiple of bk).
+    Returns ``(out [B, Lq, H, dh] q.dtype, lse [B, K, G, Lq] f32, visited)``: ``lse`` is the log-sum-exp
+    of each query's allowed scores (0 where there is none); ``visited`` counts the key blocks computed.
     """
     B, Lq, H, dh = q.shape
     K = k.shape[2]
     G = H // K
-    cap = cache_k.shape[2]
-    block = block or _cache_block(cap)
-    if cap % block:
-        raise ValueError(f"cache capacity {cap} is not a multiple of the block size {block}")
+    scale = dh ** -0.5
+    _, ids, count = block_plan(q_vec, k_vec, bq, bk)
+    if cache is not None:
+        cap = cache.k.shape[2]
+        bc = bc or _cache_block(cap)
+        if cap % bc:
+            raise ValueError(f"cache capacity {cap} is not a multiple of the cache block size {bc}")
+        n_cache = jnp.minimum((jnp.max(cache.length) + bc - 1) // bc, cap // bc)
+
+    def q_block(visited, xs):
+        qb, qv, ids_i, n_i = xs
+        qb = qb.reshape(B, bq, K, G, dh)
+        f32 = jnp.float32
+        carry = (jnp.full((B, K, G, bq), _NEG, f32), jnp.zeros((B, K, G, bq), f32), jnp.zeros((B, K, G, bq, dh), f32))
+        # ``visited`` is counted inside the loop bodies: it proves how many key blocks were computed
+        if cache is not None:
+            def cache_body(t, c):
+                state, n = c
+                start = t * bc
+                kb = jax.lax.dynamic_slice(cache.k, (cache.layer, 0, start, 0, 0), (1, B, bc, K, dh))[0]
+                vb = jax.lax.dynamic_slice(cache.v, (cache.layer, 0, start, 0, 0), (1, B, bc, K, dh))[0]
+                ok = ((start + jnp.arange(bc))[None, :] < cache.length[:, None])[:, None, :]   # [B, 1, bc]
+                return _online_update(state, qb, kb.astype(k.dtype), vb.astype(v.dtype), ok, scale), n + 1
+            carry, visited = jax.lax.fori_loop(0, n_cache, cache_body, (carry, visited))
+
+        def body(t, c):
+            state, n = c
+            start = ids_i[t] * bk
+            kb = jax.lax.dynamic_slice_in_dim(k, start, bk, axis=1)
+            vb = jax.lax.dynamic_slice_in_dim(v, start, bk, axis=1)
+            return _online_update(state, qb, kb, vb, _allowed(qv, _slice_vec(k_vec, start, bk)), scale), n + 1
+
+        # data-dependent trip count: only the key blocks the plan marks as needed
+        (m, l, acc), visited = jax.lax.fori_loop(0, n_i, body, (carry, visited))
+        has = l > 0
+        out = acc / jnp.where(has, l, 1.0)[..., None]                         # [B, K, G, bq, dh]
+        lse = jnp.where(has, m + jnp.log(jnp.where(has, l, 1.0)), 0.0)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(B, bq, H, dh).astype(q.dtype)
+        return visited, (out, lse)
+
+    qv_blocks = MaskVectors(*(_to_blocks(a, bq) for a in q_vec))
+    visited, (out, lse) = jax.lax.scan(q_block, jnp.zeros((), jnp.int32), (_to_blocks(q, bq), qv_blocks, ids, count))
+    lse = jnp.moveaxis(lse, 0, 3).reshape(B, K, G, Lq)                         # [nQ, B, K, G, bq] -> [B, K, G, Lq]
+    return _from_blocks(out), lse, visited
+
+
+def _backward(q, k, v, q_vec, k_vec, bq, bk, out, lse, do):
+    """Flash-attention backward on block-padded inputs: the probabilities of each needed block pair are
+    recomputed from ``lse``; dq per query block, dk / dv accumulated in float32 ``[B, Lk, K, dh]``."""
+    B, Lq, H, dh = q.shape
+    K = k.shape[2]
+    G = H // K
+    scale = dh ** -0.5
     f32 = jnp.float32
-    qg = q.reshape(B, Lq, K, G, dh).astype(f32) * (dh ** -0.5)
+    _, ids, count = block_plan(q_vec, k_vec, bq, bk)
+    delta = jnp.einsum("bqhd,bqhd->bqh", do.astype(f32), out.astype(f32))          # [B, Lq, H]
+    delta = delta.reshape(B, Lq, K, G).transpose(0, 2, 3, 1)                     # [B, K, G, Lq]
+    lse_b = jnp.moveaxis(lse.reshape(B, K, G, Lq // bq, bq), 3, 0)               # [nQ, B, K, G, bq]
+    delta_b = jnp.moveaxis(delta.reshape(B, K, G, Lq // bq, bq), 3, 0)
 
-    def scores(kb, valid):  # kb [B, S, K, dh], valid [B, Lq or 1, S] -> [B, K, G, Lq, S]
-        s = jnp.einsum("bqkgd,bskd->bkgqs", qg, kb.astype(f32))
-        return jnp.where(valid[:, None, None], s, _NEG)
+    def q_block(dkv, xs):
+        qb, dob, qv, lse_i, delta_i, ids_i, n_i = xs
+        qb = qb.reshape(B, bq, K, G, dh)
+        dob = dob.reshape(B, bq, K, G, dh)
 
-    # the chunk itself
-    s = scores(k, chunk_mask)
-    m = s.max(-1)
-    p = jnp.exp(s - m[..., None]) * chunk_mask[:, None, None]
-    l = p.sum(-1)
-    acc = jnp.einsum("bkgqs,bskd->bkgqd", p, v.astype(f32))
+        def body(t, c):
+            dq, dk, dv = c
+            start = ids_i[t] * bk
+            kb = jax.lax.dynamic_slice_in_dim(k, start, bk, axis=1)
+            vb = jax.lax.dynamic_slice_in_dim(v, start, bk, axis=1)
+            ok = _allowed(qv, _slice_vec(k_vec, start, bk))
+            s = _scores(qb, kb, ok, scale)
+            p = jnp.where(ok[:, None, None], jnp.exp(s - lse_i[..., None]), 0.0)        # [B, K, G, bq, bk]
+            dv_j = jnp.einsum("bkgqs,bqkgd->bskd", p.astype(do.dtype), dob, preferred_element_type=f32)
+            dp = jnp.einsum("bqkgd,bskd->bkgqs", dob, vb, preferred_element_type=f32)
+            ds = p * (dp - delta_i[..., None]) * scale
+            dq = dq + jnp.einsum("bkgqs,bskd->bqkgd", ds.astype(k.dtype), kb, preferred_element_type=f32)
+            dk_j = jnp.einsum("bkgqs,bqkgd->bskd", ds.astype(q.dtype), qb, preferred_element_type=f32)
+            dk = jax.lax.dynamic_update_slice_in_dim(dk, jax.lax.dynamic_slice_in_dim(dk, start, bk, 1) + dk_j, start, 1)
+            dv = jax.lax.dynamic_update_slice_in_dim(dv, jax.lax.dynamic_slice_in_dim(dv, start, bk, 1) + dv_j, start, 1)
+            return dq, dk, dv
 
-    # valid cache blocks only: a loop with a data-dependent trip count
-    def body(i, carry):
-        m, l, acc = carry
-        start = i * block
-        kb = jax.lax.dynamic_slice(cache_k, (layer, 0, start, 0, 0), (1, B, block, K, dh))[0]
-        vb = jax.lax.dynamic_slice(cache_v, (layer, 0, start, 0, 0), (1, B, block, K, dh))[0]
-        valid = ((start + jnp.arange(block))[None, :] < cache_len[:, None])[:, None, :]   # [B, 1, S]
-        s = scores(kb, valid)
-        m_new = jnp.maximum(m, s.max(-1))
-        corr = jnp.exp(m - m_new)
-        p = jnp.exp(s - m_new[..., None]) * valid[:, None, None]
-        return m_new, l * corr + p.sum(-1), acc * corr[..., None] + jnp.einsum("bkgqs,bskd->bkgqd", p, vb.astype(f32))
+        dq, dk, dv = jax.lax.fori_loop(0, n_i, body, (jnp.zeros((B, bq, K, G, dh), f32),) + dkv)
+        return (dk, dv), dq.reshape(B, bq, H, dh)
 
-    n_blocks = jnp.minimum((jnp.max(cache_len) + block - 1) // block, cap // block)
-    m, l, acc = jax.lax.fori_loop(0, n_blocks, body, (m, l, acc))
-    out = acc / jnp.where(l > 0, l, 1.0)[..., None]                     # [B, K, G, Lq, dh]
-    return out.transpose(0, 3, 1, 2, 4).reshape(B, Lq, H, dh).astype(q.dtype)
+    zeros = jnp.zeros(k.shape, f32)
+    xs = (_to_blocks(q, bq), _to_blocks(do, bq), MaskVectors(*(_to_blocks(a, bq) for a in q_vec)),
+          lse_b, delta_b, ids, count)
+    (dk, dv), dq = jax.lax.scan(q_block, (zeros, zeros), xs)
+    return _from_blocks(dq).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _flash(q, k, v, q_vec, k_vec, bq, bk):
+    return _forward(q, k, v, q_vec, k_vec, bq, bk)[0]
+
+
+def _flash_fwd(q, k, v, q_vec, k_vec, bq, bk):
+    out, lse, _ = _forward(q, k, v, q_vec, k_vec, bq, bk)
+    return out, (q, k, v, q_vec, k_vec, out, lse)
+
+
+def _flash_bwd(bq, bk, res, do):
+    q, k, v, q_vec, k_vec, out, lse = res
+    dq, dk, dv = _backward(q, k, v, q_vec, k_vec, bq, bk, out, lse, do)
+    return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _pad_inputs(q, k, v, q_vec, k_vec, block_q, block_k):
+    Lq, Lk = q.shape[1], k.shape[1]
+    bq, bk = _block_size(Lq, block_q), _block_size(Lk, block_k)
+    nq, nk = -(-Lq // bq) * bq, -(-Lk // bk) * bk
+    q_vec = MaskVectors(*(_pad_seq(a.astype(jnp.int32), nq) for a in q_vec))
+    k_vec = MaskVectors(*(_pad_seq(a.astype(jnp.int32), nk) for a in k_vec))
+    return _pad_seq(q, nq), _pad_seq(k, nk), _pad_seq(v, nk), q_vec, k_vec, bq, bk
+
+
+def blocked_attention(q, k, v, q_vec: MaskVectors, k_vec: MaskVectors, *, cache: Optional[CacheView] = None,
+                      block_q: Optional[int] = None, block_k: Optional[int] = None, block_cache: Optional[int] = None,
+                      return_visited: bool = False):
+    """The ``"blocked"`` implementation (see :func:`attention` for shapes and semantics).
+
+    ``block_q`` / ``block_k``: queries / keys per block (default :func:`default_block`; a sequence shorter
+    than the block is one block, longer ones are padded to a multiple internally). Differentiable (custom VJP) without a cache; with
+    a cache, forward only: the cache is read in blocks of ``block_cache`` slots (default: the largest power of
+    two <= 512 dividing its capacity), up to the longest row's valid length. ``return_visited`` (tests, no cache gradient) also
+    returns the number of key blocks computed (cache blocks included).
+    """
+    Lq = q.shape[1]
+    block_q, block_k = block_q or default_block(), block_k or default_block()
+    q_p, k_p, v_p, qv, kv, bq, bk = _pad_inputs(q, k, v, q_vec, k_vec, block_q, block_k)
+    if cache is None and not return_visited:
+        return _flash(q_p, k_p, v_p, qv, kv, bq, bk)[:, :Lq]
+    out, _, visited = _forward(q_p, k_p, v_p, qv, kv, bq, bk, cache, block_cache)
+    return (out[:, :Lq], visited) if return_visited else out[:, :Lq]

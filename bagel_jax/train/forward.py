@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from ..models import flux_vae
 from ..models.bagel import Bagel, patchify_latents
 from ..models.qwen2_mot import Routing
-from ..nn.attention import MaskVectors, dense_mask
+from ..nn.attention import MaskVectors
 
 
 class TrainNoise(NamedTuple):
@@ -78,7 +78,7 @@ def train_forward(model: Bagel, params, vae: flux_vae.AutoEncoder, vae_params, b
 
     vec = MaskVectors(batch["seg"], batch["vis"], batch["nblk"])
     is_gen = batch["kind"] == 3
-    h, _, hidden = apply(Bagel.decode, x.reshape(B, L, D), batch["positions"], dense_mask(vec, vec),
+    h, _, hidden = apply(Bagel.decode, x.reshape(B, L, D), batch["positions"], vec,
                          Routing.select(), is_gen, return_hidden=return_intermediates)
     h = h.reshape(B * L, D)
 

@@ -260,7 +260,8 @@ def run(args: argparse.Namespace) -> dict:
         raise TrainSetupError(f"data.packs_per_step={dc.packs_per_step} must be divisible by data*fsdp={nshard}")
     os.makedirs(args.workdir, exist_ok=True)
     compute = O.DTYPES[tc.compute_dtype]
-    model, vae = build_modules(cfg, dtype=compute, param_dtype=jnp.float32, remat_policy=tc.remat_policy)
+    model, vae = build_modules(cfg, dtype=compute, param_dtype=jnp.float32, remat_policy=tc.remat_policy,
+                               attention_impl=tc.attention_impl)
     shapes = param_shapes(model)
     mask = O.trainable_mask(shapes, tc)
     schedule = O.lr_schedule(tc, args.steps)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from ..config import ConfigError
+from ..nn.attention import IMPLEMENTATIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,7 @@ class TrainConfig:
     trainable: str = "all"                 # all | connector
     compute_dtype: str = "bfloat16"        # bfloat16 | float32 (master weights are always float32)
     remat_policy: str = "none"
+    attention_impl: str = "auto"           # auto | xla | blocked | pallas | cudnn (decoder and ViT)
     ce_weight: float = 1.0
     mse_weight: float = 1.0
     ce_loss_reweighting: bool = False
@@ -74,6 +76,9 @@ class TrainConfig:
             raise ConfigError(f"train: trainable must be 'all' or 'connector', got {self.trainable!r}")
         if self.compute_dtype not in ("bfloat16", "float32"):
             raise ConfigError(f"train: compute_dtype must be bfloat16 or float32, got {self.compute_dtype!r}")
+        if self.attention_impl != "auto" and self.attention_impl not in IMPLEMENTATIONS:
+            raise ConfigError(f"train: attention_impl must be one of auto, {', '.join(IMPLEMENTATIONS)}; "
+                              f"got {self.attention_impl!r}")
         if self.accum_steps < 1 or self.save_every < 1 or self.keep_checkpoints < 1:
             raise ConfigError("train: accum_steps, save_every and keep_checkpoints must be >= 1")
         if not 0.0 <= self.ema_decay < 1.0:
