@@ -16,6 +16,12 @@ Markers are text tokens (und expert); ViT tokens use the und expert; VAE latent 
 Static shapes: the row length ``L`` and the capacities (ViT tokens, latent tokens, VAE images and
 their padded size, CE tokens) are arguments; padding entries point at the dump index ``B*L`` (scatter
 with ``mode="drop"``) or carry weight 0.
+
+Expert streams (the training layout): with ``Capacities(und_tokens=U)`` every row is permuted into
+``[U und-expert slots | L-U gen-expert slots]`` (:func:`to_expert_streams`), so the decoder runs each
+expert once on its own contiguous region (``Routing.split(U)``). Tokens keep their relative order inside
+each region and every per-token value (``vis`` included: it stays the *logical* order index), so the mask
+and RoPE are unchanged; padding fills the tail of both regions.
 """
 
 from __future__ import annotations
@@ -115,6 +121,7 @@ class Capacities:
     vae_images: Optional[int] = None
     vae_hw: Optional[tuple[int, int]] = None
     ce_tokens: Optional[int] = None
+    und_tokens: Optional[int] = None     # expert-stream layout with this many und slots per row (None = logical)
 
 
 class PackingError(ValueError):
@@ -253,13 +260,120 @@ def pack(rows: Sequence[Sequence[Sequence[Item]]], special: SpecialTokens, cfg: 
     for j, (b, l, lab, w) in enumerate(ce):
         ce_index[j], ce_label[j], ce_valid[j], ce_reweight[j] = b * L + l, lab, 1.0, w
 
-    return PackedBatch(
+    out = PackedBatch(
         token_ids=row_arr(0, np.int32), kind=row_arr(1, np.int8), positions=row_arr(2, np.int32),
         seg=row_arr(3, np.int32), vis=row_arr(4, np.int32), nblk=row_arr(5, np.int32),
         vit_patches=vit_patches, vit_pos=vit_pos, vit_seg=vit_seg, vit_dest=vit_dest,
         vae_images=vae_images, vae_src=vae_src, vae_pos=vae_pos, vae_dest=vae_dest,
         vae_t_raw=vae_t_raw, vae_mse=vae_mse,
         ce_index=ce_index, ce_label=ce_label, ce_valid=ce_valid, ce_reweight=ce_reweight)
+    if caps.und_tokens is not None:
+        out, _ = to_expert_streams(out, caps.und_tokens)
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# Expert streams: [und region | gen region] per row
+# -------------------------------------------------------------------------------------------------
+
+_ROW_FIELDS = ("token_ids", "kind", "positions", "seg", "vis", "nblk")
+_INDEX_FIELDS = ("vit_dest", "vae_dest", "ce_index")   # flat indices into B*L (B*L = dump)
+
+
+def expert_counts(batch: PackedBatch) -> tuple[np.ndarray, np.ndarray]:
+    """Real tokens per row that use the und expert (text, markers, ViT) and the gen expert (VAE latents):
+    two ``[B]`` int arrays. Padding counts for neither."""
+    und = ((batch.kind == KIND_TEXT) | (batch.kind == KIND_VIT)).sum(axis=1)
+    gen = (batch.kind == KIND_VAE).sum(axis=1)
+    return und.astype(np.int64), gen.astype(np.int64)
+
+
+def _remap(batch: PackedBatch, perm: np.ndarray) -> PackedBatch:
+    """Move token ``perm[b, p]`` of row ``b`` to position ``p``; remap every flat token index."""
+    B, L = batch.shape
+    inv = np.empty_like(perm)
+    rows = np.arange(B)[:, None]
+    inv[rows, perm] = np.arange(L)[None, :]
+    new_flat = np.concatenate([(rows * L + inv).reshape(-1), [B * L]])   # the dump index stays the dump
+    d = batch.arrays()
+    for k in _ROW_FIELDS:
+        d[k] = d[k][rows, perm]
+    for k in _INDEX_FIELDS:
+        d[k] = new_flat[d[k]].astype(np.int32)
+    return PackedBatch(**d)
+
+
+def to_expert_streams(batch: PackedBatch, und_tokens: int) -> tuple[PackedBatch, np.ndarray]:
+    """Permute a logical-order batch into the expert-stream layout.
+
+    Row ``b`` becomes ``[und tokens (logical order), padding | gen tokens (logical order), padding]`` with
+    the gen region starting at ``und_tokens``. Returns ``(batch, perm)``: ``perm[b, p]`` ``[B, L]`` is the
+    logical position of the token now at physical position ``p`` (:func:`from_expert_streams` undoes it).
+    Raises :class:`PackingError` when a row has more und tokens than ``und_tokens`` or more gen tokens
+    than ``L - und_tokens``.
+    """
+    B, L = batch.shape
+    U = int(und_tokens)
+    und, gen = expert_counts(batch)
+    if not 0 <= U <= L or (und > U).any() or (gen > L - U).any():
+        raise PackingError(f"expert streams: rows need up to {int(und.max(initial=0))} und and "
+                           f"{int(gen.max(initial=0))} gen slots; the layout has {U} und and {L - U} gen slots")
+    perm = np.empty((B, L), np.int64)
+    for b in range(B):
+        is_gen = batch.kind[b] == KIND_VAE
+        is_pad = batch.kind[b] == KIND_PAD
+        u_idx = np.nonzero(~is_gen & ~is_pad)[0]
+        g_idx = np.nonzero(is_gen)[0]
+        pads = np.nonzero(is_pad)[0]
+        n_upad = U - len(u_idx)
+        perm[b] = np.concatenate([u_idx, pads[:n_upad], g_idx, pads[n_upad:]])
+    return _remap(batch, perm), perm
+
+
+def from_expert_streams(batch: PackedBatch, perm: np.ndarray) -> PackedBatch:
+    """Inverse of :func:`to_expert_streams`: the batch back in logical order."""
+    inv = np.empty_like(perm)
+    inv[np.arange(perm.shape[0])[:, None], perm] = np.arange(perm.shape[1])[None, :]
+    return _remap(batch, inv)
+
+
+def unpermute_tokens(x, perm: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Per-token values of a stream-layout batch back in logical order: ``x`` has the ``[B, L]`` token
+    axes at ``axis, axis + 1`` (e.g. ``axis=1`` for per-layer hidden states ``[layers, B, L, D]``)."""
+    x = np.moveaxis(np.asarray(x), (axis, axis + 1), (0, 1))
+    out = np.empty_like(x)
+    out[np.arange(perm.shape[0])[:, None], perm] = x
+    return np.moveaxis(out, (0, 1), (axis, axis + 1))
+
+
+def stream_layouts(row_len: int, steps: int) -> list[int]:
+    """The allowed und capacities of a row of ``row_len`` tokens: ``round(k * row_len / steps)``, k = 0..steps."""
+    return sorted({int(round(k * row_len / steps)) for k in range(steps + 1)})
+
+
+def choose_stream_layout(und: Sequence[int], gen: Sequence[int], row_buckets: Sequence[int],
+                         steps: int) -> tuple[int, int]:
+    """``(row_len, und_tokens)`` for rows with these und / gen token counts (all rows share both).
+
+    The smallest bucket with an allowed und capacity ``U`` (:func:`stream_layouts`) such that every row's
+    und tokens fit in ``U`` slots and its gen tokens in ``row_len - U``; among those ``U`` the one nearest
+    ``row_len / 2`` (so runs reuse few programs). When no bucket fits (a full row leaves too little
+    padding for the grid) the overflow length ``max(row_buckets) + ceil(max(row_buckets) / steps)`` with
+    ``U`` on the grid of step ``ceil(max / steps)`` always fits: at most ``steps + 1`` und capacities per
+    length, so ``(len(row_buckets) + 1) * (steps + 1)`` layouts in all.
+    """
+    u, g = int(max(und, default=0)), int(max(gen, default=0))
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    for L in sorted(row_buckets):
+        ok = [U for U in stream_layouts(L, steps) if U >= u and L - U >= g]
+        if ok:
+            return L, min(ok, key=lambda U: (abs(2 * U - L), U))
+    top = max(row_buckets)
+    if u + g > top:
+        raise PackingError(f"rows of {u + g} tokens exceed the largest row bucket {top}")
+    q = -(-top // steps)
+    return top + q, -(-u // q) * q
 
 
 def dense_mask_np(batch: PackedBatch) -> np.ndarray:
@@ -268,3 +382,28 @@ def dense_mask_np(batch: PackedBatch) -> np.ndarray:
     k = lambda a: a[:, None, :]
     return ((q(batch.seg) == k(batch.seg)) & (k(batch.seg) > 0) & (k(batch.vis) <= q(batch.vis))
             & ((k(batch.nblk) == 0) | (k(batch.nblk) == q(batch.nblk))))
+
+
+def allowed_pairs(seg: np.ndarray, vis: np.ndarray, nblk: np.ndarray) -> np.ndarray:
+    """Number of allowed (query, key) pairs of each row (the sum of :func:`dense_mask_np`) from the mask
+    vectors ``[..., L]`` in O(L log L) per row (no ``[L, L]`` matrix): ``[...]`` int64."""
+    seg, vis, nblk = (np.asarray(a, np.int64) for a in (seg, vis, nblk))
+    lead = seg.shape[:-1]
+    seg, vis, nblk = (a.reshape(-1, a.shape[-1]) for a in (seg, vis, nblk))
+    out = np.zeros(seg.shape[0], np.int64)
+    for r in range(seg.shape[0]):
+        real = seg[r] > 0
+        s, v, n = seg[r][real], vis[r][real], nblk[r][real]
+        if s.size == 0:
+            continue
+        span, nb = int(v.max()) + 1, int(n.max()) + 1
+        shared = n == 0                         # keys every query of the sample may see (if vis allows)
+        keys = np.sort(s[shared] * span + v[shared])
+        cnt = np.searchsorted(keys, s * span + v, "right") - np.searchsorted(keys, s * span, "left")
+        own = (s[~shared] * nb + n[~shared]) * span + v[~shared]   # noised-block keys: own block only
+        if own.size:
+            keys = np.sort(own)
+            base = (s * nb + n) * span
+            cnt = cnt + np.where(n > 0, np.searchsorted(keys, base + v, "right") - np.searchsorted(keys, base, "left"), 0)
+        out[r] = cnt.sum()
+    return out.reshape(lead)
