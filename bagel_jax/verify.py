@@ -372,13 +372,14 @@ def run_train_forward(ctx: Ctx, meta: dict, arr: dict) -> dict:
     b = packing.pack([samples], ctx.sp, ctx.cfg)
     # The training path: the official (logical) packed order permuted into expert streams, each expert
     # run once on its own tokens; per-token outputs are put back in the official order to compare.
-    und, _ = packing.expert_counts(b)
-    streams, perm = packing.to_expert_streams(b, int(und.max()))
+    und, gen = packing.expert_counts(b)
+    _, U, G = packing.choose_stream_layout(und, gen, [b.shape[1]], steps=b.shape[1])
+    streams, perm = packing.to_expert_streams(b, U, G)
     batch = {k: jnp.asarray(v) for k, v in streams.arrays().items()}
     noise = TrainNoise(jnp.asarray(nhwc(arr["vae_posterior_eps"])), jnp.asarray(arr["noise"]))
     loss, aux = train_forward(ctx.bm.model, ctx.bm.params, ctx.bm.vae, ctx.bm.vae_params, batch, noise,
                               ce_weight=float(P.get("ce_weight", 1.0)), mse_weight=float(P.get("mse_weight", 1.0)),
-                              return_intermediates=True, und_tokens=int(und.max()), ce_chunk_tokens=CE_CHUNK)
+                              return_intermediates=True, expert_split=(U, G), ce_chunk_tokens=CE_CHUNK)
     inter = dict(aux["intermediates"])
     B, L = b.shape
     inter["final_hidden"] = packing.unpermute_tokens(np.asarray(inter["final_hidden"]).reshape(B, L, -1),

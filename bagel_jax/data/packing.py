@@ -17,11 +17,12 @@ Static shapes: the row length ``L`` and the capacities (ViT tokens, latent token
 their padded size, CE tokens) are arguments; padding entries point at the dump index ``B*L`` (scatter
 with ``mode="drop"``) or carry weight 0.
 
-Expert streams (the training layout): with ``Capacities(und_tokens=U)`` every row is permuted into
-``[U und-expert slots | L-U gen-expert slots]`` (:func:`to_expert_streams`), so the decoder runs each
-expert once on its own contiguous region (``Routing.split(U)``). Tokens keep their relative order inside
-each region and every per-token value (``vis`` included: it stays the *logical* order index), so the mask
-and RoPE are unchanged; padding fills the tail of both regions.
+Expert streams (the training layout): with ``Capacities(und_tokens=U, gen_tokens=G)`` every row is
+permuted into ``[und tokens | padding | gen tokens]`` with the und tokens inside the first ``U`` slots and
+the gen tokens inside the last ``G`` (:func:`to_expert_streams`), so the decoder runs each expert once
+on its own window (``Routing.split(U, G)``). Tokens keep their relative order inside each region and
+every per-token value (``vis`` included: it stays the *logical* order index), so the mask and RoPE are
+unchanged.
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ class Capacities:
     vae_hw: Optional[tuple[int, int]] = None
     ce_tokens: Optional[int] = None
     und_tokens: Optional[int] = None     # expert-stream layout with this many und slots per row (None = logical)
+    gen_tokens: Optional[int] = None     # ... and this many gen slots (None = row_len - und_tokens)
 
 
 class PackingError(ValueError):
@@ -268,7 +270,7 @@ def pack(rows: Sequence[Sequence[Sequence[Item]]], special: SpecialTokens, cfg: 
         vae_t_raw=vae_t_raw, vae_mse=vae_mse,
         ce_index=ce_index, ce_label=ce_label, ce_valid=ce_valid, ce_reweight=ce_reweight)
     if caps.und_tokens is not None:
-        out, _ = to_expert_streams(out, caps.und_tokens)
+        out, _ = to_expert_streams(out, caps.und_tokens, caps.gen_tokens)
     return out
 
 
@@ -303,30 +305,30 @@ def _remap(batch: PackedBatch, perm: np.ndarray) -> PackedBatch:
     return PackedBatch(**d)
 
 
-def to_expert_streams(batch: PackedBatch, und_tokens: int) -> tuple[PackedBatch, np.ndarray]:
+def to_expert_streams(batch: PackedBatch, und_tokens: int,
+                      gen_tokens: Optional[int] = None) -> tuple[PackedBatch, np.ndarray]:
     """Permute a logical-order batch into the expert-stream layout.
 
-    Row ``b`` becomes ``[und tokens (logical order), padding | gen tokens (logical order), padding]`` with
-    the gen region starting at ``und_tokens``. Returns ``(batch, perm)``: ``perm[b, p]`` ``[B, L]`` is the
-    logical position of the token now at physical position ``p`` (:func:`from_expert_streams` undoes it).
-    Raises :class:`PackingError` when a row has more und tokens than ``und_tokens`` or more gen tokens
-    than ``L - und_tokens``.
+    Row ``b`` becomes ``[und tokens (logical order) | padding | gen tokens (logical order)]``: the und
+    tokens in the first ``und_tokens`` slots, the gen tokens in the last ``gen_tokens`` slots (default
+    ``L - und_tokens``; ``und_tokens + gen_tokens >= L``, the overlap is computed by both experts and
+    selected per token, ``Routing.split(und_tokens, gen_tokens)``). Returns ``(batch, perm)``:
+    ``perm[b, p]`` ``[B, L]`` is the logical position of the token now at physical position ``p``
+    (:func:`from_expert_streams` undoes it). Raises :class:`PackingError` when a row does not fit.
     """
     B, L = batch.shape
     U = int(und_tokens)
+    G = L - U if gen_tokens is None else int(gen_tokens)
     und, gen = expert_counts(batch)
-    if not 0 <= U <= L or (und > U).any() or (gen > L - U).any():
+    if not (0 <= U <= L and 0 <= G <= L and U + G >= L) or (und > U).any() or (gen > G).any():
         raise PackingError(f"expert streams: rows need up to {int(und.max(initial=0))} und and "
-                           f"{int(gen.max(initial=0))} gen slots; the layout has {U} und and {L - U} gen slots")
+                           f"{int(gen.max(initial=0))} gen slots; the layout has {U} und and {G} gen slots "
+                           f"of {L}")
     perm = np.empty((B, L), np.int64)
     for b in range(B):
         is_gen = batch.kind[b] == KIND_VAE
         is_pad = batch.kind[b] == KIND_PAD
-        u_idx = np.nonzero(~is_gen & ~is_pad)[0]
-        g_idx = np.nonzero(is_gen)[0]
-        pads = np.nonzero(is_pad)[0]
-        n_upad = U - len(u_idx)
-        perm[b] = np.concatenate([u_idx, pads[:n_upad], g_idx, pads[n_upad:]])
+        perm[b] = np.concatenate([np.nonzero(~is_gen & ~is_pad)[0], np.nonzero(is_pad)[0], np.nonzero(is_gen)[0]])
     return _remap(batch, perm), perm
 
 
@@ -346,34 +348,35 @@ def unpermute_tokens(x, perm: np.ndarray, axis: int = 0) -> np.ndarray:
     return np.moveaxis(out, (0, 1), (axis, axis + 1))
 
 
-def stream_layouts(row_len: int, steps: int) -> list[int]:
-    """The allowed und capacities of a row of ``row_len`` tokens: ``round(k * row_len / steps)``, k = 0..steps."""
-    return sorted({int(round(k * row_len / steps)) for k in range(steps + 1)})
+def _grid_ceil(n: int, row_len: int, steps: int) -> int:
+    """The smallest ``ceil(k * row_len / steps)`` (k = 0..steps) that is >= ``n``."""
+    return next(c for c in (-(-k * row_len // steps) for k in range(steps + 1)) if c >= n)
 
 
 def choose_stream_layout(und: Sequence[int], gen: Sequence[int], row_buckets: Sequence[int],
-                         steps: int) -> tuple[int, int]:
-    """``(row_len, und_tokens)`` for rows with these und / gen token counts (all rows share both).
+                         steps: int) -> tuple[int, int, int]:
+    """``(row_len, und_tokens, gen_tokens)`` shared by rows with these und / gen token counts.
 
-    The smallest bucket with an allowed und capacity ``U`` (:func:`stream_layouts`) such that every row's
-    und tokens fit in ``U`` slots and its gen tokens in ``row_len - U``; among those ``U`` the one nearest
-    ``row_len / 2`` (so runs reuse few programs). When no bucket fits (a full row leaves too little
-    padding for the grid) the overflow length ``max(row_buckets) + ceil(max(row_buckets) / steps)`` with
-    ``U`` on the grid of step ``ceil(max / steps)`` always fits: at most ``steps + 1`` und capacities per
-    length, so ``(len(row_buckets) + 1) * (steps + 1)`` layouts in all.
+    ``row_len``: the smallest bucket that holds the longest row. ``und_tokens``: the smallest grid value
+    ``ceil(k * row_len / steps)`` (k = 0..steps) holding every row's und tokens. ``gen_tokens``: the rest
+    of the row when every row's gen tokens fit there (no token runs twice), else the smallest grid value
+    holding them; then the windows overlap and the overlap runs both experts (rows of a batch differ in
+    their und/gen mix; a shared split cannot fit them all without either this overlap or a longer row,
+    and a longer row would break the memory budget of the largest bucket).
+    Distinct layouts per row bucket: at most ``(steps + 1) * (steps + 2)``.
     """
-    u, g = int(max(und, default=0)), int(max(gen, default=0))
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    for L in sorted(row_buckets):
-        ok = [U for U in stream_layouts(L, steps) if U >= u and L - U >= g]
-        if ok:
-            return L, min(ok, key=lambda U: (abs(2 * U - L), U))
-    top = max(row_buckets)
-    if u + g > top:
-        raise PackingError(f"rows of {u + g} tokens exceed the largest row bucket {top}")
-    q = -(-top // steps)
-    return top + q, -(-u // q) * q
+    rows = [int(u) + int(g) for u, g in zip(und, gen)]
+    need = max(rows, default=0)
+    fits = [b for b in sorted(row_buckets) if b >= need]
+    if not fits:
+        raise PackingError(f"a row of {need} tokens exceeds the largest row bucket {max(row_buckets)}")
+    L = fits[0]
+    u, g = int(max(und, default=0)), int(max(gen, default=0))
+    U = _grid_ceil(u, L, steps)
+    G = L - U if g <= L - U else _grid_ceil(g, L, steps)
+    return L, U, G
 
 
 def dense_mask_np(batch: PackedBatch) -> np.ndarray:

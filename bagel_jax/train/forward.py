@@ -39,7 +39,7 @@ def shift_timesteps(t: jax.Array, shift: float) -> jax.Array:
 def train_forward(model: Bagel, params, vae: flux_vae.AutoEncoder, vae_params, batch: Mapping[str, Any],
                   noise: TrainNoise, ce_weight: float = 1.0, mse_weight: float = 1.0,
                   ce_loss_reweighting: bool = False, token_loss_weights: Optional[jax.Array] = None,
-                  return_intermediates: bool = False, und_tokens: Optional[int] = None,
+                  return_intermediates: bool = False, expert_split: Optional[tuple[int, int]] = None,
                   ce_chunk_tokens: Optional[int] = None):
     """Losses of one packed batch (arrays of :class:`bagel_jax.data.packing.PackedBatch`).
 
@@ -48,9 +48,9 @@ def train_forward(model: Bagel, params, vae: flux_vae.AutoEncoder, vae_params, b
     ``token_loss_weights`` optionally scales the CE of each CE token (e.g. an extra weight on
     ``<|vision_start|>`` labels).
 
-    ``und_tokens`` (static): the batch is in the expert-stream layout
-    (:func:`bagel_jax.data.packing.to_expert_streams`) with this many und slots per row, and each
-    decoder layer runs each expert once on its own region (``Routing.split``). ``None`` means a
+    ``expert_split`` (static ``(und_tokens, gen_tokens)``): the batch is in the expert-stream layout
+    (:func:`bagel_jax.data.packing.to_expert_streams`) with these und / gen windows per row, and each
+    decoder layer runs each expert once on its own window (``Routing.split``). ``None`` means a
     logical-order batch: both experts run on every token and one is selected (``Routing.select``,
     twice the expert FLOPs; the test oracle of the stream layout, not a training path).
     ``ce_chunk_tokens`` (static): CE tokens per chunk of the LM head + log-softmax (:func:`chunked_ce`;
@@ -87,10 +87,8 @@ def train_forward(model: Bagel, params, vae: flux_vae.AutoEncoder, vae_params, b
         x = x.at[batch["vae_dest"]].set(emb.astype(x.dtype), mode="drop")
 
     vec = MaskVectors(batch["seg"], batch["vis"], batch["nblk"])
-    if und_tokens is None:
-        routing, is_gen = Routing.select(), batch["kind"] == 3
-    else:
-        routing, is_gen = Routing.split(und_tokens), None
+    is_gen = batch["kind"] == 3
+    routing = Routing.select() if expert_split is None else Routing.split(*expert_split)
     h, _, hidden = apply(Bagel.decode, x.reshape(B, L, D), batch["positions"], dense_mask(vec, vec),
                          routing, is_gen, return_hidden=return_intermediates)
     h = h.reshape(B * L, D)

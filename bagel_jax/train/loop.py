@@ -374,7 +374,7 @@ def run(args: argparse.Namespace) -> dict:
             t0 = time.perf_counter()
             gbatch = shd.put_batch(batch, mesh)
             n_compiled = len(step_fn.cache)
-            state, m = step_fn(state, gbatch, vae_params, S.batch_und_tokens(batch))
+            state, m = step_fn(state, gbatch, vae_params, S.batch_expert_split(batch))
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             dt = time.perf_counter() - t0
             step += 1
