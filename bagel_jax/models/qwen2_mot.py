@@ -140,7 +140,7 @@ class MoTLayer(nn.Module):
           cos, sin: ``[batch, seq, head_dim]`` RoPE tables for the tokens' positions.
           mask: ``[batch, seq, seq]`` bool among this chunk's tokens (with a cache, every valid cache slot
             is visible to every query on top of it).
-          is_gen: ``[batch, seq]`` bool for ``Routing.select``, else unused.
+          is_gen: ``[batch, seq]`` bool for ``Routing.select`` and an overlapping ``Routing.split``, else unused.
           cache: None or ``(k, v, length)``: all layers' cached keys/values
             ``[layers, batch, capacity, kv_heads, head_dim]`` and valid slots per row ``[batch]``;
             ``layer`` is this layer's index into them.
