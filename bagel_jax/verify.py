@@ -44,6 +44,8 @@ from .train.forward import TrainNoise, train_forward
 
 RTOL_FORWARD = 1e-4
 RTOL_SAMPLING = 1e-3
+# CE tokens per chunk in the train_forward case: small, so the fixture's CE runs in several chunks
+CE_CHUNK = 8
 
 
 class CaseError(RuntimeError):
@@ -370,7 +372,12 @@ def train_forward_inputs(ctx: Ctx, meta: dict, arr: dict):
         else:
             raise CaseError(f"train_forward: unsupported sample kind {kind!r} (supported: vlm, t2i)")
     b = packing.pack([samples], ctx.sp, ctx.cfg)
-    batch = {k: jnp.asarray(v) for k, v in b.arrays().items()}
+    # The training path: the official (logical) packed order permuted into expert streams, each expert
+    # run once on its own tokens; per-token outputs are put back in the official order to compare.
+    und, gen = packing.expert_counts(b)
+    _, U, G = packing.choose_stream_layout(und, gen, [b.shape[1]], steps=b.shape[1])
+    streams, perm = packing.to_expert_streams(b, U, G)
+    batch = {k: jnp.asarray(v) for k, v in streams.arrays().items()}
     noise = TrainNoise(jnp.asarray(nhwc(arr["vae_posterior_eps"])), jnp.asarray(arr["noise"]))
     return b, batch, noise
 
@@ -381,8 +388,12 @@ def run_train_forward(ctx: Ctx, meta: dict, arr: dict) -> dict:
     samples = P["samples"]
     loss, aux = train_forward(ctx.bm.model, ctx.bm.params, ctx.bm.vae, ctx.bm.vae_params, batch, noise,
                               ce_weight=float(P.get("ce_weight", 1.0)), mse_weight=float(P.get("mse_weight", 1.0)),
-                              return_intermediates=True)
-    inter = aux["intermediates"]
+                              return_intermediates=True, expert_split=(U, G), ce_chunk_tokens=CE_CHUNK)
+    inter = dict(aux["intermediates"])
+    B, L = b.shape
+    inter["final_hidden"] = packing.unpermute_tokens(np.asarray(inter["final_hidden"]).reshape(B, L, -1),
+                                                     perm).reshape(B * L, -1)
+    inter["hidden"] = packing.unpermute_tokens(inter["hidden"], perm, axis=1)
     text_pos = np.nonzero(b.kind[0] == packing.KIND_TEXT)[0]
     out = dict(packed_text_ids=b.token_ids[0][text_pos], packed_text_indexes=text_pos,
                packed_position_ids=b.positions[0], packed_vit_position_ids=b.vit_pos,

@@ -11,6 +11,7 @@ different fusion/scheduling); attention is the dense reference path (an [L, L] m
 """
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -65,6 +66,8 @@ def main():
     batch = {k: jax.ShapeDtypeStruct((A, G) + s, d, sharding=shd.batch_sharding(mesh, 2 + len(s)))
              for k, (s, d) in fields.items()}
     step = S.make_train_step(model, vae, tc, mask, opt, O.lr_schedule(tc, 1000), None, ssh["params"])
+    # the training layout: expert streams, here half und / half gen slots (memory barely depends on it)
+    step = functools.partial(step, expert_split=(L // 2, L - L // 2))
     jitted = jax.jit(step, in_shardings=(ssh, {k: v.sharding for k, v in batch.items()}, vsh),
                      out_shardings=(ssh, shd.replicated(mesh)), donate_argnums=(0,))
     n = O.count_params(shapes)

@@ -1,87 +1,127 @@
-"""Train-step throughput at a small config on this machine: tokens/s and an MFU estimate.
+"""Training forward + backward: expert streams (each expert runs once, ``Routing.split``) against the
+old path (both experts on every token, ``Routing.select``), on the same packed batch.
 
-    python bench/bench_train.py [--config configs/train-tiny.yaml] [--steps 20] [--packs 4] [--mesh data=1,fsdp=1,tensor=1]
+    PYTHONPATH=. python bench/bench_train.py [--tokens 1024,4096] [--hidden 512] [--layers 4] [--repeat 3]
 
-Builds a synthetic dataset in a temp folder, compiles the step once (not timed), then times ``--steps``
-steps (batches are pre-built, so the figures are the jitted step alone). MFU uses
-``bagel_jax.train.loop.step_flops`` (model FLOPs, 3x forward) over ``train.peak_tflops_per_device``
-(default: a nominal 0.1 TFLOP/s per CPU device - pass ``train.peak_tflops_per_device=...`` to use your
-CPU's measured peak).
+For each pack length one pack is built by the real packing code (text with and without loss, ViT
+images, clean and noised VAE images, several samples) in the logical order; the stream path runs the
+same pack permuted by ``packing.to_expert_streams``. Timed: ``jax.value_and_grad`` of
+``train_forward`` (the loss of the train step; no optimiser update), jitted, compile excluded; median
+of ``--repeat`` runs per path, the two paths alternating so that machine load hits both alike.
+Attention is whatever the decoder uses by default. The model FLOPs per step
+(``bagel_jax.train.loop.step_flops``: each real token through one expert, attention over the allowed
+pairs) are the same for both paths; GFLOP/s divides them by the measured time.
 """
+
+from __future__ import annotations
 
 import argparse
 import os
 import sys
-import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-ap.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "train-tiny.yaml"))
-ap.add_argument("--steps", type=int, default=20, help="timed steps")
-ap.add_argument("--packs", type=int, default=4, help="packs per step")
-ap.add_argument("--mesh", default="data=1,fsdp=1,tensor=1")
-ap.add_argument("--data", default=None, help="data folder (default: a fresh synthetic one)")
-ap.add_argument("overrides", nargs="*", help="config overrides section.key=value")
-args = ap.parse_args()
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench._common import small_config, small_model  # noqa: E402
+from bagel_jax.data import packing  # noqa: E402
+from bagel_jax.data.packing import Capacities, TextItem, VaeItem, VitItem  # noqa: E402
+from bagel_jax.train.forward import draw_noise, train_forward  # noqa: E402
+from bagel_jax.train.loop import step_flops  # noqa: E402
+
+
+def build_pack(cfg, special, tokens: int, seed: int = 0) -> packing.PackedBatch:
+    """One logical-order pack of at most ``tokens`` tokens: t2i, VQA and edit-like samples in turn."""
+    rng = np.random.default_rng(seed)
+    ids = lambda n: [int(v) for v in rng.integers(10, 500, n)]
+    im = lambda h, w: rng.uniform(-1, 1, (3, h, w)).astype(np.float32)
+    makers = [
+        lambda: [TextItem(ids(24), loss=True), VaeItem(im(128, 128), loss=True, t_raw=float(rng.normal()))],
+        lambda: [VitItem(im(112, 112)), TextItem(ids(12)), TextItem(ids(40), loss=True)],
+        lambda: [VaeItem(im(64, 64)), VitItem(im(56, 56)), TextItem(ids(16)),
+                 VaeItem(im(128, 128), loss=True, t_raw=float(rng.normal()))],
+    ]
+    samples, used, i = [], 0, 0
+    while True:
+        s = makers[i % len(makers)]()
+        n = packing.pack([[s]], special, cfg).shape[1]
+        if used + n > tokens:
+            break
+        samples.append(s)
+        used += n
+        i += 1
+    b = packing.pack([samples], special, cfg)
+    return packing.pack([samples], special, cfg,
+                        Capacities(rows=1, row_len=tokens, vit_tokens=b.vit_seg.shape[0],
+                                   latent_tokens=b.vae_src.shape[0], vae_images=b.vae_images.shape[0],
+                                   ce_tokens=b.ce_index.shape[0]))
 
 
 def main():
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", default="1024,4096", help="comma-separated tokens per pack")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs per path (median reported)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--ce-chunk", type=int, default=1024, help="CE tokens per chunk (train.ce_chunk_tokens)")
+    args = ap.parse_args()
 
-    from bagel_jax import sharding as shd
-    from bagel_jax.data import synthetic
-    from bagel_jax.data.loader import PackedIterator
-    from bagel_jax.loading import build_modules, random_model
-    from bagel_jax.models.bagel import param_shapes
-    from bagel_jax.tokenizer import load_tokenizer
-    from bagel_jax.train import optimizer as O, step as S
-    from bagel_jax.train.loop import load_train_config, peak_flops_per_device, step_flops
+    cfg = small_config(args.hidden, args.layers, vocab=args.vocab)
+    dtype = jnp.float32 if args.dtype == "float32" else jnp.bfloat16
+    bm = small_model(cfg, dtype=dtype)
+    special = bm.tokenizer.special
+    print(f"config: hidden {args.hidden}, layers {args.layers}, vocab {args.vocab}, compute {args.dtype}, "
+          f"backend {jax.default_backend()} x {jax.device_count()}")
+    if hasattr(os, "getloadavg"):
+        print("load average before: %.2f %.2f %.2f" % os.getloadavg())
 
-    raw, cfg, tc, dc = load_train_config(args.config, [f"data.packs_per_step={args.packs}", *args.overrides])
-    data = args.data or os.path.join(tempfile.mkdtemp(), "syn")
-    if not os.path.isfile(os.path.join(data, "dataset.yaml")):
-        synthetic.write(data, num=64, seed=0)
-    tok = load_tokenizer(os.path.join(data, "tokenizer"))
-    mesh = shd.make_mesh(**shd.parse_mesh(args.mesh))
-    model, vae = build_modules(cfg, dtype=O.DTYPES[tc.compute_dtype], param_dtype=jnp.float32,
-                               remat_policy=tc.remat_policy)
-    bm = random_model(cfg, jax.random.PRNGKey(0))
-    shapes = param_shapes(model)
-    mask = O.trainable_mask(shapes, tc)
-    opt = O.make_optimizer(tc, mask, 1000)
-    state, ssh = S.init_state(bm.params, opt, 0, mesh)
-    vsh = shd.tree_shardings(bm.vae_params, mesh)
-    vae_params = jax.device_put(bm.vae_params, vsh)
-    fn = S.jit_train_step(S.make_train_step(model, vae, tc, mask, opt, O.lr_schedule(tc, 1000), None, ssh["params"]),
-                          ssh, mesh, vsh)
-    it = PackedIterator(data, dc, cfg, tok, accum=tc.accum_steps)
-    batches = [it.next_batch() for _ in range(args.steps + 1)]
-    t = time.perf_counter()
-    state, m = fn(state, shd.put_batch(batches[0][0], mesh), vae_params)
-    jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t
-    times, toks, flops = [], 0, 0.0
-    for b, n in batches[1:]:
-        gb = shd.put_batch(b, mesh)
-        t = time.perf_counter()
-        state, m = fn(state, gb, vae_params)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t)
-        toks += n
-        flops += step_flops(cfg, b)
-    total = sum(times)
-    peak = peak_flops_per_device(tc) * jax.device_count()
-    print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}, mesh {dict(mesh.shape)}")
-    print(f"model: {O.count_params(shapes) / 1e6:.2f}M params, compute {tc.compute_dtype}; "
-          f"{dc.packs_per_step} packs x {max(dc.row_buckets)} tokens per step")
-    print(f"first step (compile + run): {compile_s:.1f}s")
-    print(f"step time: median {np.median(times) * 1e3:.1f} ms, mean {total / len(times) * 1e3:.1f} ms over {len(times)} steps")
-    print(f"throughput: {toks / total:.0f} real tokens/s; model FLOPs {flops / total / 1e9:.2f} GFLOP/s; "
-          f"MFU estimate {flops / total / peak:.2%} of {peak / 1e12:.2f} TFLOP/s")
+    def make(expert_split):
+        def loss(params, vae_params, batch, noise):
+            return train_forward(bm.model, params, bm.vae, vae_params, batch, noise, expert_split=expert_split,
+                                 ce_chunk_tokens=args.ce_chunk)[0]
+        return jax.jit(jax.value_and_grad(loss))
+
+    rows = []
+    for T in [int(t) for t in args.tokens.split(",")]:
+        logical = build_pack(cfg, special, T)
+        und, gen = packing.expert_counts(logical)
+        U = int(und.max())
+        streams, _ = packing.to_expert_streams(logical, U)
+        noise = draw_noise(jax.random.PRNGKey(0), logical.arrays(), cfg)
+        paths = {"select": (make(None), {k: jnp.asarray(v) for k, v in logical.arrays().items()}),
+                 "split": (make((U, T - U)), {k: jnp.asarray(v) for k, v in streams.arrays().items()})}
+        compile_s, times, losses = {}, {k: [] for k in paths}, {}
+        for name, (fn, batch) in paths.items():
+            t = time.perf_counter()
+            v, g = fn(bm.params, bm.vae_params, batch, noise)
+            jax.block_until_ready(g)
+            compile_s[name] = time.perf_counter() - t
+            losses[name] = float(v)
+        for _ in range(args.repeat):
+            for name, (fn, batch) in paths.items():
+                t = time.perf_counter()
+                jax.block_until_ready(fn(bm.params, bm.vae_params, batch, noise))
+                times[name].append(time.perf_counter() - t)
+        flops = step_flops(cfg, logical.arrays())
+        med = {k: float(np.median(v)) for k, v in times.items()}
+        real = int((logical.seg > 0).sum())
+        print(f"\n{T} tokens per pack ({real} real: {int(und[0])} und, {int(gen[0])} gen; "
+              f"{int(logical.ce_valid.sum())} CE tokens); loss select {losses['select']:.6f} split {losses['split']:.6f}")
+        for name in paths:
+            print(f"  {name:6s}: median {med[name]:.3f} s over {args.repeat} (runs {', '.join(f'{x:.3f}' for x in times[name])}; "
+                  f"first call incl. compile {compile_s[name]:.1f} s); {flops / med[name] / 1e9:.1f} model GFLOP/s")
+        print(f"  speed-up split vs select: {med['select'] / med['split']:.2f}x")
+        rows.append((T, med["select"], med["split"]))
+    print("\n| tokens/pack | select fwd+bwd (s) | split fwd+bwd (s) | speed-up |\n|---|---|---|---|")
+    for T, a, b in rows:
+        print(f"| {T} | {a:.3f} | {b:.3f} | {a / b:.2f}x |")
+    if hasattr(os, "getloadavg"):
+        print("load average after: %.2f %.2f %.2f" % os.getloadavg())
 
 
 if __name__ == "__main__":

@@ -11,7 +11,13 @@ overflowing sample cannot be parked; that sample is dropped).
 Static shapes (the only bucketed shapes of training): every array of a step is padded to
 ``row_len`` = the smallest of ``row_buckets`` that holds the longest pack (ViT, latent and CE token
 capacities equal ``row_len``), ``vae_images_per_pack`` VAE images of the smallest ``vae_hw_buckets``
-entry that holds them. So a run compiles at most ``len(row_buckets) * len(vae_hw_buckets)`` programs.
+entry that holds them. Every pack is laid out as expert streams (``packing.to_expert_streams``: und
+tokens in the first ``und_tokens`` slots, gen tokens in the last ``gen_tokens``) with one split for the
+whole step from ``packing.choose_stream_layout`` (values on a grid of ``und_split_steps`` steps of
+``row_len``). So a run compiles at most ``len(row_buckets) * len(vae_hw_buckets) * (und_split_steps + 1)
+* (und_split_steps + 2)`` programs (distinct row length, VAE size and split; a run sees far fewer).
+The split travels with the batch as the array ``expert_split`` ``[accum, packs, 2]`` (und, gen slots)
+and reaches the jitted step as a static argument (``bagel_jax.train.step.batch_expert_split``).
 Note: zero-padding the VAE batch to the bucket (rather than to the batch maximum as the official code
 does) changes the latents of smaller images slightly (GroupNorm sees the padding; BAGEL.md 12.20).
 
@@ -57,6 +63,7 @@ class DataConfig:
     row_buckets: tuple[int, ...] = (128, 256)
     vae_images_per_pack: int = 12
     vae_hw_buckets: tuple[tuple[int, int], ...] = ((64, 64),)
+    und_split_steps: int = 8                   # grid of expert-stream capacities per row bucket (module doc)
     packs_per_step: int = 1                    # global number of packs per (micro)step
     prefetch: int = 2
 
@@ -95,6 +102,9 @@ class DataConfig:
         for p in (self.dropout_text, self.dropout_vit, self.dropout_vae):
             if not 0.0 <= p <= 1.0:
                 raise DataConfigError(f"data: dropout probabilities must be in [0, 1], got {p}")
+        if isinstance(self.und_split_steps, bool) or not isinstance(self.und_split_steps, int) \
+                or self.und_split_steps < 1:
+            raise DataConfigError(f"data: und_split_steps must be an integer >= 1, got {self.und_split_steps!r}")
         if self.packs_per_step < 1 or self.vae_images_per_pack < 0:
             raise DataConfigError("data: packs_per_step must be >= 1 and vae_images_per_pack >= 0")
 
@@ -256,15 +266,21 @@ class PackedIterator:
         d = self.dcfg
         lens = [sum(sample_stats(s, self.cfg.vit.patch_size, self.cfg.latent_downsample).tokens for s in p)
                 for p in packs]
-        row_len = min(b for b in d.row_buckets if b >= max(lens))
+        ds = self.cfg.latent_downsample
+        gen = [sum((it.image.shape[1] // ds) * (it.image.shape[2] // ds) for s in p for it in s
+                   if isinstance(it, packing.VaeItem)) for p in packs]
+        row_len, und_tokens, gen_tokens = packing.choose_stream_layout(
+            [n - g for n, g in zip(lens, gen)], gen, d.row_buckets, d.und_split_steps)
         hw = [it.image.shape[1:] for p in packs for s in p for it in s if isinstance(it, packing.VaeItem)]
         mh, mw = max([h for h, _ in hw], default=0), max([w for _, w in hw], default=0)
         vae_hw = min((b for b in d.vae_hw_buckets if b[0] >= mh and b[1] >= mw), key=lambda b: b[0] * b[1])
         caps = packing.Capacities(rows=1, row_len=row_len, vit_tokens=row_len, latent_tokens=row_len,
-                                  vae_images=max(d.vae_images_per_pack, 1), vae_hw=tuple(vae_hw), ce_tokens=row_len)
+                                  vae_images=max(d.vae_images_per_pack, 1), vae_hw=tuple(vae_hw), ce_tokens=row_len,
+                                  und_tokens=und_tokens, gen_tokens=gen_tokens)
         batches = [packing.pack([p], self.tok.special, self.cfg, caps).arrays() for p in packs]
         out = {k: np.stack([b[k] for b in batches]).reshape((self.accum, self.packs) + batches[0][k].shape)
                for k in batches[0]}
+        out["expert_split"] = np.tile(np.array([und_tokens, gen_tokens], np.int32), (self.accum, self.packs, 1))
         return out, int(sum(lens))
 
     def __iter__(self):

@@ -16,6 +16,13 @@ Markers are text tokens (und expert); ViT tokens use the und expert; VAE latent 
 Static shapes: the row length ``L`` and the capacities (ViT tokens, latent tokens, VAE images and
 their padded size, CE tokens) are arguments; padding entries point at the dump index ``B*L`` (scatter
 with ``mode="drop"``) or carry weight 0.
+
+Expert streams (the training layout): with ``Capacities(und_tokens=U, gen_tokens=G)`` every row is
+permuted into ``[und tokens | padding | gen tokens]`` with the und tokens inside the first ``U`` slots and
+the gen tokens inside the last ``G`` (:func:`to_expert_streams`), so the decoder runs each expert once
+on its own window (``Routing.split(U, G)``). Tokens keep their relative order inside each region and
+every per-token value (``vis`` included: it stays the *logical* order index), so the mask and RoPE are
+unchanged.
 """
 
 from __future__ import annotations
@@ -115,6 +122,8 @@ class Capacities:
     vae_images: Optional[int] = None
     vae_hw: Optional[tuple[int, int]] = None
     ce_tokens: Optional[int] = None
+    und_tokens: Optional[int] = None     # expert-stream layout with this many und slots per row (None = logical)
+    gen_tokens: Optional[int] = None     # ... and this many gen slots (None = row_len - und_tokens)
 
 
 class PackingError(ValueError):
@@ -253,13 +262,121 @@ def pack(rows: Sequence[Sequence[Sequence[Item]]], special: SpecialTokens, cfg: 
     for j, (b, l, lab, w) in enumerate(ce):
         ce_index[j], ce_label[j], ce_valid[j], ce_reweight[j] = b * L + l, lab, 1.0, w
 
-    return PackedBatch(
+    out = PackedBatch(
         token_ids=row_arr(0, np.int32), kind=row_arr(1, np.int8), positions=row_arr(2, np.int32),
         seg=row_arr(3, np.int32), vis=row_arr(4, np.int32), nblk=row_arr(5, np.int32),
         vit_patches=vit_patches, vit_pos=vit_pos, vit_seg=vit_seg, vit_dest=vit_dest,
         vae_images=vae_images, vae_src=vae_src, vae_pos=vae_pos, vae_dest=vae_dest,
         vae_t_raw=vae_t_raw, vae_mse=vae_mse,
         ce_index=ce_index, ce_label=ce_label, ce_valid=ce_valid, ce_reweight=ce_reweight)
+    if caps.und_tokens is not None:
+        out, _ = to_expert_streams(out, caps.und_tokens, caps.gen_tokens)
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# Expert streams: [und region | gen region] per row
+# -------------------------------------------------------------------------------------------------
+
+_ROW_FIELDS = ("token_ids", "kind", "positions", "seg", "vis", "nblk")
+_INDEX_FIELDS = ("vit_dest", "vae_dest", "ce_index")   # flat indices into B*L (B*L = dump)
+
+
+def expert_counts(batch: PackedBatch) -> tuple[np.ndarray, np.ndarray]:
+    """Real tokens per row that use the und expert (text, markers, ViT) and the gen expert (VAE latents):
+    two ``[B]`` int arrays. Padding counts for neither."""
+    und = ((batch.kind == KIND_TEXT) | (batch.kind == KIND_VIT)).sum(axis=1)
+    gen = (batch.kind == KIND_VAE).sum(axis=1)
+    return und.astype(np.int64), gen.astype(np.int64)
+
+
+def _remap(batch: PackedBatch, perm: np.ndarray) -> PackedBatch:
+    """Move token ``perm[b, p]`` of row ``b`` to position ``p``; remap every flat token index."""
+    B, L = batch.shape
+    inv = np.empty_like(perm)
+    rows = np.arange(B)[:, None]
+    inv[rows, perm] = np.arange(L)[None, :]
+    new_flat = np.concatenate([(rows * L + inv).reshape(-1), [B * L]])   # the dump index stays the dump
+    d = batch.arrays()
+    for k in _ROW_FIELDS:
+        d[k] = d[k][rows, perm]
+    for k in _INDEX_FIELDS:
+        d[k] = new_flat[d[k]].astype(np.int32)
+    return PackedBatch(**d)
+
+
+def to_expert_streams(batch: PackedBatch, und_tokens: int,
+                      gen_tokens: Optional[int] = None) -> tuple[PackedBatch, np.ndarray]:
+    """Permute a logical-order batch into the expert-stream layout.
+
+    Row ``b`` becomes ``[und tokens (logical order) | padding | gen tokens (logical order)]``: the und
+    tokens in the first ``und_tokens`` slots, the gen tokens in the last ``gen_tokens`` slots (default
+    ``L - und_tokens``; ``und_tokens + gen_tokens >= L``, the overlap is computed by both experts and
+    selected per token, ``Routing.split(und_tokens, gen_tokens)``). Returns ``(batch, perm)``:
+    ``perm[b, p]`` ``[B, L]`` is the logical position of the token now at physical position ``p``
+    (:func:`from_expert_streams` undoes it). Raises :class:`PackingError` when a row does not fit.
+    """
+    B, L = batch.shape
+    U = int(und_tokens)
+    G = L - U if gen_tokens is None else int(gen_tokens)
+    und, gen = expert_counts(batch)
+    if not (0 <= U <= L and 0 <= G <= L and U + G >= L) or (und > U).any() or (gen > G).any():
+        raise PackingError(f"expert streams: rows need up to {int(und.max(initial=0))} und and "
+                           f"{int(gen.max(initial=0))} gen slots; the layout has {U} und and {G} gen slots "
+                           f"of {L}")
+    perm = np.empty((B, L), np.int64)
+    for b in range(B):
+        is_gen = batch.kind[b] == KIND_VAE
+        is_pad = batch.kind[b] == KIND_PAD
+        perm[b] = np.concatenate([np.nonzero(~is_gen & ~is_pad)[0], np.nonzero(is_pad)[0], np.nonzero(is_gen)[0]])
+    return _remap(batch, perm), perm
+
+
+def from_expert_streams(batch: PackedBatch, perm: np.ndarray) -> PackedBatch:
+    """Inverse of :func:`to_expert_streams`: the batch back in logical order."""
+    inv = np.empty_like(perm)
+    inv[np.arange(perm.shape[0])[:, None], perm] = np.arange(perm.shape[1])[None, :]
+    return _remap(batch, inv)
+
+
+def unpermute_tokens(x, perm: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Per-token values of a stream-layout batch back in logical order: ``x`` has the ``[B, L]`` token
+    axes at ``axis, axis + 1`` (e.g. ``axis=1`` for per-layer hidden states ``[layers, B, L, D]``)."""
+    x = np.moveaxis(np.asarray(x), (axis, axis + 1), (0, 1))
+    out = np.empty_like(x)
+    out[np.arange(perm.shape[0])[:, None], perm] = x
+    return np.moveaxis(out, (0, 1), (axis, axis + 1))
+
+
+def _grid_ceil(n: int, row_len: int, steps: int) -> int:
+    """The smallest ``ceil(k * row_len / steps)`` (k = 0..steps) that is >= ``n``."""
+    return next(c for c in (-(-k * row_len // steps) for k in range(steps + 1)) if c >= n)
+
+
+def choose_stream_layout(und: Sequence[int], gen: Sequence[int], row_buckets: Sequence[int],
+                         steps: int) -> tuple[int, int, int]:
+    """``(row_len, und_tokens, gen_tokens)`` shared by rows with these und / gen token counts.
+
+    ``row_len``: the smallest bucket that holds the longest row. ``und_tokens``: the smallest grid value
+    ``ceil(k * row_len / steps)`` (k = 0..steps) holding every row's und tokens. ``gen_tokens``: the rest
+    of the row when every row's gen tokens fit there (no token runs twice), else the smallest grid value
+    holding them; then the windows overlap and the overlap runs both experts (rows of a batch differ in
+    their und/gen mix; a shared split cannot fit them all without either this overlap or a longer row,
+    and a longer row would break the memory budget of the largest bucket).
+    Distinct layouts per row bucket: at most ``(steps + 1) * (steps + 2)``.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    rows = [int(u) + int(g) for u, g in zip(und, gen)]
+    need = max(rows, default=0)
+    fits = [b for b in sorted(row_buckets) if b >= need]
+    if not fits:
+        raise PackingError(f"a row of {need} tokens exceeds the largest row bucket {max(row_buckets)}")
+    L = fits[0]
+    u, g = int(max(und, default=0)), int(max(gen, default=0))
+    U = _grid_ceil(u, L, steps)
+    G = L - U if g <= L - U else _grid_ceil(g, L, steps)
+    return L, U, G
 
 
 def dense_mask_np(batch: PackedBatch) -> np.ndarray:
@@ -268,3 +385,28 @@ def dense_mask_np(batch: PackedBatch) -> np.ndarray:
     k = lambda a: a[:, None, :]
     return ((q(batch.seg) == k(batch.seg)) & (k(batch.seg) > 0) & (k(batch.vis) <= q(batch.vis))
             & ((k(batch.nblk) == 0) | (k(batch.nblk) == q(batch.nblk))))
+
+
+def allowed_pairs(seg: np.ndarray, vis: np.ndarray, nblk: np.ndarray) -> np.ndarray:
+    """Number of allowed (query, key) pairs of each row (the sum of :func:`dense_mask_np`) from the mask
+    vectors ``[..., L]`` in O(L log L) per row (no ``[L, L]`` matrix): ``[...]`` int64."""
+    seg, vis, nblk = (np.asarray(a, np.int64) for a in (seg, vis, nblk))
+    lead = seg.shape[:-1]
+    seg, vis, nblk = (a.reshape(-1, a.shape[-1]) for a in (seg, vis, nblk))
+    out = np.zeros(seg.shape[0], np.int64)
+    for r in range(seg.shape[0]):
+        real = seg[r] > 0
+        s, v, n = seg[r][real], vis[r][real], nblk[r][real]
+        if s.size == 0:
+            continue
+        span, nb = int(v.max()) + 1, int(n.max()) + 1
+        shared = n == 0                         # keys every query of the sample may see (if vis allows)
+        keys = np.sort(s[shared] * span + v[shared])
+        cnt = np.searchsorted(keys, s * span + v, "right") - np.searchsorted(keys, s * span, "left")
+        own = (s[~shared] * nb + n[~shared]) * span + v[~shared]   # noised-block keys: own block only
+        if own.size:
+            keys = np.sort(own)
+            base = (s * nb + n) * span
+            cnt = cnt + np.where(n > 0, np.searchsorted(keys, base + v, "right") - np.searchsorted(keys, base, "left"), 0)
+        out[r] = cnt.sum()
+    return out.reshape(lead)

@@ -12,6 +12,9 @@ Routing (which expert a token uses) is given by a :class:`Routing` value:
 * ``Routing.split(n)``: the first ``n`` tokens of each row use und, the rest gen — no wasted
   FLOPs; packing places tokens accordingly (attention does not depend on physical order, because
   the mask comes from per-token vectors and RoPE positions are explicit);
+  ``Routing.split(n, g)`` with ``n + g > seq``: und runs on the first ``n`` tokens, gen on the last
+  ``g``, and only the overlap of the two windows is computed by both and selected by ``is_gen``
+  (the training layout of :func:`bagel_jax.data.packing.to_expert_streams`);
 * ``Routing.select()`` with a per-token ``is_gen`` array: both experts are computed on every token
   and selected per token (simple, 2x the expert FLOPs; used where the layout is arbitrary).
 """
@@ -34,7 +37,8 @@ from ..nn.layers import RMSNorm, apply_rope, maybe_remat, rope_cos_sin
 @dataclasses.dataclass(frozen=True)
 class Routing:
     kind: str                   # "und" | "gen" | "split" | "select"
-    n_und: int = 0              # for "split"
+    n_und: int = 0              # for "split": und window = the first n_und tokens
+    n_gen: Optional[int] = None  # for "split": gen window = the last n_gen tokens (None = the rest)
 
     @staticmethod
     def und() -> "Routing":
@@ -45,8 +49,8 @@ class Routing:
         return Routing("gen")
 
     @staticmethod
-    def split(n_und: int) -> "Routing":
-        return Routing("split", int(n_und))
+    def split(n_und: int, n_gen: Optional[int] = None) -> "Routing":
+        return Routing("split", int(n_und), None if n_gen is None else int(n_gen))
 
     @staticmethod
     def select() -> "Routing":
@@ -60,12 +64,23 @@ def _route(und_fn, gen_fn, x: jax.Array, routing: Routing, is_gen: Optional[jax.
     if routing.kind == "gen":
         return gen_fn(x)
     if routing.kind == "split":
-        n = routing.n_und
-        if n <= 0:
+        L = x.shape[1]
+        n = min(max(routing.n_und, 0), L)
+        lo = n if routing.n_gen is None else L - min(max(routing.n_gen, 0), L)   # gen window start
+        if lo > n:
+            raise ValueError(f"Routing.split({routing.n_und}, {routing.n_gen}) leaves tokens {n}..{lo} "
+                             f"of {L} without an expert")
+        if n == 0:
             return gen_fn(x)
-        if n >= x.shape[1]:
+        if lo == L:
             return und_fn(x)
-        return jnp.concatenate([und_fn(x[:, :n]), gen_fn(x[:, n:])], axis=1)
+        if lo == n:
+            return jnp.concatenate([und_fn(x[:, :n]), gen_fn(x[:, n:])], axis=1)
+        if is_gen is None:
+            raise ValueError("Routing.split with overlapping windows needs a per-token is_gen array")
+        u, g = und_fn(x[:, :n]), gen_fn(x[:, lo:])     # each expert once, over its own window
+        sel = is_gen[:, lo:n].reshape(is_gen[:, lo:n].shape + (1,) * (u.ndim - 2))
+        return jnp.concatenate([u[:, :lo], jnp.where(sel, g[:, :n - lo], u[:, lo:]), g[:, n - lo:]], axis=1)
     if routing.kind == "select":
         if is_gen is None:
             raise ValueError("Routing.select() needs a per-token is_gen array")
@@ -125,7 +140,7 @@ class MoTLayer(nn.Module):
           cos, sin: ``[batch, seq, head_dim]`` RoPE tables for the tokens' positions.
           mask: :class:`MaskVectors` of this chunk's tokens, each ``[batch, seq]`` (with a cache, every
             valid cache slot is visible to every query on top of it).
-          is_gen: ``[batch, seq]`` bool for ``Routing.select``, else unused.
+          is_gen: ``[batch, seq]`` bool for ``Routing.select`` and an overlapping ``Routing.split``, else unused.
           cache: None or ``(k, v, length)``: all layers' cached keys/values
             ``[layers, batch, capacity, kv_heads, head_dim]`` and valid slots per row ``[batch]``;
             ``layer`` is this layer's index into them.

@@ -39,12 +39,22 @@ def shift_timesteps(t: jax.Array, shift: float) -> jax.Array:
 def train_forward(model: Bagel, params, vae: flux_vae.AutoEncoder, vae_params, batch: Mapping[str, Any],
                   noise: TrainNoise, ce_weight: float = 1.0, mse_weight: float = 1.0,
                   ce_loss_reweighting: bool = False, token_loss_weights: Optional[jax.Array] = None,
-                  return_intermediates: bool = False):
+                  return_intermediates: bool = False, expert_split: Optional[tuple[int, int]] = None,
+                  ce_chunk_tokens: Optional[int] = None):
     """Losses of one packed batch (arrays of :class:`bagel_jax.data.packing.PackedBatch`).
 
     Returns ``(loss, aux)``; ``aux`` holds ``ce``, ``mse`` (the normalised losses), the token counts and,
-    with ``return_intermediates``, per-token values for the verifier. ``token_loss_weights`` optionally
-    scales the CE of each CE token (e.g. an extra weight on ``<|vision_start|>`` labels).
+    with ``return_intermediates``, per-token values for the verifier (in the batch's physical order).
+    ``token_loss_weights`` optionally scales the CE of each CE token (e.g. an extra weight on
+    ``<|vision_start|>`` labels).
+
+    ``expert_split`` (static ``(und_tokens, gen_tokens)``): the batch is in the expert-stream layout
+    (:func:`bagel_jax.data.packing.to_expert_streams`) with these und / gen windows per row, and each
+    decoder layer runs each expert once on its own window (``Routing.split``). ``None`` means a
+    logical-order batch: both experts run on every token and one is selected (``Routing.select``,
+    twice the expert FLOPs; the test oracle of the stream layout, not a training path).
+    ``ce_chunk_tokens`` (static): CE tokens per chunk of the LM head + log-softmax (:func:`chunked_ce`;
+    ``None`` = all at once).
     """
     cfg = model.cfg
     apply = lambda method, *a, **kw: model.apply({"params": params}, *a, method=method, **kw)
@@ -78,15 +88,15 @@ def train_forward(model: Bagel, params, vae: flux_vae.AutoEncoder, vae_params, b
 
     vec = MaskVectors(batch["seg"], batch["vis"], batch["nblk"])
     is_gen = batch["kind"] == 3
+    routing = Routing.select() if expert_split is None else Routing.split(*expert_split)
     h, _, hidden = apply(Bagel.decode, x.reshape(B, L, D), batch["positions"], vec,
-                         Routing.select(), is_gen, return_hidden=return_intermediates)
+                         routing, is_gen, return_hidden=return_intermediates)
     h = h.reshape(B * L, D)
 
-    # CE on text tokens (fp32 log-softmax).
+    # CE on text tokens (fp32 log-softmax), chunked over CE tokens.
     valid = batch["ce_valid"]
-    logits = apply(Bagel.lm_logits, h[batch["ce_index"]]).astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    ce_tok = -jnp.take_along_axis(logp, batch["ce_label"][:, None].astype(jnp.int32), axis=-1)[:, 0]
+    ce_tok = chunked_ce(lambda hc: apply(Bagel.lm_logits, hc), h, batch["ce_index"], batch["ce_label"],
+                        ce_chunk_tokens)
     w = valid * (batch["ce_reweight"] if ce_loss_reweighting else 1.0)
     if token_loss_weights is not None:
         w = w * token_loss_weights
@@ -109,6 +119,36 @@ def train_forward(model: Bagel, params, vae: flux_vae.AutoEncoder, vae_params, b
     else:
         aux.update(mse=jnp.zeros((), jnp.float32), n_mse=jnp.zeros((), jnp.float32))
     if return_intermediates:
+        logits = apply(Bagel.lm_logits, h[batch["ce_index"]]).astype(jnp.float32)
         inter.update(final_hidden=h, ce_logits=logits, ce_per_token=ce_tok, hidden=hidden)
         aux["intermediates"] = inter
     return loss, aux
+
+
+def chunked_ce(logits_fn, h: jax.Array, index: jax.Array, label: jax.Array, chunk: Optional[int]) -> jax.Array:
+    """Per-token cross entropy ``[Nce]`` float32: ``logsumexp(logits) - logits[label]`` of the hidden
+    states ``h[index]`` (``h`` ``[N, hidden]``, ``index``/``label`` ``[Nce]``).
+
+    The CE tokens run in chunks of ``chunk`` (the last chunk padded with token 0 / label 0, dropped from
+    the result) under ``lax.map`` with ``jax.checkpoint``: the forward keeps one chunk's
+    ``[chunk, vocab]`` logits at a time and the backward recomputes them chunk by chunk, so neither holds
+    the whole ``[Nce, vocab]``. ``chunk`` None or >= Nce: one chunk.
+    """
+    n = index.shape[0]
+    c = n if chunk is None else max(1, min(int(chunk), n))
+    if n == 0:
+        return jnp.zeros((0,), jnp.float32)
+    k = -(-n // c)
+    idx = jnp.pad(index, (0, k * c - n)).reshape(k, c)
+    lab = jnp.pad(label.astype(jnp.int32), (0, k * c - n)).reshape(k, c)
+
+    @jax.checkpoint
+    def one(args):
+        i, y = args
+        logits = logits_fn(h[i]).astype(jnp.float32)                 # [chunk, vocab]
+        picked = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
+        return jax.nn.logsumexp(logits, axis=-1) - picked
+
+    if k == 1:
+        return one((idx[0], lab[0]))[:n]
+    return jax.lax.map(one, (idx, lab)).reshape(-1)[:n]

@@ -99,21 +99,43 @@ def peak_flops_per_device(tc) -> float:
 
 
 def step_flops(cfg, batch: dict) -> float:
-    """Model FLOPs (fwd + bwd = 3x fwd) of one step: each token through one expert's layers, the LM head
-    on CE tokens, the ViT on ViT tokens, attention over each pack's real length. Estimate."""
+    """Model FLOPs of one step (forward + backward = 3x forward), counting the work a step needs, once:
+
+    * every real (non-padding) token through one expert's projections and MLP per layer (training runs
+      expert streams, so each token's expert runs once; the ``select`` test path would run twice this);
+    * decoder attention over the *allowed* (query, key) pairs of the BAGEL mask
+      (:func:`bagel_jax.data.packing.allowed_pairs`; QK^T and PV), not over a padded ``L x L`` square:
+      dense attention computes more, a block-skipping kernel slightly more, so this is the honest MFU
+      numerator (padding slots and masked pairs are waste, not work);
+    * the LM head on real CE tokens, the ViT (projections, MLP, full attention within each image) and
+      connector on real ViT tokens, ``vae2llm`` / ``llm2vae`` on real latent tokens.
+
+    Not counted: the frozen VAE encoder, norms, RoPE, softmax and the timestep embedder (all small
+    next to the matmuls at BAGEL sizes).
+    """
+    from ..data.packing import allowed_pairs
+
     llm, vit = cfg.llm, cfg.vit
     D, F, nl = llm.hidden_size, llm.intermediate_size, llm.num_hidden_layers
-    dh = llm.head_dim
-    per_tok_layer = 2 * (D * (llm.num_attention_heads + 2 * llm.num_key_value_heads) * dh
-                         + llm.num_attention_heads * dh * D + 3 * D * F)
+    H, K, dh = llm.num_attention_heads, llm.num_key_value_heads, llm.head_dim
+    per_tok_layer = 2 * (D * (H + 2 * K) * dh + H * dh * D + 3 * D * F)
     seg = np.asarray(batch["seg"])
     tokens = float((seg > 0).sum())
-    lens = (seg > 0).reshape(-1, seg.shape[-1]).sum(-1).astype(np.float64)
-    attn = 4.0 * nl * D * float((lens ** 2).sum())
+    pairs = float(allowed_pairs(seg, batch["vis"], batch["nblk"]).sum())
+    attn = 4.0 * nl * H * dh * pairs
     n_ce = float(np.asarray(batch["ce_valid"]).sum())
-    n_vit = float((np.asarray(batch["vit_seg"]) > 0).sum())
-    vit_layer = 2 * (4 * vit.hidden_size ** 2 + 2 * vit.hidden_size * vit.intermediate_size)
-    fwd = tokens * nl * per_tok_layer + attn + n_ce * 2 * D * llm.vocab_size + n_vit * vit.num_hidden_layers * vit_layer
+    vit_seg = np.asarray(batch["vit_seg"])
+    vit_seg = vit_seg.reshape(-1, vit_seg.shape[-1])
+    n_vit = float((vit_seg > 0).sum())
+    vit_pairs = float(sum((np.bincount(r[r > 0]) ** 2).sum() for r in vit_seg))
+    Dv = vit.hidden_size
+    vit_fwd = n_vit * (vit.num_hidden_layers * 2 * (4 * Dv * Dv + 2 * Dv * vit.intermediate_size)
+                       + 2 * (Dv * D + D * D)) + 4.0 * vit.num_hidden_layers * Dv * vit_pairs
+    vae_dest = np.asarray(batch["vae_dest"])
+    flat = int(np.prod(seg.shape[-2:]))
+    n_lat = float((vae_dest < flat).sum())
+    lat_fwd = n_lat * 2 * 2 * cfg.patch_latent_dim * D
+    fwd = tokens * nl * per_tok_layer + attn + n_ce * 2 * D * llm.vocab_size + vit_fwd + lat_fwd
     return 3.0 * fwd
 
 
@@ -353,7 +375,7 @@ def run(args: argparse.Namespace) -> dict:
             t0 = time.perf_counter()
             gbatch = shd.put_batch(batch, mesh)
             n_compiled = len(step_fn.cache)
-            state, m = step_fn(state, gbatch, vae_params)
+            state, m = step_fn(state, gbatch, vae_params, S.batch_expert_split(batch))
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             dt = time.perf_counter() - t0
             step += 1

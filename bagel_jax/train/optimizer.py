@@ -52,6 +52,9 @@ class TrainConfig:
     ce_weight: float = 1.0
     mse_weight: float = 1.0
     ce_loss_reweighting: bool = False
+    # CE tokens per chunk of the LM head + log-softmax inside the step (only one chunk's [chunk, vocab]
+    # float32 logits live at a time, forward and backward; 1024 x 152064 x 4 B = 0.6 GiB at BAGEL-7B)
+    ce_chunk_tokens: int = 1024
     special_token_weights: dict = dataclasses.field(default_factory=dict)  # {"<|vision_start|>": 2.0}
     seed: int = 4396
     save_every: int = 100
@@ -83,6 +86,8 @@ class TrainConfig:
             raise ConfigError("train: accum_steps, save_every and keep_checkpoints must be >= 1")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train: ema_decay must be in [0, 1), got {self.ema_decay}")
+        if isinstance(self.ce_chunk_tokens, bool) or not isinstance(self.ce_chunk_tokens, int) or self.ce_chunk_tokens < 1:
+            raise ConfigError(f"train: ce_chunk_tokens must be an integer >= 1, got {self.ce_chunk_tokens!r}")
         if self.lr <= 0 or self.warmup_steps < 0:
             raise ConfigError("train: lr must be > 0 and warmup_steps >= 0")
 

@@ -14,10 +14,17 @@ through :func:`bagel_jax.train.forward.train_forward` (the code path the parity 
 normalisation, BAGEL.md 9.2.7), micro-batches are accumulated with ``lax.scan`` (loss / accum).
 The noise of pack ``g`` of micro-batch ``a`` comes from ``fold_in(fold_in(fold_in(rng, step), a), g)``,
 so results do not depend on the device layout.
+
+Batches come in the expert-stream layout (:func:`bagel_jax.data.packing.to_expert_streams`): the split
+``(und_tokens, gen_tokens)`` shared by every pack of the step is a static argument of the step (one
+compiled program per batch shapes and split; the loader draws splits from a small grid, see
+``bagel_jax/data/loader.py``). The loader ships it as the array ``expert_split`` ``[accum, packs, 2]``;
+:func:`batch_expert_split` reads it on the host.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, Optional
 
 import jax
@@ -71,7 +78,7 @@ def special_weights_by_id(tc: TrainConfig, tokenizer) -> dict[int, float]:
 def make_loss_fn(model, vae, tc: TrainConfig, mask, special_weights: Mapping[int, float]):
     cfg = model.cfg
 
-    def loss_fn(params, vae_params, micro, key):
+    def loss_fn(params, vae_params, micro, key, expert_split=None):
         p = freeze(params, mask)
         G = micro["token_ids"].shape[0]
         keys = jax.vmap(lambda g: jax.random.fold_in(key, g))(jnp.arange(G))
@@ -85,7 +92,8 @@ def make_loss_fn(model, vae, tc: TrainConfig, mask, special_weights: Mapping[int
                     tw = jnp.where(b["ce_label"] == tid, w, tw)
             _, aux = train_forward(model, p, vae, vae_params, b, noise, ce_weight=tc.ce_weight,
                                    mse_weight=tc.mse_weight, ce_loss_reweighting=tc.ce_loss_reweighting,
-                                   token_loss_weights=tw)
+                                   token_loss_weights=tw, expert_split=expert_split,
+                                   ce_chunk_tokens=tc.ce_chunk_tokens)
             den_ce = (b["ce_valid"] * b["ce_reweight"]).sum() if tc.ce_loss_reweighting else b["ce_valid"].sum()
             return (aux["ce"] * jnp.maximum(den_ce, 1.0), den_ce, aux["mse"] * jnp.maximum(aux["n_mse"], 1.0),
                     aux["n_mse"], b["ce_valid"].sum())
@@ -101,11 +109,13 @@ def make_loss_fn(model, vae, tc: TrainConfig, mask, special_weights: Mapping[int
 
 def make_train_step(model, vae, tc: TrainConfig, mask, optimizer, schedule, special_weights=None,
                     param_shardings=None):
-    """``step(state, batch, vae_params) -> (state, metrics)`` (pure; jit it with :func:`jit_train_step`)."""
+    """``step(state, batch, vae_params, expert_split=None) -> (state, metrics)`` (pure; jit it with
+    :func:`jit_train_step`). ``expert_split`` (static ``(und_tokens, gen_tokens)``): the batch's
+    expert-stream layout; None = a logical-order batch run with ``Routing.select`` (test oracle only)."""
     loss_fn = make_loss_fn(model, vae, tc, mask, special_weights or {})
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(state, batch, vae_params):
+    def train_step(state, batch, vae_params, expert_split=None):
         A = batch["token_ids"].shape[0]
         key = jax.random.fold_in(state["rng"], state["step"])
         params = state["params"]
@@ -113,7 +123,7 @@ def make_train_step(model, vae, tc: TrainConfig, mask, optimizer, schedule, spec
 
         def micro(acc, xs):
             mb, i = xs
-            (_, aux), g = grad_fn(params, vae_params, mb, jax.random.fold_in(key, i))
+            (_, aux), g = grad_fn(params, vae_params, mb, jax.random.fold_in(key, i), expert_split)
             acc = jax.tree_util.tree_map(lambda a, b: a + b / A, acc, g)
             if param_shardings is not None:
                 acc = jax.lax.with_sharding_constraint(acc, param_shardings)
@@ -133,8 +143,21 @@ def make_train_step(model, vae, tc: TrainConfig, mask, optimizer, schedule, spec
     return train_step
 
 
+def batch_expert_split(batch: Mapping[str, Any]) -> Optional[tuple[int, int]]:
+    """The static ``(und_tokens, gen_tokens)`` of a host (numpy) batch from the loader (its
+    ``expert_split`` array, equal for every pack), or None for a batch without one (logical layout)."""
+    if "expert_split" not in batch:
+        return None
+    s = np.unique(np.asarray(batch["expert_split"]).reshape(-1, 2), axis=0)
+    if s.shape[0] != 1:
+        raise ValueError(f"the packs of one step have different expert splits {s.tolist()}")
+    return int(s[0, 0]), int(s[0, 1])
+
+
 def jit_train_step(step_fn, state_sh, mesh, vae_sh):
-    """``jax.jit`` with explicit in/out shardings and the state donated."""
+    """``jax.jit`` with explicit in/out shardings and the state donated. The returned
+    ``call(state, batch, vae_params, expert_split=None)`` compiles one program per (batch shapes,
+    ``expert_split``), kept in ``call.cache``."""
     rep = shd.replicated(mesh)
 
     def batch_sh(b):
@@ -142,10 +165,11 @@ def jit_train_step(step_fn, state_sh, mesh, vae_sh):
 
     cache = {}
 
-    def call(state, batch, vae_params):
-        key = tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))
+    def call(state, batch, vae_params, expert_split=None):
+        key = (tuple(sorted((k, tuple(v.shape)) for k, v in batch.items())), expert_split)
         if key not in cache:
-            cache[key] = jax.jit(step_fn, in_shardings=(state_sh, batch_sh(batch), vae_sh),
+            cache[key] = jax.jit(functools.partial(step_fn, expert_split=expert_split),
+                                 in_shardings=(state_sh, batch_sh(batch), vae_sh),
                                  out_shardings=(state_sh, rep), donate_argnums=(0,))
         return cache[key](state, batch, vae_params)
 
