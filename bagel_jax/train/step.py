@@ -147,7 +147,8 @@ def jit_train_step(step_fn, state_sh, mesh, vae_sh):
         if key not in cache:
             cache[key] = jax.jit(step_fn, in_shardings=(state_sh, batch_sh(batch), vae_sh),
                                  out_shardings=(state_sh, rep), donate_argnums=(0,))
-        return cache[key](state, batch, vae_params)
+        with shd.mesh_scope(mesh):  # activations follow shd.ACTIVATION_RULES on the mesh
+            return cache[key](state, batch, vae_params)
 
     call.cache = cache
     return call
