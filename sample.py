@@ -16,6 +16,7 @@ Defaults are the official ones (BAGEL.md 8.8, notebook): generate cfg_text_scale
 cfg_interval 0.4 1.0, renorm global; edit cfg_text_scale 4.0, cfg_img_scale 2.0, cfg_interval 0.0 1.0,
 renorm text_channel; both timestep_shift 3.0, 50 timesteps, renorm_min 0.0; text greedy, at most 1000 tokens.
 JAX's persistent compilation cache is on (--compilation-cache), so later runs skip most compilation.
+Several devices (every subcommand): --mesh fsdp=4,tensor=2 splits the model over 8 devices.
 """
 
 from __future__ import annotations
@@ -84,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention implementation of the decoder and the ViT: auto ('blocked' when reading the KV "
                         "cache and for long sequences, 'xla' for short ones; default), xla (dense reference), blocked "
                         "(flash-style, any backend), pallas (GPU/TPU kernel), cudnn (NVIDIA GPU, bfloat16)")
+    g.add_argument("--mesh", default=None, metavar="data=D,fsdp=F,tensor=T",
+                   help="run on several devices: mesh sizes whose product is the device count (one may be -1 = the "
+                        "rest), e.g. fsdp=4,tensor=2. fsdp and tensor split the weights, data replicates them; KV "
+                        "caches are split over rows and kv heads; the VAE is replicated. Default: one device")
 
     t = common.add_argument_group("text generation")
     t.add_argument("--think", action="store_true",
@@ -171,9 +176,16 @@ def _load(args):
         return ImageTransform(*v) if v else None
 
     t0 = time.time()
+    mesh = None
+    if args.mesh:
+        from bagel_jax import sharding as shd
+
+        mesh = shd.make_mesh(**shd.parse_mesh(args.mesh))   # MeshError (a ValueError): exit status 2
     pipe = load(args.model_path, dtype=dtype, vae_transform=tf(args.vae_transform),
-                vit_transform=tf(args.vit_transform), max_context=args.max_context, attention_impl=args.attention)
-    print(f"loaded {args.model_path} ({dtype}) in {time.time() - t0:.1f}s", file=sys.stderr)
+                vit_transform=tf(args.vit_transform), max_context=args.max_context, attention_impl=args.attention,
+                mesh=mesh)
+    where = f", mesh {dict(mesh.shape)}" if mesh is not None else ""
+    print(f"loaded {args.model_path} ({dtype}{where}) in {time.time() - t0:.1f}s", file=sys.stderr)
     return pipe
 
 

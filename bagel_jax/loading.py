@@ -9,6 +9,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from . import sharding as shd
 from .config import BagelConfig, ConfigError, load_config
 from .convert import checkpoint
 from .models import flux_vae
@@ -50,9 +51,22 @@ def vae_param_shapes(vae: flux_vae.AutoEncoder, param_dtype=jnp.float32):
     return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, param_dtype), shapes)
 
 
+def follow_shardings(shapes: Any, shardings: Any) -> Any:
+    """Shardings for a small companion tree (the VAE) that follow a model placed by ``shardings``:
+    replicated over the model's mesh, or on the same single device. None when ``shardings`` is None."""
+    if shardings is None:
+        return None
+    leaves = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    if not leaves:
+        return None
+    mesh = shd.mesh_of(leaves)
+    target = shd.replicated(mesh) if mesh is not None else leaves[0]
+    return jax.tree_util.tree_map(lambda _: target, shapes)
+
+
 def load_model(folder: str, dtype=jnp.float32, param_dtype=None, shardings=None, vae_shardings=None,
                with_tokenizer: bool = True, remat_policy: str = "none",
-               attention_impl: Optional[str] = "auto") -> BagelModel:
+               attention_impl: Optional[str] = "auto", mesh=None) -> BagelModel:
     """Load an official BAGEL folder.
 
     Args:
@@ -61,8 +75,11 @@ def load_model(folder: str, dtype=jnp.float32, param_dtype=None, shardings=None,
       dtype: compute dtype of the Bagel module (float32 or bfloat16).
       param_dtype: storage dtype of the Bagel params (default: ``dtype``). The VAE stays float32.
       shardings / vae_shardings: optional trees of ``jax.sharding.Sharding`` matching the params; each
-        tensor is placed directly on its sharding.
+        tensor is placed directly on its sharding. Without ``vae_shardings`` the VAE follows the model
+        (:func:`follow_shardings`: replicated over its mesh, or on its device).
       attention_impl: attention implementation of the decoder and the ViT (see :func:`build_modules`).
+      mesh: a ``jax.sharding.Mesh``: with no ``shardings``, the params are split over it by the rules of
+        :mod:`bagel_jax.sharding` (``tree_shardings``).
     """
     if not os.path.isdir(folder):
         raise ConfigError(f"model folder not found: {folder}")
@@ -73,10 +90,15 @@ def load_model(folder: str, dtype=jnp.float32, param_dtype=None, shardings=None,
     param_dtype = dtype if param_dtype is None else param_dtype
     model, vae = build_modules(cfg, dtype, param_dtype, remat_policy, attention_impl)
     shapes = param_shapes(model)
+    if shardings is None and mesh is not None:
+        shardings = shd.tree_shardings(shapes, mesh)
+    vshapes = vae_param_shapes(vae)
+    if vae_shardings is None:
+        vae_shardings = follow_shardings(vshapes, shardings)
     params = checkpoint.load_params(os.path.join(folder, "ema.safetensors"), key_map(cfg), shapes,
                                     dtype=param_dtype, shardings=shardings)
     vae_params = checkpoint.load_params(os.path.join(folder, "ae.safetensors"), flux_vae.key_map(cfg.vae),
-                                        vae_param_shapes(vae), dtype=jnp.float32, shardings=vae_shardings)
+                                        vshapes, dtype=jnp.float32, shardings=vae_shardings)
     tok = load_tokenizer(folder) if with_tokenizer else None
     return BagelModel(cfg, model, vae, params, vae_params, tok, folder)
 

@@ -13,11 +13,37 @@ the *logical* axes of the trailing dimensions; stacked layer axes (``nn.scan``) 
 :data:`LOGICAL_TO_MESH` maps logical axes to mesh axes. A dimension that is not divisible by its
 mesh axis size is replicated instead, so tiny test models shard on any mesh.
 The same rules apply to any tree whose dict keys end in a parameter path (optimiser moments, EMA).
+
+Activations carry logical names too (:data:`ACTIVATION_RULES`, a separate table because ``embed``
+means the fsdp-sharded weight dimension for a parameter but a replicated feature dimension for an
+activation). :func:`constrain` pins an activation to its layout under the mesh of the current
+``jax.set_mesh`` scope (:func:`mesh_scope`) and does nothing without one, so the single-device path
+is unchanged. Layout of the decoder and ViT activations:
+
+* ``batch`` over ``(data, fsdp)``: rows / packs are the data-parallel axis. Inside the train step
+  the per-pack forward runs under ``jax.vmap`` (batch 1 per pack); ``vmap`` leaves the packs axis
+  unconstrained, so it keeps the ``(data, fsdp)`` split of the input batch.
+* ``heads`` / ``kv_heads`` / ``mlp`` / ``vocab`` over ``tensor`` (Megatron): q, k, v and the attention
+  output per head, the MLP hidden, the logits.
+* ``res_length``: the sequence axis of the residual stream between sublayers. Default whole
+  (replicated over ``tensor``). ``with activation_rules(res_length="tensor"):`` turns on Megatron
+  sequence parallelism: the per-layer activations remat keeps are then split over the tensor axis
+  (the all-reduce after ``o_proj`` / ``down_proj`` becomes a reduce-scatter, the projections gather
+  the sequence first: same traffic). Not the default because the two-expert routing slices the
+  residual along the sequence (markers / und / gen tokens), which XLA then reshards through a full
+  copy ("involuntary full rematerialization" on the demo model at tensor 2); ``bench/aot_7b.py
+  --seq-parallel`` measures it. ``length`` (the sequence inside attention and the MLP) stays whole.
+* Why not the sequence over ``fsdp``: a pack is never split across devices (``packs_per_step`` must be
+  a multiple of ``data * fsdp``), so at one pack per device ``fsdp`` is already taken by ``batch``;
+  splitting one pack's sequence over fsdp would need every attention to gather all keys (ring or
+  all-gather attention) and buys nothing at that batch size.
+* the KV cache ``[layers, batch, capacity, kv_heads, head_dim]`` over ``batch`` and ``kv_heads``.
 """
 
 from __future__ import annotations
 
 import re
+import contextlib
 from typing import Any, Optional, Sequence
 
 import jax
@@ -49,6 +75,23 @@ RULES: list[tuple[str, tuple]] = [
     (r"/kernel$", ("embed", None)),                                       # other dense layers
     (r".*", ()),                                                          # norms, biases, scalars
 ]
+
+
+# Logical activation axes -> mesh axes (a tuple = split over several mesh axes, major first).
+ACTIVATION_RULES: dict = {
+    "batch": BATCH_AXES,
+    "length": None,           # the sequence inside attention / the MLP
+    "res_length": None,       # the residual stream between sublayers ("tensor": sequence parallelism)
+    "cache_length": None,     # KV-cache slots
+    "embed": None,            # model width of an activation
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "vocab": "tensor",
+    "layers": None,
+    None: None,
+}
 
 
 class MeshError(ValueError):
@@ -173,3 +216,73 @@ def describe(tree: Any, mesh: Mesh) -> list[str]:
         p = _path_str(path)
         lines.append(f"{p} {tuple(leaf.shape)} {spec_for(p, leaf.shape, mesh)}")
     return lines
+
+
+def _mesh_axes(rule) -> tuple:
+    if rule is None:
+        return ()
+    return (rule,) if isinstance(rule, str) else tuple(rule)
+
+
+def activation_spec(names: Sequence[Optional[str]], shape: Sequence[int], mesh_shape: dict) -> P:
+    """PartitionSpec of an activation with logical axis ``names`` (one per dimension).
+
+    A mesh axis of size 1, one already used by an earlier dimension, or one whose size does not
+    divide the dimension (times the axes kept before it) is dropped, as for parameters."""
+    if len(names) != len(shape):
+        raise ValueError(f"constrain: {len(names)} axis names {tuple(names)} for an array of shape {tuple(shape)}")
+    spec, used = [], set()
+    for dim, name in zip(shape, names):
+        if name not in ACTIVATION_RULES:
+            raise ValueError(f"constrain: unknown logical axis {name!r} (known: "
+                             f"{', '.join(sorted(str(k) for k in ACTIVATION_RULES if k))})")
+        kept, size = [], 1
+        for ax in _mesh_axes(ACTIVATION_RULES[name]):
+            n = mesh_shape.get(ax, 1)
+            if n == 1 or ax in used or dim % (size * n):
+                continue
+            kept.append(ax)
+            size *= n
+        used.update(kept)
+        spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return P(*spec)
+
+
+def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
+    """``with_sharding_constraint`` of ``x`` to the layout of its logical axis ``names`` under the current
+    mesh (``jax.set_mesh`` / :func:`mesh_scope`); ``x`` unchanged without a mesh or on one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return x
+    spec = activation_spec(names, x.shape, dict(mesh.shape))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+@contextlib.contextmanager
+def activation_rules(**overrides):
+    """Temporarily change :data:`ACTIVATION_RULES` (e.g. ``res_length="tensor"``). Affects functions
+    *traced* inside the block: jit a fresh function (or clear its cache) for the change to apply."""
+    unknown = set(overrides) - set(ACTIVATION_RULES)
+    if unknown:
+        raise ValueError(f"activation_rules: unknown logical axes {sorted(unknown)}")
+    old = dict(ACTIVATION_RULES)
+    ACTIVATION_RULES.update(overrides)
+    try:
+        yield
+    finally:
+        ACTIVATION_RULES.clear()
+        ACTIVATION_RULES.update(old)
+
+
+def mesh_scope(mesh: Optional[Mesh]):
+    """``jax.set_mesh(mesh)`` (activations of functions traced inside follow :data:`ACTIVATION_RULES`),
+    or a no-op context for ``None``."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
+
+def mesh_of(shardings: Any) -> Optional[Mesh]:
+    """The mesh of the first ``NamedSharding`` in a tree of shardings (None if there is none)."""
+    for s in jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)):
+        if isinstance(s, NamedSharding):
+            return s.mesh
+    return None

@@ -1,50 +1,88 @@
-"""Ahead-of-time compile of the BAGEL-7B-MoT train step for an 8-device mesh (fsdp 8) on fake CPU devices.
+"""Ahead-of-time compile of the BAGEL-7B-MoT train step on fake CPU devices: per-device memory table.
 
 Nothing is allocated: params, optimiser state, EMA and the batch are ``jax.ShapeDtypeStruct`` with
 shardings; ``jax.jit(...).lower(...).compile()`` then reports the per-device memory the program needs
-(``compiled.memory_analysis()``). Slow (minutes) - a script, not a test.
+(``compiled.memory_analysis()``). One compile per configuration (mesh x tokens per pack); each prints
+"per device peak estimate ...: N GiB" and a Markdown table row, and the table is printed again at the end.
+Slow: minutes per configuration at 7B (the compile, not the run) - a script, not a test.
 
-    python bench/aot_7b.py [--tokens 4096] [--remat full] [--mesh data=1,fsdp=8,tensor=1]
+    python bench/aot_7b.py                                   # fsdp 8, 4096 tokens per pack, full remat
+    python bench/aot_7b.py --mesh data=1,fsdp=8,tensor=1 --mesh data=1,fsdp=4,tensor=2 \\
+        --tokens 8192,16384,32768,36864 --out aot_7b.jsonl  # the README table (issue 12: <= 64 GiB at 36,864)
+
+The batch is the real packing code's output (:func:`bagel_jax.data.packing.pack`) at the capacities the
+training loader uses for a row of ``--tokens`` (ViT, latent and CE capacity = the row length, ``--vae-images``
+images of ``--vae-hw`` pixels), so new batch fields are picked up automatically. Packs per step default to
+one per data-parallel shard (``data * fsdp``).
 
 Note: this is the XLA:CPU compile, so the memory figures are indicative for GPU/TPU (same sharding,
-different fusion/scheduling); attention is the dense reference path (an [L, L] mask per pack).
+different fusion/scheduling).
 """
 
 import argparse
 import functools
+import json
 import os
 import sys
 import time
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "bagel-7b-mot.yaml"))
-ap.add_argument("--devices", type=int, default=8, help="fake CPU devices")
-ap.add_argument("--mesh", default="data=1,fsdp=8,tensor=1")
-ap.add_argument("--tokens", type=int, default=4096, help="row length of each pack (= ViT / latent / CE capacity)")
-ap.add_argument("--packs", type=int, default=8, help="global packs per step (one per device by default)")
-ap.add_argument("--vae-images", type=int, default=2, help="VAE images per pack")
-ap.add_argument("--vae-hw", type=int, default=512, help="VAE image side (pixels)")
-ap.add_argument("--remat", default="full", help="remat policy of decoder / ViT layers (see bagel_jax.nn.layers)")
-ap.add_argument("--dtype", default="bfloat16", help="compute dtype")
+ap.add_argument("--devices", type=int, default=8, help="fake CPU devices (default 8)")
+ap.add_argument("--mesh", action="append", default=None,
+                help="mesh data=D,fsdp=F,tensor=T (repeatable: one table row per mesh x tokens; "
+                     "default data=1,fsdp=8,tensor=1)")
+ap.add_argument("--tokens", default="4096",
+                help="tokens per pack (row length), comma-separated for several rows (default 4096)")
+ap.add_argument("--packs", type=int, default=None, help="global packs per step (default: data * fsdp, one per shard)")
+ap.add_argument("--vae-images", type=int, default=2, help="VAE image capacity per pack (default 2)")
+ap.add_argument("--vae-hw", type=int, default=512, help="VAE image side in pixels (default 512)")
+ap.add_argument("--remat", default="full", help="remat policy of decoder / ViT layers (default full)")
+ap.add_argument("--attention", default=None,
+                help="attention implementation of decoder and ViT (default: the model's default for the length)")
+ap.add_argument("--seq-parallel", action="store_true",
+                help="split the residual stream's sequence over the tensor axis (sharding.activation_rules)")
+ap.add_argument("--dtype", default="bfloat16", help="compute dtype (default bfloat16)")
+ap.add_argument("--out", default=None, metavar="FILE.jsonl", help="append one JSON line per configuration")
 args = ap.parse_args()
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}"
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import contextlib  # noqa: E402
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from bagel_jax import sharding as shd  # noqa: E402
 from bagel_jax.config import config_from_yaml  # noqa: E402
+from bagel_jax.data import packing  # noqa: E402
 from bagel_jax.loading import build_modules, vae_param_shapes  # noqa: E402
 from bagel_jax.models.bagel import param_shapes  # noqa: E402
 from bagel_jax.train import optimizer as O, step as S  # noqa: E402
 
+GIB = 2 ** 30
+HEADER = ("| mesh | tokens/pack | packs | remat | attention | seq-par | arguments GiB | temporaries GiB | "
+          "peak GiB/device | compile s |\n|---|---|---|---|---|---|---|---|---|---|")
 
-def main():
-    cfg = config_from_yaml(args.config)
+
+def pack_fields(cfg, L: int, n_images: int, hw: int) -> dict:
+    """Shapes and dtypes of one packed row of ``L`` tokens, from the real packing code at the loader's capacities."""
+    sp = packing.SpecialTokens(1, 2, 3, 4)
+    vit_side = cfg.vit.patch_size * 2
+    sample = [packing.TextItem([5, 6, 7], loss=True), packing.VitItem(np.zeros((3, vit_side, vit_side), np.float32)),
+              packing.VaeItem(np.zeros((3, hw, hw), np.float32), loss=True, t_raw=0.0)]
+    caps = packing.Capacities(rows=1, row_len=L, vit_tokens=L, latent_tokens=L, vae_images=n_images,
+                              vae_hw=(hw, hw), ce_tokens=L)
+    arrays = packing.pack([[sample]], sp, cfg, caps).arrays()
+    return {k: (np.shape(v), np.asarray(v).dtype) for k, v in arrays.items()}
+
+
+def one_config(cfg, mesh_spec: str, L: int) -> dict:
     tc = O.TrainConfig(compute_dtype=args.dtype, remat_policy=args.remat)
-    mesh = shd.make_mesh(**shd.parse_mesh(args.mesh))
-    model, vae = build_modules(cfg, dtype=O.DTYPES[args.dtype], param_dtype=jnp.float32, remat_policy=args.remat)
+    mesh = shd.make_mesh(**shd.parse_mesh(mesh_spec))
+    model, vae = build_modules(cfg, dtype=O.DTYPES[args.dtype], param_dtype=jnp.float32, remat_policy=args.remat,
+                               attention_impl=args.attention)
     shapes = param_shapes(model)
     mask = O.trainable_mask(shapes, tc)
     opt = O.make_optimizer(tc, mask, 1000)
@@ -55,44 +93,72 @@ def main():
     vsh = shd.tree_shardings(vshapes, mesh)
     vae_abs = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), vshapes, vsh)
 
-    A, G, L, Ni, HW = 1, args.packs, args.tokens, args.vae_images, args.vae_hw
-    P = cfg.vit.patch_dim
-    i32, f32 = jnp.int32, jnp.float32
-    fields = dict(token_ids=((1, L), i32), kind=((1, L), jnp.int8), positions=((1, L), i32), seg=((1, L), i32),
-                  vis=((1, L), i32), nblk=((1, L), i32), vit_patches=((L, P), f32), vit_pos=((L,), i32),
-                  vit_seg=((L,), i32), vit_dest=((L,), i32), vae_images=((Ni, HW, HW, 3), f32), vae_src=((L,), i32),
-                  vae_pos=((L,), i32), vae_dest=((L,), i32), vae_t_raw=((L,), f32), vae_mse=((L,), jnp.bool_),
-                  ce_index=((L,), i32), ce_label=((L,), i32), ce_valid=((L,), f32), ce_reweight=((L,), f32))
-    batch = {k: jax.ShapeDtypeStruct((A, G) + s, d, sharding=shd.batch_sharding(mesh, 2 + len(s)))
-             for k, (s, d) in fields.items()}
+    G = args.packs or shd.num_batch_shards(mesh)
+    # [accum, packs, ...one pack's arrays] as the loader collates them (rows = 1 per pack)
+    batch = {k: jax.ShapeDtypeStruct((1, G) + s, d, sharding=shd.batch_sharding(mesh, 2 + len(s)))
+             for k, (s, d) in pack_fields(cfg, L, args.vae_images, args.vae_hw).items()}
     step = S.make_train_step(model, vae, tc, mask, opt, O.lr_schedule(tc, 1000), None, ssh["params"])
     # the training layout: expert streams, here half und / half gen slots (memory barely depends on it)
     step = functools.partial(step, expert_split=(L // 2, L - L // 2))
     jitted = jax.jit(step, in_shardings=(ssh, {k: v.sharding for k, v in batch.items()}, vsh),
                      out_shardings=(ssh, shd.replicated(mesh)), donate_argnums=(0,))
-    n = O.count_params(shapes)
-    print(f"BAGEL-7B-MoT: {n / 1e9:.2f}B params ({O.count_params(shapes, mask) / 1e9:.2f}B trainable); "
-          f"mesh {dict(mesh.shape)}; {G} packs x {L} tokens; remat {args.remat}; compute {args.dtype}", flush=True)
+    print(f"BAGEL-7B-MoT: {O.count_params(shapes) / 1e9:.2f}B params ({O.count_params(shapes, mask) / 1e9:.2f}B "
+          f"trainable); mesh {dict(mesh.shape)}; {G} packs x {L} tokens; remat {args.remat}; attention "
+          f"{args.attention or 'default'}; seq-parallel {args.seq_parallel}; compute {args.dtype}", flush=True)
+    rules = shd.activation_rules(res_length="tensor") if args.seq_parallel else contextlib.nullcontext()
     t = time.time()
-    lowered = jitted.lower(state, batch, vae_abs)
-    print(f"lowered in {time.time() - t:.1f}s", flush=True)
+    with rules, shd.mesh_scope(mesh):
+        lowered = jitted.lower(state, batch, vae_abs)
+    t_lower = time.time() - t
     t = time.time()
     compiled = lowered.compile()
-    print(f"compiled in {time.time() - t:.1f}s", flush=True)
+    t_compile = time.time() - t
+    print(f"lowered in {t_lower:.1f}s, compiled in {t_compile:.1f}s", flush=True)
+    row = dict(mesh=mesh_spec, tokens=L, packs=G, remat=args.remat, attention=args.attention or "default",
+               seq_parallel=args.seq_parallel, dtype=args.dtype, lower_s=round(t_lower, 1),
+               compile_s=round(t_compile, 1))
     ma = compiled.memory_analysis()
-    gib = lambda b: b / 2 ** 30
     if ma is None:
         print("memory_analysis() not available on this backend")
-        return
+        return row
     arg, out, tmp = ma.argument_size_in_bytes, ma.output_size_in_bytes, ma.temp_size_in_bytes
     alias = getattr(ma, "alias_size_in_bytes", 0)
     gen = getattr(ma, "generated_code_size_in_bytes", 0)
-    print(f"per device: arguments {gib(arg):.2f} GiB, outputs {gib(out):.2f} GiB (aliased/donated {gib(alias):.2f} GiB), "
-          f"temporaries {gib(tmp):.2f} GiB, code {gen / 2 ** 20:.1f} MiB")
-    print(f"per device peak estimate (arguments + outputs - aliased + temporaries): {gib(arg + out - alias + tmp):.2f} GiB")
+    peak = arg + out - alias + tmp
+    print(f"per device: arguments {arg / GIB:.2f} GiB, outputs {out / GIB:.2f} GiB (aliased/donated "
+          f"{alias / GIB:.2f} GiB), temporaries {tmp / GIB:.2f} GiB, code {gen / 2 ** 20:.1f} MiB")
+    print(f"per device peak estimate (arguments + outputs - aliased + temporaries): {peak / GIB:.2f} GiB")
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(abstract))
-    print(f"train state total {gib(state_bytes):.1f} GiB (params + EMA fp32, AdamW moments fp32) "
-          f"= {gib(state_bytes) / mesh.size:.2f} GiB per device when fully sharded")
+    print(f"train state total {state_bytes / GIB:.1f} GiB (params + EMA fp32, AdamW moments fp32) "
+          f"= {state_bytes / GIB / mesh.size:.2f} GiB per device when fully sharded", flush=True)
+    row.update(arguments_gib=round(arg / GIB, 2), outputs_gib=round(out / GIB, 2), aliased_gib=round(alias / GIB, 2),
+               temporaries_gib=round(tmp / GIB, 2), peak_gib=round(peak / GIB, 2))
+    return row
+
+
+def table_row(r: dict) -> str:
+    f = lambda k: f"{r[k]:.2f}" if k in r else "n/a"
+    return (f"| {r['mesh']} | {r['tokens']} | {r['packs']} | {r['remat']} | {r['attention']} | "
+            f"{'yes' if r['seq_parallel'] else 'no'} | {f('arguments_gib')} | {f('temporaries_gib')} | "
+            f"{f('peak_gib')} | {r['compile_s']:.0f} |")
+
+
+def main():
+    cfg = config_from_yaml(args.config)
+    meshes = args.mesh or ["data=1,fsdp=8,tensor=1"]
+    tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
+    rows = []
+    for m in meshes:
+        for L in tokens:
+            r = one_config(cfg, m, L)
+            rows.append(r)
+            print(HEADER.splitlines()[0] + "\n" + table_row(r), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(r) + "\n")
+    print("\n" + HEADER)
+    for r in rows:
+        print(table_row(r))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def test_help_documents_every_flag(capsys):
         for a in p._actions:
             assert a.help and a.help.strip(), f"{name}: flag {a.option_strings} has no help"
         text = p.format_help()
-        for flag in ("--model-path", "--seed", "--out", "--dtype", "--think", "--cfg-text-scale", "--num-timesteps"):
+        for flag in ("--model-path", "--seed", "--out", "--dtype", "--mesh", "--think", "--cfg-text-scale", "--num-timesteps"):
             assert flag in text
     with pytest.raises(SystemExit):
         sample.main(["generate", "--help"])

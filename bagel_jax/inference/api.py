@@ -77,7 +77,7 @@ def folder_defaults(folder: str) -> dict:
 
 def load(folder: str, dtype="bfloat16", param_dtype=None, shardings=None, vae_shardings=None,
          vae_transform: Optional[ImageTransform] = None, vit_transform: Optional[ImageTransform] = None,
-         max_context: Optional[int] = None, attention_impl: str = "auto") -> "Pipeline":
+         max_context: Optional[int] = None, attention_impl: str = "auto", mesh=None) -> "Pipeline":
     """Load an official BAGEL folder for inference.
 
     Args:
@@ -86,7 +86,13 @@ def load(folder: str, dtype="bfloat16", param_dtype=None, shardings=None, vae_sh
       dtype: compute dtype of the Bagel model ("bfloat16" as released, or "float32"); the VAE runs in float32.
       param_dtype: storage dtype of the weights (default: ``dtype``).
       shardings / vae_shardings: optional trees of ``jax.sharding.Sharding`` for the params (see
-        :func:`bagel_jax.loading.load_model`); inputs then follow the params' placement.
+        :func:`bagel_jax.loading.load_model`); inputs then follow the params' placement, and the VAE
+        follows the model when ``vae_shardings`` is not given.
+      mesh: run on several devices: a ``jax.sharding.Mesh`` with axes ``(data, fsdp, tensor)`` or a string
+        ``"data=1,fsdp=2,tensor=2"`` (:func:`bagel_jax.sharding.parse_mesh`; the sizes multiply to the
+        device count). Params are split by the rules of :mod:`bagel_jax.sharding` (``fsdp`` and ``tensor``
+        split the weights, ``data`` replicates them), KV caches over rows and kv heads, activations by
+        their logical axes; the VAE is replicated. Results equal one device (up to float reduction order).
       vae_transform / vit_transform: input image resize rules (default: the folder's ``inference.json``
         if it has one, else the official inference transforms).
       max_context: most tokens a conversation may hold (default: the model's max_position_embeddings).
@@ -96,13 +102,17 @@ def load(folder: str, dtype="bfloat16", param_dtype=None, shardings=None, vae_sh
     """
     from ..loading import load_model
 
+    from .. import sharding as shd
+
     dt = _dtype(dtype)
+    if isinstance(mesh, str):
+        mesh = shd.make_mesh(**shd.parse_mesh(mesh))
     bm = load_model(folder, dtype=dt, param_dtype=_dtype(param_dtype) if param_dtype is not None else dt,
-                    shardings=shardings, vae_shardings=vae_shardings, attention_impl=attention_impl)
+                    shardings=shardings, vae_shardings=vae_shardings, attention_impl=attention_impl, mesh=mesh)
     fd = folder_defaults(folder)
     vae_transform = vae_transform or fd.get("vae_transform", INFERENCE_VAE)
     vit_transform = vit_transform or fd.get("vit_transform", INFERENCE_VIT)
-    pipe = Pipeline(Engine(bm, vae_transform, vit_transform, max_context))
+    pipe = Pipeline(Engine(bm, vae_transform, vit_transform, max_context, mesh=mesh))
     pipe.default_image_size = fd.get("image_size", DEFAULT_IMAGE_SIZE)
     return pipe
 

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import sharding as shd
 from ..data.images import INFERENCE_VAE, INFERENCE_VIT, ImageError, ImageTransform, load_image
 from ..loading import BagelModel
 from ..models.siglip_navit import patchify
@@ -71,7 +72,18 @@ def bucket(n: int, minimum: int) -> int:
 @functools.partial(jax.jit, static_argnames=("capacity",))
 def _grow(cache: KVCache, capacity: int) -> KVCache:
     pad = [(0, 0), (0, 0), (0, capacity - cache.k.shape[2]), (0, 0), (0, 0)]
-    return KVCache(jnp.pad(cache.k, pad), jnp.pad(cache.v, pad), cache.length)
+    return KVCache(jnp.pad(cache.k, pad), jnp.pad(cache.v, pad), cache.length).constrained()
+
+
+def on_mesh(fn):
+    """Run ``fn(obj, ...)`` under the mesh of ``obj``'s engine (``obj`` an :class:`Engine` or has ``.engine``),
+    so the functions it traces pin activations and caches to the mesh layout (:mod:`bagel_jax.sharding`)."""
+    @functools.wraps(fn)
+    def wrapper(obj, *a, **kw):
+        eng = obj if isinstance(obj, Engine) else obj.engine
+        with shd.mesh_scope(eng.mesh):
+            return fn(obj, *a, **kw)
+    return wrapper
 
 
 class Engine:
@@ -82,11 +94,14 @@ class Engine:
       vae_transform / vit_transform: image resize rules (official inference defaults, BAGEL.md 6.6).
       max_context: most KV slots a row may hold (default ``max_position_embeddings``).
       cache_dtype: dtype of KV caches (default: the model's compute dtype).
+      mesh: the ``jax.sharding.Mesh`` to run on (default: the mesh of the params' ``NamedSharding`` if
+        they are spread over several devices, else None = one device). KV caches are created on it and
+        every device call runs under it.
     """
 
     def __init__(self, bm: BagelModel, vae_transform: ImageTransform = INFERENCE_VAE,
                  vit_transform: ImageTransform = INFERENCE_VIT, max_context: Optional[int] = None,
-                 cache_dtype=None):
+                 cache_dtype=None, mesh=None):
         if bm.tokenizer is None:
             raise ContextError("the engine needs a tokenizer (load the model with with_tokenizer=True)")
         self.bm = bm
@@ -102,9 +117,12 @@ class Engine:
         self.vit_transform = vit_transform
         self.max_context = int(max_context or self.cfg.llm.max_position_embeddings)
         self.cache_dtype = cache_dtype or bm.model.dtype
+        if mesh is None:
+            mesh = shd.mesh_of(jax.tree_util.tree_map(lambda x: getattr(x, "sharding", None), bm.params))
+        self.mesh = mesh if mesh is not None and mesh.size > 1 else None
 
     def empty_cache(self, batch: int, capacity: int = CACHE_MIN) -> KVCache:
-        return KVCache.empty(self.cfg.llm, batch, capacity, self.cache_dtype)
+        return KVCache.empty(self.cfg.llm, batch, capacity, self.cache_dtype, self.mesh)
 
     # -- image preprocessing (host side, raises before any compute) ---------------------------------
     def preprocess(self, image, vae: bool = True, vit: bool = True) -> dict:
@@ -251,6 +269,7 @@ class Context:
         sp = self.engine.sp
         return [[sp.bos] + self.engine.tok.encode(t) + [sp.eos] for t in self._rows(texts, "text")]
 
+    @on_mesh
     def add_text(self, texts: Union[str, Sequence[str]], role: str = "user") -> "Context":
         """Add a text segment (one string, or one per row): cfg_text <- gen (snapshot), gen += text,
         cfg_img += text (BAGEL.md 8.7). ``role`` is kept in the history only (no chat template)."""
@@ -264,6 +283,7 @@ class Context:
         return dataclasses.replace(self, gen=gen, cfg_text=cfg_text, cfg_img=cfg_img, last_hidden=h,
                                    history=self.history + (("text", role, tuple(texts)),))
 
+    @on_mesh
     def add_generated_text(self, texts: Union[str, Sequence[str]], role: str = "think") -> "Context":
         """Add model-generated thinking text: re-tokenised and prefilled into ``gen`` only (official think)."""
         texts = self._rows(texts, "add_generated_text")
@@ -272,6 +292,7 @@ class Context:
                                    history=self.history + (("text", role, tuple(texts)),))
 
     # -- images -------------------------------------------------------------------------------------------
+    @on_mesh
     def add_image(self, images, vae: bool = True, vit: bool = True, role: str = "user",
                   vae_eps: Optional[Sequence[np.ndarray]] = None, preprocessed: Optional[list] = None) -> "Context":
         """Add an image (one, or one per row): gen += VAE block (if ``vae``) then ViT block (if ``vit``);

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..models.bagel import Bagel
 from ..models.qwen2_mot import Routing
-from .context import Context
+from .context import Context, on_mesh
 from .kv_cache import KVCache, forward_chunk
 
 
@@ -155,6 +155,7 @@ def official_text(tokenizer, ids: Sequence[int]) -> str:
     return parts[1] if len(parts) > 1 else parts[0]
 
 
+@on_mesh
 def generate_text(ctx: Context, max_length: int = 1000, sampling: SamplingParams = SamplingParams(),
                   keys: Optional[Sequence] = None, stop_tokens: Optional[Sequence[int]] = None,
                   record: bool = False, progress: bool = False) -> TextResult:

@@ -10,6 +10,10 @@ attends to the valid cache slots plus itself:
 ``update=True`` appends the chunk's keys/values at ``length`` (prefill, decoding); flow steps pass
 ``update=False`` and never write the cache. Rolling back is moving ``length`` back.
 The caller guarantees ``length + chunk_len <= capacity`` (checked on the host by the engine).
+
+On a mesh the cache is split over rows (``batch`` -> data, fsdp) and kv heads (``kv_heads`` -> tensor),
+the layout of the keys/values the attention produces (:data:`CACHE_AXES`, :mod:`bagel_jax.sharding`);
+a dimension its mesh axes do not divide stays whole.
 """
 
 from __future__ import annotations
@@ -19,11 +23,16 @@ from typing import Optional
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
+from .. import sharding as shd
 from ..config import LLMConfig
 from ..models.bagel import Bagel
 from ..models.qwen2_mot import Routing
 from ..nn.attention import chunk_vectors
+
+
+CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
 
 
 @flax.struct.dataclass
@@ -33,9 +42,19 @@ class KVCache:
     length: jax.Array   # [batch] int32 valid slots per row
 
     @staticmethod
-    def empty(cfg: LLMConfig, batch: int, capacity: int, dtype=jnp.float32) -> "KVCache":
+    def empty(cfg: LLMConfig, batch: int, capacity: int, dtype=jnp.float32, mesh=None) -> "KVCache":
+        """A zero cache; with ``mesh`` (a ``jax.sharding.Mesh``) placed on it by :data:`CACHE_AXES`."""
         shape = (cfg.num_hidden_layers, batch, capacity, cfg.num_key_value_heads, cfg.head_dim)
-        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+        if mesh is None:
+            return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+        kv = NamedSharding(mesh, shd.activation_spec(CACHE_AXES, shape, dict(mesh.shape)))
+        rep = NamedSharding(mesh, PartitionSpec())
+        return KVCache(jnp.zeros(shape, dtype, device=kv), jnp.zeros(shape, dtype, device=kv),
+                       jnp.zeros((batch,), jnp.int32, device=rep))
+
+    def constrained(self) -> "KVCache":
+        """The same cache pinned to the :data:`CACHE_AXES` layout of the current mesh (no-op without one)."""
+        return KVCache(shd.constrain(self.k, CACHE_AXES), shd.constrain(self.v, CACHE_AXES), self.length)
 
     @property
     def capacity(self) -> int:
@@ -47,7 +66,7 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array, q_len: jax.Array) -> KVCa
     def write(buf, new, start):  # buf [layers, capacity, K, dh], new [layers, Lq, K, dh]
         return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, start, 0, 0))
     wk = jax.vmap(write, in_axes=(1, 1, 0), out_axes=1)
-    return KVCache(wk(cache.k, k, cache.length), wk(cache.v, v, cache.length), cache.length + q_len)
+    return KVCache(wk(cache.k, k, cache.length), wk(cache.v, v, cache.length), cache.length + q_len).constrained()
 
 
 def forward_chunk(model: Bagel, params, cache: KVCache, x: jax.Array, positions: jax.Array, q_len: jax.Array,

@@ -30,7 +30,7 @@ from ..models.bagel import Bagel, unpatchify_latents
 from ..models.qwen2_mot import Routing
 from . import blocks
 from .cfg import RENORM_TYPES, cfg_active, combine_cfg, shifted_schedule
-from .context import Branch, Context
+from .context import Branch, Context, on_mesh
 from .kv_cache import KVCache, forward_chunk
 
 
@@ -181,6 +181,7 @@ def initial_noise(keys: Sequence[jax.Array], n_tokens: int, dim: int) -> jax.Arr
     return jnp.stack([jax.random.normal(k, (n_tokens, dim), jnp.float32) for k in keys])
 
 
+@on_mesh
 def generate_images(ctx: Context, hw, params: ImageParams = ImageParams(), keys: Optional[Sequence] = None,
                     noise: Optional[np.ndarray] = None, record: bool = False, progress: bool = False,
                     cfg_off: str = "cond", decode: bool = True) -> dict:

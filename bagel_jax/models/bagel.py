@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .. import sharding as shd
 from ..config import BagelConfig
 from ..convert import keymap
 from ..nn.attention import MaskVectors
@@ -133,7 +134,8 @@ class Bagel(nn.Module):
         return self.language_model(x, positions, mask, routing, is_gen, cache, return_hidden)
 
     def lm_logits(self, h: jax.Array) -> jax.Array:
-        return self.language_model.logits(h)
+        logits = self.language_model.logits(h)                 # [..., vocab]
+        return shd.constrain(logits, (None,) * (logits.ndim - 1) + ("vocab",))
 
     def velocity(self, h: jax.Array) -> jax.Array:
         """``llm2vae``: ``[..., D] -> [..., p*p*C]`` predicted flow velocity (noise - x0)."""

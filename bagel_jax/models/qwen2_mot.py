@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .. import sharding as shd
 from ..config import LLMConfig
 from ..convert import keymap
 from ..nn.attention import CacheView, MaskVectors, attention
@@ -100,7 +101,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-        return dense(self.hidden, "down_proj")(nn.silu(dense(self.width, "gate_proj")(x)) * dense(self.width, "up_proj")(x))
+        h = nn.silu(dense(self.width, "gate_proj")(x)) * dense(self.width, "up_proj")(x)
+        h = shd.constrain(h, ("batch", "length", "mlp"))      # [batch, seq, mlp]
+        return dense(self.hidden, "down_proj")(h)
 
 
 class MoTLayer(nn.Module):
@@ -151,6 +154,7 @@ class MoTLayer(nn.Module):
         B, L, _ = x.shape
         H, K, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         x = x.astype(self.dtype)
+        x = shd.constrain(x, ("batch", "res_length", "embed"))
         h = self._apply(self.in_norms, x, is_gen)
         q = self._apply(self.attn, h, is_gen, "q").reshape(B, L, H, dh)
         k = self._apply(self.attn, h, is_gen, "k").reshape(B, L, K, dh)
@@ -160,10 +164,16 @@ class MoTLayer(nn.Module):
             k = self._apply(self.attn, k, is_gen, "k_norm")
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
+        q = shd.constrain(q, ("batch", "length", "heads", "head_dim"))
+        k = shd.constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+        v = shd.constrain(v, ("batch", "length", "kv_heads", "head_dim"))
         view = None if cache is None else CacheView(cache[0], cache[1], cache[2], layer)
         o = attention(q, k, v, mask, mask, self.attention_impl, cache=view)  # [batch, seq, heads, head_dim]
+        o = shd.constrain(o, ("batch", "length", "heads", "head_dim"))
         x = x + self._apply(self.attn, o.reshape(B, L, H * dh), is_gen, "o")
+        x = shd.constrain(x, ("batch", "res_length", "embed"))
         x = x + self._apply(self.mlps, self._apply(self.post_norms, x, is_gen), is_gen)
+        x = shd.constrain(x, ("batch", "res_length", "embed"))
         return x, (k, v)
 
 

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bagel_jax import sharding as shd
 from bagel_jax.config import ViTConfig
 from bagel_jax.convert import keymap
 from bagel_jax.nn.attention import MaskVectors, attention, full_vectors
@@ -79,12 +80,14 @@ class SiglipAttention(nn.Module):
             return nn.Dense(cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
         def heads(t):
-            return t.reshape(B, N, cfg.num_attention_heads, cfg.head_dim)
+            t = t.reshape(B, N, cfg.num_attention_heads, cfg.head_dim)
+            return shd.constrain(t, ("batch", "length", "heads", "head_dim"))
 
         q = heads(proj("q_proj")(x))  # [batch, seq, heads, head_dim]
         k = heads(proj("k_proj")(x))
         v = heads(proj("v_proj")(x))
         o = attention(q, k, v, vec, vec, self.attention_impl)  # scale 1/sqrt(head_dim)
+        o = shd.constrain(o, ("batch", "length", "heads", "head_dim"))
         return proj("out_proj")(o.reshape(B, N, cfg.hidden_size))
 
 
@@ -98,6 +101,7 @@ class SiglipMLP(nn.Module):
         cfg = self.cfg
         h = nn.Dense(cfg.intermediate_size, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
         h = jax.nn.gelu(h, approximate=True)  # gelu_pytorch_tanh
+        h = shd.constrain(h, ("batch", "length", "mlp"))
         return nn.Dense(cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(h)
 
 
@@ -117,10 +121,13 @@ class SiglipEncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, h: jax.Array, vec: MaskVectors):
         cfg, dt, pdt = self.cfg, self.dtype, self.param_dtype
+        h = shd.constrain(h, ("batch", "res_length", "embed"))
         a = _layer_norm(cfg, pdt, "layer_norm1")(h).astype(dt)
         h = h + SiglipAttention(cfg, dt, pdt, self.attention_impl, name="self_attn")(a, vec)
+        h = shd.constrain(h, ("batch", "res_length", "embed"))
         m = _layer_norm(cfg, pdt, "layer_norm2")(h).astype(dt)
         h = h + SiglipMLP(cfg, dt, pdt, name="mlp")(m)
+        h = shd.constrain(h, ("batch", "res_length", "embed"))
         return h, (h if self.collect else None)
 
 

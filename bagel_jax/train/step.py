@@ -171,7 +171,8 @@ def jit_train_step(step_fn, state_sh, mesh, vae_sh):
             cache[key] = jax.jit(functools.partial(step_fn, expert_split=expert_split),
                                  in_shardings=(state_sh, batch_sh(batch), vae_sh),
                                  out_shardings=(state_sh, rep), donate_argnums=(0,))
-        return cache[key](state, batch, vae_params)
+        with shd.mesh_scope(mesh):  # activations follow shd.ACTIVATION_RULES on the mesh
+            return cache[key](state, batch, vae_params)
 
     call.cache = cache
     return call
