@@ -1,0 +1,159 @@
+"""Train-step speed on one accelerator: step time, tokens/s and MFU per attention implementation.
+
+A random BAGEL with a 1B-class decoder (Qwen2.5-1.5B shapes per expert: hidden 1536, 28 layers, 12/2 heads,
+MLP 8960, vocab 151,936; two experts as in BAGEL-MoT) is trained for a few steps on packs of ``--tokens`` tokens
+built by the real packing code (text-to-image, VQA and edit-like samples, 256 px VAE images) in the expert-stream
+layout, with the real train step (AdamW, clip, EMA, bf16 compute, float32 master weights, full remat). For each
+``--attention`` implementation and each pack length it prints the median step time, tokens/s (real tokens) and
+MFU = ``bagel_jax.train.loop.step_flops`` / (time * ``--peak-tflops``).
+
+    python bench/gpu_train.py                              # xla, blocked, pallas at 8k and 32k tokens
+    python bench/gpu_train.py --attention blocked,pallas --tokens 32768 --steps 5
+    python bench/gpu_train.py --tiny                       # a seconds-long CPU smoke run of this script
+
+Out-of-memory or unsupported combinations (e.g. the dense ``xla`` path at 32k) print the error and go on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bagel_jax import sharding as shd  # noqa: E402
+from bagel_jax.config import BagelConfig, LLMConfig, VAEConfig, ViTConfig  # noqa: E402
+from bagel_jax.data import packing  # noqa: E402
+from bagel_jax.data.packing import Capacities, TextItem, VaeItem, VitItem  # noqa: E402
+from bagel_jax.loading import build_modules  # noqa: E402
+from bagel_jax.models.bagel import init_params  # noqa: E402
+from bagel_jax.train import optimizer as O, step as S  # noqa: E402
+from bagel_jax.train.loop import step_flops  # noqa: E402
+
+
+def model_config(tiny: bool) -> BagelConfig:
+    if tiny:
+        llm = LLMConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=256, vocab_size=1024)
+        vit = ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)
+        vae = VAEConfig(ch=32, ch_mult=(1, 2, 2, 2))
+    else:
+        llm = LLMConfig(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                        intermediate_size=8960, vocab_size=151936)
+        vit = ViTConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16)
+        vae = VAEConfig()
+    cfg = BagelConfig(llm=llm, vit=vit, vae=vae)
+    cfg.validate()
+    return cfg
+
+
+def build_pack(cfg: BagelConfig, tokens: int, hw: int, seed: int = 0):
+    """One pack of at most ``tokens`` tokens (logical order) and its expert-stream layout."""
+    rng = np.random.default_rng(seed)
+    ids = lambda n: [int(v) for v in rng.integers(10, min(cfg.llm.vocab_size, 30000), n)]
+    im = lambda h, w: rng.uniform(-1, 1, (3, h, w)).astype(np.float32)
+    vs = cfg.vit.patch_size * 16
+    makers = [
+        lambda: [TextItem(ids(48), loss=True), VaeItem(im(hw, hw), loss=True, t_raw=float(rng.normal()))],
+        lambda: [VitItem(im(vs, vs)), TextItem(ids(24)), TextItem(ids(200), loss=True)],
+        lambda: [VaeItem(im(hw, hw)), VitItem(im(vs, vs)), TextItem(ids(32)),
+                 VaeItem(im(hw, hw), loss=True, t_raw=float(rng.normal()))],
+    ]
+    sp = packing.SpecialTokens(1, 2, 3, 4)
+    samples, used, i = [], 0, 0
+    while True:
+        s = makers[i % len(makers)]()
+        n = packing.pack([[s]], sp, cfg).shape[1]
+        if used + n > tokens:
+            break
+        samples.append(s)
+        used += n
+        i += 1
+    b = packing.pack([samples], sp, cfg)
+    b = packing.pack([samples], sp, cfg, Capacities(rows=1, row_len=tokens, vit_tokens=b.vit_seg.shape[0],
+                                                     latent_tokens=b.vae_src.shape[0],
+                                                     vae_images=b.vae_images.shape[0], ce_tokens=b.ce_index.shape[0]))
+    und, gen = packing.expert_counts(b)
+    U = int(und.max())
+    streams, _ = packing.to_expert_streams(b, U)
+    return b, streams, (U, tokens - U)
+
+
+def run_one(cfg, impl: str, tokens: int, args) -> str:
+    tc = O.TrainConfig(compute_dtype=args.dtype, remat_policy=args.remat, attention_impl=impl, warmup_steps=0)
+    mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    model, vae = build_modules(cfg, dtype=O.DTYPES[args.dtype], param_dtype=jnp.float32, remat_policy=args.remat,
+                               attention_impl=impl)
+    params = init_params(model, jax.random.PRNGKey(0))
+    ds = cfg.vae.downsample
+    vae_params = vae.init(jax.random.PRNGKey(1), jnp.zeros((1, ds * 2, ds * 2, cfg.vae.in_channels)))["params"]
+    mask = O.trainable_mask(params, tc)
+    opt = O.make_optimizer(tc, mask, 1000)
+    state, ssh = S.init_state(params, opt, 0, mesh)
+    del params
+    vsh = shd.tree_shardings(vae_params, mesh)
+    vae_params = jax.device_put(vae_params, vsh)
+    logical, streams, split = build_pack(cfg, tokens, args.vae_hw)
+    batch = {k: v.reshape((1, 1) + v.shape) for k, v in streams.arrays().items()}
+    batch["expert_split"] = np.asarray(split, np.int32).reshape(1, 1, 2)
+    fn = S.jit_train_step(S.make_train_step(model, vae, tc, mask, opt, O.lr_schedule(tc, 1000), None, ssh["params"]),
+                          ssh, mesh, vsh)
+    gb = shd.put_batch(batch, mesh)
+    t = time.perf_counter()
+    state, m = fn(state, gb, vae_params)
+    jax.block_until_ready(m)
+    first = time.perf_counter() - t
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        state, m = fn(state, gb, vae_params)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t)
+    med = float(np.median(times))
+    real = int((logical.seg > 0).sum())
+    flops = step_flops(cfg, logical.arrays())
+    mfu = flops / med / (args.peak_tflops * 1e12)
+    peak = ""
+    stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
+    if stats and "peak_bytes_in_use" in stats:
+        peak = f", peak memory {stats['peak_bytes_in_use'] / 2 ** 30:.1f} GiB"
+    return (f"| {impl} | {tokens} | {real} | {med:.3f} | {real / med:,.0f} | {100 * mfu:.1f} % | "
+            f"{first:.1f} | loss {float(m['loss']):.4f}{peak} |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--attention", default="xla,blocked,pallas", help="comma-separated implementations")
+    ap.add_argument("--tokens", default="8192,32768", help="comma-separated tokens per pack")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median reported)")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="compute dtype")
+    ap.add_argument("--remat", default="full", help="remat policy (bagel_jax.nn.layers.REMAT_POLICIES)")
+    ap.add_argument("--vae-hw", type=int, default=256, help="VAE image side in pixels")
+    ap.add_argument("--peak-tflops", type=float, default=989.0,
+                    help="peak dense bf16 TFLOP/s of the device for MFU (H100/H200 SXM: 989)")
+    ap.add_argument("--tiny", action="store_true", help="a tiny model and 512-token packs: a CPU smoke test")
+    args = ap.parse_args()
+    cfg = model_config(args.tiny)
+    if args.tiny:
+        args.tokens, args.vae_hw = "512", 64
+    print(f"backend {jax.default_backend()}: {jax.devices()[0].device_kind}; decoder hidden {cfg.llm.hidden_size} x "
+          f"{cfg.llm.num_hidden_layers} layers (MoT), compute {args.dtype}, remat {args.remat}", flush=True)
+    print("| attention | tokens/pack | real tokens | step s (median) | tokens/s | MFU | first call s | |\n"
+          "|---|---|---|---|---|---|---|---|", flush=True)
+    for T in [int(t) for t in args.tokens.split(",")]:
+        for impl in args.attention.split(","):
+            try:
+                print(run_one(cfg, impl, T, args), flush=True)
+            except Exception as e:  # an OOM or an unsupported implementation must not stop the table
+                msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+                print(f"| {impl} | {T} | - | - | - | - | - | {type(e).__name__}: {msg} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
