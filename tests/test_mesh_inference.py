@@ -134,6 +134,16 @@ def _script(out_dir: str) -> None:
     assert isinstance(vae_leaf.sharding, NamedSharding) and vae_leaf.sharding.mesh == mesh
     _close(ref.arrays, third.generate_image(PROMPTS, num_timesteps=STEPS).arrays, "t2i shardings= fsdp=4,tensor=2")
 
+    # an Engine given a mesh for params on one device moves them onto it
+    from bagel_jax.inference.api import Pipeline
+    from bagel_jax.inference.context import Engine
+
+    moved = Pipeline(Engine(one.engine.bm, one.engine.vae_transform, one.engine.vit_transform, mesh=mesh))
+    assert _spec(moved.engine.params["language_model"]["model"]["layers"]["layer"]["q_proj"]["kernel"]) == \
+        (None, "fsdp", "tensor")
+    assert jax.tree_util.tree_leaves(moved.engine.vae_params)[0].sharding.mesh == mesh
+    assert _spec(moved.context(1).add_text("hello").gen.cache.k) == (None, None, None, "tensor", None)
+
     # sample.py --mesh (prompt 0 alone with seed 0 = row 0 of the batch)
     rc = sample.main(["generate", "--prompt", PROMPTS[0], "--num-timesteps", str(STEPS), "--mesh", "fsdp=4,tensor=2",
                       "--out", out_dir, "--compilation-cache", "", "--no-progress", "--dtype", "float32"])

@@ -96,7 +96,8 @@ class Engine:
       cache_dtype: dtype of KV caches (default: the model's compute dtype).
       mesh: the ``jax.sharding.Mesh`` to run on (default: the mesh of the params' ``NamedSharding`` if
         they are spread over several devices, else None = one device). KV caches are created on it and
-        every device call runs under it.
+        every device call runs under it; params not already on it are split over it by the rules of
+        :mod:`bagel_jax.sharding` (the VAE replicated).
     """
 
     def __init__(self, bm: BagelModel, vae_transform: ImageTransform = INFERENCE_VAE,
@@ -117,8 +118,12 @@ class Engine:
         self.vit_transform = vit_transform
         self.max_context = int(max_context or self.cfg.llm.max_position_embeddings)
         self.cache_dtype = cache_dtype or bm.model.dtype
-        if mesh is None:
-            mesh = shd.mesh_of(jax.tree_util.tree_map(lambda x: getattr(x, "sharding", None), bm.params))
+        on = shd.mesh_of(jax.tree_util.tree_map(lambda x: getattr(x, "sharding", None), bm.params))
+        if mesh is not None and mesh.size > 1 and on != mesh:
+            # a mesh given for params placed elsewhere (e.g. loaded on one device): move them onto it
+            self.params = shd.shard_params(bm.params, mesh)
+            self.vae_params = jax.device_put(bm.vae_params, shd.replicated(mesh))
+        mesh = on if mesh is None else mesh
         self.mesh = mesh if mesh is not None and mesh.size > 1 else None
 
     def empty_cache(self, batch: int, capacity: int = CACHE_MIN) -> KVCache:
