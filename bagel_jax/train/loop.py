@@ -125,7 +125,7 @@ def step_flops(cfg, batch: dict) -> float:
     attn = 4.0 * nl * H * dh * pairs
     n_ce = float(np.asarray(batch["ce_valid"]).sum())
     vit_seg = np.asarray(batch["vit_seg"])
-    vit_seg = vit_seg.reshape(-1, vit_seg.shape[-1])
+    vit_seg = vit_seg.reshape(-1, vit_seg.shape[-1]) if vit_seg.size else np.zeros((1, 0), np.int32)
     n_vit = float((vit_seg > 0).sum())
     vit_pairs = float(sum((np.bincount(r[r > 0]) ** 2).sum() for r in vit_seg))
     Dv = vit.hidden_size
