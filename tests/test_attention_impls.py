@@ -115,6 +115,21 @@ def test_equals_xla_queries_subset(packed, impl):
         _assert_close(a, b, name)
 
 
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_blocked_under_remat(packed, policy):
+    """The custom VJP inside the layers' remat (jax.checkpoint with the project's policies) gives the same
+    gradients as without."""
+    from bagel_jax.models.siglip_navit import REMAT_POLICIES
+
+    B, L = packed.seg.shape
+    q, k, v, w = _qkv(B, L, L, 4, 2, 32, seed=2)
+    fn = lambda q, k, v: (blocked_attention(q, k, v, packed, packed, block_q=64, block_k=64) * w).sum()
+    want = jax.grad(fn, (0, 1, 2))(q, k, v)
+    got = jax.jit(jax.grad(jax.checkpoint(fn, policy=REMAT_POLICIES[policy]), (0, 1, 2)))(q, k, v)
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        _assert_close(a, b, name)
+
+
 def _nonempty_blocks(qv, kv, bq, bk):
     m = np.asarray(dense_mask(qv, kv)).any(0)                                   # [Lq, Lk] over the batch
     Lq, Lk = m.shape

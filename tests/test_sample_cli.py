@@ -37,11 +37,36 @@ def test_help_documents_every_flag(capsys):
         for a in p._actions:
             assert a.help and a.help.strip(), f"{name}: flag {a.option_strings} has no help"
         text = p.format_help()
-        for flag in ("--model-path", "--seed", "--out", "--dtype", "--mesh", "--think", "--cfg-text-scale", "--num-timesteps"):
+        for flag in ("--model-path", "--seed", "--out", "--dtype", "--mesh", "--think", "--cfg-text-scale",
+                     "--num-timesteps", "--attention"):
             assert flag in text
     with pytest.raises(SystemExit):
         sample.main(["generate", "--help"])
     assert "--cfg-renorm-type" in capsys.readouterr().out
+
+
+def test_attention_option_reaches_load(monkeypatch, tiny_a):
+    """--attention NAME (every subcommand) is passed to bagel_jax.load; unknown names are refused."""
+    from bagel_jax.inference import api
+
+    seen = {}
+
+    def fake_load(folder, **kw):
+        seen.update(kw)
+        raise RuntimeError("stop after load")
+
+    monkeypatch.setattr(api, "load", fake_load)
+    args = sample.build_parser().parse_args(["understand", "--model-path", tiny_a, "--question", "q",
+                                            "--attention", "blocked"])
+    with pytest.raises(RuntimeError, match="stop after load"):
+        sample._load(args)
+    assert seen["attention_impl"] == "blocked"
+    required = {"generate": ["--prompt", "p"], "edit": ["--prompt", "p", "--image", "i.png"], "interleave": [],
+                "chat": []}
+    for cmd, extra in required.items():
+        assert sample.build_parser().parse_args([cmd, *extra, "--attention", "xla"]).attention == "xla"
+    with pytest.raises(SystemExit):
+        sample.build_parser().parse_args(["generate", "--prompt", "p", "--attention", "flash"])
 
 
 def test_missing_demo_model_says_pass_model_path(capsys, monkeypatch, tmp_path):

@@ -57,7 +57,7 @@ def test_verify_detects_a_wrong_model(tiny_a, tmp_path):
 
 def test_verify_attention_option(tiny_a):
     """--attention selects the implementation of the decoder and the ViT; a bad name is refused by argparse."""
-    r = run_verify("--fixtures", tiny_a, "--cases", "text,vit,gen_single_step", "--attention", "blocked")
+    r = run_verify("--fixtures", tiny_a, "--cases", "text,vit", "--attention", "blocked")
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "verify: PASS" in r.stdout
     r = run_verify("--fixtures", tiny_a, "--attention", "flash")
