@@ -381,3 +381,49 @@ def test_config_fields_validated():
     for bad in (0, 2.5, False):
         with pytest.raises(DataConfigError, match="und_split_steps"):
             DataConfig.from_dict({"und_split_steps": bad})
+
+
+def test_train_step_lays_out_a_logical_batch_as_streams(bm):
+    """A batch straight from ``packing.pack`` (logical order, no ``expert_split``) runs the expert-stream
+    step: it compiles a program for a split (never ``select``), and its losses and updated params equal
+    those of the same packs laid out by hand with the same split (same numbers, same order of sums:
+    the host layout is the hand layout)."""
+    from bagel_jax import sharding as shd
+    from bagel_jax.train import optimizer as O, step as S
+
+    logical = stream_test_batch(bm, overlap=True)
+    # one pack per row of the mixed rows, padded to one length (as the loader pads its packs)
+    t = packed(bm)
+    caps = Capacities(rows=1, row_len=logical.shape[1], vit_tokens=t.vit_seg.shape[0], latent_tokens=t.vae_src.shape[0],
+                      vae_images=t.vae_images.shape[0], vae_hw=t.vae_images.shape[1:3], ce_tokens=t.ce_index.shape[0])
+    packs = [packing.pack([r], bm.tokenizer.special, bm.cfg, caps) for r in rows_mixed()]
+    arrays = {k: np.stack([p.arrays()[k] for p in packs])[None] for k in packs[0].arrays()}   # [1, 2, ...]
+    tc = O.TrainConfig(compute_dtype="float32", warmup_steps=0)
+    mesh = shd.make_mesh(1, 1, 1)
+    mask = O.trainable_mask(bm.params, tc)
+    opt = O.make_optimizer(tc, mask, 10)
+    step = S.make_train_step(bm.model, bm.vae, tc, mask, opt, O.lr_schedule(tc, 10), None)
+    vae = bm.vae_params
+
+    host, split = S.streams_from_logical(arrays)
+    und, gen = zip(*(packing.expert_counts(p) for p in packs))
+    assert split[0] == max(int(u.max()) for u in und)
+    assert split[0] + split[1] >= logical.shape[1]
+    by_hand = {k: np.stack([packing.to_expert_streams(p, *split)[0].arrays()[k] for p in packs])[None]
+               for k in packs[0].arrays()}
+    for k, v in by_hand.items():
+        np.testing.assert_array_equal(host[k], v, err_msg=k)
+
+    results = []
+    _, ssh = S.init_state(bm.params, opt, 0, mesh)
+    fn = S.jit_train_step(step, ssh, mesh, None)   # one program serves both calls (same shapes and split)
+    for batch, explicit in ((arrays, None), (by_hand, split)):
+        state, _ = S.init_state(bm.params, opt, 0, mesh)
+        state, m = fn(state, shd.put_batch(batch, mesh), vae, explicit)
+        results.append((jax.device_get(m), jax.device_get(state["params"])))
+    assert [k[1] for k in fn.cache] == [split]
+    (m0, p0), (m1, p1) = results
+    for k in ("loss", "loss_ce", "loss_mse", "grad_norm"):
+        np.testing.assert_array_equal(m0[k], m1[k], err_msg=k)
+    for a, b in zip(jax.tree_util.tree_leaves(p0), jax.tree_util.tree_leaves(p1)):
+        np.testing.assert_array_equal(a, b)

@@ -347,7 +347,7 @@ def run(args: argparse.Namespace) -> dict:
     pre = Prefetcher(it, dc.prefetch)
     special = S.special_weights_by_id(tc, tokenizer)
     step_fn = S.jit_train_step(S.make_train_step(model, vae, tc, mask, opt, schedule, special, ssh["params"]),
-                               ssh, mesh, vsh)
+                               ssh, mesh, vsh, seq_parallel=tc.seq_parallel)
     peak = peak_flops_per_device(tc) * jax.device_count()
     n_train = O.count_params(shapes, mask)
     print(f"[train] mesh {dict(mesh.shape)}, {O.count_params(shapes) / 1e6:.2f}M params "

@@ -24,6 +24,8 @@ compiled program per batch shapes and split; the loader draws splits from a smal
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 from typing import Any, Mapping, Optional
 
@@ -33,6 +35,7 @@ import numpy as np
 import optax
 
 from .. import sharding as shd
+from ..data import packing
 from .forward import draw_noise, train_forward
 from .optimizer import TrainConfig, ema_update, freeze
 
@@ -154,10 +157,44 @@ def batch_expert_split(batch: Mapping[str, Any]) -> Optional[tuple[int, int]]:
     return int(s[0, 0]), int(s[0, 1])
 
 
-def jit_train_step(step_fn, state_sh, mesh, vae_sh):
+def streams_from_logical(batch: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], tuple[int, int]]:
+    """Lay a logical-order batch (arrays ``[accum, packs, ...]`` of :func:`bagel_jax.data.packing.pack`
+    output, no ``expert_split``) out as expert streams on the host: one split for every pack, ``und`` =
+    the most und tokens of any pack, ``gen`` = the rest of the row, or the most gen tokens of any pack
+    when that is more (then the two windows overlap, :func:`bagel_jax.data.packing.to_expert_streams`).
+    Returns ``(batch, (und, gen))`` with an ``expert_split`` array added."""
+    host = {k: np.asarray(jax.device_get(v)) for k, v in batch.items()}
+    A, G = host["token_ids"].shape[:2]
+    L = host["token_ids"].shape[-1]
+    fields = [f.name for f in dataclasses.fields(packing.PackedBatch)]
+    missing = [f for f in fields if f not in host]
+    if missing:
+        raise ValueError(f"train step: a batch without expert_split must hold every PackedBatch field; "
+                         f"missing {missing}")
+    packs = [packing.PackedBatch(**{f: host[f][a, g] for f in fields}) for a in range(A) for g in range(G)]
+    counts = [packing.expert_counts(p) for p in packs]
+    und = max(int(u.max()) for u, _ in counts)
+    gen = max(max(int(g.max()) for _, g in counts), L - und)
+    out = [packing.to_expert_streams(p, und, gen)[0].arrays() for p in packs]
+    res = {k: np.stack([o[k] for o in out]).reshape((A, G) + out[0][k].shape) for k in fields}
+    for k in host:   # extra arrays travel unchanged
+        res.setdefault(k, host[k])
+    res["expert_split"] = np.tile(np.array([und, gen], np.int32), (A, G, 1))
+    return res, (und, gen)
+
+
+def jit_train_step(step_fn, state_sh, mesh, vae_sh, seq_parallel: bool = False):
     """``jax.jit`` with explicit in/out shardings and the state donated. The returned
     ``call(state, batch, vae_params, expert_split=None)`` compiles one program per (batch shapes,
-    ``expert_split``), kept in ``call.cache``."""
+    ``expert_split``), kept in ``call.cache``.
+
+    The step always runs expert streams. A batch in the logical order of ``packing.pack`` (no
+    ``expert_split`` array, no ``expert_split`` argument) is laid out as streams on the host first
+    (:func:`streams_from_logical`: a device-to-host copy of the batch per call; the training loader
+    delivers stream batches and pays nothing). ``seq_parallel``: split the residual stream's sequence
+    over the ``tensor`` axis (``sharding.activation_rules(res_length="tensor")``; Megatron-style
+    sequence parallelism, which is what fits 36,864-token packs of BAGEL-7B on 8 devices, see README).
+    """
     rep = shd.replicated(mesh)
 
     def batch_sh(b):
@@ -166,12 +203,19 @@ def jit_train_step(step_fn, state_sh, mesh, vae_sh):
     cache = {}
 
     def call(state, batch, vae_params, expert_split=None):
+        if expert_split is None:
+            if "expert_split" in batch:
+                expert_split = batch_expert_split(jax.device_get(batch["expert_split"]))
+            else:
+                host, expert_split = streams_from_logical(batch)
+                batch = shd.put_batch(host, mesh)
         key = (tuple(sorted((k, tuple(v.shape)) for k, v in batch.items())), expert_split)
         if key not in cache:
             cache[key] = jax.jit(functools.partial(step_fn, expert_split=expert_split),
                                  in_shardings=(state_sh, batch_sh(batch), vae_sh),
                                  out_shardings=(state_sh, rep), donate_argnums=(0,))
-        with shd.mesh_scope(mesh):  # activations follow shd.ACTIVATION_RULES on the mesh
+        rules = shd.activation_rules(res_length="tensor") if seq_parallel else contextlib.nullcontext()
+        with shd.mesh_scope(mesh), rules:  # activations follow shd.ACTIVATION_RULES on the mesh
             return cache[key](state, batch, vae_params)
 
     call.cache = cache
