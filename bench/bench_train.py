@@ -1,5 +1,6 @@
-"""Training forward + backward: expert streams (each expert runs once, ``Routing.split``) against the
-old path (both experts on every token, ``Routing.select``), on the same packed batch.
+"""Training forward + backward: the training path (expert streams: each expert runs once, ``Routing.split``;
+attention ``--attention``, default ``auto``) against the old path (both experts on every token,
+``Routing.select``, dense ``xla`` attention), on the same packed batch.
 
     PYTHONPATH=. python bench/bench_train.py [--tokens 1024,4096] [--hidden 512] [--layers 4] [--repeat 3]
 
@@ -8,7 +9,7 @@ images, clean and noised VAE images, several samples) in the logical order; the 
 same pack permuted by ``packing.to_expert_streams``. Timed: ``jax.value_and_grad`` of
 ``train_forward`` (the loss of the train step; no optimiser update), jitted, compile excluded; median
 of ``--repeat`` runs per path, the two paths alternating so that machine load hits both alike.
-Attention is whatever the decoder uses by default. The model FLOPs per step
+The model FLOPs per step
 (``bagel_jax.train.loop.step_flops``: each real token through one expert, attention over the allowed
 pairs) are the same for both paths; GFLOP/s divides them by the measured time.
 """
@@ -69,6 +70,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per path (median reported)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--ce-chunk", type=int, default=1024, help="CE tokens per chunk (train.ce_chunk_tokens)")
+    ap.add_argument("--attention", default="auto", help="attention of the new path (the old path is always xla)")
     args = ap.parse_args()
 
     cfg = small_config(args.hidden, args.layers, vocab=args.vocab)
@@ -80,9 +82,11 @@ def main():
     if hasattr(os, "getloadavg"):
         print("load average before: %.2f %.2f %.2f" % os.getloadavg())
 
-    def make(expert_split):
+    def make(expert_split, attention):
+        model = bm.model.clone(attention_impl=attention)
+
         def loss(params, vae_params, batch, noise):
-            return train_forward(bm.model, params, bm.vae, vae_params, batch, noise, expert_split=expert_split,
+            return train_forward(model, params, bm.vae, vae_params, batch, noise, expert_split=expert_split,
                                  ce_chunk_tokens=args.ce_chunk)[0]
         return jax.jit(jax.value_and_grad(loss))
 
@@ -93,8 +97,8 @@ def main():
         U = int(und.max())
         streams, _ = packing.to_expert_streams(logical, U)
         noise = draw_noise(jax.random.PRNGKey(0), logical.arrays(), cfg)
-        paths = {"select": (make(None), {k: jnp.asarray(v) for k, v in logical.arrays().items()}),
-                 "split": (make((U, T - U)), {k: jnp.asarray(v) for k, v in streams.arrays().items()})}
+        paths = {"select": (make(None, "xla"), {k: jnp.asarray(v) for k, v in logical.arrays().items()}),
+                 "split": (make((U, T - U), args.attention), {k: jnp.asarray(v) for k, v in streams.arrays().items()})}
         compile_s, times, losses = {}, {k: [] for k in paths}, {}
         for name, (fn, batch) in paths.items():
             t = time.perf_counter()
@@ -115,9 +119,9 @@ def main():
         for name in paths:
             print(f"  {name:6s}: median {med[name]:.3f} s over {args.repeat} (runs {', '.join(f'{x:.3f}' for x in times[name])}; "
                   f"first call incl. compile {compile_s[name]:.1f} s); {flops / med[name] / 1e9:.1f} model GFLOP/s")
-        print(f"  speed-up split vs select: {med['select'] / med['split']:.2f}x")
+        print(f"  speed-up split+{args.attention} vs select+xla: {med['select'] / med['split']:.2f}x")
         rows.append((T, med["select"], med["split"]))
-    print("\n| tokens/pack | select fwd+bwd (s) | split fwd+bwd (s) | speed-up |\n|---|---|---|---|")
+    print(f"\n| tokens/pack | select + xla fwd+bwd (s) | split + {args.attention} fwd+bwd (s) | speed-up |\n|---|---|---|---|")
     for T, a, b in rows:
         print(f"| {T} | {a:.3f} | {b:.3f} | {a / b:.2f}x |")
     if hasattr(os, "getloadavg"):

@@ -19,7 +19,7 @@ from bagel_jax.data.packing import Capacities, PositionGap, TextItem, VaeItem, V
 from bagel_jax.loading import load_model
 from bagel_jax.models.bagel import Bagel
 from bagel_jax.models.qwen2_mot import Routing
-from bagel_jax.nn.attention import MaskVectors, dense_mask
+from bagel_jax.nn.attention import MaskVectors
 from bagel_jax.train.forward import chunked_ce, draw_noise, train_forward
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -168,7 +168,7 @@ def test_overlapping_split_routing_equals_select(bm):
     x = jnp.asarray(rng.normal(size=(B, L, D)).astype(np.float32))
     pos = jnp.asarray(rng.integers(0, 20, (B, L)))
     vec = MaskVectors(jnp.ones((B, L), jnp.int32), jnp.asarray(rng.integers(0, L, (B, L))), jnp.zeros((B, L), jnp.int32))
-    mask = dense_mask(vec, vec)
+    mask = vec   # the decoder reads the mask vectors
     # row 0: 7 und then 5 gen; row 1: 4 und then 8 gen -> windows und 7, gen 8 overlap on 3 tokens
     is_gen = jnp.asarray(np.stack([np.arange(L) >= 7, np.arange(L) >= 4]))
     p = {"params": bm.params}
