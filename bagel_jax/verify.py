@@ -346,7 +346,11 @@ def run_gen_single_step(ctx: Ctx, meta: dict, arr: dict) -> dict:
 
 
 def train_forward_inputs(ctx: Ctx, meta: dict, arr: dict):
-    """The packed batch of the ``train_forward`` case: ``(PackedBatch, batch arrays, TrainNoise)``."""
+    """The packed batch of the ``train_forward`` case: ``(PackedBatch, batch arrays, TrainNoise, layout)``.
+
+    ``b`` is the official (logical) order; ``batch`` the same pack as expert streams (the training path);
+    ``layout = (perm, (und_tokens, gen_tokens))`` maps stream positions back (``packing.unpermute_tokens``)
+    and is the ``expert_split`` to pass to ``train_forward``."""
     P = meta["params"]
     t2i_tf = ImageTransform.from_dict(P["t2i_transform"]) if "t2i_transform" in P else None
     vit_tf = ImageTransform.from_dict(P["vit_transform"]) if "vit_transform" in P else None
@@ -379,16 +383,16 @@ def train_forward_inputs(ctx: Ctx, meta: dict, arr: dict):
     streams, perm = packing.to_expert_streams(b, U, G)
     batch = {k: jnp.asarray(v) for k, v in streams.arrays().items()}
     noise = TrainNoise(jnp.asarray(nhwc(arr["vae_posterior_eps"])), jnp.asarray(arr["noise"]))
-    return b, batch, noise
+    return b, batch, noise, (perm, (U, G))
 
 
 def run_train_forward(ctx: Ctx, meta: dict, arr: dict) -> dict:
     P = meta["params"]
-    b, batch, noise = train_forward_inputs(ctx, meta, arr)
+    b, batch, noise, (perm, split) = train_forward_inputs(ctx, meta, arr)
     samples = P["samples"]
     loss, aux = train_forward(ctx.bm.model, ctx.bm.params, ctx.bm.vae, ctx.bm.vae_params, batch, noise,
                               ce_weight=float(P.get("ce_weight", 1.0)), mse_weight=float(P.get("mse_weight", 1.0)),
-                              return_intermediates=True, expert_split=(U, G), ce_chunk_tokens=CE_CHUNK)
+                              return_intermediates=True, expert_split=split, ce_chunk_tokens=CE_CHUNK)
     inter = dict(aux["intermediates"])
     B, L = b.shape
     inter["final_hidden"] = packing.unpermute_tokens(np.asarray(inter["final_hidden"]).reshape(B, L, -1),

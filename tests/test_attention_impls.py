@@ -215,11 +215,11 @@ def train_case(tiny_a):
     meta = manifest["cases"]["train_forward"]
     arr = load_file(os.path.join(tiny_a, meta.get("file", "train_forward.safetensors")))
     ctx = verify.Ctx(tiny_a, manifest, jnp.float32, "xla")
-    _, batch, noise = verify.train_forward_inputs(ctx, meta, arr)
-    return ctx.bm, meta, batch, noise, _loss_and_grads(ctx.bm, "xla", meta, batch, noise)
+    _, batch, noise, (_, split) = verify.train_forward_inputs(ctx, meta, arr)
+    return ctx.bm, meta, batch, noise, split, _loss_and_grads(ctx.bm, "xla", meta, batch, noise, split)
 
 
-def _loss_and_grads(bm, impl, meta, batch, noise):
+def _loss_and_grads(bm, impl, meta, batch, noise, split):
     from bagel_jax.train.forward import train_forward
 
     model = bm.model.clone(attention_impl=impl)
@@ -227,22 +227,23 @@ def _loss_and_grads(bm, impl, meta, batch, noise):
 
     def loss(params):
         return train_forward(model, params, bm.vae, bm.vae_params, batch, noise, ce_weight=float(P.get("ce_weight", 1.0)),
-                             mse_weight=float(P.get("mse_weight", 1.0)))[0]
+                             mse_weight=float(P.get("mse_weight", 1.0)), expert_split=split)[0]
 
     return jax.jit(jax.value_and_grad(loss))(bm.params)
 
 
 @pytest.mark.parametrize("impl", IMPLS + ["cudnn"])
 def test_train_forward_same_loss_and_grads(train_case, impl):
-    """The tiny-a ``train_forward`` case (decoder and ViT attention both switch): same loss and parameter
+    """The tiny-a ``train_forward`` case on the training path (expert streams; decoder and ViT attention both
+    switch): same loss and parameter
     gradients as "xla". The k_proj biases have zero gradient in exact arithmetic (softmax is shift
     invariant), so each leaf's scale is floored at 1e-3 of the largest gradient."""
-    bm, meta, batch, noise, (ref_loss, ref_g) = train_case
+    bm, meta, batch, noise, split, (ref_loss, ref_g) = train_case
     if impl == "cudnn" and jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match="cudnn"):
-            _loss_and_grads(bm, impl, meta, batch, noise)
+            _loss_and_grads(bm, impl, meta, batch, noise, split)
         return
-    loss, g = _loss_and_grads(bm, impl, meta, batch, noise)
+    loss, g = _loss_and_grads(bm, impl, meta, batch, noise, split)
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
     flat_ref = dict(jax.tree_util.tree_flatten_with_path(ref_g)[0])
     floor = 1e-3 * max(float(np.abs(np.asarray(x)).max()) for x in flat_ref.values())
