@@ -27,38 +27,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench._common import small_config, small_model  # noqa: E402
+from bench._common import mixed_pack, small_config, small_model  # noqa: E402
 from bagel_jax.data import packing  # noqa: E402
-from bagel_jax.data.packing import Capacities, TextItem, VaeItem, VitItem  # noqa: E402
 from bagel_jax.train.forward import draw_noise, train_forward  # noqa: E402
 from bagel_jax.train.loop import step_flops  # noqa: E402
-
-
-def build_pack(cfg, special, tokens: int, seed: int = 0) -> packing.PackedBatch:
-    """One logical-order pack of at most ``tokens`` tokens: t2i, VQA and edit-like samples in turn."""
-    rng = np.random.default_rng(seed)
-    ids = lambda n: [int(v) for v in rng.integers(10, 500, n)]
-    im = lambda h, w: rng.uniform(-1, 1, (3, h, w)).astype(np.float32)
-    makers = [
-        lambda: [TextItem(ids(24), loss=True), VaeItem(im(128, 128), loss=True, t_raw=float(rng.normal()))],
-        lambda: [VitItem(im(112, 112)), TextItem(ids(12)), TextItem(ids(40), loss=True)],
-        lambda: [VaeItem(im(64, 64)), VitItem(im(56, 56)), TextItem(ids(16)),
-                 VaeItem(im(128, 128), loss=True, t_raw=float(rng.normal()))],
-    ]
-    samples, used, i = [], 0, 0
-    while True:
-        s = makers[i % len(makers)]()
-        n = packing.pack([[s]], special, cfg).shape[1]
-        if used + n > tokens:
-            break
-        samples.append(s)
-        used += n
-        i += 1
-    b = packing.pack([samples], special, cfg)
-    return packing.pack([samples], special, cfg,
-                        Capacities(rows=1, row_len=tokens, vit_tokens=b.vit_seg.shape[0],
-                                   latent_tokens=b.vae_src.shape[0], vae_images=b.vae_images.shape[0],
-                                   ce_tokens=b.ce_index.shape[0]))
 
 
 def main():
@@ -92,7 +64,7 @@ def main():
 
     rows = []
     for T in [int(t) for t in args.tokens.split(",")]:
-        logical = build_pack(cfg, special, T)
+        logical = mixed_pack(cfg, special, T)
         und, gen = packing.expert_counts(logical)
         U = int(und.max())
         streams, _ = packing.to_expert_streams(logical, U)

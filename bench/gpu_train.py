@@ -2,7 +2,8 @@
 
 A random BAGEL with a 1B-class decoder (Qwen2.5-1.5B shapes per expert: hidden 1536, 28 layers, 12/2 heads,
 MLP 8960, vocab 151,936; two experts as in BAGEL-MoT) is trained for a few steps on packs of ``--tokens`` tokens
-built by the real packing code (text-to-image, VQA and edit-like samples, 256 px VAE images) in the expert-stream
+built by the real packing code (``bench._common.mixed_pack``: text-to-image, VQA and edit-like samples,
+256 px VAE images) in the expert-stream
 layout, with the real train step (AdamW, clip, EMA, bf16 compute, float32 master weights, full remat). For each
 ``--attention`` implementation and each pack length it prints the median step time, tokens/s (real tokens) and
 MFU = ``bagel_jax.train.loop.step_flops`` / (time * ``--peak-tflops``).
@@ -27,10 +28,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench._common import mixed_pack  # noqa: E402
 from bagel_jax import sharding as shd  # noqa: E402
 from bagel_jax.config import BagelConfig, LLMConfig, VAEConfig, ViTConfig  # noqa: E402
 from bagel_jax.data import packing  # noqa: E402
-from bagel_jax.data.packing import Capacities, TextItem, VaeItem, VitItem  # noqa: E402
 from bagel_jax.loading import build_modules  # noqa: E402
 from bagel_jax.models.bagel import init_params  # noqa: E402
 from bagel_jax.train import optimizer as O, step as S  # noqa: E402
@@ -53,33 +54,10 @@ def model_config(tiny: bool) -> BagelConfig:
     return cfg
 
 
-def build_pack(cfg: BagelConfig, tokens: int, hw: int, seed: int = 0):
+def build_pack(cfg: BagelConfig, tokens: int, hw: int):
     """One pack of at most ``tokens`` tokens (logical order) and its expert-stream layout."""
-    rng = np.random.default_rng(seed)
-    ids = lambda n: [int(v) for v in rng.integers(10, min(cfg.llm.vocab_size, 30000), n)]
-    im = lambda h, w: rng.uniform(-1, 1, (3, h, w)).astype(np.float32)
-    vs = cfg.vit.patch_size * 16
-    makers = [
-        lambda: [TextItem(ids(48), loss=True), VaeItem(im(hw, hw), loss=True, t_raw=float(rng.normal()))],
-        lambda: [VitItem(im(vs, vs)), TextItem(ids(24)), TextItem(ids(200), loss=True)],
-        lambda: [VaeItem(im(hw, hw)), VitItem(im(vs, vs)), TextItem(ids(32)),
-                 VaeItem(im(hw, hw), loss=True, t_raw=float(rng.normal()))],
-    ]
-    sp = packing.SpecialTokens(1, 2, 3, 4)
-    samples, used, i = [], 0, 0
-    while True:
-        s = makers[i % len(makers)]()
-        n = packing.pack([[s]], sp, cfg).shape[1]
-        if used + n > tokens:
-            break
-        samples.append(s)
-        used += n
-        i += 1
-    b = packing.pack([samples], sp, cfg)
-    b = packing.pack([samples], sp, cfg, Capacities(rows=1, row_len=tokens, vit_tokens=b.vit_seg.shape[0],
-                                                     latent_tokens=b.vae_src.shape[0],
-                                                     vae_images=b.vae_images.shape[0], ce_tokens=b.ce_index.shape[0]))
-    und, gen = packing.expert_counts(b)
+    b = mixed_pack(cfg, packing.SpecialTokens(1, 2, 3, 4), tokens, vae_px=hw, vit_px=cfg.vit.patch_size * 16)
+    und, _ = packing.expert_counts(b)
     U = int(und.max())
     streams, _ = packing.to_expert_streams(b, U)
     return b, streams, (U, tokens - U)
