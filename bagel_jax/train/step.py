@@ -209,6 +209,8 @@ def jit_train_step(step_fn, state_sh, mesh, vae_sh, seq_parallel: bool = False):
             else:
                 host, expert_split = streams_from_logical(batch)
                 batch = shd.put_batch(host, mesh)
+        # the split is static (part of the program); its array is not an input of the step
+        batch = {k: v for k, v in batch.items() if k != "expert_split"}
         key = (tuple(sorted((k, tuple(v.shape)) for k, v in batch.items())), expert_split)
         if key not in cache:
             cache[key] = jax.jit(functools.partial(step_fn, expert_split=expert_split),
