@@ -111,7 +111,7 @@ def main():
     ap.add_argument("--tokens", default="8192,32768", help="comma-separated tokens per pack")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median reported)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="compute dtype")
-    ap.add_argument("--remat", default="full", help="remat policy (bagel_jax.nn.layers.REMAT_POLICIES)")
+    ap.add_argument("--remat", default="full", help="remat policy (bagel_jax.nn.options.REMAT_POLICIES)")
     ap.add_argument("--vae-hw", type=int, default=256, help="VAE image side in pixels")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
                     help="peak dense bf16 TFLOP/s of the device for MFU (H100/H200 SXM: 989)")

@@ -117,7 +117,7 @@ class Engine:
         self.vae_transform = vae_transform
         self.vit_transform = vit_transform
         self.max_context = int(max_context or self.cfg.llm.max_position_embeddings)
-        self.cache_dtype = cache_dtype or bm.model.dtype
+        self.cache_dtype = cache_dtype or bm.model.opts.dtype
         on = shd.mesh_of(jax.tree_util.tree_map(lambda x: getattr(x, "sharding", None), bm.params))
         if mesh is not None and mesh.size > 1 and on != mesh:
             # a mesh given for params placed elsewhere (e.g. loaded on one device): move them onto it

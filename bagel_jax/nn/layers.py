@@ -73,20 +73,3 @@ def timestep_features(t: jax.Array, dim: int = 256, max_period: float = 10000.0)
 
 def gelu_tanh(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=True)
-
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "dots_all": jax.checkpoint_policies.dots_saveable,
-}
-
-
-def maybe_remat(module_cls, policy: str, static_argnums=()):
-    """Wrap a module class with ``nn.remat`` under a named policy ("none" leaves it as is)."""
-    if policy not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat policy {policy!r}; choose from {sorted(REMAT_POLICIES)}")
-    if policy == "none":
-        return module_cls
-    return nn.remat(module_cls, policy=REMAT_POLICIES[policy], prevent_cse=False, static_argnums=static_argnums)
