@@ -17,6 +17,7 @@ pairs) are the same for both paths; GFLOP/s divides them by the measured time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -55,7 +56,7 @@ def main():
         print("load average before: %.2f %.2f %.2f" % os.getloadavg())
 
     def make(expert_split, attention):
-        model = bm.model.clone(attention_impl=attention)
+        model = bm.model.clone(opts=dataclasses.replace(bm.model.opts, attention_impl=attention))
 
         def loss(params, vae_params, batch, noise):
             return train_forward(model, params, bm.vae, vae_params, batch, noise, expert_split=expert_split,

@@ -222,7 +222,7 @@ def train_case(tiny_a):
 def _loss_and_grads(bm, impl, meta, batch, noise, split):
     from bagel_jax.train.forward import train_forward
 
-    model = bm.model.clone(attention_impl=impl)
+    model = bm.model.clone(opts=dataclasses.replace(bm.model.opts, attention_impl=impl))
     P = meta["params"]
 
     def loss(params):

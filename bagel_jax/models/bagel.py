@@ -13,7 +13,6 @@ Methods are called with ``model.apply({"params": p}, ..., method=Bagel.<name>)``
 
 from __future__ import annotations
 
-from typing import Optional
 
 import flax.linen as nn
 import jax
