@@ -1,8 +1,9 @@
 """The sequence layout (bagel_jax.layout) against a layout derived by hand from the porting reference
 (6.2-6.4, 7, 8.2-8.3, 9.3), and training packing / the inference Context against the same rules."""
 
-import dataclasses
+import types
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -10,6 +11,10 @@ from bagel_jax import layout
 from bagel_jax.config import load_config
 from bagel_jax.data import datasets, packing
 from bagel_jax.data.images import ImageTransform
+from bagel_jax.inference import blocks
+from bagel_jax.inference.context import Context, Engine
+from bagel_jax.inference.kv_cache import KVCache
+from bagel_jax.loading import BagelModel
 
 SP = packing.SpecialTokens(bos=1, eos=2, start_of_image=3, end_of_image=4)
 T, V, G = layout.KIND_TEXT, layout.KIND_VIT, layout.KIND_VAE
@@ -86,35 +91,71 @@ def test_packing_and_datasets_agree_with_the_hand_layout(tiny_a):
     assert lens == [5, 6, 8, 0, 4, 3]
 
 
-def test_context_agrees_with_packing(tiny_a):
-    """Context bookkeeping (KV slots, RoPE counter, text ids) equals the packed layout of the same blocks:
-    text, image (VAE then ViT), text."""
-    from bagel_jax.inference import api
+def _record_device_calls(monkeypatch, calls):
+    """Replace the model calls of the Context by stubs that record what the Context sends (the
+    bookkeeping is host-side; test_engine covers the model itself) and advance the cache as the real ones."""
+    def grown(cache, q_len):
+        return KVCache(cache.k, cache.v, cache.length + jnp.asarray(q_len, jnp.int32))
 
-    pipe = api.load(tiny_a, dtype="float32", vae_transform=ImageTransform(256, 32, 16),
-                    vit_transform=ImageTransform(256, 28, 14))
-    eng = pipe.engine
+    def text_chunk(model, params, cache, ids, positions, q_len, update=True, return_hidden=False):
+        calls.append(("text", np.asarray(ids), np.asarray(positions), np.asarray(q_len)))
+        return None, grown(cache, q_len), None
+
+    def vae_encode_tokens(vae, vae_params, image, eps, p):
+        _, H, W, _ = image.shape
+        return jnp.zeros((1, (H // 16) * (W // 16), 8), jnp.float32)     # tiny-a: 16 px per latent token
+
+    def latent_prefill(model, params, cache, x0, lat_pos, n_tokens, rope, markers):
+        calls.append(("vae", np.asarray(n_tokens), np.asarray(rope), np.asarray(markers)))
+        return None, grown(cache, np.asarray(n_tokens) + 2)
+
+    def vit_chunk(model, params, cache, patches, vit_pos, n_tokens, rope, markers, return_hidden=False):
+        calls.append(("vit", np.asarray(n_tokens), np.asarray(rope), np.asarray(markers)))
+        return None, grown(cache, np.asarray(n_tokens) + 2), None
+
+    for name, fn in dict(text_chunk=text_chunk, vae_encode_tokens=vae_encode_tokens, latent_prefill=latent_prefill,
+                         vit_chunk=vit_chunk).items():
+        monkeypatch.setattr(blocks, name, fn)
+
+
+def test_context_agrees_with_packing(tiny_a, monkeypatch):
+    """The Context's KV slots, RoPE counters, text ids and markers equal the packed layout of the same
+    blocks: text, image (VAE then ViT), text."""
+    cfg = load_config(tiny_a)
+    # no weights (the model calls are stubs) and a stand-in tokenizer: one id per character
+    tok = types.SimpleNamespace(encode=lambda text: [100 + ord(ch) for ch in text], special=SP)
+    bm = BagelModel(cfg, None, None, {}, {}, tok)
+    eng = Engine(bm, ImageTransform(256, 32, 16), ImageTransform(256, 28, 14), cache_dtype=jnp.float32)
+    calls = []
+    _record_device_calls(monkeypatch, calls)
     img = (np.random.RandomState(0).rand(32, 48, 3) * 255).astype(np.uint8)
     pre = eng.preprocess(img)
-    ctx = pipe.context(track_cfg=False)
-    steps = [ctx]
+    steps = [Context.new(eng, track_cfg=False)]
     for step in (lambda c: c.add_text("a red square"), lambda c: c.add_image(img), lambda c: c.add_text("ok")):
         steps.append(step(steps[-1]))
+
     ids = [eng.tok.encode(t) for t in ("a red square", "ok")]
     items = [packing.TextItem(ids[0]), packing.VaeItem(pre["vae"]), packing.VitItem(pre["vit"]),
              packing.TextItem(ids[1])]
-    sp = dataclasses.replace(SP, **{k: getattr(eng.sp, k) for k in ("bos", "eos", "start_of_image", "end_of_image")})
-    b = packing.pack([[items]], sp, eng.cfg)
-    cfg = eng.cfg
-    n = [layout.block_len(len(ids[0])), layout.block_len(layout.latent_tokens(*pre["hw"], cfg.latent_downsample)),
-         layout.block_len(layout.vit_tokens(*pre["vit"].shape[1:], cfg.vit.patch_size)), layout.block_len(len(ids[1]))]
+    b = packing.pack([[items]], SP, cfg)
+    n_vae = (pre["hw"][0] // 16) * (pre["hw"][1] // 16)
+    n_vit = (pre["vit"].shape[1] // 14) * (pre["vit"].shape[2] // 14)
+    n = [len(ids[0]) + 2, n_vae + 2, n_vit + 2, len(ids[1]) + 2]
     starts = np.cumsum([0] + n)
-    # the image adds two blocks in one call: compare the Context after each call with the packed row
+    assert starts[-1] == b.shape[1]
+    # after each call (the image call adds two blocks) the Context holds the packed row's first tokens
     for c, at in zip(steps, (0, 1, 3, 4)):
-        assert int(c.gen.length[0]) == starts[at] == int(c.gen.cache.length[0])
-        if at < 4:
-            assert int(c.gen.rope[0]) == b.positions[0, starts[at]]
-    assert int(steps[-1].gen.rope[0]) == b.positions[0, -1] + 1
-    assert steps[1].text_ids("a red square")[0] == list(b.token_ids[0, :n[0]])
-    # both image blocks sit at one position each: the counter after the text, then +1
-    np.testing.assert_array_equal(b.positions[0, starts[1]:starts[3]], np.repeat([n[0], n[0] + 1], n[1:3]))
+        assert int(c.gen.length[0]) == starts[at]
+        assert int(c.gen.rope[0]) == (b.positions[0, starts[at]] if at < 4 else b.positions[0, -1] + 1)
+    # what went to the device: text ids and positions, image sizes, positions and markers
+    kinds = [c[0] for c in calls]
+    assert kinds == ["text", "vae", "vit", "text"]
+    for call, at in ((calls[0], 0), (calls[3], 3)):
+        L = int(call[3][0])
+        assert L == n[at]
+        np.testing.assert_array_equal(call[1][0, :L], b.token_ids[0, starts[at]:starts[at + 1]])
+        np.testing.assert_array_equal(call[2][0, :L], b.positions[0, starts[at]:starts[at + 1]])
+    for call, at in ((calls[1], 1), (calls[2], 2)):
+        assert int(call[1][0]) + 2 == n[at]
+        assert int(call[2][0]) == b.positions[0, starts[at]]
+        np.testing.assert_array_equal(call[3], b.token_ids[0, [starts[at], starts[at + 1] - 1]])
