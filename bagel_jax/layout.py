@@ -10,14 +10,15 @@ A *sample* (a training sample, or one row of an inference context) is a sequence
 block is a body of ``n`` tokens between two markers (``MARKERS = 2``), so it occupies ``n + 2``
 sequence slots (KV slots at inference). A running RoPE counter ``r`` starts at 0 for each sample.
 
-=============  ==========================================  ===============  ==========  ===========
-kind           tokens (logical order)                      RoPE positions   r advance   attention
-=============  ==========================================  ===============  ==========  ===========
-``text``       ``<|im_start|>, ids..., <|im_end|>``         ``r .. r+n+1``   ``n + 2``   causal
-``vit``        ``<|vision_start|>, patches..., <|vision_end|>``  all ``r``   1           full
-``vae``        ``<|vision_start|>, latents..., <|vision_end|>``  all ``r``   1           full
-``noised_vae`` ``<|vision_start|>, latents..., <|vision_end|>``  all ``r``   0           noise
-=============  ==========================================  ===============  ==========  ===========
+The four block kinds::
+
+    kind            tokens (logical order)              RoPE positions  r advance  attention
+    text            bos, ids..., eos                    r .. r+n+1      n + 2      causal
+    vit             soi, ViT patches..., eoi            all r           1          full
+    vae             soi, latents (clean, t=0)..., eoi   all r           1          full
+    noised_vae      soi, latents (noised)..., eoi       all r           0          noise
+
+(bos/eos = ``<|im_start|>`` / ``<|im_end|>``, soi/eoi = ``<|vision_start|>`` / ``<|vision_end|>``.)
 
 * Body sizes: text ``n = len(ids)``; ViT ``n = (H // patch) * (W // patch)`` for a ``[3, H, W]`` ViT
   input (``patch`` = 14); VAE ``n = (H // ds) * (W // ds)`` with ``ds = latent_downsample`` (16) for a
