@@ -282,7 +282,7 @@ class Pipeline:
                                 cfg_renorm_min=cfg_renorm_min, cfg_renorm_type=cfg_renorm_type)
         hw = self.engine.check_output_size(image_size or self.default_image_size)
         sampling = _sampling(do_sample, temperature, top_k, top_p)
-        n_img = layout.vae_block(*hw, self.engine.cfg.latent_downsample).length
+        n_img = layout.vae_block(*hw, self.engine.cfg.latent_downsample, noised=True).length   # the generated image
         for p in prompts:
             self._precheck(([GEN_THINK_SYSTEM_PROMPT] if think else []) + [p], [],
                            n_img + (max_think_tokens if think else 0), "generate_image")
@@ -320,7 +320,7 @@ class Pipeline:
         if len(sizes) != 1:
             raise ValueError(f"edit_image: in a batch all images must resize to one size, got {sorted(sizes)}")
         hw = next(iter(sizes))
-        n_img = layout.vae_block(*hw, self.engine.cfg.latent_downsample).length
+        n_img = layout.vae_block(*hw, self.engine.cfg.latent_downsample, noised=True).length   # the generated image
         for q, t in zip(pre, instrs):
             self._precheck(([GEN_THINK_SYSTEM_PROMPT] if think else []) + [t], [q],
                            n_img + (max_think_tokens if think else 0), "edit_image")
