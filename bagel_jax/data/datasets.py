@@ -34,6 +34,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from .. import layout
 from . import packing
 from .images import ImageTransform, to_rgb, to_tensor
 
@@ -98,11 +99,11 @@ def plan_to_items(plan: Sequence[PlanEntry], rng: np.random.Generator, dropout: 
 def item_tokens(item, vit_patch: int, latent_ds: int) -> int:
     """Sequence tokens an item occupies after packing."""
     if isinstance(item, packing.TextItem):
-        return len(item.ids) + 2
+        return layout.text_block(len(item.ids)).length
     if isinstance(item, packing.VitItem):
-        return (item.image.shape[1] // vit_patch) * (item.image.shape[2] // vit_patch) + 2
+        return layout.vit_block(item.image.shape[1], item.image.shape[2], vit_patch).length
     if isinstance(item, packing.VaeItem):
-        return (item.image.shape[1] // latent_ds) * (item.image.shape[2] // latent_ds) + 2
+        return layout.vae_block(item.image.shape[1], item.image.shape[2], latent_ds, item.loss).length
     return 0
 
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from .. import layout
 from ..data.images import INFERENCE_VAE, INFERENCE_VIT, ImageTransform
 from . import progress as _progress
 from .context import (Context, ContextError, Engine, GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT)
@@ -177,12 +178,10 @@ class Pipeline:
     def _precheck(self, texts: Sequence[str], pre: Sequence[dict], extra: int, what: str) -> None:
         """Raise :class:`ContextError` before any compute if a request cannot fit in the context limit."""
         eng, cfg = self.engine, self.engine.cfg
-        n = sum(len(eng.tok.encode(t)) + 2 for t in texts) + int(extra)
+        n = sum(layout.text_block(len(eng.tok.encode(t))).length for t in texts) + int(extra)
         for q in pre:
-            if "vae" in q:
-                n += (q["hw"][0] // cfg.latent_downsample) * (q["hw"][1] // cfg.latent_downsample) + 2
-            if "vit" in q:
-                n += (q["vit"].shape[1] // cfg.vit.patch_size) * (q["vit"].shape[2] // cfg.vit.patch_size) + 2
+            n += sum(b.length for b in layout.image_blocks(cfg, q["hw"] if "vae" in q else None,
+                                                           q["vit"].shape[1:] if "vit" in q else None))
         if n > eng.max_context:
             raise ContextError(f"context too long for {what}: {n} tokens needed (inputs + generation), limit "
                                f"{eng.max_context}")
@@ -283,7 +282,7 @@ class Pipeline:
                                 cfg_renorm_min=cfg_renorm_min, cfg_renorm_type=cfg_renorm_type)
         hw = self.engine.check_output_size(image_size or self.default_image_size)
         sampling = _sampling(do_sample, temperature, top_k, top_p)
-        n_img = (hw[0] // self.engine.cfg.latent_downsample) * (hw[1] // self.engine.cfg.latent_downsample) + 2
+        n_img = layout.vae_block(*hw, self.engine.cfg.latent_downsample, noised=True).length   # the generated image
         for p in prompts:
             self._precheck(([GEN_THINK_SYSTEM_PROMPT] if think else []) + [p], [],
                            n_img + (max_think_tokens if think else 0), "generate_image")
@@ -321,7 +320,7 @@ class Pipeline:
         if len(sizes) != 1:
             raise ValueError(f"edit_image: in a batch all images must resize to one size, got {sorted(sizes)}")
         hw = next(iter(sizes))
-        n_img = (hw[0] // self.engine.cfg.latent_downsample) * (hw[1] // self.engine.cfg.latent_downsample) + 2
+        n_img = layout.vae_block(*hw, self.engine.cfg.latent_downsample, noised=True).length   # the generated image
         for q, t in zip(pre, instrs):
             self._precheck(([GEN_THINK_SYSTEM_PROMPT] if think else []) + [t], [q],
                            n_img + (max_think_tokens if think else 0), "edit_image")

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import layout
 from .. import sharding as shd
 from ..data.images import INFERENCE_VAE, INFERENCE_VIT, ImageError, ImageTransform, load_image
 from ..loading import BagelModel
@@ -194,6 +195,11 @@ class Branch:
             return self
         return dataclasses.replace(self, cache=_grow(self.cache, bucket(need, CACHE_MIN)))
 
+    def after(self, cache: KVCache, kind: str, n) -> "Branch":
+        """The branch once a block of ``kind`` (:mod:`bagel_jax.layout`) with ``n`` ``[batch]`` body tokens
+        per row is in ``cache``: length and RoPE counter advanced by the layout rules."""
+        return Branch(cache, self.length + layout.block_len(n), self.rope + layout.rope_advance(kind, n))
+
     def with_capacity(self, capacity: int) -> "Branch":
         if capacity == self.capacity:
             return self
@@ -268,11 +274,12 @@ class Context:
         pos = (br.rope[:, None] + np.arange(Lq)[None]).astype(np.int32)
         h, cache, _ = blocks.text_chunk(eng.model, eng.params, br.cache, jnp.asarray(ids), jnp.asarray(pos),
                                         jnp.asarray(n, jnp.int32), True, False)
-        return Branch(cache, br.length + n, br.rope + n), h
+        return br.after(cache, layout.TEXT, n - layout.MARKERS), h
 
     def text_ids(self, texts) -> list[list[int]]:
         sp = self.engine.sp
-        return [[sp.bos] + self.engine.tok.encode(t) + [sp.eos] for t in self._rows(texts, "text")]
+        return [layout.text_block(len(ids)).token_ids(sp, ids)
+                for ids in map(self.engine.tok.encode, self._rows(texts, "text"))]
 
     @on_mesh
     def add_text(self, texts: Union[str, Sequence[str]], role: str = "user") -> "Context":
@@ -314,13 +321,8 @@ class Context:
             eng.preprocess(im, vae=vae, vit=vit) for im in self._rows(images, "add_image")]
         if len(pre) != self.batch:
             raise ContextError(f"add_image: got {len(pre)} images for a context of batch {self.batch}")
-        cfg = eng.cfg
-        need = np.zeros(self.batch, np.int64)
-        for i, q in enumerate(pre):
-            if vae:
-                need[i] += (q["hw"][0] // cfg.latent_downsample) * (q["hw"][1] // cfg.latent_downsample) + 2
-            if vit:
-                need[i] += (q["vit"].shape[1] // cfg.vit.patch_size) * (q["vit"].shape[2] // cfg.vit.patch_size) + 2
+        need = [sum(b.length for b in layout.image_blocks(eng.cfg, q["hw"] if vae else None,
+                                                           q["vit"].shape[1:] if vit else None)) for q in pre]
         self.check_room(need, "add_image")
         gen = self.gen
         key = self.key
@@ -337,9 +339,9 @@ class Context:
     def _vae_block(self, br: Branch, pre: list, vae_eps):
         eng, cfg = self.engine, self.engine.cfg
         ds, p, C, Gl = cfg.latent_downsample, cfg.latent_patch_size, cfg.vae.z_channels, cfg.max_latent_size
-        ns = [(q["hw"][0] // ds) * (q["hw"][1] // ds) for q in pre]
+        ns = [layout.latent_tokens(*q["hw"], ds) for q in pre]
         N = max(ns)
-        br = br.reserve(eng, N + 2)
+        br = br.reserve(eng, layout.block_len(N))
         key = np.array(self.key)
         x0 = np.zeros((br.batch, N, p * p * C), np.float32)
         lat_pos = np.zeros((br.batch, N), np.int32)
@@ -359,7 +361,7 @@ class Context:
         n = np.asarray(ns, np.int64)
         h, cache = blocks.latent_prefill(eng.model, eng.params, br.cache, x0j, jnp.asarray(lat_pos),
                                          jnp.asarray(n, jnp.int32), jnp.asarray(br.rope, jnp.int32), eng.markers)
-        return Branch(cache, br.length + n + 2, br.rope + 1), key, dict(h=h, latent_tokens=toks, lat_pos=lat_pos, n=n)
+        return br.after(cache, layout.VAE, n), key, dict(h=h, latent_tokens=toks, lat_pos=lat_pos, n=n)
 
     @staticmethod
     def _replace_key(key):
@@ -371,7 +373,7 @@ class Context:
         pt = [patchify(q["vit"], cfg.vit.patch_size, cfg.vit_max_num_patch_per_side) for q in pre]
         ns = np.array([t.shape[0] for t, _ in pt], np.int64)
         N = bucket(int(ns.max()), VIT_MIN)
-        br = br.reserve(eng, N + 2)
+        br = br.reserve(eng, layout.block_len(N))
         patches = np.zeros((br.batch, N, cfg.vit.patch_dim), np.float32)
         pos = np.zeros((br.batch, N), np.int32)
         for i, (t, ps) in enumerate(pt):
@@ -379,7 +381,7 @@ class Context:
             pos[i, :len(t)] = ps
         h, cache, _ = blocks.vit_chunk(eng.model, eng.params, br.cache, jnp.asarray(patches), jnp.asarray(pos),
                                        jnp.asarray(ns, jnp.int32), jnp.asarray(br.rope, jnp.int32), eng.markers)
-        return Branch(cache, br.length + ns + 2, br.rope + 1), dict(h=h, n=ns, pos=[ps for _, ps in pt])
+        return br.after(cache, layout.VIT, ns), dict(h=h, n=ns, pos=[ps for _, ps in pt])
 
     # -- helpers ------------------------------------------------------------------------------------------
     def select_rows(self, rows: Sequence[int]) -> "Context":
