@@ -275,6 +275,8 @@ def _transcript(args, items, error=None, inputs=()) -> str:
             name = f"image_{n:02d}.png"
             value.save(os.path.join(args.out, name))
             lines.append(f"**{role}:** ![image {n}]({name})")
+        elif kind == "think":
+            lines.append(f"**{role} (thinking):** {value}")
         else:
             lines.append(f"**{role}:** {value}")
         lines.append("")
@@ -302,12 +304,13 @@ def cmd_interleave(args, pipe) -> int:
     size = args.image_size or pipe.default_image_size
     res = pipe.interleave(inputs, mode=mode, num_images=args.num_images or 1, image_size=size,
                           max_text_length=args.max_text_length, max_interleaved_blocks=args.max_interleaved_blocks,
-                          think=args.think, seed=args.seed, progress=not args.no_progress, **kw)
+                          think=args.think, max_think_tokens=args.max_think_tokens, seed=args.seed,
+                          progress=not args.no_progress, **kw)
     shown = [("user", "image", os.path.abspath(p)) for p in args.image] + \
             ([("user", "text", p) for p in args.prompt] if mode != "explicit" else [])
     path = _transcript(args, res.items, res.error, shown)
     for kind, v in res.items:
-        print(v if kind == "text" else "[image]")
+        print({"text": v, "think": f"[thinking] {v}"}.get(kind, "[image]"))
     print(path)
     if res.error is not None:
         print(f"error: generation stopped early: {type(res.error).__name__}: {res.error} "
@@ -352,8 +355,11 @@ def cmd_chat(args, pipe) -> int:
             elif line.startswith("/gen ") or line.startswith("/edit "):
                 cmd, prompt = line.split(" ", 1)
                 items.append(("user", "text", prompt))
-                img = (conv.edit(prompt, progress=prog) if cmd == "/edit"
-                       else conv.generate_image(prompt, progress=prog))
+                img = (conv.edit(prompt, think=args.think, progress=prog) if cmd == "/edit"
+                       else conv.generate_image(prompt, think=args.think, progress=prog))
+                if conv.last_thinking is not None:     # --think: the thinking text came before the image
+                    items.append(("assistant", "think", conv.last_thinking))
+                    print(f"[thinking] {conv.last_thinking}")
                 items.append(("assistant", "image", img))
                 print(f"[image {sum(1 for it in items if it[1] == 'image')}]")
             else:

@@ -133,7 +133,7 @@ def test_branch_dedup_and_cfg_off_match_explicit_branches(pipe):
     a = generate_images(c, HW, ip, decode=False)
     assert a["n_branches"] == 2
     separate = Context.new(eng, 1).add_text("A red cat")
-    c3 = dataclasses.replace(c, cfg_img=separate.gen)          # same content, different object
+    c3 = dataclasses.replace(c, guides={**c.guides, "cfg_img": separate.gen})   # same content, other object
     b = generate_images(c3, HW, ip, decode=False)
     assert b["n_branches"] == 3
     np.testing.assert_allclose(a["latent_tokens"], b["latent_tokens"], atol=2e-5)
