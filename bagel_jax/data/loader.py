@@ -39,6 +39,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from .. import layout
 from ..config import load_yaml
 from . import packing
 from .datasets import DATASET_CLASSES, DataConfigError, Dropout, SampleError, plan_to_items, sample_stats
@@ -267,7 +268,7 @@ class PackedIterator:
         lens = [sum(sample_stats(s, self.cfg.vit.patch_size, self.cfg.latent_downsample).tokens for s in p)
                 for p in packs]
         ds = self.cfg.latent_downsample
-        gen = [sum((it.image.shape[1] // ds) * (it.image.shape[2] // ds) for s in p for it in s
+        gen = [sum(layout.latent_tokens(it.image.shape[1], it.image.shape[2], ds) for s in p for it in s
                    if isinstance(it, packing.VaeItem)) for p in packs]
         row_len, und_tokens, gen_tokens = packing.choose_stream_layout(
             [n - g for n, g in zip(lens, gen)], gen, d.row_buckets, d.und_split_steps)

@@ -1,11 +1,11 @@
 """Immutable inference contexts (BAGEL.md 8.1-8.3, 8.7).
 
-A :class:`Context` holds a batch of conversations. For image generation it keeps the three branches of
-the official inferencer, each a :class:`Branch` (KV cache + per-row length and RoPE counter):
-
-* ``gen``      everything (full conditioning);
-* ``cfg_text`` a snapshot of ``gen`` taken just before each text input, refreshed after each image;
-* ``cfg_img``  the system prompt and every text input, but no image and no generated (thinking) text.
+A :class:`Context` holds a batch of conversations. Its conditional branch ``gen`` holds everything; for
+image generation it also keeps the named guidance branches of :data:`bagel_jax.inference.cfg.BRANCH_RULES`
+(official: ``cfg_text``, a snapshot of ``gen`` taken just before each text input and refreshed after each
+image; ``cfg_img``, the system prompt and every text input but no image and no thinking text). Each
+branch is a :class:`Branch` (KV cache + per-row length and RoPE counter); the rules, not this module,
+say how a branch follows each ``add_*``.
 
 Every ``add_*`` returns a new Context and costs only the new tokens: history is never re-encoded.
 Branches that are equal share the same object (plain text-to-image: ``cfg_img is gen``), which the
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,7 @@ from ..data.images import INFERENCE_VAE, INFERENCE_VIT, ImageError, ImageTransfo
 from ..loading import BagelModel
 from ..models.siglip_navit import patchify
 from . import blocks
+from .cfg import BRANCH_RULES
 from .kv_cache import KVCache
 
 CACHE_MIN = 256
@@ -142,7 +143,7 @@ class Engine:
             raise ImageError(f"image of {w0}x{h0} pixels is too large (limit {MAX_INPUT_PIXELS} pixels)")
         W, H = self.vae_transform.target_size(w0, h0)
         ds = self.cfg.latent_downsample
-        if H % ds or W % ds or max(H, W) // ds > self.cfg.max_latent_size:
+        if vae and (H % ds or W % ds or max(H, W) // ds > self.cfg.max_latent_size):   # ViT-only: no latents
             raise ImageError(f"image of {w0}x{h0} resizes to {W}x{H}, outside the model's latent grid "
                              f"(multiples of {ds}, at most {self.cfg.max_image_side} per side)")
         img = self.vae_transform.resize(img)
@@ -213,14 +214,13 @@ HistoryItem = tuple  # (kind, role, per-row values); kind in {"text", "image"}
 class Context:
     """A batch of ``batch`` conversations (see the module docstring). Build with :meth:`Context.new`.
 
-    ``cfg_text`` / ``cfg_img`` are None when ``track_cfg`` is False (understanding-only contexts, which
-    never generate images and so skip the extra prefill of the cfg_img branch).
+    ``guides`` maps each guidance branch name to its branch; it is empty when ``track_cfg`` is False
+    (understanding-only contexts, which never generate images and so skip the guidance prefills).
     """
 
     engine: Engine
     gen: Branch
-    cfg_text: Optional[Branch]
-    cfg_img: Optional[Branch]
+    guides: Mapping[str, Branch] = dataclasses.field(default_factory=dict)
     history: tuple = ()
     image_hw: Optional[tuple] = None         # per row (H, W) of the last VAE-resized image
     key: Optional[np.ndarray] = None          # [batch, 2] per-row PRNG key data for VAE posterior draws
@@ -231,7 +231,7 @@ class Context:
         if batch < 1:
             raise ContextError(f"batch must be >= 1, got {batch}")
         e = Branch.empty(engine, batch)
-        return Context(engine, e, e if track_cfg else None, e if track_cfg else None, (), None,
+        return Context(engine, e, {name: e for name in BRANCH_RULES} if track_cfg else {}, (), None,
                        np.stack([np.asarray(jax.random.PRNGKey(seed + i)) for i in range(batch)]))
 
     @property
@@ -240,7 +240,33 @@ class Context:
 
     @property
     def track_cfg(self) -> bool:
-        return self.cfg_img is not None
+        return bool(self.guides)
+
+    @property
+    def branches(self) -> dict:
+        """Every branch by name: ``"gen"`` and the guidance branches."""
+        return {"gen": self.gen, **self.guides}
+
+    @property
+    def cfg_text(self) -> Optional[Branch]:
+        return self.guides.get("cfg_text")
+
+    @property
+    def cfg_img(self) -> Optional[Branch]:
+        return self.guides.get("cfg_img")
+
+    def _follow(self, event: str, gen: Branch, extend=None) -> dict:
+        """The guidance branches after ``event`` took ``gen`` from ``self.gen`` to ``gen`` (cfg.BRANCH_RULES).
+        ``extend(branch)`` adds the event's tokens to a branch; a branch equal to ``self.gen`` becomes ``gen``."""
+        out = {}
+        for name, br in self.guides.items():
+            act = BRANCH_RULES[name][event]
+            if act == "extend":
+                if extend is None:
+                    raise ContextError(f"branch {name!r}: 'extend' is not supported for {event!r} events")
+                br = gen if br is self.gen else extend(br)
+            out[name] = {"keep": br, "extend": br, "gen_before": self.gen, "gen_after": gen}[act]
+        return out
 
     def _rows(self, values, what: str) -> list:
         if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)):
@@ -283,24 +309,25 @@ class Context:
 
     @on_mesh
     def add_text(self, texts: Union[str, Sequence[str]], role: str = "user") -> "Context":
-        """Add a text segment (one string, or one per row): cfg_text <- gen (snapshot), gen += text,
-        cfg_img += text (BAGEL.md 8.7). ``role`` is kept in the history only (no chat template)."""
+        """Add a text segment (one string, or one per row): gen += text, the guidance branches follow the
+        "text" rules (official: cfg_text <- gen before the text, cfg_img += text; the porting reference 8.7).
+        ``role`` is kept in the history only (no chat template)."""
         texts = self._rows(texts, "add_text")
         seqs = self.text_ids(texts)
         gen, h = self._text_branch(self.gen, seqs)
-        cfg_text = cfg_img = None
-        if self.track_cfg:
-            cfg_text = self.gen
-            cfg_img = gen if self.cfg_img is self.gen else self._text_branch(self.cfg_img, seqs)[0]
-        return dataclasses.replace(self, gen=gen, cfg_text=cfg_text, cfg_img=cfg_img, last_hidden=h,
+        guides = self._follow("text", gen, lambda br: self._text_branch(br, seqs)[0])
+        return dataclasses.replace(self, gen=gen, guides=guides, last_hidden=h,
                                    history=self.history + (("text", role, tuple(texts)),))
 
     @on_mesh
     def add_generated_text(self, texts: Union[str, Sequence[str]], role: str = "think") -> "Context":
-        """Add model-generated thinking text: re-tokenised and prefilled into ``gen`` only (official think)."""
+        """Add model-generated thinking text: re-tokenised and prefilled into ``gen``; the guidance branches
+        follow the "think" rules (official: unchanged)."""
         texts = self._rows(texts, "add_generated_text")
-        gen, h = self._text_branch(self.gen, self.text_ids(texts))
-        return dataclasses.replace(self, gen=gen, last_hidden=h,
+        seqs = self.text_ids(texts)
+        gen, h = self._text_branch(self.gen, seqs)
+        guides = self._follow("think", gen, lambda br: self._text_branch(br, seqs)[0])
+        return dataclasses.replace(self, gen=gen, guides=guides, last_hidden=h,
                                    history=self.history + (("text", role, tuple(texts)),))
 
     # -- images -------------------------------------------------------------------------------------------
@@ -308,7 +335,7 @@ class Context:
     def add_image(self, images, vae: bool = True, vit: bool = True, role: str = "user",
                   vae_eps: Optional[Sequence[np.ndarray]] = None, preprocessed: Optional[list] = None) -> "Context":
         """Add an image (one, or one per row): gen += VAE block (if ``vae``) then ViT block (if ``vit``);
-        cfg_text <- gen (refreshed); cfg_img unchanged.
+        the guidance branches follow the "image" rules (official: cfg_text <- gen after; cfg_img unchanged).
 
         ``vae_eps``: per row posterior noise ``[H/8, W/8, C]`` (NHWC) for the VAE encoding (the official
         encode samples the posterior); drawn from the row's key when None (row i of a context made with
@@ -331,8 +358,7 @@ class Context:
             gen, key, infos["vae"] = self._vae_block(gen, pre, vae_eps)
         if vit:
             gen, infos["vit"] = self._vit_block(gen, pre)
-        cfg_text = gen if self.track_cfg else None
-        return dataclasses.replace(self, gen=gen, cfg_text=cfg_text, key=key, last_hidden=infos,
+        return dataclasses.replace(self, gen=gen, guides=self._follow("image", gen), key=key, last_hidden=infos,
                                    image_hw=tuple(p["hw"] for p in pre),
                                    history=self.history + (("image", role, tuple(p["pil"] for p in pre)),))
 
@@ -388,26 +414,19 @@ class Context:
         """A context with only the given rows (e.g. to continue one conversation of a batch)."""
         idx = np.asarray(rows, np.int64)
 
-        def take(br: Optional[Branch]):
-            if br is None:
-                return None
-            c = br.cache
-            return Branch(KVCache(c.k[:, idx], c.v[:, idx], c.length[idx]), br.length[idx], br.rope[idx])
+        taken = {}   # by id: branches that are one object stay one object
 
-        cache = {}
-
-        def take_shared(br):
-            if br is None:
-                return None
-            if id(br) not in cache:
-                cache[id(br)] = take(br)
-            return cache[id(br)]
+        def take(br: Branch) -> Branch:
+            if id(br) not in taken:
+                c = br.cache
+                taken[id(br)] = Branch(KVCache(c.k[:, idx], c.v[:, idx], c.length[idx]), br.length[idx], br.rope[idx])
+            return taken[id(br)]
 
         hist = tuple((k, r, tuple(v[i] for i in idx)) for k, r, v in self.history)
         hw = None if self.image_hw is None else tuple(self.image_hw[i] for i in idx)
         key = None if self.key is None else np.asarray(self.key)[idx]
-        return dataclasses.replace(self, gen=take_shared(self.gen), cfg_text=take_shared(self.cfg_text),
-                                   cfg_img=take_shared(self.cfg_img), history=hist, image_hw=hw, key=key)
+        return dataclasses.replace(self, gen=take(self.gen), guides={n: take(b) for n, b in self.guides.items()},
+                                   history=hist, image_hw=hw, key=key)
 
     def num_tokens(self) -> np.ndarray:
         return self.gen.length.copy()
