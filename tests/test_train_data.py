@@ -12,7 +12,8 @@ from train_helpers import make_data
 
 from bagel_jax import sharding as shd
 from bagel_jax.config import ConfigError, config_from_yaml
-from bagel_jax.data import packing, synthetic
+from bagel_jax.data import packing
+from bagel_jax.demo import synthetic
 from bagel_jax.data.datasets import DataConfigError, Dropout, PlanEntry, plan_to_items
 from bagel_jax.data.loader import DataConfig, PackedIterator
 from bagel_jax.tokenizer import load_tokenizer

@@ -9,7 +9,7 @@ import pytest
 
 from bagel_jax.config import config_from_yaml
 from bagel_jax.convert import keymap
-from bagel_jax.convert.checkpoint import _flatten, export_params
+from bagel_jax.convert.official import _flatten, export_params
 from bagel_jax.convert.safetensors_io import save_file
 from bagel_jax.loading import random_model
 from bagel_jax.models import flux_vae, qwen2_mot, siglip_navit

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..convert import checkpoint as conv
+from ..convert import official as conv
 from ..convert import keymap
 from ..convert.safetensors_io import SafeTensorsFile
 from ..models import flux_vae, qwen2_mot, siglip_navit
@@ -77,7 +77,7 @@ class _View:
 
 
 def _load(view: _View, entries, expected, shardings) -> dict:
-    """Checked load of ``entries`` from ``view`` (same checks as ``convert.checkpoint.load_params``)."""
+    """Checked load of ``entries`` from ``view`` (same checks as ``convert.official.load_params``)."""
     flat_exp = conv._flatten(expected)
     wanted = set(keymap.group_by_leaf(entries))
     expected = conv._unflatten({p: v for p, v in flat_exp.items() if p in wanted})

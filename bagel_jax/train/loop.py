@@ -149,7 +149,7 @@ def _export(ema, cfg, vae_params, out: str, tokenizer, init) -> None:
     import shutil
 
     from ..inference.api import INFERENCE_DEFAULTS_FILE
-    from .checkpoint import export_ema
+    from .run_checkpoint import export_ema
 
     export_ema(ema, cfg, vae_params, out, tokenizer)
     if isinstance(init, str) and os.path.isfile(os.path.join(init, INFERENCE_DEFAULTS_FILE)):
@@ -260,7 +260,7 @@ def run(args: argparse.Namespace) -> dict:
         jax.distributed.initialize()
 
     from .. import sharding as shd
-    from ..convert import checkpoint as conv
+    from ..convert import official as conv
     from ..data.loader import PackedIterator, Prefetcher, describe_state
     from ..loading import build_modules, vae_param_shapes
     from ..models import flux_vae
@@ -268,7 +268,7 @@ def run(args: argparse.Namespace) -> dict:
     from ..tokenizer import load_tokenizer
     from . import optimizer as O
     from . import step as S
-    from .checkpoint import Checkpointer, TrainCheckpointError
+    from .run_checkpoint import Checkpointer, TrainCheckpointError
 
     overrides = list(args.overrides)
     if args.save_every is not None:
@@ -450,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "sections (see bagel_jax/train/optimizer.py TrainConfig and bagel_jax/data/loader.py DataConfig)")
     ap.add_argument("--data", required=True,
                     help="data folder with dataset.yaml (groups t2i_pretrain / unified_edit / vlm_sft) and, unless "
-                         "train.init is a model folder, tokenizer/ (python -m bagel_jax.data.synthetic writes one)")
+                         "train.init is a model folder, tokenizer/ (python -m bagel_jax.demo.synthetic writes one)")
     ap.add_argument("--workdir", required=True,
                     help="run folder: checkpoints/, metrics.jsonl, config.yaml, ae.safetensors (frozen VAE)")
     ap.add_argument("--steps", type=int, required=True,
@@ -484,7 +484,7 @@ def main(argv=None) -> int:
     from ..config import ConfigError
     from ..data.datasets import DataConfigError
     from ..sharding import MeshError
-    from .checkpoint import TrainCheckpointError
+    from .run_checkpoint import TrainCheckpointError
 
     try:
         run(args)
