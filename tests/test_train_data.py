@@ -244,7 +244,7 @@ def test_group_weights_override_the_groups_file(data, cfg):
 
 def test_exponent_floats_in_config_file_and_overrides(tmp_path):
     """``lr: 1e-3`` (no dot) is a string in plain YAML 1.1; configs and ``key=value`` overrides read it as a float."""
-    from bagel_jax.train.loop import load_train_config
+    from bagel_jax.train.run_config import load_train_config
 
     with open(os.path.join(REPO, "configs", "train-tiny.yaml")) as f:
         text = f.read()
