@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from einops import rearrange
 
 from ..config import ConfigError, load_config
 from ..convert import keymap
@@ -118,8 +119,8 @@ def hf_tensors(vit_params, cfg) -> dict[str, np.ndarray]:
     out = {}
     p = cfg.vit.patch_size
     for k, v in tensors.items():
-        if k == "embeddings.patch_embedding.weight":   # Linear [D, (py, px, c)] -> Conv2d [D, c, py, px]
-            v = v.reshape(v.shape[0], p, p, -1).transpose(0, 3, 1, 2)
+        if k == "embeddings.patch_embedding.weight":   # our Linear -> HF Conv2d (inverse of train.init's)
+            v = rearrange(v, "d (py px c) -> d c py px", py=p, px=p)
         out["vision_model." + k] = np.ascontiguousarray(v, np.float32)
     return out
 

@@ -28,6 +28,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 
 from ..convert import official as conv
 from ..convert import keymap
@@ -157,8 +158,9 @@ def init_from_components(init: dict, cfg, model, vae, param_sh, vae_sh, seed: in
             return k
 
         def conv_to_linear(w):
+            # HF Conv2d patch embedding -> our Linear over flattened (py, px, c) patches (siglip_navit.patchify)
             w = np.asarray(w)
-            return w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1) if w.ndim == 4 else w
+            return rearrange(w, "d c py px -> d (py px c)") if w.ndim == 4 else w
 
         view = _View(init["siglip"], rename=rename,
                      transform={"embeddings.patch_embedding.weight": conv_to_linear})
