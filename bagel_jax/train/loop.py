@@ -1,4 +1,5 @@
-"""The training driver behind ``train.py``: config, mesh, init or resume, the step loop, logging, export.
+"""The training driver behind ``train.py`` (command line: :mod:`.cli`; config: :mod:`.run_config`; step
+accounting: :mod:`.metrics`): mesh and modules, init or resume, the step loop, checkpoints, export.
 
 Resume rule: if ``WORKDIR/checkpoints`` holds a complete checkpoint, the latest one is restored (params,
 EMA, optimiser state, step, rng, data-iterator state) and training continues until ``--steps``; lines of
