@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from . import sharding as shd
 from .config import BagelConfig, ConfigError, load_config
-from .convert import checkpoint
+from .convert import official
 from .models import flux_vae
 from .models.bagel import Bagel, init_params, key_map, param_shapes
 from .nn.options import ModelOptions
@@ -96,9 +96,9 @@ def load_model(folder: str, dtype=jnp.float32, param_dtype=None, shardings=None,
     vshapes = vae_param_shapes(vae)
     if vae_shardings is None:
         vae_shardings = follow_shardings(vshapes, shardings)
-    params = checkpoint.load_params(os.path.join(folder, "ema.safetensors"), key_map(cfg), shapes,
+    params = official.load_params(os.path.join(folder, "ema.safetensors"), key_map(cfg), shapes,
                                     dtype=param_dtype, shardings=shardings)
-    vae_params = checkpoint.load_params(os.path.join(folder, "ae.safetensors"), flux_vae.key_map(cfg.vae),
+    vae_params = official.load_params(os.path.join(folder, "ae.safetensors"), flux_vae.key_map(cfg.vae),
                                         vshapes, dtype=jnp.float32, shardings=vae_shardings)
     tok = load_tokenizer(folder) if with_tokenizer else None
     return BagelModel(cfg, model, vae, params, vae_params, tok, folder)
@@ -122,8 +122,8 @@ def save_model(m: BagelModel, folder: str, dtype=None) -> None:
 
     os.makedirs(folder, exist_ok=True)
     write_official_configs(m.cfg, folder)
-    checkpoint.export_params(m.params, key_map(m.cfg), os.path.join(folder, "ema.safetensors"), dtype=dtype)
-    checkpoint.export_params(m.vae_params, flux_vae.key_map(m.cfg.vae), os.path.join(folder, "ae.safetensors"))
+    official.export_params(m.params, key_map(m.cfg), os.path.join(folder, "ema.safetensors"), dtype=dtype)
+    official.export_params(m.vae_params, flux_vae.key_map(m.cfg.vae), os.path.join(folder, "ae.safetensors"))
     if m.tokenizer is not None:
         m.tokenizer.hf.save_pretrained(folder)
         # the official loader reads the slow-tokenizer files: carry them over when the source has them

@@ -6,7 +6,7 @@ built by the real packing code (``bench._common.mixed_pack``: text-to-image, VQA
 256 px VAE images) in the expert-stream
 layout, with the real train step (AdamW, clip, EMA, bf16 compute, float32 master weights, full remat). For each
 ``--attention`` implementation and each pack length it prints the median step time, tokens/s (real tokens) and
-MFU = ``bagel_jax.train.loop.step_flops`` / (time * ``--peak-tflops``).
+MFU = ``bagel_jax.train.metrics.step_flops`` / (time * ``--peak-tflops``).
 
     python bench/gpu_train.py                              # xla, blocked, pallas at 8k and 32k tokens
     python bench/gpu_train.py --attention blocked,pallas --tokens 32768 --steps 5
@@ -35,7 +35,7 @@ from bagel_jax.data import packing  # noqa: E402
 from bagel_jax.loading import build_modules  # noqa: E402
 from bagel_jax.models.bagel import init_params  # noqa: E402
 from bagel_jax.train import optimizer as O, step as S  # noqa: E402
-from bagel_jax.train.loop import step_flops  # noqa: E402
+from bagel_jax.train.metrics import step_flops  # noqa: E402
 
 
 def model_config(tiny: bool) -> BagelConfig:

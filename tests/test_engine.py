@@ -92,9 +92,18 @@ def test_sampling_controls():
     for s in range(20):
         ks = jnp.stack([jax.random.PRNGKey(s), jax.random.PRNGKey(s + 100)])
         assert list(pick_next(logits, ks, True, 1.0, 1, 1.0)) == [1, 0]        # top-k 1 == greedy
-        assert set(np.asarray(pick_next(logits, ks, True, 1.0, 2, 1.0)).tolist()) <= {0, 1, 2, 3}
         out = np.asarray(pick_next(logits, ks, True, 1.0, 0, 0.5))             # top-p 0.5 keeps the top token
         assert out[0] == 1
+    # top-k on a 32-token vocabulary whose mass is spread (top-3 logits 2.0, 1.9, 1.8, the rest 1.5): over
+    # 256 rows (one key each) exactly the top 3 ids are drawn, each of them; without top-k others appear too.
+    V, top3 = 32, [5, 17, 26]
+    row = np.full(V, 1.5, np.float32)
+    row[top3] = [2.0, 1.9, 1.8]
+    many = jnp.asarray(np.tile(row, (256, 1)))
+    mkeys = jax.random.split(jax.random.PRNGKey(0), 256)
+    assert set(np.asarray(pick_next(many, mkeys, True, 1.0, 3, 1.0)).tolist()) == set(top3)
+    assert not set(np.asarray(pick_next(many, mkeys, True, 1.0, 0, 1.0)).tolist()) <= set(top3)
+    assert set(np.asarray(pick_next(many, mkeys, True, 1.0, 1, 1.0)).tolist()) == {5}     # top-k 1 == greedy
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(True, 0.0).validate()
     with pytest.raises(ValueError, match="top_p"):
@@ -113,6 +122,13 @@ def test_batched_understanding_equals_one_at_a_time(pipe):
     assert b == [pipe.understand(imgs[0], qs[0], seed=7, **kw), pipe.understand(imgs[1], qs[1], seed=8, **kw)]
 
 
+# Batched vs one at a time: the flow latents are bit-identical, but the VAE decoder's convolutions reduce in a
+# batch-size-dependent order on XLA (decoded pixels differ by ~2e-6 between a batch of 2 and of 1 on CPU), so a
+# pixel that sits at a uint8 rounding boundary may land one level apart. Hence: latents exact, decoded floats
+# within 1e-5, uint8 within one level.
+UINT8_BATCH_TOL = 1
+
+
 def test_batched_t2i_equals_one_at_a_time(pipe):
     prompts = ["A red cat sits on the blue mat.", "dog"]
     kw = dict(image_size=HW, num_timesteps=3, cfg_interval=(0.8, 1.0))    # second step: CFG off
@@ -120,7 +136,14 @@ def test_batched_t2i_equals_one_at_a_time(pipe):
     assert len(res.images) == 2 and res.images[0].size == (32, 32)
     for i in range(2):
         one = pipe.generate_image(prompts[i], seed=3 + i, **kw)
-        assert np.abs(res.arrays[i].astype(int) - one.arrays[0].astype(int)).max() <= 1
+        assert np.abs(res.arrays[i].astype(int) - one.arrays[0].astype(int)).max() <= UINT8_BATCH_TOL
+    eng, ip = pipe.engine, ImageParams(num_timesteps=3, cfg_interval=(0.8, 1.0))
+    keys = [jax.random.PRNGKey(3), jax.random.PRNGKey(4)]
+    both = generate_images(Context.new(eng, 2).add_text(prompts), HW, ip, keys=keys)
+    for i in range(2):
+        one = generate_images(Context.new(eng, 1).add_text(prompts[i]), HW, ip, keys=[keys[i]])
+        np.testing.assert_array_equal(both["latent_tokens"][i], one["latent_tokens"][0])
+        np.testing.assert_allclose(both["decoded"][i], one["decoded"][0], atol=1e-5, rtol=0)
 
 
 def test_branch_dedup_and_cfg_off_match_explicit_branches(pipe):
@@ -279,7 +302,7 @@ def test_batched_edit_equals_one_at_a_time(pipe):
     both = pipe.edit_image(imgs, instr, seed=3, **kw)
     for i in range(2):
         one = pipe.edit_image(imgs[i], instr[i], seed=3 + i, **kw)
-        assert np.abs(both.arrays[i].astype(int) - one.arrays[0].astype(int)).max() <= 1
+        assert np.abs(both.arrays[i].astype(int) - one.arrays[0].astype(int)).max() <= UINT8_BATCH_TOL  # see above (the VAE encoder too)
 
 
 def test_too_long_request_fails_before_compute(pipe, monkeypatch):

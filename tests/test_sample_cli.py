@@ -82,7 +82,7 @@ def test_default_model_generates_a_png(tmp_path):
         pytest.skip("no embedded demo model in this checkout")
     from PIL import Image
 
-    from bagel_jax.eval.checker import detect
+    from bagel_jax.demo.checker import detect
     rc = sample.main(["generate", "--prompt", "a blue square on the right", "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
     pngs = sorted(tmp_path.glob("*.png"))

@@ -116,7 +116,7 @@ def load_groups(data_dir: str, dcfg: DataConfig) -> dict[str, dict]:
         raise DataConfigError(f"data folder not found: {data_dir}")
     if not os.path.isfile(path):
         raise DataConfigError(f"{data_dir}: missing dataset config {dcfg.groups_file} "
-                              "(write one, or generate data with python -m bagel_jax.data.synthetic)")
+                              "(write one, or generate data with python -m bagel_jax.demo.synthetic)")
     with open(path) as f:
         groups = load_yaml(f)
     if not isinstance(groups, dict) or not groups:
