@@ -166,7 +166,7 @@ def test_branch_dedup_and_cfg_off_match_explicit_branches(pipe):
 
 
 def test_mode_recipes(pipe):
-    """BAGEL.md 8.7: edit and think contexts, positions and lengths per branch."""
+    """porting reference 8.7: edit and think contexts, positions and lengths per branch."""
     eng = pipe.engine
     ids = eng.tok.encode("Make the sky blue.")
     n = len(ids)

@@ -1,4 +1,4 @@
-"""Readers for the official BAGEL training formats and their sequence plans (BAGEL.md 9.3).
+"""Readers for the official BAGEL training formats and their sequence plans (porting reference 9.3).
 
 Each dataset maps a *row index* to one sample: a list of plan entries (text / vit_image / vae_image
 with the official ``enable_cfg`` / ``loss`` flags). :func:`plan_to_items` turns a plan into packing
@@ -73,7 +73,7 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def plan_to_items(plan: Sequence[PlanEntry], rng: np.random.Generator, dropout: Dropout) -> list:
-    """Official ``to_tensor`` semantics: conditional dropout and raw timesteps (BAGEL.md 9.3)."""
+    """Official ``to_tensor`` semantics: conditional dropout and raw timesteps (porting reference 9.3)."""
     items = []
     for e in plan:
         if e.type == "text":
@@ -324,7 +324,7 @@ class VLMDataset:
 
 
 class InterleavedDataset:
-    """Generic interleaved sequences (our JSONL form of an official sequence plan, BAGEL.md 9.3)::
+    """Generic interleaved sequences (our JSONL form of an official sequence plan, porting reference 9.3)::
 
         {"sequence": [{"type": "text", "text": "...", "loss": 0, "enable_cfg": 1},
                       {"type": "vae_image", "image": "a.png", "loss": 1},

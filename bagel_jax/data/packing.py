@@ -1,4 +1,4 @@
-"""Host-side packing of multimodal samples into one static-shape batch (BAGEL.md sections 6, 7, 9).
+"""Host-side packing of multimodal samples into one static-shape batch (the porting reference sections 6, 7, 9).
 
 A *sample* is a list of items (text, ViT image, VAE image, RoPE gap). Samples are concatenated into
 packed rows; each sample gets its own segment id so samples never attend to each other. Each item
@@ -60,7 +60,7 @@ class VaeItem:
 @dataclasses.dataclass
 class PositionGap:
     """No tokens; advances the sample's RoPE counter by ``n`` (an image dropped by conditional dropout
-    still consumes one position in the official trainer, BAGEL.md 9.3)."""
+    still consumes one position in the official trainer, porting reference 9.3)."""
     n: int = 1
 
 

@@ -226,7 +226,7 @@ class Pipeline:
                        cfg_renorm_type: Optional[str] = None, cfg_mode: Optional[str] = None, seed: int = 0, max_think_tokens: int = DEFAULT_MAX_TEXT, do_sample: bool = False,
                        temperature: float = 0.3, top_k: int = 0, top_p: float = 1.0,
                        progress: bool = False) -> ImageResult:
-        """Text-to-image (official recipe, BAGEL.md 8.7). ``prompt`` may be a list: one compiled program
+        """Text-to-image (official recipe, porting reference 8.7). ``prompt`` may be a list: one compiled program
         generates all of them (same ``image_size``).
 
         Args:

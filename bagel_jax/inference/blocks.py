@@ -1,4 +1,4 @@
-"""Building blocks of inference: one jitted function per kind of chunk (BAGEL.md 6.2-6.4, 7.3, 8.2-8.5).
+"""Building blocks of inference: one jitted function per kind of chunk (porting reference 6.2-6.4, 7.3, 8.2-8.5).
 
 Each function runs one block (text, ViT image, clean VAE image, or a flow query) against a
 :class:`~bagel_jax.inference.kv_cache.KVCache`. The blocks, their markers, positions and attention

@@ -1,4 +1,4 @@
-"""Immutable inference contexts (BAGEL.md 8.1-8.3, 8.7).
+"""Immutable inference contexts (porting reference 8.1-8.3, 8.7).
 
 A :class:`Context` holds a batch of conversations. Its conditional branch ``gen`` holds everything; for
 image generation it also keeps the named guidance branches of :data:`bagel_jax.inference.cfg.BRANCH_RULES`
@@ -93,7 +93,7 @@ class Engine:
 
     Args:
       bm: the loaded model (:func:`bagel_jax.loading.load_model`).
-      vae_transform / vit_transform: image resize rules (official inference defaults, BAGEL.md 6.6).
+      vae_transform / vit_transform: image resize rules (official inference defaults, porting reference 6.6).
       max_context: most KV slots a row may hold (default ``max_position_embeddings``).
       cache_dtype: dtype of KV caches (default: the model's compute dtype).
       mesh: the ``jax.sharding.Mesh`` to run on (default: the mesh of the params' ``NamedSharding`` if

@@ -1,4 +1,4 @@
-"""Text generation as one ``lax.while_loop`` (BAGEL.md 8.4).
+"""Text generation as one ``lax.while_loop`` (porting reference 8.4).
 
 Official semantics, per row: the fed sequence starts with ``<|im_start|>`` at the context's RoPE
 counter; each step feeds the current token (und expert, causal, written to a copy of the cache),
@@ -184,7 +184,7 @@ def official_text(tokenizer, ids: Sequence[int]) -> str:
 def generate_text(ctx: Context, max_length: int = 1000, sampling: SamplingParams = SamplingParams(),
                   keys: Optional[Sequence] = None, stop_tokens: Optional[Sequence[int]] = None,
                   record: bool = False, progress: bool = False) -> TextResult:
-    """Generate text from the ``gen`` branch of ``ctx`` (``ctx`` itself is unchanged; BAGEL.md 8.4).
+    """Generate text from the ``gen`` branch of ``ctx`` (``ctx`` itself is unchanged; porting reference 8.4).
 
     Args:
       max_length: most fed tokens per row (official ``max_think_token_n``; the start token counts).
