@@ -208,6 +208,15 @@ def _build(cls, data: Mapping[str, Any], source: str, renames: Mapping[str, str]
         raise ConfigError(f"{source}: {e}") from None
 
 
+def check_keys(cls, d: Mapping[str, Any], section: str, error=None) -> None:
+    """Raise ``error`` (default :class:`ConfigError`) if ``d`` has a key that is not a field of the
+    dataclass ``cls``, naming the unknown and the known keys (``section``: e.g. "train config")."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(d) - names)
+    if bad:
+        raise (error or ConfigError)(f"{section}: unknown key(s) {bad} (known: {sorted(names)})")
+
+
 def _read_json(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError(f"missing file: {path}")

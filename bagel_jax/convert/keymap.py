@@ -36,20 +36,22 @@ class Entry:
             raise ValueError(f"unknown transform {self.transform!r} for {self.official}")
 
 
-def to_flax_layout(x: np.ndarray, transform: str) -> np.ndarray:
+def _relayout(x: np.ndarray, transform: str, conv_axes: tuple[int, ...]) -> np.ndarray:
     if transform == "linear":
-        return np.swapaxes(x, 0, 1) if x.ndim == 2 else x
+        return np.swapaxes(x, 0, 1) if x.ndim == 2 else x   # [out, in] <-> [in, out]; biases unchanged
     if transform == "conv":
-        return np.transpose(x, (2, 3, 1, 0))
+        return np.transpose(x, conv_axes)
     return x
+
+
+def to_flax_layout(x: np.ndarray, transform: str) -> np.ndarray:
+    """Official tensor -> Flax layout (conv: OIHW -> HWIO)."""
+    return _relayout(x, transform, (2, 3, 1, 0))
 
 
 def to_official_layout(x: np.ndarray, transform: str) -> np.ndarray:
-    if transform == "linear":
-        return np.swapaxes(x, 0, 1) if x.ndim == 2 else x
-    if transform == "conv":
-        return np.transpose(x, (3, 2, 0, 1))
-    return x
+    """Flax tensor -> official layout (conv: HWIO -> OIHW)."""
+    return _relayout(x, transform, (3, 2, 0, 1))
 
 
 def official_shape(flax_shape: tuple[int, ...], transform: str) -> tuple[int, ...]:

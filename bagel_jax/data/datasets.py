@@ -64,12 +64,19 @@ class Dropout:
 
 
 def decode_image(data: bytes) -> Image.Image:
+    """An RGB image from encoded bytes (parquet rows); SampleError if unreadable."""
+    return _read_rgb(io.BytesIO(data), "")
+
+
+def _read_rgb(source, name: Optional[str] = None) -> Image.Image:
+    """Open ``source`` (a path, or a file object) as RGB; SampleError naming it if unreadable."""
+    name = source if name is None else name
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(source) as im:
             im.load()
             return to_rgb(im)
     except Exception as e:
-        raise SampleError(f"unreadable image ({e})") from None
+        raise SampleError(f"unreadable image{' ' + name if name else ''} ({e})") from None
 
 
 def plan_to_items(plan: Sequence[PlanEntry], rng: np.random.Generator, dropout: Dropout) -> list:
@@ -298,13 +305,7 @@ class VLMDataset:
         paths = [paths] if isinstance(paths, str) else list(paths)
         images = []
         for p in paths:
-            full = os.path.join(self.dir, p)
-            try:
-                with Image.open(full) as im:
-                    im.load()
-                    img = to_rgb(im)
-            except Exception as e:
-                raise SampleError(f"unreadable image {full} ({e})") from None
+            img = _read_rgb(os.path.join(self.dir, p))
             images.append(to_tensor(self.tf.resize(img, img_num=max(1, len(paths)))))
         plan, k = [], 0
         for turn in conv:
@@ -357,13 +358,7 @@ class InterleavedDataset:
             if t == "text":
                 plan.append(PlanEntry("text", enable_cfg=cfg_, loss=loss, text=self.tok.encode(str(e.get("text", "")))))
             elif t in ("vit_image", "vae_image"):
-                full = os.path.join(self.dir, str(e.get("image", "")))
-                try:
-                    with Image.open(full) as im:
-                        im.load()
-                        img = to_rgb(im)
-                except Exception as err:
-                    raise SampleError(f"unreadable image {full} ({err})") from None
+                img = _read_rgb(os.path.join(self.dir, str(e.get("image", ""))))
                 tf = self.vae_tf if t == "vae_image" else self.vit_tf
                 plan.append(PlanEntry(t, enable_cfg=cfg_, loss=loss and t == "vae_image", image=to_tensor(tf.resize(img))))
             else:

@@ -40,7 +40,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from .. import layout
-from ..config import load_yaml
+from ..config import check_keys, load_yaml
 from . import packing
 from .datasets import DATASET_CLASSES, DataConfigError, Dropout, SampleError, plan_to_items, sample_stats
 
@@ -70,10 +70,7 @@ class DataConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "DataConfig":
-        names = {f.name for f in dataclasses.fields(DataConfig)}
-        bad = sorted(set(d) - names)
-        if bad:
-            raise DataConfigError(f"data config: unknown key(s) {bad} (known: {sorted(names)})")
+        check_keys(DataConfig, d, "data config", DataConfigError)
         d = dict(d)
         if "row_buckets" in d:
             d["row_buckets"] = tuple(int(v) for v in d["row_buckets"])

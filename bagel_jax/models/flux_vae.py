@@ -39,16 +39,20 @@ from bagel_jax.convert.keymap import Entry
 # Building blocks
 # -------------------------------------------------------------------------------------------------
 
-class GroupNorm(nn.Module):
+class _Normed(nn.Module):
+    """Fields of the modules that normalise with :class:`GroupNorm` (groups, epsilon, compute dtype)."""
+
+    groups: int
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+
+
+class GroupNorm(_Normed):
     """Affine GroupNorm over (H, W, C/groups), statistics and affine in float32 (as torch does for
     float32 and as is safe for bf16). Two-pass variance, like torch, for parity.
 
     x: [N, H, W, C] -> [N, H, W, C] in ``dtype``. Params ``scale`` / ``bias`` of shape [C].
     """
-
-    groups: int
-    eps: float
-    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
@@ -92,13 +96,9 @@ class ResnetBlock(nn.Module):
         return x + h
 
 
-class AttnBlock(nn.Module):
+class AttnBlock(_Normed):
     """Single-head self-attention over all H*W positions, width C, scale 1/sqrt(C); q, k, v and
     proj_out are 1x1 convs. x: [N, H, W, C] -> [N, H, W, C]."""
-
-    groups: int
-    eps: float
-    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ..config import ConfigError
+from ..config import ConfigError, check_keys
 from ..nn.attention import IMPLEMENTATIONS
 from ..nn.options import REMAT_POLICIES
 
@@ -68,10 +68,7 @@ class TrainConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(TrainConfig)}
-        bad = sorted(set(d) - names)
-        if bad:
-            raise ConfigError(f"train config: unknown key(s) {bad} (known: {sorted(names)})")
+        check_keys(TrainConfig, d, "train config")
         c = TrainConfig(**d)
         c.validate()
         return c
