@@ -27,11 +27,10 @@ import numpy as np
 
 from ..models import flux_vae
 from ..models.bagel import Bagel, unpatchify_latents
-from ..models.qwen2_mot import Routing
 from . import blocks
 from .cfg import RENORM_TYPES, cfg_active, combine_cfg, shifted_schedule
 from .context import Branch, Context, on_mesh
-from .kv_cache import KVCache, forward_chunk
+from .kv_cache import KVCache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,11 +78,7 @@ def _progress_cb(step, total):
 
 def _velocity(model: Bagel, params, cache: KVCache, x, t, lat_pos, rope, markers):
     """``x [R, N, C]`` against ``cache`` (R rows) -> ``v [R, N, C]`` float32 (cache never written)."""
-    R, N, _ = x.shape
-    xe, positions = blocks._latent_chunk(model, params, x, jnp.full((R,), t, jnp.float32), lat_pos, rope, markers)
-    h, _, _ = forward_chunk(model, params, cache, xe, positions, jnp.full((R,), N + 2, jnp.int32), False,
-                            Routing.split(2), False)
-    return model.apply({"params": params}, h[:, 2:], method=Bagel.velocity).astype(jnp.float32)
+    return blocks.flow_velocity(model, params, cache, x, t, lat_pos, rope, markers)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("model", "vae", "hw", "n_branches", "img_is_gen", "renorm_type",
