@@ -20,7 +20,7 @@ from PIL import Image
 from bagel_jax.convert.safetensors_io import load_file, save_file
 from bagel_jax.data import datasets, packing
 from bagel_jax.parity import Fixture, cli, train_case
-from bagel_jax.train.forward import TrainNoise, train_forward
+from bagel_jax.train.forward import TrainNoise
 
 T2I_TF = {"max_image_size": 64, "min_image_size": 16, "image_stride": 16}
 VIT_TF = {"max_image_size": 56, "min_image_size": 14, "image_stride": 14}
@@ -161,8 +161,8 @@ def _losses(fx, b, arr, eps_rows=None, noise_rows=None):
     eps = np.transpose(arr["vae_posterior_eps"], (0, 2, 3, 1))
     noise = TrainNoise(jnp.asarray(eps if eps_rows is None else eps[eps_rows]),
                        jnp.asarray(arr["noise"] if noise_rows is None else arr["noise"][noise_rows]))
-    _, aux = train_forward(fx.bm.model, fx.bm.params, fx.bm.vae, fx.bm.vae_params, batch, noise,
-                           return_intermediates=True)
+    _, aux = train_case.jit_train_forward(fx.bm.model, fx.bm.params, fx.bm.vae, fx.bm.vae_params, batch, noise,
+                                          return_intermediates=True)
     return aux
 
 
@@ -200,3 +200,41 @@ def test_verifier_runs_a_mixed_fixture_folder(fx, mixed, tiny_a, tmp_path, capsy
     want = np.concatenate([np.asarray(inter["ce_per_token"])[sample_of == s] for s in (1, 4)])
     assert got.shape == want.shape == (int((sample_of == 1).sum() + (sample_of == 4).sum()),)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_vit_runner_runs_every_pack(fx):
+    """Packs named in the params: one line of arrays per pack (``pack<j>.``), images of a pack in their own
+    attention segments (an image's outputs equal those of the image packed alone)."""
+    from bagel_jax.parity import encoders
+
+    rng = np.random.default_rng(5)
+    arr = {"image0_uint8": _img(rng, 28, 42), "image1_uint8": _img(rng, 14, 28)}
+    meta = {"params": {"packs": [["image0_uint8", "image1_uint8"], ["image1_uint8"]]}}
+    out = encoders.run_vit(fx, meta, arr)
+    n0, n1 = 2 * 3, 1 * 2
+    np.testing.assert_array_equal(out["pack0.vit_token_seqlens"], [n0, n1])
+    np.testing.assert_array_equal(out["pack0.cu_seqlens"], [0, n0, n0 + n1])
+    np.testing.assert_array_equal(out["pack0.packed_seqlens"], [n0 + 2, n1 + 2])
+    np.testing.assert_array_equal(out["pack0.packed_text_indexes"], [0, n0 + 1, n0 + 2, n0 + n1 + 3])
+    np.testing.assert_array_equal(out["pack0.packed_text_ids"], [fx.sp.start_of_image, fx.sp.end_of_image] * 2)
+    np.testing.assert_array_equal(out["pack0.packed_vit_token_indexes"],
+                                  np.r_[np.arange(1, n0 + 1), np.arange(n0 + 3, n0 + n1 + 3)])
+    np.testing.assert_array_equal(out["pack0.packed_position_ids"], np.zeros(n0 + n1 + 4))
+    assert out["pack0.vit_output"].shape == (n0 + n1, fx.cfg.vit.hidden_size)
+    np.testing.assert_allclose(out["pack0.llm_input_embeds"][n0:], out["pack1.llm_input_embeds"], rtol=0, atol=1e-5)
+    # one pack by default: every image<k>_uint8 in k order, names without a prefix
+    one = encoders.run_vit(fx, {"params": {}}, arr)
+    np.testing.assert_array_equal(one["vit_token_seqlens"], [n0, n1])
+    np.testing.assert_allclose(one["vit_output"], out["pack0.vit_output"], rtol=0, atol=1e-6)
+
+
+def test_compare_checks_shapes_before_values():
+    from bagel_jax.parity.compare import ShapeMismatch, compare
+
+    ref = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert compare("text", "logits", ref + 1e-6, ref)[3]
+    assert not compare("text", "logits", ref + 1.0, ref)[3]
+    with pytest.raises(ShapeMismatch, match=r"computed shape \(3, 2\), reference shape \(2, 3\)"):
+        compare("text", "logits", ref.reshape(3, 2), ref)   # same size, other shape: never reshaped
+    with pytest.raises(ShapeMismatch):
+        compare("train_forward", "ce_loss", np.float32(1.0), np.array([1.0], np.float32))
