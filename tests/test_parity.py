@@ -100,7 +100,8 @@ def mixed(fx, tmp_path_factory):
 
 
 def _hand_layout(fx):
-    """Per-token (kind, RoPE position, segment, noise block, CE label or -1) derived by hand from the plans:
+    """Per-token (kind, RoPE position, segment, noise block, CE label or -1, marker: 1 start / 2 end / 0)
+    derived by hand from the plans:
     text [bos ids eos] causal, positions advance by its length; image blocks [start body end] at one
     position, clean ones advance it by 1, noised ones not at all and get the next noise-block id of the row."""
     enc, sp = fx.tok.encode, fx.sp
@@ -117,19 +118,21 @@ def _hand_layout(fx):
         for kind, (a, b) in sample:
             if kind == "text":
                 labels = list(a) + [sp.eos] if b else [-1] * (len(a) + 1)
-                rows += [(T, r + j, seg, 0, labels[j] if j <= len(a) else -1) for j in range(len(a) + 2)]
+                rows += [(T, r + j, seg, 0, labels[j] if j <= len(a) else -1, 0) for j in range(len(a) + 2)]
                 r += len(a) + 2
                 continue
             noise_id += int(b)
             nb = noise_id if b else 0
             body = V if kind == "vit" else L
-            rows += [(T, r, seg, nb, -1)] + [(body, r, seg, nb, -1)] * a + [(T, r, seg, nb, -1)]
+            rows += [(T, r, seg, nb, -1, 1)] + [(body, r, seg, nb, -1, 0)] * a + [(T, r, seg, nb, -1, 2)]
             r += 0 if b else 1
     return np.array(rows)
 
 
-def _check_layout(b, hand):
-    kind, pos, seg, nblk, label = hand.T
+def _check_layout(b, hand, sp):
+    kind, pos, seg, nblk, label, marker = hand.T
+    np.testing.assert_array_equal(np.nonzero(b.token_ids[0] == sp.start_of_image)[0], np.nonzero(marker == 1)[0])
+    np.testing.assert_array_equal(np.nonzero(b.token_ids[0] == sp.end_of_image)[0], np.nonzero(marker == 2)[0])
     np.testing.assert_array_equal(b.kind[0], kind)
     np.testing.assert_array_equal(b.positions[0], pos)
     np.testing.assert_array_equal(b.seg[0], seg)
@@ -143,7 +146,7 @@ def _check_layout(b, hand):
 def test_mixed_layout_matches_hand_derived(fx, mixed):
     ref, meta, arr = mixed
     hand = _hand_layout(fx)
-    _check_layout(ref, hand)
+    _check_layout(ref, hand, fx.sp)
     ti = train_case.inputs(fx, meta, arr)
     for k, v in ref.arrays().items():   # the verifier's batch is the dataset-built one, array for array
         np.testing.assert_array_equal(getattr(ti.packed, k), v, err_msg=k)
@@ -182,7 +185,6 @@ def test_verifier_runs_a_mixed_fixture_folder(fx, mixed, tiny_a, tmp_path, capsy
     for f in CKPT:
         os.symlink(os.path.join(tiny_a, f), folder / f)
     save_file({**arr, **expected}, str(folder / "train_forward.safetensors"))
-    json.dump({"cases": {"train_forward": meta}}, open(folder / "manifest.json", "w"))
     manifest = {"cases": {"train_forward": meta}}
     json.dump(manifest, open(folder / "manifest.json", "w"))
     # the verifier's case loop (cli.main minus argument parsing and loading the same checkpoint again)
