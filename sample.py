@@ -12,9 +12,11 @@ Outputs go to --out (created): PNG images, answer / thinking text files, and for
 Markdown transcript (transcript.md) with the images linked in order. If a run fails midway, everything
 produced so far is saved and the error is written to the transcript (exit status 1).
 
-Defaults are the official ones (BAGEL.md 8.8, notebook): generate cfg_text_scale 4.0, cfg_img_scale 1.0,
-cfg_interval 0.4 1.0, renorm global; edit cfg_text_scale 4.0, cfg_img_scale 2.0, cfg_interval 0.0 1.0,
-renorm text_channel; both timestep_shift 3.0, 50 timesteps, renorm_min 0.0; text greedy, at most 1000 tokens.
+Image flags left out take ImageParams.t2i() / .edit() (bagel_jax/inference/cfg.py), the official notebook's
+defaults (the porting reference 8.8): generate cfg_text_scale 4.0, cfg_img_scale 1.0, cfg_interval 0.4 1.0,
+renorm global; edit cfg_text_scale 4.0, cfg_img_scale 2.0, cfg_interval 0.0 1.0, renorm text_channel; both
+timestep_shift 3.0, 50 timesteps, renorm_min 0.0; text greedy, at most 1000 tokens. With --think, interleave
+and chat write each image's thinking text before it in the transcript.
 JAX's persistent compilation cache is on (--compilation-cache), so later runs skip most compilation.
 Several devices (every subcommand): --mesh fsdp=4,tensor=2 splits the model over 8 devices.
 """
@@ -115,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--cfg-renorm-min", type=float, default=None, help="lower clamp of the CFG renorm factor (default 0.0; 1.0 disables)")
     i.add_argument("--cfg-renorm-type", default=None, choices=("global", "channel", "text_channel"),
                    help="CFG renormalisation (default global; edit text_channel)")
+    i.add_argument("--cfg-mode", default=None,
+                   help="guidance mode, a name of bagel_jax.inference.cfg.CFG_MODES (default text_img: the official "
+                        "text CFG with image CFG on top)")
 
     p = sub.add_parser("understand", parents=[common], help="answer a question about images",
                        description="Answer a question about zero or more images (greedy by default).")
@@ -193,7 +198,7 @@ def _image_kw(args, edit: bool) -> dict:
     kw = dict(cfg_text_scale=args.cfg_text_scale, cfg_img_scale=args.cfg_img_scale,
               cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else None,
               timestep_shift=args.timestep_shift, num_timesteps=args.num_timesteps,
-              cfg_renorm_min=args.cfg_renorm_min, cfg_renorm_type=args.cfg_renorm_type)
+              cfg_renorm_min=args.cfg_renorm_min, cfg_renorm_type=args.cfg_renorm_type, cfg_mode=args.cfg_mode)
     return {k: v for k, v in kw.items() if v is not None}
 
 
@@ -275,6 +280,8 @@ def _transcript(args, items, error=None, inputs=()) -> str:
             name = f"image_{n:02d}.png"
             value.save(os.path.join(args.out, name))
             lines.append(f"**{role}:** ![image {n}]({name})")
+        elif kind == "think":
+            lines.append(f"**{role} (thinking):** {value}")
         else:
             lines.append(f"**{role}:** {value}")
         lines.append("")
@@ -302,12 +309,13 @@ def cmd_interleave(args, pipe) -> int:
     size = args.image_size or pipe.default_image_size
     res = pipe.interleave(inputs, mode=mode, num_images=args.num_images or 1, image_size=size,
                           max_text_length=args.max_text_length, max_interleaved_blocks=args.max_interleaved_blocks,
-                          think=args.think, seed=args.seed, progress=not args.no_progress, **kw)
+                          think=args.think, max_think_tokens=args.max_think_tokens, seed=args.seed,
+                          progress=not args.no_progress, **kw)
     shown = [("user", "image", os.path.abspath(p)) for p in args.image] + \
             ([("user", "text", p) for p in args.prompt] if mode != "explicit" else [])
     path = _transcript(args, res.items, res.error, shown)
     for kind, v in res.items:
-        print(v if kind == "text" else "[image]")
+        print({"text": v, "think": f"[thinking] {v}"}.get(kind, "[image]"))
     print(path)
     if res.error is not None:
         print(f"error: generation stopped early: {type(res.error).__name__}: {res.error} "
@@ -352,8 +360,11 @@ def cmd_chat(args, pipe) -> int:
             elif line.startswith("/gen ") or line.startswith("/edit "):
                 cmd, prompt = line.split(" ", 1)
                 items.append(("user", "text", prompt))
-                img = (conv.edit(prompt, progress=prog) if cmd == "/edit"
-                       else conv.generate_image(prompt, progress=prog))
+                img = (conv.edit(prompt, think=args.think, progress=prog) if cmd == "/edit"
+                       else conv.generate_image(prompt, think=args.think, progress=prog))
+                if conv.last_thinking is not None:     # --think: the thinking text came before the image
+                    items.append(("assistant", "think", conv.last_thinking))
+                    print(f"[thinking] {conv.last_thinking}")
                 items.append(("assistant", "image", img))
                 print(f"[image {sum(1 for it in items if it[1] == 'image')}]")
             else:

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 
 from . import sharding as shd
 from .config import BagelConfig, ConfigError, load_config
-from .convert import checkpoint
+from .convert import official
 from .models import flux_vae
 from .models.bagel import Bagel, init_params, key_map, param_shapes
-from .nn.attention import validate_implementation
+from .nn.options import ModelOptions
 from .tokenizer import Tokenizer, load_tokenizer
 
 REQUIRED_FILES = ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors")
@@ -35,13 +35,14 @@ class BagelModel:
 
 def build_modules(cfg: BagelConfig, dtype=jnp.float32, param_dtype=jnp.float32, remat_policy: str = "none",
                   attention_impl: Optional[str] = "auto", vae_dtype=jnp.float32):
-    """The Bagel and AutoEncoder modules for ``cfg`` (compute dtypes; the VAE runs in float32 by default,
-    as the official app does). ``attention_impl`` selects the attention of the decoder and the ViT
-    ("auto", "xla", "blocked", "pallas", "cudnn"; see :mod:`bagel_jax.nn.attention`)."""
-    attention_impl = validate_implementation(attention_impl)
-    model = Bagel(cfg, dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy, attention_impl=attention_impl)
-    vae = flux_vae.AutoEncoder(cfg.vae, dtype=vae_dtype)
-    return model, vae
+    """The Bagel and AutoEncoder modules for ``cfg``. The four run options become one
+    :class:`~bagel_jax.nn.options.ModelOptions` (validated here: a bad remat policy or attention name
+    fails with the list of choices), given to the Bagel module, which passes it to every submodule.
+    ``attention_impl`` selects the attention of the decoder and the ViT ("auto", "xla", "blocked",
+    "pallas", "cudnn"; see :mod:`bagel_jax.nn.attention`). The VAE runs in ``vae_dtype`` (float32 by
+    default, as the official app does)."""
+    opts = ModelOptions(dtype, param_dtype, remat_policy, "auto" if attention_impl is None else attention_impl)
+    return Bagel(cfg, opts), flux_vae.AutoEncoder(cfg.vae, dtype=vae_dtype)
 
 
 def vae_param_shapes(vae: flux_vae.AutoEncoder, param_dtype=jnp.float32):
@@ -95,9 +96,9 @@ def load_model(folder: str, dtype=jnp.float32, param_dtype=None, shardings=None,
     vshapes = vae_param_shapes(vae)
     if vae_shardings is None:
         vae_shardings = follow_shardings(vshapes, shardings)
-    params = checkpoint.load_params(os.path.join(folder, "ema.safetensors"), key_map(cfg), shapes,
+    params = official.load_params(os.path.join(folder, "ema.safetensors"), key_map(cfg), shapes,
                                     dtype=param_dtype, shardings=shardings)
-    vae_params = checkpoint.load_params(os.path.join(folder, "ae.safetensors"), flux_vae.key_map(cfg.vae),
+    vae_params = official.load_params(os.path.join(folder, "ae.safetensors"), flux_vae.key_map(cfg.vae),
                                         vshapes, dtype=jnp.float32, shardings=vae_shardings)
     tok = load_tokenizer(folder) if with_tokenizer else None
     return BagelModel(cfg, model, vae, params, vae_params, tok, folder)
@@ -121,8 +122,8 @@ def save_model(m: BagelModel, folder: str, dtype=None) -> None:
 
     os.makedirs(folder, exist_ok=True)
     write_official_configs(m.cfg, folder)
-    checkpoint.export_params(m.params, key_map(m.cfg), os.path.join(folder, "ema.safetensors"), dtype=dtype)
-    checkpoint.export_params(m.vae_params, flux_vae.key_map(m.cfg.vae), os.path.join(folder, "ae.safetensors"))
+    official.export_params(m.params, key_map(m.cfg), os.path.join(folder, "ema.safetensors"), dtype=dtype)
+    official.export_params(m.vae_params, flux_vae.key_map(m.cfg.vae), os.path.join(folder, "ae.safetensors"))
     if m.tokenizer is not None:
         m.tokenizer.hf.save_pretrained(folder)
         # the official loader reads the slow-tokenizer files: carry them over when the source has them

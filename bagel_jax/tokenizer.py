@@ -1,4 +1,4 @@
-"""Tokenizer: the Qwen2 byte-level BPE of a model folder, plus BAGEL's special-token ids (BAGEL.md 6.1)."""
+"""Tokenizer: the Qwen2 byte-level BPE of a model folder, plus BAGEL's special-token ids (porting reference 6.1)."""
 
 from __future__ import annotations
 

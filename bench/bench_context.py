@@ -44,7 +44,7 @@ def main():
         c = Context.new(eng, 1, track_cfg=False)
         ids = [eng.sp.bos] + rng.randint(0, 500, size=n - 2).tolist() + [eng.sp.eos]
         br, _ = c._text_branch(c.gen, [ids])
-        return Context(eng, br, None, None), ids
+        return Context(eng, br), ids
 
     turn_len = len(eng.tok.encode(TURN)) + 2
     Lq = bucket(turn_len, TEXT_MIN)
@@ -55,7 +55,7 @@ def main():
         jax.block_until_ready(grown.cache.k)                                # compile
         t_grow = timeit(lambda: jax.block_until_ready(c0.gen.reserve(eng, Lq).cache.k), repeat=3) \
             if grown.capacity != c0.gen.capacity else 0.0
-        c = Context(eng, grown, None, None)
+        c = Context(eng, grown)
         jax.block_until_ready(c.add_text(TURN).gen.cache.k)          # compile
         t_turn = timeit(lambda: jax.block_until_ready(c.add_text(TURN).gen.cache.k), repeat=7)
         base = base or t_turn

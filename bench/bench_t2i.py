@@ -40,13 +40,13 @@ def main():
           f"backend {jax.default_backend()}")
 
     def setup(ip):
-        branches, img_is_gen = branch_plan(ctx, ip)
+        plan, branches = make_plan(ip, ctx.branches)
         cache, rope = stack_branches(branches)
         sig = shifted_schedule(ip.num_timesteps, ip.timestep_shift)
         a = (eng.model, eng.params, eng.vae, eng.vae_params, cache, jnp.asarray(rope, jnp.int32), x0, sig, eng.markers,
              jnp.float32(ip.cfg_text_scale), jnp.float32(ip.cfg_img_scale), jnp.asarray(ip.cfg_interval, jnp.float32),
              jnp.float32(ip.cfg_renorm_min))
-        return a, dict(hw=(H, W), n_branches=len(branches), img_is_gen=img_is_gen, renorm_type=ip.cfg_renorm_type)
+        return a, dict(hw=(H, W), plan=plan)
 
     def measure(label, ip, **kw):
         a, static = setup(ip)

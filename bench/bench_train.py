@@ -10,13 +10,14 @@ same pack permuted by ``packing.to_expert_streams``. Timed: ``jax.value_and_grad
 ``train_forward`` (the loss of the train step; no optimiser update), jitted, compile excluded; median
 of ``--repeat`` runs per path, the two paths alternating so that machine load hits both alike.
 The model FLOPs per step
-(``bagel_jax.train.loop.step_flops``: each real token through one expert, attention over the allowed
+(``bagel_jax.train.metrics.step_flops``: each real token through one expert, attention over the allowed
 pairs) are the same for both paths; GFLOP/s divides them by the measured time.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -30,7 +31,7 @@ import numpy as np  # noqa: E402
 from bench._common import mixed_pack, small_config, small_model  # noqa: E402
 from bagel_jax.data import packing  # noqa: E402
 from bagel_jax.train.forward import draw_noise, train_forward  # noqa: E402
-from bagel_jax.train.loop import step_flops  # noqa: E402
+from bagel_jax.train.metrics import step_flops  # noqa: E402
 
 
 def main():
@@ -55,7 +56,7 @@ def main():
         print("load average before: %.2f %.2f %.2f" % os.getloadavg())
 
     def make(expert_split, attention):
-        model = bm.model.clone(attention_impl=attention)
+        model = bm.model.clone(opts=dataclasses.replace(bm.model.opts, attention_impl=attention))
 
         def loss(params, vae_params, batch, noise):
             return train_forward(model, params, bm.vae, vae_params, batch, noise, expert_split=expert_split,

@@ -6,7 +6,7 @@ built by the real packing code (``bench._common.mixed_pack``: text-to-image, VQA
 256 px VAE images) in the expert-stream
 layout, with the real train step (AdamW, clip, EMA, bf16 compute, float32 master weights, full remat). For each
 ``--attention`` implementation and each pack length it prints the median step time, tokens/s (real tokens) and
-MFU = ``bagel_jax.train.loop.step_flops`` / (time * ``--peak-tflops``).
+MFU = ``bagel_jax.train.metrics.step_flops`` / (time * ``--peak-tflops``).
 
     python bench/gpu_train.py                              # xla, blocked, pallas at 8k and 32k tokens
     python bench/gpu_train.py --attention blocked,pallas --tokens 32768 --steps 5
@@ -35,7 +35,7 @@ from bagel_jax.data import packing  # noqa: E402
 from bagel_jax.loading import build_modules  # noqa: E402
 from bagel_jax.models.bagel import init_params  # noqa: E402
 from bagel_jax.train import optimizer as O, step as S  # noqa: E402
-from bagel_jax.train.loop import step_flops  # noqa: E402
+from bagel_jax.train.metrics import step_flops  # noqa: E402
 
 
 def model_config(tiny: bool) -> BagelConfig:
@@ -111,7 +111,7 @@ def main():
     ap.add_argument("--tokens", default="8192,32768", help="comma-separated tokens per pack")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median reported)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="compute dtype")
-    ap.add_argument("--remat", default="full", help="remat policy (bagel_jax.nn.layers.REMAT_POLICIES)")
+    ap.add_argument("--remat", default="full", help="remat policy (bagel_jax.nn.options.REMAT_POLICIES)")
     ap.add_argument("--vae-hw", type=int, default=256, help="VAE image side in pixels")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
                     help="peak dense bf16 TFLOP/s of the device for MFU (H100/H200 SXM: 989)")

@@ -119,7 +119,7 @@ def test_equals_xla_queries_subset(packed, impl):
 def test_blocked_under_remat(packed, policy):
     """The custom VJP inside the layers' remat (jax.checkpoint with the project's policies) gives the same
     gradients as without."""
-    from bagel_jax.models.siglip_navit import REMAT_POLICIES
+    from bagel_jax.nn.options import REMAT_POLICIES
 
     B, L = packed.seg.shape
     q, k, v, w = _qkv(B, L, L, 4, 2, 32, seed=2)
@@ -223,7 +223,7 @@ def train_case(tiny_a):
 def _loss_and_grads(bm, impl, meta, batch, noise, split):
     from bagel_jax.train.forward import train_forward
 
-    model = bm.model.clone(attention_impl=impl)
+    model = bm.model.clone(opts=dataclasses.replace(bm.model.opts, attention_impl=impl))
     P = meta["params"]
 
     def loss(params):
@@ -266,7 +266,7 @@ def test_one_setting_selects_decoder_and_vit_attention():
     model, _ = build_modules(cfg, attention_impl="blocked")
     bound = model.bind({})
     bound.language_model.stack  # noqa: B018  (setup runs lazily)
-    assert bound.language_model.attention_impl == "blocked"
-    assert bound.vit_model.attention_impl == "blocked"
+    assert bound.language_model.opts.attention_impl == "blocked"
+    assert bound.vit_model.opts.attention_impl == "blocked"
     with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
         build_modules(cfg, attention_impl="flash")

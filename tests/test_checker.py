@@ -5,8 +5,8 @@ import itertools
 import numpy as np
 import pytest
 
-from bagel_jax.data import synthetic as syn
-from bagel_jax.eval.checker import detect
+from bagel_jax.demo import synthetic as syn
+from bagel_jax.demo.checker import detect
 
 
 @pytest.mark.parametrize("size", [64, 32])

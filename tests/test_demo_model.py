@@ -17,7 +17,7 @@ RECORDED = os.path.join(REPO, "docs", "demo_train_metrics.jsonl")
 # the shipped one, which is the frozen autoencoder the recipe trained first).
 DATA_NUM, DATA_SEED, DATA_SIZE, DATA_MOVE_SHARE, INIT_SEED = 12000, 0, 32, 0.75, 4396
 VIT_STEPS, VIT_SEED = 600, 0
-# First 8 held-out combinations, seed 0, 20 flow steps (python -m bagel_jax.eval.demo --limit 8 --batch 8).
+# First 8 held-out combinations, seed 0, 20 flow steps (python -m bagel_jax.demo.evaluate --limit 8 --batch 8).
 # Measured when the model was made: colour 8/8, position 8/8, VQA 24/24, edit 16/16; each threshold leaves
 # one item of slack (float rounding differs across CPUs).
 SUBSET, THRESHOLDS = 8, dict(generation_colour=0.87, generation_position=0.87, vqa=0.95, edit=0.93)
@@ -30,7 +30,7 @@ def _need_demo():
 
 def test_demo_model_reaches_thresholds_on_held_out_subset():
     _need_demo()
-    from bagel_jax.eval.demo import demo_transforms, evaluate
+    from bagel_jax.demo.evaluate import demo_transforms, evaluate
     from bagel_jax.inference.api import load
 
     vae_tf, vit_tf = demo_transforms(DATA_SIZE)
@@ -47,8 +47,8 @@ def test_recipe_reproduces_recorded_curve(tmp_path):
     rounding across machines may differ)."""
     _need_demo()
     from bagel_jax.config import load_config
-    from bagel_jax.data import synthetic
-    from bagel_jax.train.vae_train import write_vae_config
+    from bagel_jax.demo import synthetic
+    from bagel_jax.demo.vae_train import write_vae_config
 
     config = os.path.join(REPO, "configs", "demo.yaml")
     data = tmp_path / "data"
@@ -58,12 +58,12 @@ def test_recipe_reproduces_recorded_curve(tmp_path):
     write_vae_config(load_config(config).vae, str(vae_dir))
     shutil.copy(os.path.join(DEMO, "ae.safetensors"), vae_dir / "ae.safetensors")
     vit = tmp_path / "vit"
-    p = subprocess.run([sys.executable, "-m", "bagel_jax.train.vit_pretrain", "--config", config, "--out", str(vit),
+    p = subprocess.run([sys.executable, "-m", "bagel_jax.demo.vit_pretrain", "--config", config, "--out", str(vit),
                         "--size", str(DATA_SIZE), "--steps", str(VIT_STEPS), "--seed", str(VIT_SEED)],
                        env=env(1), capture_output=True, text=True, cwd=REPO)
     assert p.returncode == 0, p.stderr[-2000:]
     init = tmp_path / "init"
-    p = subprocess.run([sys.executable, "-m", "bagel_jax.train.demo_init", "--config", config, "--vae", str(vae_dir),
+    p = subprocess.run([sys.executable, "-m", "bagel_jax.demo.init_folder", "--config", config, "--vae", str(vae_dir),
                         "--tokenizer", str(data / "tokenizer"), "--out", str(init), "--seed", str(INIT_SEED),
                         "--siglip", str(vit)],
                        env=env(1), capture_output=True, text=True, cwd=REPO)
@@ -71,7 +71,7 @@ def test_recipe_reproduces_recorded_curve(tmp_path):
     with open(os.path.join(DEMO, "inference.json")) as f:
         shipped_defaults = json.load(f)
     with open(init / "inference.json") as f:
-        assert json.load(f) == shipped_defaults          # demo_init writes the image-size defaults ...
+        assert json.load(f) == shipped_defaults          # init_folder writes the image-size defaults ...
     steps = 12
     p = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--config", config,
                         "--data", str(data), "--workdir", str(tmp_path / "run"), "--steps", str(steps), "--no-progress",

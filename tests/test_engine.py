@@ -92,9 +92,18 @@ def test_sampling_controls():
     for s in range(20):
         ks = jnp.stack([jax.random.PRNGKey(s), jax.random.PRNGKey(s + 100)])
         assert list(pick_next(logits, ks, True, 1.0, 1, 1.0)) == [1, 0]        # top-k 1 == greedy
-        assert set(np.asarray(pick_next(logits, ks, True, 1.0, 2, 1.0)).tolist()) <= {0, 1, 2, 3}
         out = np.asarray(pick_next(logits, ks, True, 1.0, 0, 0.5))             # top-p 0.5 keeps the top token
         assert out[0] == 1
+    # top-k on a 32-token vocabulary whose mass is spread (top-3 logits 2.0, 1.9, 1.8, the rest 1.5): over
+    # 256 rows (one key each) exactly the top 3 ids are drawn, each of them; without top-k others appear too.
+    V, top3 = 32, [5, 17, 26]
+    row = np.full(V, 1.5, np.float32)
+    row[top3] = [2.0, 1.9, 1.8]
+    many = jnp.asarray(np.tile(row, (256, 1)))
+    mkeys = jax.random.split(jax.random.PRNGKey(0), 256)
+    assert set(np.asarray(pick_next(many, mkeys, True, 1.0, 3, 1.0)).tolist()) == set(top3)
+    assert not set(np.asarray(pick_next(many, mkeys, True, 1.0, 0, 1.0)).tolist()) <= set(top3)
+    assert set(np.asarray(pick_next(many, mkeys, True, 1.0, 1, 1.0)).tolist()) == {5}     # top-k 1 == greedy
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(True, 0.0).validate()
     with pytest.raises(ValueError, match="top_p"):
@@ -113,6 +122,13 @@ def test_batched_understanding_equals_one_at_a_time(pipe):
     assert b == [pipe.understand(imgs[0], qs[0], seed=7, **kw), pipe.understand(imgs[1], qs[1], seed=8, **kw)]
 
 
+# Batched vs one at a time: the flow latents are bit-identical, but the VAE decoder's convolutions reduce in a
+# batch-size-dependent order on XLA (decoded pixels differ by ~2e-6 between a batch of 2 and of 1 on CPU), so a
+# pixel that sits at a uint8 rounding boundary may land one level apart. Hence: latents exact, decoded floats
+# within 1e-5, uint8 within one level.
+UINT8_BATCH_TOL = 1
+
+
 def test_batched_t2i_equals_one_at_a_time(pipe):
     prompts = ["A red cat sits on the blue mat.", "dog"]
     kw = dict(image_size=HW, num_timesteps=3, cfg_interval=(0.8, 1.0))    # second step: CFG off
@@ -120,7 +136,14 @@ def test_batched_t2i_equals_one_at_a_time(pipe):
     assert len(res.images) == 2 and res.images[0].size == (32, 32)
     for i in range(2):
         one = pipe.generate_image(prompts[i], seed=3 + i, **kw)
-        assert np.abs(res.arrays[i].astype(int) - one.arrays[0].astype(int)).max() <= 1
+        assert np.abs(res.arrays[i].astype(int) - one.arrays[0].astype(int)).max() <= UINT8_BATCH_TOL
+    eng, ip = pipe.engine, ImageParams(num_timesteps=3, cfg_interval=(0.8, 1.0))
+    keys = [jax.random.PRNGKey(3), jax.random.PRNGKey(4)]
+    both = generate_images(Context.new(eng, 2).add_text(prompts), HW, ip, keys=keys)
+    for i in range(2):
+        one = generate_images(Context.new(eng, 1).add_text(prompts[i]), HW, ip, keys=[keys[i]])
+        np.testing.assert_array_equal(both["latent_tokens"][i], one["latent_tokens"][0])
+        np.testing.assert_allclose(both["decoded"][i], one["decoded"][0], atol=1e-5, rtol=0)
 
 
 def test_branch_dedup_and_cfg_off_match_explicit_branches(pipe):
@@ -133,16 +156,17 @@ def test_branch_dedup_and_cfg_off_match_explicit_branches(pipe):
     a = generate_images(c, HW, ip, decode=False)
     assert a["n_branches"] == 2
     separate = Context.new(eng, 1).add_text("A red cat")
-    c3 = dataclasses.replace(c, cfg_img=separate.gen)          # same content, different object
+    c3 = dataclasses.replace(c, guides={**c.guides, "cfg_img": separate.gen})   # same content, other object
     b = generate_images(c3, HW, ip, decode=False)
     assert b["n_branches"] == 3
     np.testing.assert_allclose(a["latent_tokens"], b["latent_tokens"], atol=2e-5)
     w = generate_images(c, HW, ip, decode=False, cfg_off="where")
-    np.testing.assert_allclose(a["latent_tokens"], w["latent_tokens"], atol=1e-6)
+    # CFG-off steps on the gen rows alone == all rows then select: bitwise on CPU (the README's claim)
+    np.testing.assert_array_equal(a["latent_tokens"], w["latent_tokens"])
 
 
 def test_mode_recipes(pipe):
-    """BAGEL.md 8.7: edit and think contexts, positions and lengths per branch."""
+    """porting reference 8.7: edit and think contexts, positions and lengths per branch."""
     eng = pipe.engine
     ids = eng.tok.encode("Make the sky blue.")
     n = len(ids)
@@ -278,7 +302,7 @@ def test_batched_edit_equals_one_at_a_time(pipe):
     both = pipe.edit_image(imgs, instr, seed=3, **kw)
     for i in range(2):
         one = pipe.edit_image(imgs[i], instr[i], seed=3 + i, **kw)
-        assert np.abs(both.arrays[i].astype(int) - one.arrays[0].astype(int)).max() <= 1
+        assert np.abs(both.arrays[i].astype(int) - one.arrays[0].astype(int)).max() <= UINT8_BATCH_TOL  # see above (the VAE encoder too)
 
 
 def test_too_long_request_fails_before_compute(pipe, monkeypatch):
@@ -296,3 +320,21 @@ def test_too_long_request_fails_before_compute(pipe, monkeypatch):
         short.generate_image("hi", image_size=(128, 128))
     with pytest.raises(ContextError, match="too long"):
         short.edit_image(_img(64, 64), "hi")
+
+
+def test_understand_ignores_the_latent_grid(pipe):
+    """Understanding uses no VAE tokens: an input whose VAE-rule resize leaves the latent grid (40 px: not a
+    multiple of 16) is still understood; editing it (VAE tokens) is refused."""
+    eng = pipe.engine
+    odd = api.Pipeline(Engine(eng.bm, ImageTransform(40, 24, 8), eng.vit_transform))
+    assert isinstance(odd.understand(_img(40, 40), "What is it?", max_new_tokens=4), str)
+    with pytest.raises(ImageError, match="latent grid"):
+        odd.edit_image(_img(40, 40), "x")
+
+
+def test_noise_and_text_streams_differ():
+    from bagel_jax.inference.conversation import noise_keys, text_keys
+    n, t = np.asarray(noise_keys(5, 2)), np.asarray(text_keys(5, 2))
+    assert np.array_equal(n[1], np.asarray(jax.random.PRNGKey(6)))       # row i: PRNGKey(seed + i)
+    assert np.array_equal(t, np.asarray(text_keys(6, 1) + text_keys(5, 1))[::-1])   # batched == one at a time
+    assert not any(np.array_equal(a, b) for a in n for b in t)

@@ -343,7 +343,7 @@ def test_loader_collates_expert_streams(tmp_path):
 
 
 def test_allowed_pairs_and_step_flops(bm):
-    from bagel_jax.train.loop import step_flops
+    from bagel_jax.train.metrics import step_flops
 
     logical = packed(bm)
     loose = stream_test_batch(bm, overlap=False)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bagel_jax.config import ConfigError, config_from_folder, load_config
-from bagel_jax.convert.checkpoint import CheckpointError
+from bagel_jax.convert.official import CheckpointError
 from bagel_jax.convert.safetensors_io import SafeTensorsFile, load_file, save_file
 from bagel_jax.loading import load_model, save_model
 from bagel_jax.tokenizer import TokenizerError

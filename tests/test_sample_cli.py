@@ -82,7 +82,7 @@ def test_default_model_generates_a_png(tmp_path):
         pytest.skip("no embedded demo model in this checkout")
     from PIL import Image
 
-    from bagel_jax.eval.checker import detect
+    from bagel_jax.demo.checker import detect
     rc = sample.main(["generate", "--prompt", "a blue square on the right", "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
     pngs = sorted(tmp_path.glob("*.png"))
@@ -146,3 +146,38 @@ def test_interleave_failure_saves_partial(base, monkeypatch, capsys):
     md = (out / "transcript.md").read_text(encoding="utf-8")
     assert "injected failure" in md and "**assistant:**" in md
     assert "partial output saved" in capsys.readouterr().err
+
+
+def _spy_think(monkeypatch):
+    """Record max_length of every thinking decode (Pipeline._think calls api.generate_text)."""
+    from bagel_jax.inference import api
+
+    seen, real = [], api.generate_text
+
+    def spy(ctx, max_length, *a, **k):
+        seen.append(int(max_length))
+        return real(ctx, max_length, *a, **k)
+
+    monkeypatch.setattr(api, "generate_text", spy)
+    return seen
+
+
+def test_interleave_think_keeps_thinking_and_max_think_tokens(base, monkeypatch):
+    seen = _spy_think(monkeypatch)
+    rc, out = _run(base, "interleave", "--prompt", "a story", "--num-images", "1", "--image-size", "32",
+                   "--num-timesteps", "3", "--max-text-length", "4", "--think", "--max-think-tokens", "3",
+                   out="il_think")
+    assert rc == 0 and seen == [3]                     # one image, its thinking capped by --max-think-tokens
+    md = (out / "transcript.md").read_text(encoding="utf-8")
+    assert md.count("**assistant (thinking):**") == 1
+    assert md.index("(thinking)") < md.index("![image 1]")
+
+
+def test_chat_think_thinks_before_gen(base, monkeypatch):
+    seen = _spy_think(monkeypatch)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/gen a dog\n/quit\n"))
+    rc, out = _run(base, "chat", "--image-size", "32", "--num-timesteps", "3", "--think", "--max-think-tokens", "4",
+                   out="chat_think")
+    assert rc == 0 and seen == [4]
+    md = (out / "transcript.md").read_text(encoding="utf-8")
+    assert md.index("**assistant (thinking):**") < md.index("![image 1]")

@@ -13,6 +13,7 @@ import pytest
 from bagel_jax.config import ViTConfig, config_from_folder
 from bagel_jax.convert import keymap
 from bagel_jax.models.siglip_navit import SiglipNavit, key_map, patchify
+from bagel_jax.nn.options import REMAT_POLICIES, ModelOptions
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "fixtures", "tiny-a")
 PREFIX = "vit_model.vision_model."
@@ -141,18 +142,18 @@ def test_remat_policies_same_loss_and_grads():
     params = jax.jit(SiglipNavit(cfg).init)(jax.random.PRNGKey(0), tokens, pos, seg)["params"]
 
     def loss(p, policy):
-        out = SiglipNavit(cfg, remat_policy=policy).apply({"params": p}, tokens, pos, seg)
+        out = SiglipNavit(cfg, ModelOptions(remat_policy=policy)).apply({"params": p}, tokens, pos, seg)
         return jnp.sum(out[:, :6] ** 2)  # the padding rows of sample 1 are garbage: leave them out
 
-    # One program for all three policies: compiling dominates the run time of this test.
-    results = jax.jit(lambda p: [jax.value_and_grad(loss)(p, pol) for pol in ("none", "full", "dots")])(params)
+    # One program for every policy of the one table: compiling dominates the run time of this test.
+    results = jax.jit(lambda p: [jax.value_and_grad(loss)(p, pol) for pol in REMAT_POLICIES])(params)
     (l0, g0), *others = results
     for l1, g1 in others:
         np.testing.assert_allclose(l1, l0, rtol=1e-6)
         for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="remat_policy"):
-        SiglipNavit(cfg, remat_policy="bogus").apply({"params": params}, tokens, pos, seg)
+    with pytest.raises(ValueError, match="unknown remat policy 'bogus'; choose one of none, full, dots, dots_all"):
+        SiglipNavit(cfg, ModelOptions(remat_policy="bogus"))
 
 
 # -------------------------------------------------------------------------------------------------

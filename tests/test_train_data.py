@@ -12,7 +12,8 @@ from train_helpers import make_data
 
 from bagel_jax import sharding as shd
 from bagel_jax.config import ConfigError, config_from_yaml
-from bagel_jax.data import packing, synthetic
+from bagel_jax.data import packing
+from bagel_jax.demo import synthetic
 from bagel_jax.data.datasets import DataConfigError, Dropout, PlanEntry, plan_to_items
 from bagel_jax.data.loader import DataConfig, PackedIterator
 from bagel_jax.tokenizer import load_tokenizer
@@ -243,7 +244,7 @@ def test_group_weights_override_the_groups_file(data, cfg):
 
 def test_exponent_floats_in_config_file_and_overrides(tmp_path):
     """``lr: 1e-3`` (no dot) is a string in plain YAML 1.1; configs and ``key=value`` overrides read it as a float."""
-    from bagel_jax.train.loop import load_train_config
+    from bagel_jax.train.run_config import load_train_config
 
     with open(os.path.join(REPO, "configs", "train-tiny.yaml")) as f:
         text = f.read()

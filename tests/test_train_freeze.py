@@ -21,7 +21,7 @@ def run(tmp_path_factory):
 
 
 def test_freeze_und_bf16(run):
-    from bagel_jax.train.checkpoint import load_train_state
+    from bagel_jax.train.run_checkpoint import load_train_state
     from bagel_jax.train.optimizer import TrainConfig, is_trainable
 
     m = metrics(run)

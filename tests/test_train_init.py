@@ -9,7 +9,7 @@ import pytest
 
 from bagel_jax.config import config_from_yaml
 from bagel_jax.convert import keymap
-from bagel_jax.convert.checkpoint import _flatten, export_params
+from bagel_jax.convert.official import _flatten, export_params
 from bagel_jax.convert.safetensors_io import save_file
 from bagel_jax.loading import random_model
 from bagel_jax.models import flux_vae, qwen2_mot, siglip_navit
@@ -83,7 +83,8 @@ def test_init_errors(setup):
 
 def test_init_from_model_folder_checks_shapes_not_training_shift():
     """train.init=FOLDER: the YAML's model must match the folder, except the training-only timestep_shift."""
-    from bagel_jax.train.loop import TrainSetupError, init_params
+    from bagel_jax.train.loop import init_params
+    from bagel_jax.train.run_config import TrainSetupError
     from bagel_jax.train.optimizer import TrainConfig
 
     folder = os.path.join(REPO, "bagel_jax", "assets", "demo")

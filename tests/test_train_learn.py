@@ -35,7 +35,7 @@ def test_losses_fall(trained):
 
 def test_export_loads_and_equals_ema(trained):
     from bagel_jax.loading import load_model
-    from bagel_jax.train.checkpoint import load_train_state
+    from bagel_jax.train.run_checkpoint import load_train_state
 
     wd, export = trained
     for f in ("ema.safetensors", "ae.safetensors", "llm_config.json", "vit_config.json", "vocab.json"):

@@ -68,7 +68,7 @@ def test_rerun_when_done_is_a_no_op(data, reference):
 
 
 def _main_in_process(data, wd, steps, capsys):
-    from bagel_jax.train.loop import main
+    from bagel_jax.train.cli import main
 
     rc = main(train_cmd(data, wd, steps)[2:])
     return rc, capsys.readouterr()

@@ -1,5 +1,5 @@
 """The ViT pre-training stage of the demo recipe: per-patch targets, learning, and a Hugging Face SigLIP
-file that transformers loads strictly and that demo_init / train.init load into BAGEL's ViT."""
+file that transformers loads strictly and that init_folder / train.init load into BAGEL's ViT."""
 
 import json
 import os
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from bagel_jax.config import load_config
-from bagel_jax.data import synthetic as syn
-from bagel_jax.train import vit_pretrain
+from bagel_jax.demo import synthetic as syn
+from bagel_jax.demo import vit_pretrain
 from tests.train_helpers import REPO, env
 
 CONFIG = os.path.join(REPO, "configs", "demo.yaml")
@@ -66,7 +66,7 @@ def test_learns_and_writes_a_siglip_tower_transformers_loads(tmp_path):
     with torch.no_grad():
         ref = hf(pixel_values=torch.from_numpy(image)[None]).last_hidden_state[0].numpy()
 
-    # the same file through the train.init / demo_init loader into BAGEL's ViT
+    # the same file through the train.init / init_folder loader into BAGEL's ViT
     model, vae = build_modules(cfg)
     params, _, _ = init_from_components({"siglip": str(tmp_path)}, cfg, model, vae, None, None, seed=0)
     g = v.image_size // v.patch_size
@@ -78,9 +78,9 @@ def test_learns_and_writes_a_siglip_tower_transformers_loads(tmp_path):
 
 
 def test_cli_rejects_bad_arguments(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "bagel_jax.train.vit_pretrain", "--config", CONFIG, "--out",
+    p = subprocess.run([sys.executable, "-m", "bagel_jax.demo.vit_pretrain", "--config", CONFIG, "--out",
                         str(tmp_path / "v"), "--steps", "0"], env=env(1), capture_output=True, text=True, cwd=REPO)
     assert p.returncode == 2 and "--steps" in p.stderr, p.stderr[-1000:]
-    p = subprocess.run([sys.executable, "-m", "bagel_jax.train.vit_pretrain", "--config", str(tmp_path / "none.yaml"),
+    p = subprocess.run([sys.executable, "-m", "bagel_jax.demo.vit_pretrain", "--config", str(tmp_path / "none.yaml"),
                         "--out", str(tmp_path / "v")], env=env(1), capture_output=True, text=True, cwd=REPO)
     assert p.returncode == 2 and "none.yaml" in p.stderr, p.stderr[-1000:]

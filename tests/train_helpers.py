@@ -17,7 +17,7 @@ COMMON = ["data.packs_per_step=4", "train.save_every=3"]
 
 
 def make_data(path: str, num: int = 24, bad: int = 1, seed: int = 0) -> str:
-    from bagel_jax.data import synthetic
+    from bagel_jax.demo import synthetic
 
     if not os.path.isfile(os.path.join(path, "dataset.yaml")):
         synthetic.write(path, num=num, seed=seed, bad=bad)

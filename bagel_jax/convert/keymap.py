@@ -2,7 +2,7 @@
 
 Every model module exposes ``key_map(cfg) -> list[Entry]``: one entry per official tensor, saying
 where it lives in our parameter tree and how its layout changes. The loader and the exporter
-(``bagel_jax.convert.checkpoint``) are driven only by these lists, so a reader can check a mapping
+(``bagel_jax.convert.official``) are driven only by these lists, so a reader can check a mapping
 by reading one function per module.
 
 Layouts:
@@ -120,7 +120,7 @@ def group_by_leaf(entries: Iterable[Entry]) -> dict[tuple[str, ...], list[Entry]
 def tensors_to_params(entries: Iterable[Entry], tensors) -> dict:
     """Convert a mapping ``official name -> numpy array`` into a nested Flax params dict.
 
-    No checks beyond presence: use ``bagel_jax.convert.checkpoint`` for checked loading.
+    No checks beyond presence: use ``bagel_jax.convert.official`` for checked loading.
     """
     params: dict = {}
     for path, es in group_by_leaf(entries).items():

@@ -1,4 +1,4 @@
-"""Readers for the official BAGEL training formats and their sequence plans (BAGEL.md 9.3).
+"""Readers for the official BAGEL training formats and their sequence plans (porting reference 9.3).
 
 Each dataset maps a *row index* to one sample: a list of plan entries (text / vit_image / vae_image
 with the official ``enable_cfg`` / ``loss`` flags). :func:`plan_to_items` turns a plan into packing
@@ -34,6 +34,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from .. import layout
 from . import packing
 from .images import ImageTransform, to_rgb, to_tensor
 
@@ -72,7 +73,7 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def plan_to_items(plan: Sequence[PlanEntry], rng: np.random.Generator, dropout: Dropout) -> list:
-    """Official ``to_tensor`` semantics: conditional dropout and raw timesteps (BAGEL.md 9.3)."""
+    """Official ``to_tensor`` semantics: conditional dropout and raw timesteps (porting reference 9.3)."""
     items = []
     for e in plan:
         if e.type == "text":
@@ -98,11 +99,11 @@ def plan_to_items(plan: Sequence[PlanEntry], rng: np.random.Generator, dropout: 
 def item_tokens(item, vit_patch: int, latent_ds: int) -> int:
     """Sequence tokens an item occupies after packing."""
     if isinstance(item, packing.TextItem):
-        return len(item.ids) + 2
+        return layout.text_block(len(item.ids)).length
     if isinstance(item, packing.VitItem):
-        return (item.image.shape[1] // vit_patch) * (item.image.shape[2] // vit_patch) + 2
+        return layout.vit_block(item.image.shape[1], item.image.shape[2], vit_patch).length
     if isinstance(item, packing.VaeItem):
-        return (item.image.shape[1] // latent_ds) * (item.image.shape[2] // latent_ds) + 2
+        return layout.vae_block(item.image.shape[1], item.image.shape[2], latent_ds, item.loss).length
     return 0
 
 
@@ -346,7 +347,7 @@ class VLMDataset:
 
 
 class InterleavedDataset:
-    """Generic interleaved sequences (our JSONL form of an official sequence plan, BAGEL.md 9.3)::
+    """Generic interleaved sequences (our JSONL form of an official sequence plan, porting reference 9.3)::
 
         {"sequence": [{"type": "text", "text": "...", "loss": 0, "enable_cfg": 1},
                       {"type": "vae_image", "image": "a.png", "loss": 1},

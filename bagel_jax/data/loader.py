@@ -1,4 +1,4 @@
-"""Deterministic, checkpointable packing iterator (official ``PackedDataset`` semantics, BAGEL.md 9.3).
+"""Deterministic, checkpointable packing iterator (official ``PackedDataset`` semantics, porting reference 9.3).
 
 One training step consumes ``accum x packs`` packed sequences (``packs`` = the process's share of the
 global ``packs_per_step``); each pack is one row of up to ``max_num_tokens`` tokens built greedily:
@@ -19,7 +19,7 @@ whole step from ``packing.choose_stream_layout`` (values on a grid of ``und_spli
 The split travels with the batch as the array ``expert_split`` ``[accum, packs, 2]`` (und, gen slots)
 and reaches the jitted step as a static argument (``bagel_jax.train.step.batch_expert_split``).
 Note: zero-padding the VAE batch to the bucket (rather than to the batch maximum as the official code
-does) changes the latents of smaller images slightly (GroupNorm sees the padding; BAGEL.md 12.20).
+does) changes the latents of smaller images slightly (GroupNorm sees the padding; porting reference 12.20).
 
 State (``get_state()``): a JSON dict of integers (draw counter, next index per group, buffer of parked
 ``(group, index)``) plus counters of skipped samples. A sample is a pure function of
@@ -39,6 +39,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from .. import layout
 from ..config import load_yaml
 from . import packing
 from .datasets import DATASET_CLASSES, DataConfigError, Dropout, SampleError, plan_to_items, sample_stats
@@ -115,7 +116,7 @@ def load_groups(data_dir: str, dcfg: DataConfig) -> dict[str, dict]:
         raise DataConfigError(f"data folder not found: {data_dir}")
     if not os.path.isfile(path):
         raise DataConfigError(f"{data_dir}: missing dataset config {dcfg.groups_file} "
-                              "(write one, or generate data with python -m bagel_jax.data.synthetic)")
+                              "(write one, or generate data with python -m bagel_jax.demo.synthetic)")
     with open(path) as f:
         groups = load_yaml(f)
     if not isinstance(groups, dict) or not groups:
@@ -267,7 +268,7 @@ class PackedIterator:
         lens = [sum(sample_stats(s, self.cfg.vit.patch_size, self.cfg.latent_downsample).tokens for s in p)
                 for p in packs]
         ds = self.cfg.latent_downsample
-        gen = [sum((it.image.shape[1] // ds) * (it.image.shape[2] // ds) for s in p for it in s
+        gen = [sum(layout.latent_tokens(it.image.shape[1], it.image.shape[2], ds) for s in p for it in s
                    if isinstance(it, packing.VaeItem)) for p in packs]
         row_len, und_tokens, gen_tokens = packing.choose_stream_layout(
             [n - g for n, g in zip(lens, gen)], gen, d.row_buckets, d.und_split_steps)

@@ -1,17 +1,11 @@
-"""Host-side packing of multimodal samples into one static-shape batch (BAGEL.md sections 6, 7, 9).
+"""Host-side packing of multimodal samples into one static-shape batch (the porting reference sections 6, 7, 9).
 
-A *sample* is a list of items (text, ViT image, VAE image). Samples are concatenated into packed
-rows; each sample gets its own segment id so samples never attend to each other. For every token we
-emit the RoPE position and the three mask vectors of :mod:`bagel_jax.nn.attention`:
-
-* text ``[<|im_start|>] + ids + [<|im_end|>]``: causal, positions ``r .. r+n+1``, ``r += n+2``;
-  CE (if ``loss``) at ``<|im_start|>`` + ids with labels ``ids + [<|im_end|>]``;
-* ViT image ``[<|vision_start|>] + patches + [<|vision_end|>]``: full block, one position, ``r += 1``;
-* VAE image, clean (conditioning): full block, one position, ``r += 1``, t = 0;
-* VAE image, noised (``loss=True``): "noise" block (invisible to every other block), one position,
-  ``r`` not advanced, MSE target.
-
-Markers are text tokens (und expert); ViT tokens use the und expert; VAE latent tokens the gen expert.
+A *sample* is a list of items (text, ViT image, VAE image, RoPE gap). Samples are concatenated into
+packed rows; each sample gets its own segment id so samples never attend to each other. Each item
+becomes one block of :mod:`bagel_jax.layout` (text; ViT image; VAE image, clean for conditioning or
+noised with ``loss=True`` as an MSE target), which gives its tokens, markers, RoPE positions, RoPE
+advance and the mask vectors of :mod:`bagel_jax.nn.attention`. CE (if ``loss``) sits at
+``<|im_start|>`` + ids of a text block with labels ``ids + [<|im_end|>]``.
 
 Static shapes: the row length ``L`` and the capacities (ViT tokens, latent tokens, VAE images and
 their padded size, CE tokens) are arguments; padding entries point at the dump index ``B*L`` (scatter
@@ -32,6 +26,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from .. import layout
 from ..config import BagelConfig
 from ..models.siglip_navit import patchify
 
@@ -65,13 +60,13 @@ class VaeItem:
 @dataclasses.dataclass
 class PositionGap:
     """No tokens; advances the sample's RoPE counter by ``n`` (an image dropped by conditional dropout
-    still consumes one position in the official trainer, BAGEL.md 9.3)."""
+    still consumes one position in the official trainer, porting reference 9.3)."""
     n: int = 1
 
 
 Item = Union[TextItem, VitItem, VaeItem, PositionGap]
 
-KIND_PAD, KIND_TEXT, KIND_VIT, KIND_VAE = 0, 1, 2, 3
+KIND_PAD, KIND_TEXT, KIND_VIT, KIND_VAE = layout.KIND_PAD, layout.KIND_TEXT, layout.KIND_VIT, layout.KIND_VAE
 
 
 @dataclasses.dataclass
@@ -157,28 +152,20 @@ def pack(rows: Sequence[Sequence[Sequence[Item]]], special: SpecialTokens, cfg: 
                 if isinstance(item, PositionGap):
                     r += int(item.n)
                     continue
+                body = None
                 if isinstance(item, TextItem):
-                    seq = [special.bos] + list(item.ids) + [special.eos]
-                    ids += seq
-                    kind += [KIND_TEXT] * len(seq)
-                    pos += list(range(r, r + len(seq)))
-                    vis += list(range(start, start + len(seq)))
-                    nblk += [0] * len(seq)
-                    seg += [s_idx] * len(seq)
+                    blk, body = layout.text_block(len(item.ids)), list(item.ids)
                     if item.loss:
                         labels = list(item.ids) + [special.eos]
                         w = 1.0 / np.sqrt(len(labels))
                         for j, lab in enumerate(labels):
                             ce.append((b, start + j, lab, w))
-                    r += len(seq)
-                    continue
-                if isinstance(item, VitItem):
+                elif isinstance(item, VitItem):
                     tokens, pids = patchify(np.asarray(item.image, np.float32), p_vit, Gv)
-                    n = tokens.shape[0]
+                    blk = layout.vit_block(item.image.shape[1], item.image.shape[2], p_vit)
                     vit_img_id += 1
-                    for j in range(n):
-                        vit.append((tokens[j], pids[j], vit_img_id, b, start + 1 + j))
-                    body_kind, block_nblk, advance = KIND_VIT, 0, 1
+                    for j in range(blk.n):
+                        vit.append((tokens[j], pids[j], vit_img_id, b, start + layout.BODY + j))
                 elif isinstance(item, VaeItem):
                     _, H, W = item.image.shape
                     if H % ds or W % ds:
@@ -187,28 +174,25 @@ def pack(rows: Sequence[Sequence[Sequence[Item]]], special: SpecialTokens, cfg: 
                     if h > Gl or w > Gl:
                         raise PackingError(f"VAE image {H}x{W} exceeds the latent position table "
                                            f"({Gl}x{Gl} tokens = {Gl * ds}px per side)")
+                    blk = layout.vae_block(H, W, ds, noised=item.loss)
                     img_idx = len(vae_imgs)
                     vae_imgs.append(np.asarray(item.image, np.float32))
                     t_raw = float(item.t_raw) if item.loss else -np.inf
                     for rr in range(h):
                         for cc in range(w):
-                            vae_tok.append((img_idx, rr, cc, rr * Gl + cc, b, start + 1 + rr * w + cc, t_raw, item.loss))
-                    n = h * w
-                    body_kind = KIND_VAE
-                    if item.loss:
-                        n_noise += 1
-                        block_nblk, advance = n_noise, 0
-                    else:
-                        block_nblk, advance = 0, 1
+                            vae_tok.append((img_idx, rr, cc, rr * Gl + cc, b, start + layout.BODY + rr * w + cc,
+                                            t_raw, item.loss))
+                    n_noise += bool(item.loss)
                 else:
                     raise PackingError(f"unknown item type {type(item).__name__}")
-                ids += [special.start_of_image] + [0] * n + [special.end_of_image]
-                kind += [KIND_TEXT] + [body_kind] * n + [KIND_TEXT]
-                pos += [r] * (n + 2)
-                vis += [start] * (n + 2)
-                nblk += [block_nblk] * (n + 2)
-                seg += [s_idx] * (n + 2)
-                r += advance
+                s_vec, v_vec, nb_vec = blk.masks(start, s_idx, n_noise if blk.kind == layout.NOISED_VAE else 0)
+                ids += blk.token_ids(special, body)
+                kind += blk.token_kinds()
+                pos += blk.positions(r)
+                seg += s_vec
+                vis += v_vec
+                nblk += nb_vec
+                r += blk.rope_advance
         toks.append((ids, kind, pos, seg, vis, nblk))
         row_lens.append(len(ids))
 

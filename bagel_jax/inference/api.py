@@ -8,35 +8,40 @@
     conv = pipe.conversation(); conv.add_image(img); conv.ask("...") ; conv.generate_image("...")
     pipe.interleave("Tell a story in pictures.", num_images=3)       # -> InterleaveResult
 
-Defaults (BAGEL.md 8.8, the official notebook): text-to-image ``cfg_text_scale=4.0, cfg_img_scale=1.0,
-cfg_interval=(0.4, 1.0), timestep_shift=3.0, num_timesteps=50, cfg_renorm_type="global",
-cfg_renorm_min=0.0``, 1024x1024; editing ``cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0),
-cfg_renorm_type="text_channel"``, output size = the VAE-resized input size; understanding and thinking
-greedy with at most 1000 fed tokens (``temperature=0.3`` when ``do_sample``).
+Image arguments default to None and are filled from :class:`~bagel_jax.inference.cfg.ImageParams`, the one
+place of their defaults (the official notebook's, porting reference 8.8): text-to-image ``ImageParams.t2i()``,
+1024x1024; editing ``ImageParams.edit()``, output size = the VAE-resized input size. Understanding and
+thinking are greedy with at most 1000 fed tokens (``temperature=0.3`` when ``do_sample``).
 
-Seeds: row ``i`` of a batched call with ``seed=s`` uses ``PRNGKey(s + i)``; the same prompt alone with
-``seed=s + i`` gives the same result (batched equals one at a time).
+Seeds: row ``i`` of a batched call with ``seed=s`` draws its initial noise from ``PRNGKey(s + i)`` and samples
+text from ``fold_in(PRNGKey(s + i), TEXT_STREAM)`` (:mod:`bagel_jax.inference.conversation`); the same
+prompt alone with ``seed=s + i`` gives the same result (batched equals one at a time).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from .. import layout
 from ..data.images import INFERENCE_VAE, INFERENCE_VIT, ImageTransform
 from . import progress as _progress
+from .cfg import ImageParams
 from .context import (Context, ContextError, Engine, GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT)
+from .conversation import (DEFAULT_MAX_TEXT, Conversation, InterleaveResult, as_list, interleave, noise_keys,
+                           sampling, text_keys)
 from .decode import SamplingParams, generate_text
-from .sampler import ImageParams, generate_images
+from .sampler import generate_images
+
+__all__ = ["load", "folder_defaults", "Pipeline", "ImageResult", "Conversation", "InterleaveResult", "ImageParams"]
 
 DEFAULT_IMAGE_SIZE = (1024, 1024)
-DEFAULT_MAX_TEXT = 1000
 
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
 
@@ -130,43 +135,6 @@ class ImageResult:
         return self.images[0]
 
 
-@dataclasses.dataclass
-class InterleaveResult:
-    """Ordered output of :meth:`Pipeline.interleave`: ``items`` are ``("text", str)`` / ``("image", PIL)``.
-    ``error`` is set (and ``items`` holds everything produced before it) when generation failed midway."""
-
-    items: list
-    error: Optional[BaseException] = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    @property
-    def texts(self) -> list:
-        return [v for k, v in self.items if k == "text"]
-
-    @property
-    def images(self) -> list:
-        return [v for k, v in self.items if k == "image"]
-
-
-def _as_list(x) -> list:
-    if x is None:
-        return []
-    if isinstance(x, (list, tuple)):
-        return list(x)
-    return [x]
-
-
-def _keys(seed: int, n: int) -> list:
-    return [jax.random.PRNGKey(int(seed) + i) for i in range(n)]
-
-
-def _sampling(do_sample, temperature, top_k, top_p) -> SamplingParams:
-    return SamplingParams(bool(do_sample), float(temperature), int(top_k), float(top_p)).validate()
-
-
 class Pipeline:
     """Every way of using BAGEL on one loaded model. All calls are functional (contexts are immutable)."""
 
@@ -177,12 +145,10 @@ class Pipeline:
     def _precheck(self, texts: Sequence[str], pre: Sequence[dict], extra: int, what: str) -> None:
         """Raise :class:`ContextError` before any compute if a request cannot fit in the context limit."""
         eng, cfg = self.engine, self.engine.cfg
-        n = sum(len(eng.tok.encode(t)) + 2 for t in texts) + int(extra)
+        n = sum(layout.text_block(len(eng.tok.encode(t))).length for t in texts) + int(extra)
         for q in pre:
-            if "vae" in q:
-                n += (q["hw"][0] // cfg.latent_downsample) * (q["hw"][1] // cfg.latent_downsample) + 2
-            if "vit" in q:
-                n += (q["vit"].shape[1] // cfg.vit.patch_size) * (q["vit"].shape[2] // cfg.vit.patch_size) + 2
+            n += sum(b.length for b in layout.image_blocks(cfg, q["hw"] if "vae" in q else None,
+                                                           q["vit"].shape[1:] if "vit" in q else None))
         if n > eng.max_context:
             raise ContextError(f"context too long for {what}: {n} tokens needed (inputs + generation), limit "
                                f"{eng.max_context}")
@@ -212,15 +178,15 @@ class Pipeline:
         if not questions:
             raise ValueError("understand: no question given")
         if batched:
-            per_row = [_as_list(x) for x in (images if images is not None else [None] * len(questions))]
+            per_row = [as_list(x) for x in (images if images is not None else [None] * len(questions))]
             if len(per_row) != len(questions):
                 raise ValueError(f"understand: {len(per_row)} image entries for {len(questions)} questions")
         else:
-            per_row = [_as_list(images)]
+            per_row = [as_list(images)]
         n_img = {len(r) for r in per_row}
         if len(n_img) != 1:
             raise ValueError("understand: in a batch every question needs the same number of images")
-        sampling = _sampling(do_sample, temperature, top_k, top_p)
+        sp = sampling(do_sample, temperature, top_k, top_p)
         B = len(questions)
         # preprocess everything first: bad images fail before any compute
         pre = [[self.engine.preprocess(im, vae=False, vit=True) for im in r] for r in per_row]
@@ -233,39 +199,34 @@ class Pipeline:
             ctx = ctx.add_image(None, vae=False, vit=True, preprocessed=[pre[b][j] for b in range(B)])
         ctx = ctx.add_text(questions)
         with _progress.bar("tokens", max_new_tokens, "decoding", progress):
-            r = generate_text(ctx, max_new_tokens, sampling, _keys(seed, B), progress=progress)
+            r = generate_text(ctx, max_new_tokens, sp, text_keys(seed, B), progress=progress)
             jax.effects_barrier()
         return r.texts if batched else r.texts[0]
 
     # -- image generation ---------------------------------------------------------------------------------
-    def _image_params(self, edit: bool, **kw) -> ImageParams:
-        kw = {k: v for k, v in kw.items() if v is not None}
-        if "cfg_interval" in kw:
-            kw["cfg_interval"] = tuple(float(x) for x in kw["cfg_interval"])
-        return (ImageParams.edit(**kw) if edit else ImageParams.t2i(**kw)).validate()
-
     def _sample(self, ctx: Context, hw, ip: ImageParams, seed: int, progress: bool, noise=None) -> ImageResult:
         B = ctx.batch
         with _progress.bar("steps", ip.num_timesteps - 1, "denoising", progress):
-            out = generate_images(ctx, hw, ip, keys=_keys(seed, B), noise=noise, progress=progress)
+            out = generate_images(ctx, hw, ip, keys=noise_keys(seed, B), noise=noise, progress=progress)
             jax.effects_barrier()
         arr = out["image"]
         return ImageResult([Image.fromarray(a) for a in arr], None, arr)
 
-    def _think(self, ctx: Context, max_think_tokens: int, sampling: SamplingParams, seed: int, progress: bool):
+    def _think(self, ctx: Context, max_think_tokens: int, sp: SamplingParams, seed: int, progress: bool):
+        """Thinking text from ``ctx`` (text stream of ``seed``) -> (ctx with it added, texts)."""
         with _progress.bar("tokens", max_think_tokens, "thinking", progress):
-            r = generate_text(ctx, max_think_tokens, sampling, _keys(seed, ctx.batch), progress=progress)
+            r = generate_text(ctx, max_think_tokens, sp, text_keys(seed, ctx.batch), progress=progress)
             jax.effects_barrier()
         return ctx.add_generated_text(r.texts), r.texts
 
     def generate_image(self, prompt: Union[str, Sequence[str]], think: bool = False,
-                       image_size: Optional[Sequence[int]] = None, cfg_text_scale: float = 4.0,
-                       cfg_img_scale: float = 1.0, cfg_interval=(0.4, 1.0), timestep_shift: float = 3.0,
-                       num_timesteps: int = 50, cfg_renorm_min: float = 0.0, cfg_renorm_type: str = "global",
-                       seed: int = 0, max_think_tokens: int = DEFAULT_MAX_TEXT, do_sample: bool = False,
+                       image_size: Optional[Sequence[int]] = None, cfg_text_scale: Optional[float] = None,
+                       cfg_img_scale: Optional[float] = None, cfg_interval=None, timestep_shift: Optional[float] = None,
+                       num_timesteps: Optional[int] = None, cfg_renorm_min: Optional[float] = None,
+                       cfg_renorm_type: Optional[str] = None, cfg_mode: Optional[str] = None, seed: int = 0, max_think_tokens: int = DEFAULT_MAX_TEXT, do_sample: bool = False,
                        temperature: float = 0.3, top_k: int = 0, top_p: float = 1.0,
                        progress: bool = False) -> ImageResult:
-        """Text-to-image (official recipe, BAGEL.md 8.7). ``prompt`` may be a list: one compiled program
+        """Text-to-image (official recipe, porting reference 8.7). ``prompt`` may be a list: one compiled program
         generates all of them (same ``image_size``).
 
         Args:
@@ -273,17 +234,18 @@ class Pipeline:
             768x1024, 1024x768, 576x1024, 1024x576).
           think: official GEN think system prompt, then thinking text (greedy unless ``do_sample``; at most
             ``max_think_tokens`` fed tokens) re-encoded into the conditional context before the image.
-          The CFG / schedule arguments are those of BAGEL.md 8.5 (notebook defaults).
+          The CFG / schedule arguments are the fields of :class:`~bagel_jax.inference.cfg.ImageParams` (the
+          porting reference 8.5); None takes ``ImageParams.t2i()``'s value (the notebook's).
         """
         prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("generate_image: prompt must be a string or a non-empty list of strings")
-        ip = self._image_params(False, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale,
-                                cfg_interval=cfg_interval, timestep_shift=timestep_shift, num_timesteps=num_timesteps,
-                                cfg_renorm_min=cfg_renorm_min, cfg_renorm_type=cfg_renorm_type)
+        ip = ImageParams.fill(False, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale,
+                              cfg_interval=cfg_interval, timestep_shift=timestep_shift, num_timesteps=num_timesteps,
+                              cfg_renorm_min=cfg_renorm_min, cfg_renorm_type=cfg_renorm_type, cfg_mode=cfg_mode)
         hw = self.engine.check_output_size(image_size or self.default_image_size)
-        sampling = _sampling(do_sample, temperature, top_k, top_p)
-        n_img = (hw[0] // self.engine.cfg.latent_downsample) * (hw[1] // self.engine.cfg.latent_downsample) + 2
+        sp = sampling(do_sample, temperature, top_k, top_p)
+        n_img = layout.vae_block(*hw, self.engine.cfg.latent_downsample, noised=True).length   # the generated image
         for p in prompts:
             self._precheck(([GEN_THINK_SYSTEM_PROMPT] if think else []) + [p], [],
                            n_img + (max_think_tokens if think else 0), "generate_image")
@@ -293,35 +255,37 @@ class Pipeline:
         ctx = ctx.add_text(prompts)
         thinking = None
         if think:
-            ctx, thinking = self._think(ctx, max_think_tokens, sampling, seed, progress)
+            ctx, thinking = self._think(ctx, max_think_tokens, sp, seed, progress)
         res = self._sample(ctx, hw, ip, seed, progress)
         res.thinking = thinking
         return res
 
     def edit_image(self, image, instruction: Union[str, Sequence[str]], think: bool = False,
-                   cfg_text_scale: float = 4.0, cfg_img_scale: float = 2.0, cfg_interval=(0.0, 1.0),
-                   timestep_shift: float = 3.0, num_timesteps: int = 50, cfg_renorm_min: float = 0.0,
-                   cfg_renorm_type: str = "text_channel", seed: int = 0, max_think_tokens: int = DEFAULT_MAX_TEXT,
+                   cfg_text_scale: Optional[float] = None, cfg_img_scale: Optional[float] = None, cfg_interval=None,
+                   timestep_shift: Optional[float] = None, num_timesteps: Optional[int] = None,
+                   cfg_renorm_min: Optional[float] = None, cfg_renorm_type: Optional[str] = None,
+                   cfg_mode: Optional[str] = None, seed: int = 0, max_think_tokens: int = DEFAULT_MAX_TEXT,
                    do_sample: bool = False, temperature: float = 0.3, top_k: int = 0, top_p: float = 1.0,
                    progress: bool = False) -> ImageResult:
         """Image editing (official recipe: [SYS], I_vae, I_vit, instruction [, THINK]); output size = the
         VAE-resized input size. ``image`` / ``instruction`` may be lists of equal length (batch; all
-        images must resize to the same size)."""
+        images must resize to the same size). Image arguments: as :meth:`generate_image`, None takes
+        ``ImageParams.edit()``'s value."""
         batched = isinstance(instruction, (list, tuple))
         instrs = list(instruction) if batched else [instruction]
         imgs = list(image) if batched and isinstance(image, (list, tuple)) else [image] * len(instrs)
         if len(imgs) != len(instrs):
             raise ValueError(f"edit_image: {len(imgs)} images for {len(instrs)} instructions")
-        ip = self._image_params(True, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale,
-                                cfg_interval=cfg_interval, timestep_shift=timestep_shift, num_timesteps=num_timesteps,
-                                cfg_renorm_min=cfg_renorm_min, cfg_renorm_type=cfg_renorm_type)
-        sampling = _sampling(do_sample, temperature, top_k, top_p)
+        ip = ImageParams.fill(True, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale,
+                              cfg_interval=cfg_interval, timestep_shift=timestep_shift, num_timesteps=num_timesteps,
+                              cfg_renorm_min=cfg_renorm_min, cfg_renorm_type=cfg_renorm_type, cfg_mode=cfg_mode)
+        sp = sampling(do_sample, temperature, top_k, top_p)
         pre = [self.engine.preprocess(im, vae=True, vit=True) for im in imgs]
         sizes = {p["hw"] for p in pre}
         if len(sizes) != 1:
             raise ValueError(f"edit_image: in a batch all images must resize to one size, got {sorted(sizes)}")
         hw = next(iter(sizes))
-        n_img = (hw[0] // self.engine.cfg.latent_downsample) * (hw[1] // self.engine.cfg.latent_downsample) + 2
+        n_img = layout.vae_block(*hw, self.engine.cfg.latent_downsample, noised=True).length   # the generated image
         for q, t in zip(pre, instrs):
             self._precheck(([GEN_THINK_SYSTEM_PROMPT] if think else []) + [t], [q],
                            n_img + (max_think_tokens if think else 0), "edit_image")
@@ -332,7 +296,7 @@ class Pipeline:
         ctx = ctx.add_text(instrs)
         thinking = None
         if think:
-            ctx, thinking = self._think(ctx, max_think_tokens, sampling, seed, progress)
+            ctx, thinking = self._think(ctx, max_think_tokens, sp, seed, progress)
         res = self._sample(ctx, sizes.pop(), ip, seed, progress)
         res.thinking = thinking
         return res
@@ -343,10 +307,12 @@ class Pipeline:
         system prompt at the start. ``defaults`` override the per-call defaults of its methods."""
         return Conversation(self, think, seed, defaults)
 
+
     # -- interleaved generation ---------------------------------------------------------------------------
     def interleave(self, inputs, mode: str = "model", num_images: int = 1, image_size=None,
                    max_text_length: int = 500, max_interleaved_blocks: int = 8, think: bool = False,
-                   seed: int = 0, progress: bool = False, **kw) -> InterleaveResult:
+                   max_think_tokens: Optional[int] = None, seed: int = 0, progress: bool = False,
+                   **kw) -> InterleaveResult:
         """Interleaved text and image generation (issue 3 item 6). Never raises for a failure midway:
         everything produced so far is returned with the error.
 
@@ -357,161 +323,10 @@ class Pipeline:
                            block, or ``max_interleaved_blocks`` blocks (text or image);
                 "explicit" every ``<|vision_start|>`` marker in the prompt strings gets an image at that point;
                 "auto"     ``num_images`` rounds of text -> image, then a closing text.
-          think: thinking text before each image (official GEN think system prompt at the start).
+          think: thinking text (at most ``max_think_tokens`` fed tokens, default 1000) before each image,
+            official GEN think system prompt at the start; it is an item ``("think", str)`` before its image.
           kw: image / text hyperparameters (as :meth:`generate_image`; editing defaults are used when the
             context holds an input image, text-to-image defaults otherwise).
         """
-        if mode not in ("model", "explicit", "auto"):
-            raise ValueError(f"interleave: mode must be 'model', 'explicit' or 'auto', got {mode!r}")
-        conv = Conversation(self, "gen" if think else None, seed,
-                            dict(kw, image_size=image_size or self.default_image_size))
-        items = []
-        try:
-            parts = _as_list(inputs) if not isinstance(inputs, str) else [inputs]
-            marker = "<|vision_start|>"
-            for p in parts:
-                if isinstance(p, str):
-                    if mode == "explicit" and marker in p:
-                        continue
-                    conv.say(p)
-                else:
-                    conv.add_image(p)
-            if mode == "explicit":
-                for p in parts:
-                    if not (isinstance(p, str) and marker in p):
-                        continue
-                    segs = p.split(marker)
-                    for j, seg in enumerate(segs):
-                        if seg.strip():
-                            conv.say(seg)
-                            items.append(("text", seg))
-                        if j < len(segs) - 1:
-                            img = conv.generate_image(None, think=think, progress=progress)
-                            items.append(("image", img))
-            elif mode == "auto":
-                if num_images < 0:
-                    raise ValueError(f"num_images must be >= 0, got {num_images}")
-                for _ in range(num_images):
-                    text = conv.reply(max_new_tokens=max_text_length, progress=progress)
-                    if text:
-                        items.append(("text", text))
-                    items.append(("image", conv.generate_image(None, think=think, progress=progress)))
-                text = conv.reply(max_new_tokens=max_text_length, progress=progress)
-                if text:
-                    items.append(("text", text))
-            else:
-                sp = self.engine.sp
-                for _ in range(max_interleaved_blocks):
-                    text, stop = conv.reply(max_new_tokens=max_text_length, progress=progress,
-                                            stop_tokens=[sp.eos, sp.start_of_image], return_stop=True)
-                    if text:
-                        items.append(("text", text))
-                    if stop != sp.start_of_image or len(items) >= max_interleaved_blocks:
-                        break
-                    items.append(("image", conv.generate_image(None, think=think, progress=progress)))
-                    if len(items) >= max_interleaved_blocks:
-                        break
-        except Exception as e:  # nothing lost: return what was produced
-            return InterleaveResult(items, e)
-        return InterleaveResult(items, None)
-
-
-class Conversation:
-    """A stateful wrapper over an immutable :class:`Context` (batch 1): each call adds to the context and
-    only the new tokens are computed. ``history`` lists ``(role, "text"|"image", value)`` in order."""
-
-    def __init__(self, pipe: Pipeline, think: Optional[str] = None, seed: int = 0, defaults: Optional[dict] = None):
-        self.pipe = pipe
-        self.seed = int(seed)
-        self.defaults = dict(defaults or {})
-        self._calls = 0
-        self.ctx = Context.new(pipe.engine, 1, seed=seed)
-        self.has_input_image = False
-        self.history: list = []
-        if think not in (None, "gen", "vlm"):
-            raise ValueError(f"think must be None, 'gen' or 'vlm', got {think!r}")
-        if think:
-            sysp = GEN_THINK_SYSTEM_PROMPT if think == "gen" else VLM_THINK_SYSTEM_PROMPT
-            self.ctx = self.ctx.add_text(sysp, role="system")
-            self.history.append(("system", "text", sysp))
-
-    def _seed(self) -> int:
-        self._calls += 1
-        return self.seed + 1000 * self._calls
-
-    def _d(self, name, value, default):
-        return value if value is not None else self.defaults.get(name, default)
-
-    def say(self, text: str) -> "Conversation":
-        """Add a user text segment (no generation)."""
-        self.ctx = self.ctx.add_text(text, role="user")
-        self.history.append(("user", "text", text))
-        return self
-
-    def add_image(self, image) -> "Conversation":
-        """Add a user image (VAE + ViT blocks, so it can be both understood and edited)."""
-        self.ctx = self.ctx.add_image(image, role="user")
-        self.has_input_image = True
-        self.history.append(("user", "image", self.ctx.history[-1][2][0]))
-        return self
-
-    def reply(self, max_new_tokens: Optional[int] = None, do_sample: Optional[bool] = None,
-              temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
-              stop_tokens=None, return_stop: bool = False, progress: bool = False):
-        """Generate the model's text reply from the current context and add it to the context."""
-        n = int(self._d("max_new_tokens", max_new_tokens, DEFAULT_MAX_TEXT))
-        sampling = _sampling(self._d("do_sample", do_sample, False), self._d("temperature", temperature, 0.3),
-                             self._d("top_k", top_k, 0), self._d("top_p", top_p, 1.0))
-        with _progress.bar("tokens", n, "decoding", progress):
-            r = generate_text(self.ctx, n, sampling, _keys(self._seed(), 1), stop_tokens=stop_tokens,
-                              progress=progress)
-            jax.effects_barrier()
-        text = r.texts[0]
-        if text:
-            self.ctx = self.ctx.add_text(text, role="assistant")
-            self.history.append(("assistant", "text", text))
-        return (text, r.stop[0]) if return_stop else text
-
-    def ask(self, question: str, **kw) -> str:
-        """Add a question and return the reply."""
-        self.say(question)
-        return self.reply(**kw)
-
-    def generate_image(self, prompt: Optional[str] = None, think: bool = False, image_size=None,
-                       progress: bool = False, **kw) -> Image.Image:
-        """Add ``prompt`` (if given) and generate an image from the whole conversation; the image is then
-        added to the context (VAE + ViT) so later turns can refer to / edit it. Editing defaults
-        (image CFG on) are used when the conversation holds an input image, text-to-image defaults otherwise."""
-        if prompt is not None:
-            self.say(prompt)
-        edit = self.has_input_image
-        kw = {k: kw.get(k, self.defaults.get(k)) for k in ("cfg_text_scale", "cfg_img_scale", "cfg_interval",
-                                                          "timestep_shift", "num_timesteps", "cfg_renorm_min",
-                                                          "cfg_renorm_type")}
-        ip = self.pipe._image_params(edit, **kw)
-        if image_size is None:
-            image_size = self.defaults.get("image_size")
-        if image_size is None:
-            image_size = self.ctx.image_hw[0] if (edit and self.ctx.image_hw) else self.pipe.default_image_size
-        hw = self.pipe.engine.check_output_size(image_size)
-        seed = self._seed()
-        ctx = self.ctx
-        if think:
-            n = int(self.defaults.get("max_think_tokens", DEFAULT_MAX_TEXT))
-            with _progress.bar("tokens", n, "thinking", progress):
-                r = generate_text(ctx, n, _sampling(self.defaults.get("do_sample", False),
-                                                    self.defaults.get("temperature", 0.3), 0, 1.0),
-                                  _keys(seed, 1), progress=progress)
-                jax.effects_barrier()
-            ctx = ctx.add_generated_text(r.texts[0])
-            self.history.append(("assistant", "think", r.texts[0]))
-        res = self.pipe._sample(ctx, hw, ip, seed, progress)
-        img = res.image
-        self.ctx = ctx.add_image(img, role="assistant")
-        self.history.append(("assistant", "image", img))
-        return img
-
-    def edit(self, instruction: str, **kw) -> Image.Image:
-        """Edit the latest image with ``instruction`` (editing defaults)."""
-        self.has_input_image = True
-        return self.generate_image(instruction, **kw)
+        return interleave(self, inputs, mode, num_images, image_size, max_text_length, max_interleaved_blocks,
+                          think, max_think_tokens, seed, progress, **kw)

@@ -1,13 +1,10 @@
-"""Building blocks of inference: one jitted function per kind of chunk (BAGEL.md 6.2-6.4, 7.3, 8.2-8.5).
+"""Building blocks of inference: one jitted function per kind of chunk (porting reference 6.2-6.4, 7.3, 8.2-8.5).
 
 Each function runs one block (text, ViT image, clean VAE image, or a flow query) against a
-:class:`~bagel_jax.inference.kv_cache.KVCache`. Chunk layouts (physical order does not matter for
-attention, see :mod:`bagel_jax.nn.attention`):
-
-* text: ``[<|im_start|>, ids..., <|im_end|>]``, positions ``rope .. rope+n+1``, causal, und expert;
-* ViT image: ``[<|vision_start|>, vit tokens..., <|vision_end|>]``, one position, full, und expert;
-* VAE image / flow query: ``[<|vision_start|>, <|vision_end|>, latents...]`` (markers first so the
-  two experts run on static slices: ``Routing.split(2)``), one position, full.
+:class:`~bagel_jax.inference.kv_cache.KVCache`. The blocks, their markers, positions and attention
+follow :mod:`bagel_jax.layout`; text and ViT chunks keep the logical order ``[start, body..., end]``,
+latent chunks (VAE image, flow query) put the markers first, ``[start, end, latents...]``
+(``layout.LATENT_CHUNK_BODY``), so the two experts run on static slices.
 
 All functions take a batch of rows; ``q_len`` gives each row's number of real tokens.
 """
@@ -19,6 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from .. import layout
 from ..models import flux_vae
 from ..models.bagel import Bagel, patchify_latents
 from ..models.qwen2_mot import Routing
@@ -50,10 +48,10 @@ def vit_chunk(model: Bagel, params, cache: KVCache, patches, vit_pos, n_tokens, 
     # [start, tokens (padded), end]; the end marker is moved right after the last real token.
     x = jnp.concatenate([jnp.broadcast_to(mk[0], (B, 1, mk.shape[-1])), emb.astype(mk.dtype),
                          jnp.zeros((B, 1, mk.shape[-1]), mk.dtype)], axis=1)
-    end_at = n_tokens + 1
+    end_at = layout.end_marker_at(n_tokens)
     x = jax.vmap(lambda xr, e: xr.at[e].set(mk[1]))(x, end_at)
-    positions = jnp.broadcast_to(rope[:, None], (B, N + 2))
-    return forward_chunk(model, params, cache, x, positions, n_tokens + 2, False, Routing.und(), True,
+    positions = jnp.broadcast_to(rope[:, None], (B, layout.block_len(N)))
+    return forward_chunk(model, params, cache, x, positions, layout.block_len(n_tokens), False, Routing.und(), True,
                          return_hidden=return_hidden)
 
 
@@ -64,7 +62,7 @@ def _latent_chunk(model: Bagel, params, x_t, t, lat_pos, rope, markers):
                       method=Bagel.embed_latents)
     mk = model.apply({"params": params}, markers, method=Bagel.embed_text)
     x = jnp.concatenate([jnp.broadcast_to(mk[None], (B, 2, mk.shape[-1])), emb.astype(mk.dtype)], axis=1)
-    positions = jnp.broadcast_to(rope[:, None], (B, N + 2))
+    positions = jnp.broadcast_to(rope[:, None], (B, layout.block_len(N)))
     return x, positions
 
 
@@ -111,5 +109,6 @@ def latent_prefill(model: Bagel, params, cache: KVCache, x0, lat_pos, n_tokens, 
     """Prefill clean latent tokens ``x0 [B, N, p*p*C]`` (t = 0, padded per row to N) as a full-attention
     image block ``[start, end, latents...]``. Returns ``(h, cache)``."""
     x, positions = _latent_chunk(model, params, x0, jnp.zeros(x0.shape[:1]), lat_pos, rope, markers)
-    h, cache, _ = forward_chunk(model, params, cache, x, positions, n_tokens + 2, False, Routing.split(2), True)
+    h, cache, _ = forward_chunk(model, params, cache, x, positions, layout.block_len(n_tokens), False,
+                                Routing.split(layout.LATENT_CHUNK_BODY), True)
     return h, cache

@@ -1,19 +1,42 @@
-"""Classifier-free guidance combination of flow velocities (BAGEL.md 8.5, step 6)."""
+"""Classifier-free guidance as data (the porting reference, sections 8.1, 8.5 step 6, 8.7, 8.8).
+
+Everything about CFG lives here:
+
+* :data:`BRANCH_RULES`: the named guidance branches a context keeps beside ``gen`` (the conditional one),
+  and how each follows a context event. :class:`~bagel_jax.inference.context.Context` applies them.
+* :class:`ImageParams`: the sampling hyperparameters and their only defaults (``cfg_mode`` names the mode).
+* :data:`CFG_MODES`: a mode says which branches it needs for given params and how their velocities combine.
+* :func:`make_plan` -> :class:`CfgPlan`: the branches one sampling call runs (equal branches once) and
+  the combination; the sampler (:mod:`bagel_jax.inference.sampler`) just follows the plan.
+
+A new mode is one :class:`CfgMode` in :data:`CFG_MODES` (and a new branch, if it needs one, one row of
+:data:`BRANCH_RULES`); nothing else changes.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 
 RENORM_TYPES = ("global", "channel", "text_channel")
 
+# Guidance branches by name, and what each does on a context event (porting reference 8.7):
+#   events: "text" (a user or system text), "think" (generated thinking text), "image" (an input image);
+#   actions: "keep" (unchanged), "extend" (gets the event's tokens too), "gen_before" / "gen_after"
+#   (becomes a snapshot of gen taken before / after the event).
+BRANCH_RULES: dict[str, dict[str, str]] = {
+    "cfg_text": {"text": "gen_before", "think": "keep", "image": "gen_after"},   # all but the last text
+    "cfg_img": {"text": "extend", "think": "keep", "image": "keep"},             # no image, no thinking
+}
+
 
 def combine_cfg(v: jax.Array, v_text: jax.Array, v_img: Optional[jax.Array], text_scale, img_scale,
                 renorm_type: str = "global", renorm_min: float = 0.0,
                 token_mask: Optional[jax.Array] = None) -> jax.Array:
-    """Combine conditional / text-unconditional / image-unconditional velocities.
+    """Combine conditional / text-unconditional / image-unconditional velocities (official text + image CFG).
 
     Args:
       v, v_text, v_img: ``[batch, tokens, C]`` (``v_img`` may be None when image CFG is off).
@@ -52,6 +75,134 @@ def combine_cfg(v: jax.Array, v_text: jax.Array, v_img: Optional[jax.Array], tex
         r = jnp.clip(norm(v, per_token) / (norm(w, per_token) + 1e-8), renorm_min, 1.0)
         out = w * r
     return jnp.where(st > 1.0, out, v)
+
+
+@dataclasses.dataclass(frozen=True)
+class CfgMode:
+    """A guidance mode.
+
+    ``needs(params)``: the guidance branches (names of :data:`BRANCH_RULES`) used with these params;
+    ``()`` samples unguided. ``combine(v, text_scale, img_scale, renorm_type, renorm_min)``: ``v`` maps
+    ``"gen"`` and every needed name to its velocity ``[B, N, C]`` float32; the scales are the active ones
+    of the step (1.0 outside ``cfg_interval``); returns the guided velocity ``[B, N, C]``.
+    """
+
+    needs: Callable[["ImageParams"], tuple]
+    combine: Callable[..., jax.Array]
+
+
+def _text_img_needs(p: "ImageParams") -> tuple:
+    if p.cfg_text_scale <= 1.0:          # image CFG only acts with text CFG (official)
+        return ()
+    return ("cfg_text",) if p.cfg_img_scale <= 1.0 else ("cfg_text", "cfg_img")
+
+
+def _text_img_combine(v: Mapping[str, jax.Array], st, si, renorm_type: str, renorm_min) -> jax.Array:
+    return combine_cfg(v["gen"], v["cfg_text"], v.get("cfg_img"), st, si, renorm_type, renorm_min)
+
+
+# "text_img": the official guidance (text CFG, then image CFG on top of it; porting reference 8.5 step 6).
+CFG_MODES: dict[str, CfgMode] = {"text_img": CfgMode(_text_img_needs, _text_img_combine)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageParams:
+    """Image sampling hyperparameters: the one place their defaults live. Defaults: the official
+    notebook's text-to-image settings (porting reference 8.8); :meth:`edit` gives its editing settings."""
+
+    cfg_text_scale: float = 4.0
+    cfg_img_scale: float = 1.0
+    cfg_interval: tuple = (0.4, 1.0)
+    timestep_shift: float = 3.0
+    num_timesteps: int = 50
+    cfg_renorm_min: float = 0.0
+    cfg_renorm_type: str = "global"
+    cfg_mode: str = "text_img"
+
+    @staticmethod
+    def t2i(**kw) -> "ImageParams":
+        return ImageParams(**kw)
+
+    @staticmethod
+    def edit(**kw) -> "ImageParams":
+        d = dict(cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel")
+        d.update(kw)
+        return ImageParams(**d)
+
+    @staticmethod
+    def fill(edit: bool, **kw) -> "ImageParams":
+        """The t2i or edit defaults with every non-None ``kw`` over them (API arguments default to None)."""
+        kw = {k: v for k, v in kw.items() if v is not None}
+        if "cfg_interval" in kw:
+            kw["cfg_interval"] = tuple(float(x) for x in kw["cfg_interval"])
+        return (ImageParams.edit(**kw) if edit else ImageParams.t2i(**kw)).validate()
+
+    def validate(self) -> "ImageParams":
+        if self.cfg_renorm_type not in RENORM_TYPES:
+            raise ValueError(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {self.cfg_renorm_type!r}")
+        if self.cfg_mode not in CFG_MODES:
+            raise ValueError(f"cfg_mode must be one of {sorted(CFG_MODES)}, got {self.cfg_mode!r}")
+        if int(self.num_timesteps) < 2:
+            raise ValueError(f"num_timesteps must be >= 2 (N gives N-1 model evaluations), got {self.num_timesteps}")
+        lo, hi = self.cfg_interval
+        if not lo <= hi:
+            raise ValueError(f"cfg_interval must be [lo, hi] with lo <= hi, got {self.cfg_interval}")
+        if not self.timestep_shift > 0:
+            raise ValueError(f"timestep_shift must be > 0, got {self.timestep_shift}")
+        if not 0.0 <= self.cfg_renorm_min <= 1.0:
+            raise ValueError(f"cfg_renorm_min must be in [0, 1], got {self.cfg_renorm_min}")
+        return self
+
+
+IMAGE_PARAM_NAMES = tuple(f.name for f in dataclasses.fields(ImageParams))
+
+
+@dataclasses.dataclass(frozen=True)
+class CfgPlan:
+    """What one sampling call runs (hashable: a static argument of the compiled sampler).
+
+    ``names``: ``"gen"`` then the guidance branches the mode reads; ``rows[i]``: the block of the stacked
+    batch (``[rows | rows | ...]``, one block of ``B`` rows per distinct branch) that gives ``names[i]``
+    (branches that are the same object are computed once); ``combine``: the mode's combination.
+    """
+
+    names: tuple
+    rows: tuple
+    combine: Callable[..., jax.Array]
+    renorm_type: str
+
+    @property
+    def n_rows(self) -> int:
+        return max(self.rows) + 1
+
+    @property
+    def guided(self) -> bool:
+        return len(self.names) > 1
+
+    def velocity(self, vs: jax.Array, text_scale, img_scale, renorm_min) -> jax.Array:
+        """``vs [n_rows, B, N, C]`` (the stacked velocities) -> the guided velocity ``[B, N, C]``."""
+        v = {name: vs[r] for name, r in zip(self.names, self.rows)}
+        return self.combine(v, text_scale, img_scale, self.renorm_type, renorm_min)
+
+
+def make_plan(params: ImageParams, branches: Mapping[str, object]) -> tuple[CfgPlan, list]:
+    """The plan for ``params`` over a context's ``branches`` (``"gen"`` and the guidance branches by name)
+    and the distinct branches to stack, in row-block order. A context that keeps no guidance branches
+    (understanding contexts) samples unguided."""
+    mode = CFG_MODES[params.validate().cfg_mode]
+    needs = tuple(mode.needs(params)) if len(branches) > 1 else ()
+    missing = [n for n in needs if branches.get(n) is None]
+    if missing:
+        raise ValueError(f"cfg_mode {params.cfg_mode!r} needs the branches {missing}, which the context lacks "
+                         f"(it has {sorted(n for n, b in branches.items() if b is not None)})")
+    distinct, rows = [], []
+    for name in ("gen",) + needs:
+        b = branches[name]
+        i = next((k for k, d in enumerate(distinct) if d is b), len(distinct))
+        if i == len(distinct):
+            distinct.append(b)
+        rows.append(i)
+    return CfgPlan(("gen",) + needs, tuple(rows), mode.combine, params.cfg_renorm_type), distinct
 
 
 def shifted_schedule(num_timesteps: int, shift: float) -> jax.Array:

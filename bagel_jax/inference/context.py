@@ -1,11 +1,11 @@
-"""Immutable inference contexts (BAGEL.md 8.1-8.3, 8.7).
+"""Immutable inference contexts (porting reference 8.1-8.3, 8.7).
 
-A :class:`Context` holds a batch of conversations. For image generation it keeps the three branches of
-the official inferencer, each a :class:`Branch` (KV cache + per-row length and RoPE counter):
-
-* ``gen``      everything (full conditioning);
-* ``cfg_text`` a snapshot of ``gen`` taken just before each text input, refreshed after each image;
-* ``cfg_img``  the system prompt and every text input, but no image and no generated (thinking) text.
+A :class:`Context` holds a batch of conversations. Its conditional branch ``gen`` holds everything; for
+image generation it also keeps the named guidance branches of :data:`bagel_jax.inference.cfg.BRANCH_RULES`
+(official: ``cfg_text``, a snapshot of ``gen`` taken just before each text input and refreshed after each
+image; ``cfg_img``, the system prompt and every text input but no image and no thinking text). Each
+branch is a :class:`Branch` (KV cache + per-row length and RoPE counter); the rules, not this module,
+say how a branch follows each ``add_*``.
 
 Every ``add_*`` returns a new Context and costs only the new tokens: history is never re-encoded.
 Branches that are equal share the same object (plain text-to-image: ``cfg_img is gen``), which the
@@ -26,17 +26,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import layout
 from .. import sharding as shd
 from ..data.images import INFERENCE_VAE, INFERENCE_VIT, ImageError, ImageTransform, load_image
 from ..loading import BagelModel
 from ..models.siglip_navit import patchify
 from . import blocks
+from .cfg import BRANCH_RULES
 from .kv_cache import KVCache
 
 CACHE_MIN = 256
@@ -91,7 +93,7 @@ class Engine:
 
     Args:
       bm: the loaded model (:func:`bagel_jax.loading.load_model`).
-      vae_transform / vit_transform: image resize rules (official inference defaults, BAGEL.md 6.6).
+      vae_transform / vit_transform: image resize rules (official inference defaults, porting reference 6.6).
       max_context: most KV slots a row may hold (default ``max_position_embeddings``).
       cache_dtype: dtype of KV caches (default: the model's compute dtype).
       mesh: the ``jax.sharding.Mesh`` to run on (default: the mesh of the params' ``NamedSharding`` if
@@ -117,7 +119,7 @@ class Engine:
         self.vae_transform = vae_transform
         self.vit_transform = vit_transform
         self.max_context = int(max_context or self.cfg.llm.max_position_embeddings)
-        self.cache_dtype = cache_dtype or bm.model.dtype
+        self.cache_dtype = cache_dtype or bm.model.opts.dtype
         on = shd.mesh_of(jax.tree_util.tree_map(lambda x: getattr(x, "sharding", None), bm.params))
         if mesh is not None and mesh.size > 1 and on != mesh:
             # a mesh given for params placed elsewhere (e.g. loaded on one device): move them onto it
@@ -141,7 +143,7 @@ class Engine:
             raise ImageError(f"image of {w0}x{h0} pixels is too large (limit {MAX_INPUT_PIXELS} pixels)")
         W, H = self.vae_transform.target_size(w0, h0)
         ds = self.cfg.latent_downsample
-        if H % ds or W % ds or max(H, W) // ds > self.cfg.max_latent_size:
+        if vae and (H % ds or W % ds or max(H, W) // ds > self.cfg.max_latent_size):   # ViT-only: no latents
             raise ImageError(f"image of {w0}x{h0} resizes to {W}x{H}, outside the model's latent grid "
                              f"(multiples of {ds}, at most {self.cfg.max_image_side} per side)")
         img = self.vae_transform.resize(img)
@@ -194,6 +196,11 @@ class Branch:
             return self
         return dataclasses.replace(self, cache=_grow(self.cache, bucket(need, CACHE_MIN)))
 
+    def after(self, cache: KVCache, kind: str, n) -> "Branch":
+        """The branch once a block of ``kind`` (:mod:`bagel_jax.layout`) with ``n`` ``[batch]`` body tokens
+        per row is in ``cache``: length and RoPE counter advanced by the layout rules."""
+        return Branch(cache, self.length + layout.block_len(n), self.rope + layout.rope_advance(kind, n))
+
     def with_capacity(self, capacity: int) -> "Branch":
         if capacity == self.capacity:
             return self
@@ -207,14 +214,13 @@ HistoryItem = tuple  # (kind, role, per-row values); kind in {"text", "image"}
 class Context:
     """A batch of ``batch`` conversations (see the module docstring). Build with :meth:`Context.new`.
 
-    ``cfg_text`` / ``cfg_img`` are None when ``track_cfg`` is False (understanding-only contexts, which
-    never generate images and so skip the extra prefill of the cfg_img branch).
+    ``guides`` maps each guidance branch name to its branch; it is empty when ``track_cfg`` is False
+    (understanding-only contexts, which never generate images and so skip the guidance prefills).
     """
 
     engine: Engine
     gen: Branch
-    cfg_text: Optional[Branch]
-    cfg_img: Optional[Branch]
+    guides: Mapping[str, Branch] = dataclasses.field(default_factory=dict)
     history: tuple = ()
     image_hw: Optional[tuple] = None         # per row (H, W) of the last VAE-resized image
     key: Optional[np.ndarray] = None          # [batch, 2] per-row PRNG key data for VAE posterior draws
@@ -225,7 +231,7 @@ class Context:
         if batch < 1:
             raise ContextError(f"batch must be >= 1, got {batch}")
         e = Branch.empty(engine, batch)
-        return Context(engine, e, e if track_cfg else None, e if track_cfg else None, (), None,
+        return Context(engine, e, {name: e for name in BRANCH_RULES} if track_cfg else {}, (), None,
                        np.stack([np.asarray(jax.random.PRNGKey(seed + i)) for i in range(batch)]))
 
     @property
@@ -234,7 +240,33 @@ class Context:
 
     @property
     def track_cfg(self) -> bool:
-        return self.cfg_img is not None
+        return bool(self.guides)
+
+    @property
+    def branches(self) -> dict:
+        """Every branch by name: ``"gen"`` and the guidance branches."""
+        return {"gen": self.gen, **self.guides}
+
+    @property
+    def cfg_text(self) -> Optional[Branch]:
+        return self.guides.get("cfg_text")
+
+    @property
+    def cfg_img(self) -> Optional[Branch]:
+        return self.guides.get("cfg_img")
+
+    def _follow(self, event: str, gen: Branch, extend=None) -> dict:
+        """The guidance branches after ``event`` took ``gen`` from ``self.gen`` to ``gen`` (cfg.BRANCH_RULES).
+        ``extend(branch)`` adds the event's tokens to a branch; a branch equal to ``self.gen`` becomes ``gen``."""
+        out = {}
+        for name, br in self.guides.items():
+            act = BRANCH_RULES[name][event]
+            if act == "extend":
+                if extend is None:
+                    raise ContextError(f"branch {name!r}: 'extend' is not supported for {event!r} events")
+                br = gen if br is self.gen else extend(br)
+            out[name] = {"keep": br, "extend": br, "gen_before": self.gen, "gen_after": gen}[act]
+        return out
 
     def _rows(self, values, what: str) -> list:
         if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)):
@@ -268,32 +300,34 @@ class Context:
         pos = (br.rope[:, None] + np.arange(Lq)[None]).astype(np.int32)
         h, cache, _ = blocks.text_chunk(eng.model, eng.params, br.cache, jnp.asarray(ids), jnp.asarray(pos),
                                         jnp.asarray(n, jnp.int32), True, False)
-        return Branch(cache, br.length + n, br.rope + n), h
+        return br.after(cache, layout.TEXT, n - layout.MARKERS), h
 
     def text_ids(self, texts) -> list[list[int]]:
         sp = self.engine.sp
-        return [[sp.bos] + self.engine.tok.encode(t) + [sp.eos] for t in self._rows(texts, "text")]
+        return [layout.text_block(len(ids)).token_ids(sp, ids)
+                for ids in map(self.engine.tok.encode, self._rows(texts, "text"))]
 
     @on_mesh
     def add_text(self, texts: Union[str, Sequence[str]], role: str = "user") -> "Context":
-        """Add a text segment (one string, or one per row): cfg_text <- gen (snapshot), gen += text,
-        cfg_img += text (BAGEL.md 8.7). ``role`` is kept in the history only (no chat template)."""
+        """Add a text segment (one string, or one per row): gen += text, the guidance branches follow the
+        "text" rules (official: cfg_text <- gen before the text, cfg_img += text; the porting reference 8.7).
+        ``role`` is kept in the history only (no chat template)."""
         texts = self._rows(texts, "add_text")
         seqs = self.text_ids(texts)
         gen, h = self._text_branch(self.gen, seqs)
-        cfg_text = cfg_img = None
-        if self.track_cfg:
-            cfg_text = self.gen
-            cfg_img = gen if self.cfg_img is self.gen else self._text_branch(self.cfg_img, seqs)[0]
-        return dataclasses.replace(self, gen=gen, cfg_text=cfg_text, cfg_img=cfg_img, last_hidden=h,
+        guides = self._follow("text", gen, lambda br: self._text_branch(br, seqs)[0])
+        return dataclasses.replace(self, gen=gen, guides=guides, last_hidden=h,
                                    history=self.history + (("text", role, tuple(texts)),))
 
     @on_mesh
     def add_generated_text(self, texts: Union[str, Sequence[str]], role: str = "think") -> "Context":
-        """Add model-generated thinking text: re-tokenised and prefilled into ``gen`` only (official think)."""
+        """Add model-generated thinking text: re-tokenised and prefilled into ``gen``; the guidance branches
+        follow the "think" rules (official: unchanged)."""
         texts = self._rows(texts, "add_generated_text")
-        gen, h = self._text_branch(self.gen, self.text_ids(texts))
-        return dataclasses.replace(self, gen=gen, last_hidden=h,
+        seqs = self.text_ids(texts)
+        gen, h = self._text_branch(self.gen, seqs)
+        guides = self._follow("think", gen, lambda br: self._text_branch(br, seqs)[0])
+        return dataclasses.replace(self, gen=gen, guides=guides, last_hidden=h,
                                    history=self.history + (("text", role, tuple(texts)),))
 
     # -- images -------------------------------------------------------------------------------------------
@@ -301,7 +335,7 @@ class Context:
     def add_image(self, images, vae: bool = True, vit: bool = True, role: str = "user",
                   vae_eps: Optional[Sequence[np.ndarray]] = None, preprocessed: Optional[list] = None) -> "Context":
         """Add an image (one, or one per row): gen += VAE block (if ``vae``) then ViT block (if ``vit``);
-        cfg_text <- gen (refreshed); cfg_img unchanged.
+        the guidance branches follow the "image" rules (official: cfg_text <- gen after; cfg_img unchanged).
 
         ``vae_eps``: per row posterior noise ``[H/8, W/8, C]`` (NHWC) for the VAE encoding (the official
         encode samples the posterior); drawn from the row's key when None (row i of a context made with
@@ -314,13 +348,8 @@ class Context:
             eng.preprocess(im, vae=vae, vit=vit) for im in self._rows(images, "add_image")]
         if len(pre) != self.batch:
             raise ContextError(f"add_image: got {len(pre)} images for a context of batch {self.batch}")
-        cfg = eng.cfg
-        need = np.zeros(self.batch, np.int64)
-        for i, q in enumerate(pre):
-            if vae:
-                need[i] += (q["hw"][0] // cfg.latent_downsample) * (q["hw"][1] // cfg.latent_downsample) + 2
-            if vit:
-                need[i] += (q["vit"].shape[1] // cfg.vit.patch_size) * (q["vit"].shape[2] // cfg.vit.patch_size) + 2
+        need = [sum(b.length for b in layout.image_blocks(eng.cfg, q["hw"] if vae else None,
+                                                           q["vit"].shape[1:] if vit else None)) for q in pre]
         self.check_room(need, "add_image")
         gen = self.gen
         key = self.key
@@ -329,17 +358,16 @@ class Context:
             gen, key, infos["vae"] = self._vae_block(gen, pre, vae_eps)
         if vit:
             gen, infos["vit"] = self._vit_block(gen, pre)
-        cfg_text = gen if self.track_cfg else None
-        return dataclasses.replace(self, gen=gen, cfg_text=cfg_text, key=key, last_hidden=infos,
+        return dataclasses.replace(self, gen=gen, guides=self._follow("image", gen), key=key, last_hidden=infos,
                                    image_hw=tuple(p["hw"] for p in pre),
                                    history=self.history + (("image", role, tuple(p["pil"] for p in pre)),))
 
     def _vae_block(self, br: Branch, pre: list, vae_eps):
         eng, cfg = self.engine, self.engine.cfg
         ds, p, C, Gl = cfg.latent_downsample, cfg.latent_patch_size, cfg.vae.z_channels, cfg.max_latent_size
-        ns = [(q["hw"][0] // ds) * (q["hw"][1] // ds) for q in pre]
+        ns = [layout.latent_tokens(*q["hw"], ds) for q in pre]
         N = max(ns)
-        br = br.reserve(eng, N + 2)
+        br = br.reserve(eng, layout.block_len(N))
         key = np.array(self.key)
         x0 = np.zeros((br.batch, N, p * p * C), np.float32)
         lat_pos = np.zeros((br.batch, N), np.int32)
@@ -359,7 +387,7 @@ class Context:
         n = np.asarray(ns, np.int64)
         h, cache = blocks.latent_prefill(eng.model, eng.params, br.cache, x0j, jnp.asarray(lat_pos),
                                          jnp.asarray(n, jnp.int32), jnp.asarray(br.rope, jnp.int32), eng.markers)
-        return Branch(cache, br.length + n + 2, br.rope + 1), key, dict(h=h, latent_tokens=toks, lat_pos=lat_pos, n=n)
+        return br.after(cache, layout.VAE, n), key, dict(h=h, latent_tokens=toks, lat_pos=lat_pos, n=n)
 
     @staticmethod
     def _replace_key(key):
@@ -371,7 +399,7 @@ class Context:
         pt = [patchify(q["vit"], cfg.vit.patch_size, cfg.vit_max_num_patch_per_side) for q in pre]
         ns = np.array([t.shape[0] for t, _ in pt], np.int64)
         N = bucket(int(ns.max()), VIT_MIN)
-        br = br.reserve(eng, N + 2)
+        br = br.reserve(eng, layout.block_len(N))
         patches = np.zeros((br.batch, N, cfg.vit.patch_dim), np.float32)
         pos = np.zeros((br.batch, N), np.int32)
         for i, (t, ps) in enumerate(pt):
@@ -379,33 +407,26 @@ class Context:
             pos[i, :len(t)] = ps
         h, cache, _ = blocks.vit_chunk(eng.model, eng.params, br.cache, jnp.asarray(patches), jnp.asarray(pos),
                                        jnp.asarray(ns, jnp.int32), jnp.asarray(br.rope, jnp.int32), eng.markers)
-        return Branch(cache, br.length + ns + 2, br.rope + 1), dict(h=h, n=ns, pos=[ps for _, ps in pt])
+        return br.after(cache, layout.VIT, ns), dict(h=h, n=ns, pos=[ps for _, ps in pt])
 
     # -- helpers ------------------------------------------------------------------------------------------
     def select_rows(self, rows: Sequence[int]) -> "Context":
         """A context with only the given rows (e.g. to continue one conversation of a batch)."""
         idx = np.asarray(rows, np.int64)
 
-        def take(br: Optional[Branch]):
-            if br is None:
-                return None
-            c = br.cache
-            return Branch(KVCache(c.k[:, idx], c.v[:, idx], c.length[idx]), br.length[idx], br.rope[idx])
+        taken = {}   # by id: branches that are one object stay one object
 
-        cache = {}
-
-        def take_shared(br):
-            if br is None:
-                return None
-            if id(br) not in cache:
-                cache[id(br)] = take(br)
-            return cache[id(br)]
+        def take(br: Branch) -> Branch:
+            if id(br) not in taken:
+                c = br.cache
+                taken[id(br)] = Branch(KVCache(c.k[:, idx], c.v[:, idx], c.length[idx]), br.length[idx], br.rope[idx])
+            return taken[id(br)]
 
         hist = tuple((k, r, tuple(v[i] for i in idx)) for k, r, v in self.history)
         hw = None if self.image_hw is None else tuple(self.image_hw[i] for i in idx)
         key = None if self.key is None else np.asarray(self.key)[idx]
-        return dataclasses.replace(self, gen=take_shared(self.gen), cfg_text=take_shared(self.cfg_text),
-                                   cfg_img=take_shared(self.cfg_img), history=hist, image_hw=hw, key=key)
+        return dataclasses.replace(self, gen=take(self.gen), guides={n: take(b) for n, b in self.guides.items()},
+                                   history=hist, image_hw=hw, key=key)
 
     def num_tokens(self) -> np.ndarray:
         return self.gen.length.copy()

@@ -1,4 +1,4 @@
-"""Text generation as one ``lax.while_loop`` (BAGEL.md 8.4).
+"""Text generation as one ``lax.while_loop`` (porting reference 8.4).
 
 Official semantics, per row: the fed sequence starts with ``<|im_start|>`` at the context's RoPE
 counter; each step feeds the current token (und expert, causal, written to a copy of the cache),
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +72,33 @@ def pick_next(logits: jax.Array, keys: jax.Array, do_sample: bool, temperature, 
     return jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, x).astype(jnp.int32)
 
 
+class DecodeState(NamedTuple):
+    """The ``lax.while_loop`` state of :func:`decode_loop` (a pytree; B rows, L = ``max_length``).
+
+    i: ``[]`` int32, steps taken (= index of the token fed next step minus one).
+    cache: the KV cache the fed tokens are written to (a copy of the context's; grows by one per step).
+    cur: ``[B]`` int32, the token fed at step ``i``.
+    tokens: ``[B, L]`` int32, fed ids so far (start token first; zeros after ``n``).
+    n: ``[B]`` int32, number of fed tokens per row.
+    done: ``[B]`` bool, the row has stopped (stop token picked or length limit).
+    stop: ``[B]`` int32, the stop token that ended the row (-1: not stopped / length limit).
+    key: ``[B, 2]`` uint32, each row's PRNG key (step ``i`` draws with ``fold_in(key, i)``).
+    logits / hidden: ``[B, L, V]`` / ``[B, L, D]`` float32 per-step logits and last hidden states with
+      ``record``, else None (no leaves, so the loop carries nothing).
+    """
+
+    i: jax.Array
+    cache: KVCache
+    cur: jax.Array
+    tokens: jax.Array
+    n: jax.Array
+    done: jax.Array
+    stop: jax.Array
+    key: jax.Array
+    logits: Optional[jax.Array]
+    hidden: Optional[jax.Array]
+
+
 def _progress_cb(step, total):
     from . import progress
     progress.tick("tokens", int(step), int(total))
@@ -93,48 +120,46 @@ def decode_loop(model: Bagel, params, cache: KVCache, rope, start_id, stop_ids, 
     B = rope.shape[0]
     V = model.cfg.llm.vocab_size
     D = model.cfg.llm.hidden_size
-    tokens = jnp.zeros((B, max_length), jnp.int32).at[:, 0].set(start_id)
-    state = dict(i=jnp.int32(0), cache=cache, cur=jnp.full((B,), start_id, jnp.int32), tokens=tokens,
-                 n=jnp.ones((B,), jnp.int32), done=jnp.zeros((B,), bool), stop=jnp.full((B,), -1, jnp.int32),
-                 key=keys)
-    if record:
-        state["logits"] = jnp.zeros((B, max_length, V), jnp.float32)
-        state["hidden"] = jnp.zeros((B, max_length, D), jnp.float32)
+    state = DecodeState(
+        i=jnp.int32(0), cache=cache, cur=jnp.full((B,), start_id, jnp.int32),
+        tokens=jnp.zeros((B, max_length), jnp.int32).at[:, 0].set(start_id),
+        n=jnp.ones((B,), jnp.int32), done=jnp.zeros((B,), bool), stop=jnp.full((B,), -1, jnp.int32), key=keys,
+        logits=jnp.zeros((B, max_length, V), jnp.float32) if record else None,
+        hidden=jnp.zeros((B, max_length, D), jnp.float32) if record else None)
 
-    def cond(s):
-        return (s["i"] < max_length) & ~jnp.all(s["done"])
+    def cond(s: DecodeState):
+        return (s.i < max_length) & ~jnp.all(s.done)
 
-    def body(s):
-        i = s["i"]
-        x = model.apply({"params": params}, s["cur"][:, None], method=Bagel.embed_text)       # [B, 1, D]
+    def body(s: DecodeState) -> DecodeState:
+        i = s.i
+        x = model.apply({"params": params}, s.cur[:, None], method=Bagel.embed_text)          # [B, 1, D]
         pos = (rope + i)[:, None]
-        h, c, _ = forward_chunk(model, params, s["cache"], x, pos, jnp.ones((B,), jnp.int32), True,
+        h, c, _ = forward_chunk(model, params, s.cache, x, pos, jnp.ones((B,), jnp.int32), True,
                                 Routing.und(), True)
         logits = model.apply({"params": params}, h[:, 0], method=Bagel.lm_logits)             # [B, V]
-        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(s["key"])
+        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(s.key)
         nxt = pick_next(logits, step_keys, do_sample, temperature, top_k, top_p)
         is_stop = jnp.any(nxt[:, None] == stop_ids[None, :], axis=-1)
-        live = ~s["done"]
+        live = ~s.done
         newly = live & is_stop
         # a picked token is fed (appended) next step only if it is not a stop and there is room left
         append = live & ~is_stop & (i + 1 < max_length)
-        toks = jnp.where(append[:, None] & (jnp.arange(max_length)[None] == i + 1), nxt[:, None], s["tokens"])
-        out = dict(i=i + 1, cache=c, cur=nxt, tokens=toks, n=s["n"] + append.astype(jnp.int32),
-                   done=s["done"] | is_stop | (i + 1 >= max_length), stop=jnp.where(newly, nxt, s["stop"]), key=s["key"])
-        if record:
-            out["logits"] = s["logits"].at[:, i].set(logits.astype(jnp.float32))
-            out["hidden"] = s["hidden"].at[:, i].set(h[:, 0].astype(jnp.float32))
+        toks = jnp.where(append[:, None] & (jnp.arange(max_length)[None] == i + 1), nxt[:, None], s.tokens)
         if progress:
             # host callbacks are not free on CPU (~ms each): tick about 50 times per loop at most
             every = max(1, max_length // 50)
             jax.lax.cond((i + 1) % every == 0, lambda: jax.debug.callback(_progress_cb, i + 1, max_length),
                          lambda: None)
-        return out
+        return s._replace(
+            i=i + 1, cache=c, cur=nxt, tokens=toks, n=s.n + append.astype(jnp.int32),
+            done=s.done | is_stop | (i + 1 >= max_length), stop=jnp.where(newly, nxt, s.stop),
+            logits=s.logits.at[:, i].set(logits.astype(jnp.float32)) if record else None,
+            hidden=s.hidden.at[:, i].set(h[:, 0].astype(jnp.float32)) if record else None)
 
     s = jax.lax.while_loop(cond, body, state)
-    res = dict(tokens=s["tokens"], n=s["n"], stop=s["stop"], steps=s["i"])
+    res = dict(tokens=s.tokens, n=s.n, stop=s.stop, steps=s.i)
     if record:
-        res["logits"], res["hidden"] = s["logits"], s["hidden"]
+        res["logits"], res["hidden"] = s.logits, s.hidden
     return res
 
 
@@ -159,7 +184,7 @@ def official_text(tokenizer, ids: Sequence[int]) -> str:
 def generate_text(ctx: Context, max_length: int = 1000, sampling: SamplingParams = SamplingParams(),
                   keys: Optional[Sequence] = None, stop_tokens: Optional[Sequence[int]] = None,
                   record: bool = False, progress: bool = False) -> TextResult:
-    """Generate text from the ``gen`` branch of ``ctx`` (``ctx`` itself is unchanged; BAGEL.md 8.4).
+    """Generate text from the ``gen`` branch of ``ctx`` (``ctx`` itself is unchanged; porting reference 8.4).
 
     Args:
       max_length: most fed tokens per row (official ``max_think_token_n``; the start token counts).

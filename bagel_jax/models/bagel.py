@@ -13,7 +13,6 @@ Methods are called with ``model.apply({"params": p}, ..., method=Bagel.<name>)``
 
 from __future__ import annotations
 
-from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -24,6 +23,7 @@ from ..config import BagelConfig
 from ..convert import keymap
 from ..nn.attention import MaskVectors
 from ..nn.layers import gelu_tanh, sincos_2d_table, timestep_features
+from ..nn.options import ModelOptions
 from . import qwen2_mot, siglip_navit
 from .qwen2_mot import Qwen2MoT, Routing
 
@@ -47,53 +47,48 @@ class TimestepEmbedder(nn.Module):
     """``Linear(256 -> D) -> SiLU -> Linear(D -> D)`` on ``[cos, sin]`` features of t in [0, 1]."""
 
     hidden: int
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
+    opts: ModelOptions = ModelOptions()
     freq_dim: int = 256
 
     @nn.compact
     def __call__(self, t: jax.Array) -> jax.Array:
-        f = timestep_features(t, self.freq_dim).astype(self.dtype)
-        h = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp_0")(f)
-        return nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp_2")(nn.silu(h))
+        f = timestep_features(t, self.freq_dim).astype(self.opts.dtype)
+        h = self.opts.dense(self.hidden, name="mlp_0")(f)
+        return self.opts.dense(self.hidden, name="mlp_2")(nn.silu(h))
 
 
 class Connector(nn.Module):
     """ViT width -> LLM width: ``fc2(gelu_tanh(fc1(x)))``."""
 
     hidden: int
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
+    opts: ModelOptions = ModelOptions()
 
     @nn.compact
     def __call__(self, x):
-        h = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
-        return nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(gelu_tanh(h))
+        h = self.opts.dense(self.hidden, name="fc1")(x)
+        return self.opts.dense(self.hidden, name="fc2")(gelu_tanh(h))
 
 
 class Bagel(nn.Module):
+    """``cfg``: the architecture; ``opts``: how to run it (dtypes, remat policy, attention
+    implementation; :class:`~bagel_jax.nn.options.ModelOptions`), passed unchanged to every submodule."""
+
     cfg: BagelConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-    remat_policy: str = "none"
-    attention_impl: Optional[str] = "auto"   # decoder and ViT (bagel_jax.nn.attention.attention)
+    opts: ModelOptions = ModelOptions()
 
     def setup(self):
-        cfg = self.cfg
+        cfg, o = self.cfg, self.opts
         D = cfg.llm.hidden_size
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.language_model = Qwen2MoT(cfg.llm, remat_policy=self.remat_policy,
-                                       attention_impl=self.attention_impl, **kw)
+        self.language_model = Qwen2MoT(cfg.llm, o)
         if cfg.visual_und:
-            self.vit_model = siglip_navit.SiglipNavit(cfg.vit, remat_policy=self.remat_policy,
-                                                      attention_impl=self.attention_impl, **kw)
-            self.connector = Connector(D, **kw)
-            self.vit_pos_embed = PositionTable(cfg.vit_max_num_patch_per_side, D, self.param_dtype)
+            self.vit_model = siglip_navit.SiglipNavit(cfg.vit, o)
+            self.connector = Connector(D, o)
+            self.vit_pos_embed = PositionTable(cfg.vit_max_num_patch_per_side, D, o.param_dtype)
         if cfg.visual_gen:
-            self.time_embedder = TimestepEmbedder(D, **kw)
-            self.vae2llm = nn.Dense(D, **kw)
-            self.llm2vae = nn.Dense(cfg.patch_latent_dim, **kw)
-            self.latent_pos_embed = PositionTable(cfg.max_latent_size, D, self.param_dtype)
+            self.time_embedder = TimestepEmbedder(D, o)
+            self.vae2llm = o.dense(D)
+            self.llm2vae = o.dense(cfg.patch_latent_dim)
+            self.latent_pos_embed = PositionTable(cfg.max_latent_size, D, o.param_dtype)
 
     # -- input embeddings --------------------------------------------------------------------------
     def embed_text(self, ids: jax.Array) -> jax.Array:
@@ -120,7 +115,7 @@ class Bagel(nn.Module):
         Args: x_t ``[..., p*p*C]`` latent tokens, t ``[...]`` flow time in [0, 1] (0 for clean
         conditioning latents), position_ids ``[...]`` (``r*Gl + c``). Returns ``[..., D]``.
         """
-        a = self.vae2llm(x_t.astype(self.dtype))
+        a = self.vae2llm(x_t.astype(self.opts.dtype))
         b = self.time_embedder(t)
         c = self.latent_pos_embed(position_ids).astype(a.dtype)
         if return_parts:

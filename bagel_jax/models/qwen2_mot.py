@@ -1,4 +1,4 @@
-"""Qwen2 Mixture-of-Transformer-experts decoder (BAGEL.md section 5).
+"""Qwen2 Mixture-of-Transformer-experts decoder (the porting reference, section 5).
 
 Every layer holds two full parameter sets: the understanding ("und") expert with the original Qwen2
 names and the generation ("gen") expert with the ``_moe_gen`` suffix. Attention is computed jointly
@@ -32,7 +32,8 @@ from .. import sharding as shd
 from ..config import LLMConfig
 from ..convert import keymap
 from ..nn.attention import CacheView, MaskVectors, attention
-from ..nn.layers import RMSNorm, apply_rope, maybe_remat, rope_cos_sin
+from ..nn.layers import RMSNorm, apply_rope, rope_cos_sin
+from ..nn.options import ModelOptions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,12 +96,11 @@ class MLP(nn.Module):
 
     hidden: int
     width: int
-    dtype: jnp.dtype
-    param_dtype: jnp.dtype
+    opts: ModelOptions = ModelOptions()
 
     @nn.compact
     def __call__(self, x):
-        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        dense = lambda n, name: self.opts.dense(n, False, name)
         h = nn.silu(dense(self.width, "gate_proj")(x)) * dense(self.width, "up_proj")(x)
         h = shd.constrain(h, ("batch", "length", "mlp"))      # [batch, seq, mlp]
         return dense(self.hidden, "down_proj")(h)
@@ -111,21 +111,19 @@ class MoTLayer(nn.Module):
 
     cfg: LLMConfig
     routing: Routing
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-    attention_impl: Optional[str] = "auto"
+    opts: ModelOptions = ModelOptions()
 
     def setup(self):
         cfg = self.cfg
         D, H, K, dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        dense = lambda n, bias, name: nn.Dense(n, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-        norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.param_dtype, name=name)
+        dense = self.opts.dense
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.opts.param_dtype, name=name)
         suffixes = ("", "_moe_gen") if cfg.use_moe else ("",)
         self.attn = {s: dict(q=dense(H * dh, True, f"q_proj{s}"), k=dense(K * dh, True, f"k_proj{s}"),
                              v=dense(K * dh, True, f"v_proj{s}"), o=dense(D, False, f"o_proj{s}"),
                              **(dict(q_norm=norm(f"q_norm{s}"), k_norm=norm(f"k_norm{s}")) if cfg.qk_norm else {}))
                      for s in suffixes}
-        self.mlps = {s: MLP(D, cfg.intermediate_size, self.dtype, self.param_dtype, name=f"mlp{s}") for s in suffixes}
+        self.mlps = {s: MLP(D, cfg.intermediate_size, self.opts, name=f"mlp{s}") for s in suffixes}
         self.in_norms = {s: norm(f"input_layernorm{s}") for s in suffixes}
         self.post_norms = {s: norm(f"post_attention_layernorm{s}") for s in suffixes}
 
@@ -153,7 +151,7 @@ class MoTLayer(nn.Module):
         cfg = self.cfg
         B, L, _ = x.shape
         H, K, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        x = x.astype(self.dtype)
+        x = x.astype(self.opts.dtype)
         x = shd.constrain(x, ("batch", "res_length", "embed"))
         h = self._apply(self.in_norms, x, is_gen)
         q = self._apply(self.attn, h, is_gen, "q").reshape(B, L, H, dh)
@@ -168,7 +166,7 @@ class MoTLayer(nn.Module):
         k = shd.constrain(k, ("batch", "length", "kv_heads", "head_dim"))
         v = shd.constrain(v, ("batch", "length", "kv_heads", "head_dim"))
         view = None if cache is None else CacheView(cache[0], cache[1], cache[2], layer)
-        o = attention(q, k, v, mask, mask, self.attention_impl, cache=view)  # [batch, seq, heads, head_dim]
+        o = attention(q, k, v, mask, mask, self.opts.attention_impl, cache=view)  # [batch, seq, heads, head_dim]
         o = shd.constrain(o, ("batch", "length", "heads", "head_dim"))
         x = x + self._apply(self.attn, o.reshape(B, L, H * dh), is_gen, "o")
         x = shd.constrain(x, ("batch", "res_length", "embed"))
@@ -182,17 +180,13 @@ class _ScanBody(nn.Module):
 
     cfg: LLMConfig
     routing: Routing
-    dtype: jnp.dtype
-    param_dtype: jnp.dtype
-    attention_impl: Optional[str]
+    opts: ModelOptions
     return_hidden: bool
-    remat_policy: str
 
     @nn.compact
     def __call__(self, x, bcast, index):
         cos, sin, mask, is_gen, cache = bcast
-        layer_cls = maybe_remat(MoTLayer, self.remat_policy)
-        layer = layer_cls(self.cfg, self.routing, self.dtype, self.param_dtype, self.attention_impl, name="layer")
+        layer = self.opts.remat(MoTLayer)(self.cfg, self.routing, self.opts, name="layer")
         x, kv = layer(x, cos, sin, mask, is_gen, cache, index)
         return x, (kv, x if self.return_hidden else None)
 
@@ -201,10 +195,7 @@ class LayerStack(nn.Module):
     """All decoder layers under one ``nn.scan`` (parameters stacked on a leading layer axis)."""
 
     cfg: LLMConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-    remat_policy: str = "none"
-    attention_impl: Optional[str] = "auto"
+    opts: ModelOptions = ModelOptions()
 
     @nn.compact
     def __call__(self, x, positions, mask, routing: Routing, is_gen=None, cache=None, return_hidden=False):
@@ -219,7 +210,7 @@ class LayerStack(nn.Module):
           ``(x, (k, v), hidden)``: new keys/values of this chunk ``[layers, batch, seq, kv_heads, head_dim]``;
           ``hidden`` is ``[layers, batch, seq, hidden]`` per-layer outputs when ``return_hidden`` else None.
         """
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.opts.dtype)
         if is_gen is None:
             is_gen = jnp.zeros(x.shape[:2], bool)
         scan = nn.scan(
@@ -229,8 +220,7 @@ class LayerStack(nn.Module):
             in_axes=(nn.broadcast, 0),
             length=self.cfg.num_hidden_layers,
         )
-        body = scan(self.cfg, routing, self.dtype, self.param_dtype, self.attention_impl, return_hidden,
-                    self.remat_policy, name="layers")
+        body = scan(self.cfg, routing, self.opts, return_hidden, name="layers")
         # the cache is a loop constant (each layer reads its own valid blocks); the scanned input is
         # the layer index, so no per-layer slice of the whole buffer is ever materialised.
         x, (kv, hidden) = body(x, (cos, sin, mask, is_gen, cache), jnp.arange(self.cfg.num_hidden_layers))
@@ -241,21 +231,18 @@ class Qwen2MoT(nn.Module):
     """Embedding, MoT layer stack, per-expert final norms and the LM head."""
 
     cfg: LLMConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-    remat_policy: str = "none"
-    attention_impl: Optional[str] = "auto"
+    opts: ModelOptions = ModelOptions()
 
     def setup(self):
-        cfg = self.cfg
-        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+        cfg, o = self.cfg, self.opts
+        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=o.dtype, param_dtype=o.param_dtype,
                                      embedding_init=nn.initializers.normal(0.02))
-        self.stack = LayerStack(cfg, self.dtype, self.param_dtype, self.remat_policy, self.attention_impl, name="model")
-        self.norm = RMSNorm(cfg.rms_norm_eps, self.param_dtype)
+        self.stack = LayerStack(cfg, o, name="model")
+        self.norm = RMSNorm(cfg.rms_norm_eps, o.param_dtype)
         if cfg.use_moe:
-            self.norm_moe_gen = RMSNorm(cfg.rms_norm_eps, self.param_dtype)
+            self.norm_moe_gen = RMSNorm(cfg.rms_norm_eps, o.param_dtype)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+            self.lm_head = o.dense(cfg.vocab_size, False)
 
     def embed(self, ids: jax.Array) -> jax.Array:
         """``[...] int -> [..., hidden]``."""

@@ -1,12 +1,12 @@
-"""SigLIP NaViT vision encoder (BAGEL.md 4.6): the understanding-path ViT.
+"""SigLIP NaViT vision encoder (porting reference 4.6): the understanding-path ViT.
 
 Several images of different sizes are packed along the token axis of one row; each token carries
 a segment id (its image, >= 1; 0 = padding) and a position id into the learned position table
-(``row * vit_max_num_patch_per_side + col``, BAGEL.md 6.3/6.5). Attention is bidirectional inside
+(``row * vit_max_num_patch_per_side + col``, porting reference 6.3/6.5). Attention is bidirectional inside
 an image and never crosses images, so a packed row gives the same per-image outputs as running
 each image alone.
 
-Differences from a stock SigLIP vision tower, all from BAGEL's loader (BAGEL.md 2.2, 12.1-12.3):
+Differences from a stock SigLIP vision tower, all from BAGEL's loader (porting reference 2.2, 12.1-12.3):
   * ``ViTConfig.num_hidden_layers`` is the number of layers *used* (official json value minus one),
     and ``post_layernorm`` is still applied to the last used layer;
   * the patch embedding is a ``Linear`` over patches flattened in (row, col, channel) order;
@@ -22,7 +22,7 @@ Leaves under ``encoder/layers`` are stacked on a leading layer axis (``nn.scan``
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -33,13 +33,9 @@ from bagel_jax import sharding as shd
 from bagel_jax.config import ViTConfig
 from bagel_jax.convert import keymap
 from bagel_jax.nn.attention import MaskVectors, attention, full_vectors
+from bagel_jax.nn.options import ModelOptions
 
 Dtype = Any
-
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 def _layer_norm(cfg: ViTConfig, param_dtype: Dtype, name: str) -> nn.LayerNorm:
@@ -49,26 +45,22 @@ def _layer_norm(cfg: ViTConfig, param_dtype: Dtype, name: str) -> nn.LayerNorm:
 
 class SiglipEmbeddings(nn.Module):
     cfg: ViTConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    opts: ModelOptions = ModelOptions()
 
     @nn.compact
     def __call__(self, patches: jax.Array, position_ids: jax.Array) -> jax.Array:
         """patches ``[B, N, p*p*C]``, position_ids ``[B, N]`` -> ``[B, N, D]``."""
-        cfg = self.cfg
-        x = nn.Dense(cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name="patch_embedding")(patches.astype(self.dtype))
+        cfg, o = self.cfg, self.opts
+        x = o.dense(cfg.hidden_size, name="patch_embedding")(patches.astype(o.dtype))
         table_rows = (cfg.image_size // cfg.patch_size) ** 2
-        pos = nn.Embed(table_rows, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+        pos = nn.Embed(table_rows, cfg.hidden_size, dtype=o.dtype, param_dtype=o.param_dtype,
                        name="position_embedding")(position_ids)
         return x + pos
 
 
 class SiglipAttention(nn.Module):
     cfg: ViTConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    attention_impl: Optional[str] = "auto"
+    opts: ModelOptions = ModelOptions()
 
     @nn.compact
     def __call__(self, x: jax.Array, vec: MaskVectors) -> jax.Array:
@@ -76,33 +68,30 @@ class SiglipAttention(nn.Module):
         cfg = self.cfg
         B, N, _ = x.shape
 
-        def proj(name):
-            return nn.Dense(cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-
         def heads(t):
             t = t.reshape(B, N, cfg.num_attention_heads, cfg.head_dim)
             return shd.constrain(t, ("batch", "length", "heads", "head_dim"))
 
+        proj = lambda name: self.opts.dense(cfg.hidden_size, name=name)
         q = heads(proj("q_proj")(x))  # [batch, seq, heads, head_dim]
         k = heads(proj("k_proj")(x))
         v = heads(proj("v_proj")(x))
-        o = attention(q, k, v, vec, vec, self.attention_impl)  # scale 1/sqrt(head_dim)
+        o = attention(q, k, v, vec, vec, self.opts.attention_impl)  # scale 1/sqrt(head_dim)
         o = shd.constrain(o, ("batch", "length", "heads", "head_dim"))
         return proj("out_proj")(o.reshape(B, N, cfg.hidden_size))
 
 
 class SiglipMLP(nn.Module):
     cfg: ViTConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    opts: ModelOptions = ModelOptions()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
-        h = nn.Dense(cfg.intermediate_size, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
+        h = self.opts.dense(cfg.intermediate_size, name="fc1")(x)
         h = jax.nn.gelu(h, approximate=True)  # gelu_pytorch_tanh
         h = shd.constrain(h, ("batch", "length", "mlp"))
-        return nn.Dense(cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(h)
+        return self.opts.dense(cfg.hidden_size, name="fc2")(h)
 
 
 class SiglipEncoderLayer(nn.Module):
@@ -113,46 +102,33 @@ class SiglipEncoderLayer(nn.Module):
     """
 
     cfg: ViTConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    opts: ModelOptions = ModelOptions()
     collect: bool = False
-    attention_impl: Optional[str] = "auto"
 
     @nn.compact
     def __call__(self, h: jax.Array, vec: MaskVectors):
-        cfg, dt, pdt = self.cfg, self.dtype, self.param_dtype
+        cfg, o = self.cfg, self.opts
         h = shd.constrain(h, ("batch", "res_length", "embed"))
-        a = _layer_norm(cfg, pdt, "layer_norm1")(h).astype(dt)
-        h = h + SiglipAttention(cfg, dt, pdt, self.attention_impl, name="self_attn")(a, vec)
+        a = _layer_norm(cfg, o.param_dtype, "layer_norm1")(h).astype(o.dtype)
+        h = h + SiglipAttention(cfg, o, name="self_attn")(a, vec)
         h = shd.constrain(h, ("batch", "res_length", "embed"))
-        m = _layer_norm(cfg, pdt, "layer_norm2")(h).astype(dt)
-        h = h + SiglipMLP(cfg, dt, pdt, name="mlp")(m)
+        m = _layer_norm(cfg, o.param_dtype, "layer_norm2")(h).astype(o.dtype)
+        h = h + SiglipMLP(cfg, o, name="mlp")(m)
         h = shd.constrain(h, ("batch", "res_length", "embed"))
         return h, (h if self.collect else None)
 
 
 class SiglipEncoder(nn.Module):
     cfg: ViTConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    remat_policy: str = "none"
+    opts: ModelOptions = ModelOptions()
     collect: bool = False
-    attention_impl: Optional[str] = "auto"
 
     @nn.compact
     def __call__(self, h: jax.Array, vec: MaskVectors):
         """h ``[B, N, D]``, vec mask vectors ``[B, N]`` -> (h ``[B, N, D]``, per-layer ``[L, B, N, D]`` or None)."""
-        layer = SiglipEncoderLayer
-        if self.remat_policy != "none":
-            if self.remat_policy not in REMAT_POLICIES:
-                raise ValueError(f"vit: unknown remat_policy {self.remat_policy!r} "
-                                 f"(expected 'none', {', '.join(map(repr, REMAT_POLICIES))})")
-            # prevent_cse=False is safe (and faster) inside scan.
-            layer = nn.remat(layer, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
-        scanned = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                          in_axes=nn.broadcast, length=self.cfg.num_hidden_layers)
-        return scanned(self.cfg, self.dtype, self.param_dtype, self.collect, self.attention_impl,
-                       name="layers")(h, vec)
+        scanned = nn.scan(self.opts.remat(SiglipEncoderLayer), variable_axes={"params": 0},
+                          split_rngs={"params": True}, in_axes=nn.broadcast, length=self.cfg.num_hidden_layers)
+        return scanned(self.cfg, self.opts, self.collect, name="layers")(h, vec)
 
 
 class SiglipNavit(nn.Module):
@@ -160,17 +136,12 @@ class SiglipNavit(nn.Module):
 
     Attributes:
       cfg: the ViT config (``num_hidden_layers`` = layers used).
-      dtype: compute dtype (LayerNorm statistics are always float32).
-      param_dtype: parameter dtype.
-      remat_policy: "none", "full" (recompute everything) or "dots" (save matmul outputs).
-      attention_impl: attention implementation (:func:`bagel_jax.nn.attention.attention`; "auto" by length).
+      opts: :class:`~bagel_jax.nn.options.ModelOptions` (compute / parameter dtypes, remat policy,
+        attention implementation); LayerNorm statistics are always float32.
     """
 
     cfg: ViTConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    remat_policy: str = "none"
-    attention_impl: Optional[str] = "auto"
+    opts: ModelOptions = ModelOptions()
 
     @nn.compact
     def __call__(self, patches: jax.Array, position_ids: jax.Array, segment_ids: jax.Array,
@@ -184,17 +155,15 @@ class SiglipNavit(nn.Module):
           segment_ids: ``[B, N]`` int, image id >= 1 per token, 0 for padding.
           return_hidden: also return the embeddings and every layer's output.
         Returns:
-          ``[B, N, D]`` in ``dtype``; with ``return_hidden`` a tuple
+          ``[B, N, D]`` in the compute dtype; with ``return_hidden`` a tuple
           ``(out, {"embeddings": [B, N, D], "layers": [L, B, N, D]})``. Padding rows are finite
           garbage.
         """
         cfg = self.cfg
-        h = SiglipEmbeddings(cfg, self.dtype, self.param_dtype, name="embeddings")(patches, position_ids)
+        h = SiglipEmbeddings(cfg, self.opts, name="embeddings")(patches, position_ids)
         vec = full_vectors(segment_ids)  # full attention within each image: seg = image id, vis = nblk = 0
-        enc = SiglipEncoder(cfg, self.dtype, self.param_dtype, self.remat_policy, collect=return_hidden,
-                            attention_impl=self.attention_impl, name="encoder")
-        out, layers = enc(h, vec)
-        out = _layer_norm(cfg, self.param_dtype, "post_layernorm")(out).astype(self.dtype)
+        out, layers = SiglipEncoder(cfg, self.opts, collect=return_hidden, name="encoder")(h, vec)
+        out = _layer_norm(cfg, self.opts.param_dtype, "post_layernorm")(out).astype(self.opts.dtype)
         if return_hidden:
             return out, {"embeddings": h, "layers": layers}
         return out
@@ -220,7 +189,7 @@ def key_map(cfg: ViTConfig) -> list[keymap.Entry]:
 
 
 def patchify(image_chw: np.ndarray, patch_size: int, max_patches_per_side: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split a normalised ``(C, H, W)`` image into ViT tokens (BAGEL.md 6.3).
+    """Split a normalised ``(C, H, W)`` image into ViT tokens (porting reference 6.3).
 
     Returns:
       tokens ``[n, p*p*C]`` float32, row-major over the patch grid, each patch ordered

@@ -11,7 +11,7 @@ import numpy as np
 
 
 class RMSNorm(nn.Module):
-    """Qwen2 RMSNorm (BAGEL.md 4.1): normalise in float32, cast back to the input dtype, then scale."""
+    """Qwen2 RMSNorm (porting reference 4.1): normalise in float32, cast back to the input dtype, then scale."""
 
     eps: float = 1e-6
     param_dtype: jnp.dtype = jnp.float32
@@ -46,7 +46,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def sincos_2d_table(dim: int, grid: int) -> np.ndarray:
-    """Fixed 2D sin-cos table ``[grid*grid, dim]`` (BAGEL.md 4.5), row ``r*grid + c``.
+    """Fixed 2D sin-cos table ``[grid*grid, dim]`` (porting reference 4.5), row ``r*grid + c``.
 
     First half of the channels encodes the column, the second half the row; each half is
     ``[sin(pos*omega), cos(pos*omega)]`` with ``omega[k] = 10000^(-k/(dim/4))``. Built in float64.
@@ -73,20 +73,3 @@ def timestep_features(t: jax.Array, dim: int = 256, max_period: float = 10000.0)
 
 def gelu_tanh(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=True)
-
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "dots_all": jax.checkpoint_policies.dots_saveable,
-}
-
-
-def maybe_remat(module_cls, policy: str, static_argnums=()):
-    """Wrap a module class with ``nn.remat`` under a named policy ("none" leaves it as is)."""
-    if policy not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat policy {policy!r}; choose from {sorted(REMAT_POLICIES)}")
-    if policy == "none":
-        return module_cls
-    return nn.remat(module_cls, policy=REMAT_POLICIES[policy], prevent_cse=False, static_argnums=static_argnums)

@@ -1,4 +1,4 @@
-"""Pre-training initialisation from separate checkpoints, as the official trainer does (BAGEL.md 9.4).
+"""Pre-training initialisation from separate checkpoints, as the official trainer does (porting reference 9.4).
 
 ``train.init: {qwen2: PATH, siglip: PATH, ae: PATH}`` (each optional; missing parts stay randomly
 initialised) where PATH is a ``.safetensors`` file or a folder of them (sharded HF checkpoints):
@@ -28,8 +28,9 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 
-from ..convert import checkpoint as conv
+from ..convert import official as conv
 from ..convert import keymap
 from ..convert.safetensors_io import SafeTensorsFile
 from ..models import flux_vae, qwen2_mot, siglip_navit
@@ -77,7 +78,7 @@ class _View:
 
 
 def _load(view: _View, entries, expected, shardings) -> dict:
-    """Checked load of ``entries`` from ``view`` (same checks as ``convert.checkpoint.load_params``)."""
+    """Checked load of ``entries`` from ``view`` (same checks as ``convert.official.load_params``)."""
     flat_exp = conv._flatten(expected)
     wanted = set(keymap.group_by_leaf(entries))
     expected = conv._unflatten({p: v for p, v in flat_exp.items() if p in wanted})
@@ -157,8 +158,9 @@ def init_from_components(init: dict, cfg, model, vae, param_sh, vae_sh, seed: in
             return k
 
         def conv_to_linear(w):
+            # HF Conv2d patch embedding -> our Linear over flattened (py, px, c) patches (siglip_navit.patchify)
             w = np.asarray(w)
-            return w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1) if w.ndim == 4 else w
+            return rearrange(w, "d c py px -> d (py px c)") if w.ndim == 4 else w
 
         view = _View(init["siglip"], rename=rename,
                      transform={"embeddings.patch_embedding.weight": conv_to_linear})

@@ -1,4 +1,5 @@
-"""The training driver behind ``train.py``: config, mesh, init or resume, the step loop, logging, export.
+"""The training driver behind ``train.py`` (command line: :mod:`.cli`; config: :mod:`.run_config`; step
+accounting: :mod:`.metrics`): mesh and modules, init or resume, the step loop, checkpoints, export.
 
 Resume rule: if ``WORKDIR/checkpoints`` holds a complete checkpoint, the latest one is restored (params,
 EMA, optimiser state, step, rng, data-iterator state) and training continues until ``--steps``; lines of
@@ -11,146 +12,46 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
 from typing import Any, Optional
 
-import numpy as np
+import jax
+import jax.numpy as jnp
 import yaml
-from ..config import load_yaml
+from tqdm import tqdm
+
+from .. import sharding as shd
+from ..config import BagelConfig
+from ..convert import official as conv
+from ..data.loader import PackedIterator, Prefetcher, describe_state
+from ..inference.api import INFERENCE_DEFAULTS_FILE
+from ..loading import build_modules, load_model, vae_param_shapes
+from ..models import flux_vae
+from ..models.bagel import init_params as bagel_init
+from ..models.bagel import param_shapes
+from ..tokenizer import load_tokenizer
+from . import optimizer as O
+from . import step as S
+from .init import init_from_components
+from .metrics import MetricsWriter, is_main, peak_flops_per_device, step_flops, step_record
+from .run_checkpoint import Checkpointer, TrainCheckpointError, export_ema
+from .run_config import TrainSetupError, load_train_config
 
 log = logging.getLogger("bagel_jax.train")
 
 
-class TrainSetupError(ValueError):
-    """Bad command line / config / workdir."""
-
-
 # -------------------------------------------------------------------------------------------------
-# Config
-# -------------------------------------------------------------------------------------------------
-
-def parse_value(v: str):
-    try:
-        return load_yaml(v)
-    except yaml.YAMLError:
-        return v
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """``section.key=value`` (value parsed as YAML) into the raw config dict."""
-    raw = json.loads(json.dumps(raw))
-    for ov in overrides:
-        if "=" not in ov:
-            raise TrainSetupError(f"override {ov!r}: expected key=value, e.g. train.lr=2e-5")
-        key, val = ov.split("=", 1)
-        parts = key.strip().split(".")
-        if parts[0] not in ("model", "train", "data"):
-            raise TrainSetupError(f"override {ov!r}: key must start with model., train. or data.")
-        d = raw
-        for p in parts[:-1]:
-            d = d.setdefault(p, {})
-            if not isinstance(d, dict):
-                raise TrainSetupError(f"override {ov!r}: {p} is not a section")
-        d[parts[-1]] = parse_value(val)
-    return raw
-
-
-def load_train_config(path: str, overrides: list[str]):
-    from ..config import config_from_dict
-    from ..data.loader import DataConfig
-    from .optimizer import TrainConfig
-
-    if not os.path.isfile(path):
-        raise TrainSetupError(f"config file not found: {path}")
-    with open(path) as f:
-        raw = load_yaml(f) or {}
-    if not isinstance(raw, dict) or "model" not in raw:
-        raise TrainSetupError(f"{path}: expected a mapping with a 'model:' section (and optional train:, data:)")
-    raw = apply_overrides(raw, overrides)
-    cfg = config_from_dict(raw["model"], path)
-    tc = TrainConfig.from_dict(raw.get("train") or {})
-    dc = DataConfig.from_dict(raw.get("data") or {})
-    return raw, cfg, tc, dc
-
-
-# -------------------------------------------------------------------------------------------------
-# FLOPs / MFU
-# -------------------------------------------------------------------------------------------------
-
-PEAK_TFLOPS = {"v5p": 459.0, "v5e": 197.0, "v5 lite": 197.0, "v6e": 918.0, "v4": 275.0, "h100": 989.0,
-               "h200": 989.0, "a100": 312.0, "cpu": 0.1}
-
-
-def peak_flops_per_device(tc) -> float:
-    if tc.peak_tflops_per_device:
-        return tc.peak_tflops_per_device * 1e12
-    import jax
-
-    kind = jax.devices()[0].device_kind.lower()
-    for k, v in PEAK_TFLOPS.items():
-        if k in kind:
-            return v * 1e12
-    return PEAK_TFLOPS["cpu"] * 1e12 if jax.devices()[0].platform == "cpu" else 100e12
-
-
-def step_flops(cfg, batch: dict) -> float:
-    """Model FLOPs of one step (forward + backward = 3x forward), counting the work a step needs, once:
-
-    * every real (non-padding) token through one expert's projections and MLP per layer (training runs
-      expert streams, so each token's expert runs once; the ``select`` test path would run twice this);
-    * decoder attention over the *allowed* (query, key) pairs of the BAGEL mask
-      (:func:`bagel_jax.data.packing.allowed_pairs`; QK^T and PV), not over a padded ``L x L`` square:
-      dense attention computes more, a block-skipping kernel slightly more, so this is the honest MFU
-      numerator (padding slots and masked pairs are waste, not work);
-    * the LM head on real CE tokens, the ViT (projections, MLP, full attention within each image) and
-      connector on real ViT tokens, ``vae2llm`` / ``llm2vae`` on real latent tokens.
-
-    Not counted: the frozen VAE encoder, norms, RoPE, softmax and the timestep embedder (all small
-    next to the matmuls at BAGEL sizes).
-    """
-    from ..data.packing import allowed_pairs
-
-    llm, vit = cfg.llm, cfg.vit
-    D, F, nl = llm.hidden_size, llm.intermediate_size, llm.num_hidden_layers
-    H, K, dh = llm.num_attention_heads, llm.num_key_value_heads, llm.head_dim
-    per_tok_layer = 2 * (D * (H + 2 * K) * dh + H * dh * D + 3 * D * F)
-    seg = np.asarray(batch["seg"])
-    tokens = float((seg > 0).sum())
-    pairs = float(allowed_pairs(seg, batch["vis"], batch["nblk"]).sum())
-    attn = 4.0 * nl * H * dh * pairs
-    n_ce = float(np.asarray(batch["ce_valid"]).sum())
-    vit_seg = np.asarray(batch["vit_seg"])
-    vit_seg = vit_seg.reshape(-1, vit_seg.shape[-1]) if vit_seg.size else np.zeros((1, 0), np.int32)
-    n_vit = float((vit_seg > 0).sum())
-    vit_pairs = float(sum((np.bincount(r[r > 0]) ** 2).sum() for r in vit_seg))
-    Dv = vit.hidden_size
-    vit_fwd = n_vit * (vit.num_hidden_layers * 2 * (4 * Dv * Dv + 2 * Dv * vit.intermediate_size)
-                       + 2 * (Dv * D + D * D)) + 4.0 * vit.num_hidden_layers * Dv * vit_pairs
-    vae_dest = np.asarray(batch["vae_dest"])
-    flat = int(np.prod(seg.shape[-2:]))
-    n_lat = float((vae_dest < flat).sum())
-    lat_fwd = n_lat * 2 * 2 * cfg.patch_latent_dim * D
-    fwd = tokens * nl * per_tok_layer + attn + n_ce * 2 * D * llm.vocab_size + vit_fwd + lat_fwd
-    return 3.0 * fwd
-
-
-# -------------------------------------------------------------------------------------------------
-# Init
+# Init and export
 # -------------------------------------------------------------------------------------------------
 
 def _export(ema, cfg, vae_params, out: str, tokenizer, init) -> None:
     """EMA weights as an official folder; a model folder given as ``train.init`` passes on its optional
     ``inference.json`` (image-size defaults of small models, :func:`bagel_jax.inference.api.folder_defaults`)."""
-    import shutil
-
-    from ..inference.api import INFERENCE_DEFAULTS_FILE
-    from .checkpoint import export_ema
-
     export_ema(ema, cfg, vae_params, out, tokenizer)
     if isinstance(init, str) and os.path.isfile(os.path.join(init, INFERENCE_DEFAULTS_FILE)):
         shutil.copy(os.path.join(init, INFERENCE_DEFAULTS_FILE), os.path.join(out, INFERENCE_DEFAULTS_FILE))
@@ -159,17 +60,10 @@ def _export(ema, cfg, vae_params, out: str, tokenizer, init) -> None:
 
 def init_params(tc, cfg, model, vae, param_sh, vae_sh):
     """Initial (params, vae_params, tokenizer_or_None) per ``train.init``."""
-    import jax
-    import jax.numpy as jnp
-
-    from ..loading import load_model
-
     init = tc.init
     if init in (None, "random"):
         # Same keys as loading.random_model, but jitted: each leaf is created directly on its sharding
         # (no host copy of a large model) and the init program lands in the compilation cache.
-        from ..models.bagel import init_params as bagel_init
-
         k1, k2 = jax.random.split(jax.random.PRNGKey(tc.seed))
         params = jax.jit(lambda k: bagel_init(model, k), out_shardings=param_sh)(k1)
         ds = cfg.vae.downsample
@@ -186,72 +80,17 @@ def init_params(tc, cfg, model, vae, param_sh, vae_sh):
                                   "model: section (use the folder's shapes)")
         return bm.params, bm.vae_params, bm.tokenizer
     if isinstance(init, dict):
-        from .init import init_from_components
-
         return init_from_components(init, cfg, model, vae, param_sh, vae_sh, tc.seed)
     raise TrainSetupError(f"train.init: expected 'random', a model folder, or {{qwen2:, siglip:, ae:}}, got {init!r}")
 
 
-# -------------------------------------------------------------------------------------------------
-# Metrics
-# -------------------------------------------------------------------------------------------------
-
-class MetricsWriter:
-    def __init__(self, workdir: str, resume_step: int):
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self.enabled = _is_main()
-        if self.enabled and os.path.isfile(self.path):
-            keep = []
-            with open(self.path) as f:
-                for line in f:
-                    try:
-                        if json.loads(line).get("step", 0) <= resume_step:
-                            keep.append(line)
-                    except json.JSONDecodeError:
-                        pass
-            with open(self.path, "w") as f:
-                f.writelines(keep)
-        self.f = open(self.path, "a") if self.enabled else None
-        self.tb = None
-        if self.enabled:
-            try:
-                from tensorboardX import SummaryWriter  # optional
-
-                self.tb = SummaryWriter(os.path.join(workdir, "tb"))
-            except Exception:
-                self.tb = None
-
-    def write(self, rec: dict) -> None:
-        if not self.enabled:
-            return
-        self.f.write(json.dumps(rec) + "\n")
-        self.f.flush()
-        if self.tb is not None:
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, rec["step"])
-
-    def close(self):
-        if self.f:
-            self.f.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _is_main() -> bool:
-    import jax
-
-    return jax.process_index() == 0
-
 
 # -------------------------------------------------------------------------------------------------
-# Main loop
+# Setup: config, mesh, modules, optimiser; then a fresh start or the latest checkpoint
 # -------------------------------------------------------------------------------------------------
 
-def run(args: argparse.Namespace) -> dict:
-    import jax
-    import jax.numpy as jnp
-
+def configure_jax(args: argparse.Namespace) -> None:
+    """Persistent compilation cache and multi-host init; must run before the first JAX computation."""
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -259,17 +98,29 @@ def run(args: argparse.Namespace) -> dict:
     if args.multihost:
         jax.distributed.initialize()
 
-    from .. import sharding as shd
-    from ..convert import checkpoint as conv
-    from ..data.loader import PackedIterator, Prefetcher, describe_state
-    from ..loading import build_modules, vae_param_shapes
-    from ..models import flux_vae
-    from ..models.bagel import param_shapes
-    from ..tokenizer import load_tokenizer
-    from . import optimizer as O
-    from . import step as S
-    from .checkpoint import Checkpointer, TrainCheckpointError
 
+@dataclasses.dataclass
+class RunSetup:
+    """Everything a run builds from its config before touching weights or data."""
+
+    raw: dict                 # the YAML after overrides (written to WORKDIR/config.yaml on a fresh start)
+    cfg: BagelConfig
+    tc: Any                   # TrainConfig
+    dc: Any                   # DataConfig
+    mesh: Any
+    model: Any                # Bagel module (compute dtype, float32 params)
+    vae: Any                  # FLUX autoencoder module (frozen)
+    shapes: Any               # param ShapeDtypeStructs of ``model``
+    mask: Any                 # trainable-leaf mask of ``shapes``
+    schedule: Any             # lr schedule
+    opt: Any                  # optax optimiser
+    abstract: Any             # abstract train state
+    ssh: Any                  # train-state shardings
+    vshapes: Any              # VAE param shapes
+    vsh: Any                  # VAE param shardings
+
+
+def build_setup(args: argparse.Namespace) -> RunSetup:
     overrides = list(args.overrides)
     if args.save_every is not None:
         overrides.append(f"train.save_every={args.save_every}")
@@ -281,43 +132,60 @@ def run(args: argparse.Namespace) -> dict:
     if dc.packs_per_step % nshard:
         raise TrainSetupError(f"data.packs_per_step={dc.packs_per_step} must be divisible by data*fsdp={nshard}")
     os.makedirs(args.workdir, exist_ok=True)
-    compute = O.DTYPES[tc.compute_dtype]
-    model, vae = build_modules(cfg, dtype=compute, param_dtype=jnp.float32, remat_policy=tc.remat_policy,
-                               attention_impl=tc.attention_impl)
+    model, vae = build_modules(cfg, dtype=O.DTYPES[tc.compute_dtype], param_dtype=jnp.float32,
+                               remat_policy=tc.remat_policy, attention_impl=tc.attention_impl)
     shapes = param_shapes(model)
     mask = O.trainable_mask(shapes, tc)
-    schedule = O.lr_schedule(tc, args.steps)
     opt = O.make_optimizer(tc, mask, args.steps)
     abstract = S.abstract_state(shapes, opt, tc.seed)
-    ssh = S.state_shardings(abstract, mesh)
     vshapes = vae_param_shapes(vae)
-    vsh = shd.tree_shardings(vshapes, mesh)
-    ae_path = os.path.join(args.workdir, "ae.safetensors")
+    return RunSetup(raw=raw, cfg=cfg, tc=tc, dc=dc, mesh=mesh, model=model, vae=vae, shapes=shapes, mask=mask,
+                    schedule=O.lr_schedule(tc, args.steps), opt=opt, abstract=abstract,
+                    ssh=S.state_shardings(abstract, mesh), vshapes=vshapes,
+                    vsh=shd.tree_shardings(vshapes, mesh))
 
-    ckpt = Checkpointer(os.path.join(args.workdir, "checkpoints"), keep=tc.keep_checkpoints,
-                        async_save=not args.sync_save)
+
+@dataclasses.dataclass
+class RunStart:
+    """Where the step loop begins."""
+
+    state: dict               # train state (params, ema, opt_state, step, rng)
+    vae_params: Any
+    tokenizer: Any
+    data_state: Optional[dict]  # data-iterator state of the checkpoint; None on a fresh start
+    step: int
+    resumed: bool
+
+
+def start_or_resume(args: argparse.Namespace, su: RunSetup, ckpt: Checkpointer) -> RunStart:
+    """A fresh start (``train.init``, frozen VAE written to ``WORKDIR/ae.safetensors``) or the latest
+    complete checkpoint; then the tokenizer, checked against the model's vocabulary."""
+    cfg, tc = su.cfg, su.tc
+    ae_path = os.path.join(args.workdir, "ae.safetensors")
     latest = ckpt.latest()
     tokenizer = None
     if latest is None:
-        if os.path.isfile(os.path.join(args.workdir, "metrics.jsonl")) and os.path.getsize(
-                os.path.join(args.workdir, "metrics.jsonl")):
+        mpath = os.path.join(args.workdir, "metrics.jsonl")
+        if os.path.isfile(mpath) and os.path.getsize(mpath):
             log.warning("%s has metrics but no complete checkpoint: starting from step 0", args.workdir)
-        params, vae_params, tokenizer = init_params(tc, cfg, model, vae, ssh["params"], vsh)
-        if _is_main():
+        params, vae_params, tokenizer = init_params(tc, cfg, su.model, su.vae, su.ssh["params"], su.vsh)
+        if is_main():
             conv.export_params(vae_params, flux_vae.key_map(cfg.vae), ae_path)
-        state, _ = S.init_state(params, opt, tc.seed, mesh)
+        state, _ = S.init_state(params, su.opt, tc.seed, su.mesh)
         del params
         data_state = None
         with open(os.path.join(args.workdir, "config.yaml"), "w") as f:
-            yaml.safe_dump(raw, f, sort_keys=False)
+            yaml.safe_dump(su.raw, f, sort_keys=False)
         start = 0
         print(f"[train] fresh start in {args.workdir} (init: {tc.init})", flush=True)
     else:
-        target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, ssh)
+        target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                        su.abstract, su.ssh)
         state, data_state = ckpt.restore(latest, target)
         if not os.path.isfile(ae_path):
             raise TrainCheckpointError(f"{ae_path} is missing (the frozen VAE weights of this run)")
-        vae_params = conv.load_params(ae_path, flux_vae.key_map(cfg.vae), vshapes, dtype=jnp.float32, shardings=vsh)
+        vae_params = conv.load_params(ae_path, flux_vae.key_map(cfg.vae), su.vshapes, dtype=jnp.float32,
+                                      shardings=su.vsh)
         start = int(jax.device_get(state["step"]))
         if start != latest:
             raise TrainCheckpointError(f"checkpoint {latest} holds step {start}")
@@ -329,28 +197,59 @@ def run(args: argparse.Namespace) -> dict:
     top = max(tokenizer.special.__dict__.values())
     if top >= cfg.llm.vocab_size:
         raise TrainSetupError(f"tokenizer id {top} does not fit the model vocab_size {cfg.llm.vocab_size}")
+    return RunStart(state=state, vae_params=vae_params, tokenizer=tokenizer, data_state=data_state, step=start,
+                    resumed=latest is not None)
 
-    metrics = MetricsWriter(args.workdir, start)
-    if args.steps <= start:
-        print(f"[train] nothing to do: already at step {start} >= --steps {args.steps}", flush=True)
-        result = dict(step=start)
+
+# -------------------------------------------------------------------------------------------------
+# Main loop
+# -------------------------------------------------------------------------------------------------
+
+def run(args: argparse.Namespace) -> dict:
+    """One invocation of ``train.py``: train from the start (or the latest checkpoint) to ``--steps``."""
+    configure_jax(args)
+    su = build_setup(args)
+    ckpt = Checkpointer(os.path.join(args.workdir, "checkpoints"), keep=su.tc.keep_checkpoints,
+                        async_save=not args.sync_save)
+    st = start_or_resume(args, su, ckpt)
+    metrics = MetricsWriter(args.workdir, st.step)
+    if args.steps <= st.step:
+        print(f"[train] nothing to do: already at step {st.step} >= --steps {args.steps}", flush=True)
         if args.export:
-            _export(state["ema"], cfg, vae_params, args.export, tokenizer, tc.init)
+            _export(st.state["ema"], su.cfg, st.vae_params, args.export, st.tokenizer, su.tc.init)
         ckpt.close()
         metrics.close()
-        return result
+        return dict(step=st.step)
+    return train_steps(args, su, st, ckpt, metrics)
 
-    it = PackedIterator(args.data, dc, cfg, tokenizer, accum=tc.accum_steps, shard=jax.process_index(),
+
+def _log_step(args, bar, step: int, m: dict, rec: dict, dstate: dict) -> None:
+    bar.update(1)
+    bar.set_postfix(ce=f"{m['loss_ce']:.3f}", mse=f"{m['loss_mse']:.3f}", gn=f"{m['grad_norm']:.2f}",
+                    lr=f"{m['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}", mfu=f"{rec['mfu']:.1%}")
+    if args.log_every and step % args.log_every == 0 and (args.no_progress or not sys.stderr.isatty()):
+        print(f"[train] step {step} ce {m['loss_ce']:.4f} mse {m['loss_mse']:.4f} gnorm {m['grad_norm']:.3f} "
+              f"lr {m['lr']:.3e} tok/s {rec['tokens_per_s']:.0f} mfu {rec['mfu']:.2%} data[{describe_state(dstate)}]",
+              flush=True)
+
+
+def train_steps(args: argparse.Namespace, su: RunSetup, st: RunStart, ckpt: Checkpointer,
+                metrics: MetricsWriter) -> dict:
+    """The step loop from ``st.step`` to ``--steps``: checkpoints every ``train.save_every`` and at the end,
+    on SIGTERM / Ctrl-C (then stops) and on an exception (then re-raises); exports at the end."""
+    cfg, tc, dc, mesh = su.cfg, su.tc, su.dc, su.mesh
+    it = PackedIterator(args.data, dc, cfg, st.tokenizer, accum=tc.accum_steps, shard=jax.process_index(),
                         num_shards=jax.process_count())
-    if data_state is not None:
-        it.set_state(data_state)
+    if st.data_state is not None:
+        it.set_state(st.data_state)
     pre = Prefetcher(it, dc.prefetch)
-    special = S.special_weights_by_id(tc, tokenizer)
-    step_fn = S.jit_train_step(S.make_train_step(model, vae, tc, mask, opt, schedule, special, ssh["params"]),
-                               ssh, mesh, vsh, seq_parallel=tc.seq_parallel)
+    special = S.special_weights_by_id(tc, st.tokenizer)
+    step_fn = S.jit_train_step(S.make_train_step(su.model, su.vae, tc, su.mask, su.opt, su.schedule, special,
+                                                 su.ssh["params"]),
+                               su.ssh, mesh, su.vsh, seq_parallel=tc.seq_parallel)
     peak = peak_flops_per_device(tc) * jax.device_count()
-    n_train = O.count_params(shapes, mask)
-    print(f"[train] mesh {dict(mesh.shape)}, {O.count_params(shapes) / 1e6:.2f}M params "
+    n_train = O.count_params(su.shapes, su.mask)
+    print(f"[train] mesh {dict(mesh.shape)}, {O.count_params(su.shapes) / 1e6:.2f}M params "
           f"({n_train / 1e6:.2f}M trainable), packs/step {dc.packs_per_step} x accum {tc.accum_steps}", flush=True)
 
     stop = {"sig": None}
@@ -359,13 +258,11 @@ def run(args: argparse.Namespace) -> dict:
         stop["sig"] = signum
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    from tqdm import tqdm
-
-    bar = tqdm(total=args.steps, initial=start, desc="train", disable=not _is_main() or args.no_progress,
+    bar = tqdm(total=args.steps, initial=st.step, desc="train", disable=not is_main() or args.no_progress,
                dynamic_ncols=True)
-    step = start
-    saved = start if latest is not None else -1
-    dstate = data_state
+    state, vae_params, step, dstate = st.state, st.vae_params, st.step, st.data_state
+    st.state = None  # the loop's `state` replaces it each step; keep no second reference to the start state
+    saved = st.step if st.resumed else -1
     last = {}
     fail_at = args.debug_fail_at
     try:
@@ -380,23 +277,9 @@ def run(args: argparse.Namespace) -> dict:
             dt = time.perf_counter() - t0
             step += 1
             dstate = dstate_next
-            compiled = len(step_fn.cache) > n_compiled
-            tok_s = ntok * jax.process_count() / dt
-            rec = dict(step=step, loss=m["loss"], loss_ce=m["loss_ce"], loss_mse=m["loss_mse"],
-                       grad_norm=m["grad_norm"], lr=m["lr"], tokens=int(ntok * jax.process_count()),
-                       ce_tokens=int(m["n_ce"]), mse_tokens=int(m["n_mse"]), step_time=dt,
-                       tokens_per_s=tok_s, mfu=flops * jax.process_count() / dt / peak, compiled=compiled,
-                       data_skipped=int(sum(dstate["skipped"].values())), data_too_long=int(dstate["too_long"]),
-                       data_dropped=int(dstate["dropped"]))
-            metrics.write(rec)
-            last = rec
-            bar.update(1)
-            bar.set_postfix(ce=f"{m['loss_ce']:.3f}", mse=f"{m['loss_mse']:.3f}", gn=f"{m['grad_norm']:.2f}",
-                            lr=f"{m['lr']:.2e}", tok_s=f"{tok_s:.0f}", mfu=f"{rec['mfu']:.1%}")
-            if args.log_every and step % args.log_every == 0 and (args.no_progress or not sys.stderr.isatty()):
-                print(f"[train] step {step} ce {m['loss_ce']:.4f} mse {m['loss_mse']:.4f} gnorm {m['grad_norm']:.3f} "
-                      f"lr {m['lr']:.3e} tok/s {tok_s:.0f} mfu {rec['mfu']:.2%} data[{describe_state(dstate)}]",
-                      flush=True)
+            last = step_record(step, m, ntok, dt, flops, peak, len(step_fn.cache) > n_compiled, dstate)
+            metrics.write(last)
+            _log_step(args, bar, step, m, last, dstate)
             if fail_at is not None and step == fail_at:
                 raise RuntimeError(f"--debug-fail-at {fail_at}: simulated failure")
             if step % tc.save_every == 0 or step == args.steps:
@@ -426,69 +309,12 @@ def run(args: argparse.Namespace) -> dict:
         for s, h in old.items():
             signal.signal(s, h)
     if stop["sig"] is None and step == args.steps and args.export:
-        _export(state["ema"], cfg, vae_params, args.export, tokenizer, tc.init)
+        _export(state["ema"], cfg, vae_params, args.export, st.tokenizer, tc.init)
     return dict(step=step, last=last, saved=saved)
 
 
 def _state_alive(state) -> bool:
-    import jax
-
     try:
         return not any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree_util.tree_leaves(state))
     except Exception:  # pragma: no cover
         return False
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="train.py",
-        description="Train BAGEL (pre-training or fine-tuning) on packed multimodal data in the official formats. "
-                    "Rerunning with the same --workdir resumes from its latest checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--config", required=True,
-                    help="YAML with a model: section (shapes, as configs/tiny.yaml) and optional train: / data: "
-                         "sections (see bagel_jax/train/optimizer.py TrainConfig and bagel_jax/data/loader.py DataConfig)")
-    ap.add_argument("--data", required=True,
-                    help="data folder with dataset.yaml (groups t2i_pretrain / unified_edit / vlm_sft) and, unless "
-                         "train.init is a model folder, tokenizer/ (python -m bagel_jax.data.synthetic writes one)")
-    ap.add_argument("--workdir", required=True,
-                    help="run folder: checkpoints/, metrics.jsonl, config.yaml, ae.safetensors (frozen VAE)")
-    ap.add_argument("--steps", type=int, required=True,
-                    help="total optimiser steps of the run (not additional steps); rerun with a larger value to continue")
-    ap.add_argument("--save-every", type=int, default=None,
-                    help="checkpoint every N steps (default: train.save_every); the last step is always saved")
-    ap.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1",
-                    help="device mesh sizes data=D,fsdp=F,tensor=T (product = device count; one may be -1 = the rest)")
-    ap.add_argument("--export", default=None,
-                    help="after the last step write the EMA weights as an official model folder here "
-                         "(ema.safetensors, ae.safetensors, config + tokenizer files)")
-    ap.add_argument("--compile-cache", default=os.environ.get("JAX_COMPILATION_CACHE_DIR"),
-                    help="persistent XLA compilation cache folder (reused across restarts)")
-    ap.add_argument("--multihost", action="store_true",
-                    help="call jax.distributed.initialize() first (multi-host TPU/GPU); each process reads its own "
-                         "shard of the data")
-    ap.add_argument("--sync-save", action="store_true", help="save checkpoints synchronously (default: asynchronous)")
-    ap.add_argument("--log-every", type=int, default=1,
-                    help="print a metrics line every N steps when there is no progress bar (always written to metrics.jsonl)")
-    ap.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bar (print lines instead)")
-    ap.add_argument("--debug-fail-at", type=int, default=None,
-                    help="testing hook: raise an error after step N (the state is checkpointed before exiting)")
-    ap.add_argument("overrides", nargs="*",
-                    help="config overrides section.key=value (value parsed as YAML), e.g. train.lr=2e-5 data.seed=1")
-    return ap
-
-
-def main(argv=None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_intermixed_args(argv)
-    from ..config import ConfigError
-    from ..data.datasets import DataConfigError
-    from ..sharding import MeshError
-    from .checkpoint import TrainCheckpointError
-
-    try:
-        run(args)
-    except (TrainSetupError, ConfigError, DataConfigError, MeshError, TrainCheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    return 0

@@ -1,4 +1,4 @@
-"""Training hyper-parameters, the optax optimiser, freezing masks and EMA (BAGEL.md 9.4, 9.5).
+"""Training hyper-parameters, the optax optimiser, freezing masks and EMA (porting reference 9.4, 9.5).
 
 Official defaults: AdamW lr 1e-4, betas (0.9, 0.95), eps 1e-15, weight decay 0; linear warm-up
 (2000 steps) then constant, or cosine down to ``min_lr`` 1e-7; global-norm clipping 1.0; EMA decay
@@ -26,6 +26,7 @@ import optax
 
 from ..config import ConfigError
 from ..nn.attention import IMPLEMENTATIONS
+from ..nn.options import REMAT_POLICIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,9 @@ class TrainConfig:
             raise ConfigError(f"train: trainable must be 'all' or 'connector', got {self.trainable!r}")
         if self.compute_dtype not in ("bfloat16", "float32"):
             raise ConfigError(f"train: compute_dtype must be bfloat16 or float32, got {self.compute_dtype!r}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ConfigError(f"train: remat_policy must be one of {', '.join(REMAT_POLICIES)}; "
+                              f"got {self.remat_policy!r}")
         if self.attention_impl != "auto" and self.attention_impl not in IMPLEMENTATIONS:
             raise ConfigError(f"train: attention_impl must be one of auto, {', '.join(IMPLEMENTATIONS)}; "
                               f"got {self.attention_impl!r}")

@@ -11,7 +11,7 @@ State (a plain dict pytree, so orbax saves it as is)::
 A step consumes a batch with arrays ``[accum, packs, ...]`` (one packed row per pack). Each pack goes
 through :func:`bagel_jax.train.forward.train_forward` (the code path the parity verifier checks) under
 ``jax.vmap``; losses are re-normalised by the *global* token counts of the micro-batch (official
-normalisation, BAGEL.md 9.2.7), micro-batches are accumulated with ``lax.scan`` (loss / accum).
+normalisation, porting reference 9.2.7), micro-batches are accumulated with ``lax.scan`` (loss / accum).
 The noise of pack ``g`` of micro-batch ``a`` comes from ``fold_in(fold_in(fold_in(rng, step), a), g)``,
 so results do not depend on the device layout.
 

@@ -1,10 +1,10 @@
 """Write the starting point of a from-scratch run as an official folder: random BAGEL weights, a
 trained autoencoder and a tokenizer (then train with ``train.init: <that folder>``).
 
-    python -m bagel_jax.train.demo_init --config configs/demo.yaml --vae VAE_DIR --tokenizer TOK_DIR --out DIR \
+    python -m bagel_jax.demo.init_folder --config configs/demo.yaml --vae VAE_DIR --tokenizer TOK_DIR --out DIR \
         [--siglip VIT_DIR]
 
-``VAE_DIR`` is the output of ``python -m bagel_jax.train.vae_train`` (``ae.safetensors`` +
+``VAE_DIR`` is the output of ``python -m bagel_jax.demo.vae_train`` (``ae.safetensors`` +
 ``vae_config.json``); its config must equal the ``model.vae`` section of ``--config``. The folder also gets
 an ``inference.json`` with the synthetic world's image sizes (``--size``: VAE side, ViT side
 ``synthetic.vit_side``), which ``train.py --export`` passes on to the trained model.
@@ -22,16 +22,16 @@ import jax
 import jax.numpy as jnp
 
 from ..config import ConfigError, VAEConfig, load_config
-from ..convert.checkpoint import load_params
-from ..data import synthetic
+from ..convert.official import load_params
 from ..inference.api import INFERENCE_DEFAULTS_FILE
 from ..loading import random_model, save_model, vae_param_shapes
 from ..models import flux_vae
 from ..tokenizer import load_tokenizer
+from . import synthetic
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bagel_jax.train.demo_init", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m bagel_jax.demo.init_folder", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML with the model: section")
     ap.add_argument("--vae", required=True, help="folder with ae.safetensors and vae_config.json (vae_train output)")
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     m.vae_params = load_params(os.path.join(args.vae, "ae.safetensors"), flux_vae.key_map(cfg.vae),
                                vae_param_shapes(vae), dtype=jnp.float32)
     if args.siglip:
-        from .init import InitError, init_from_components
+        from ..train.init import InitError, init_from_components
 
         try:
             m.params, _, _ = init_from_components({"siglip": args.siglip}, cfg, m.model, vae, None, None, args.seed,

@@ -5,7 +5,7 @@ files ``transformers`` writes beside them) that :func:`bagel_jax.tokenizer.load_
 official Qwen2 tokenizer: same pre-tokenisation regex, byte-level alphabet, and the special tokens
 ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``, ``<|vision_start|>``, ``<|vision_end|>``.
 
-Usage: ``python -m bagel_jax.data.tokenizer_build --texts FILE --out DIR --vocab-size 560``.
+Usage: ``python -m bagel_jax.demo.tokenizer_build --texts FILE --out DIR --vocab-size 560``.
 """
 
 from __future__ import annotations

@@ -13,10 +13,15 @@ model) raises :class:`TrainCheckpointError` naming the step directory; we never 
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any, Optional
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from ..loading import BagelModel, build_modules, save_model
 
 ITEMS = ("state", "data")
 
@@ -27,9 +32,6 @@ class TrainCheckpointError(RuntimeError):
 
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
-        import orbax.checkpoint as ocp
-
-        self.ocp = ocp
         self.directory = os.path.abspath(directory)
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
         self.mngr = ocp.CheckpointManager(self.directory, options=opts, item_names=ITEMS)
@@ -41,7 +43,6 @@ class Checkpointer:
         return self.mngr.latest_step()
 
     def save(self, step: int, state: Any, data_state: dict, force: bool = True) -> bool:
-        ocp = self.ocp
         return self.mngr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                                  data=ocp.args.JsonSave(data_state)), force=force)
 
@@ -68,7 +69,6 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """Restore ``step`` onto the shardings of ``abstract_state`` (a tree of ``jax.ShapeDtypeStruct``
         with ``sharding``). Raises :class:`TrainCheckpointError` on anything unreadable."""
-        ocp = self.ocp
         d = self._check(step)
         try:
             out = self.mngr.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
@@ -94,8 +94,6 @@ class Checkpointer:
 def to_host(tree: Any) -> Any:
     """Gather a (possibly sharded, possibly multi-host) tree to host numpy arrays."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         return jax.tree_util.tree_map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
     return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), tree)
 
@@ -103,8 +101,6 @@ def to_host(tree: Any) -> Any:
 def export_ema(ema_params: Any, cfg, vae_params: Any, out: str, tokenizer=None, dtype=None) -> str:
     """Write ``ema_params`` as an official folder (``ema.safetensors``, ``ae.safetensors``, config files,
     tokenizer) that :func:`bagel_jax.loading.load_model` and the official code load."""
-    from ..loading import BagelModel, build_modules, save_model
-
     model, vae = build_modules(cfg)
     host = to_host(ema_params)
     vae_host = to_host(vae_params)
@@ -113,8 +109,6 @@ def export_ema(ema_params: Any, cfg, vae_params: Any, out: str, tokenizer=None, 
         # The official loader reads the slow Qwen2 files (vocab.json + merges.txt); copy them from the source.
         src = getattr(getattr(tokenizer, "hf", None), "name_or_path", None)
         if src and os.path.isdir(src):
-            import shutil
-
             for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
                 if os.path.isfile(os.path.join(src, name)):
                     shutil.copyfile(os.path.join(src, name), os.path.join(out, name))
@@ -128,7 +122,6 @@ def load_train_state(directory: str, step: Optional[int] = None) -> Any:
     if step is None:
         raise TrainCheckpointError(f"no checkpoint in {directory}")
     ck._check(step)
-    ocp = ck.ocp
     try:
         out = ck.mngr.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     except Exception as e:

@@ -11,7 +11,7 @@ shape class:
    star ~0.41).
 
 It knows nothing about how an image was made, only the palette and layout of
-:mod:`bagel_jax.data.synthetic`.
+:mod:`bagel_jax.demo.synthetic`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..data import synthetic as syn
+from . import synthetic as syn
 
 
 

@@ -1,6 +1,6 @@
 """Train a small FLUX-layout autoencoder on synthetic images (the first stage of the demo model).
 
-    python -m bagel_jax.train.vae_train --out DIR [--steps 600] [--batch 16] [--size 64] [--seed 0]
+    python -m bagel_jax.demo.vae_train --out DIR [--steps 600] [--batch 16] [--size 64] [--seed 0]
 
 The autoencoder keeps the official FLUX layout (same module, same tensor names), only smaller
 (``--ch``, ``--ch-mult``, ``--res-blocks``). Loss: L1 + L2 reconstruction of the posterior *sample*
@@ -25,14 +25,13 @@ import numpy as np
 import optax
 
 from ..config import VAEConfig
-from ..convert.checkpoint import export_params
+from ..convert.official import export_params
 from ..models import flux_vae
+from . import synthetic as syn
 
 
 def synthetic_batch(rng: np.random.Generator, batch: int, size: int) -> np.ndarray:
     """``[batch, size, size, 3]`` float32 in [-1, 1]: random training scenes of the synthetic world."""
-    from ..data import synthetic as syn
-
     out = np.zeros((batch, size, size, 3), np.float32)
     for i in range(batch):
         n = int(rng.integers(1, 4))
@@ -81,7 +80,7 @@ def latent_stats(vae: flux_vae.AutoEncoder, params, images: np.ndarray) -> tuple
 
 
 def write_vae_config(cfg: VAEConfig, folder: str) -> None:
-    """``folder/vae_config.json``: the autoencoder's config as ``demo_init`` reads it."""
+    """``folder/vae_config.json``: the autoencoder's config as ``init_folder`` reads it."""
     d = dataclasses.asdict(cfg)
     d["ch_mult"] = list(cfg.ch_mult)
     with open(os.path.join(folder, "vae_config.json"), "w") as f:
@@ -89,7 +88,7 @@ def write_vae_config(cfg: VAEConfig, folder: str) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bagel_jax.train.vae_train", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m bagel_jax.demo.vae_train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder (created)")
     ap.add_argument("--steps", type=int, default=600, help="optimizer steps")

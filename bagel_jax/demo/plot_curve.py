@@ -1,6 +1,6 @@
 """Plot a training run's CE and MSE curves (``WORKDIR/metrics.jsonl``) to a PNG, with PIL only.
 
-    python -m bagel_jax.eval.plot_curve RUN/metrics.jsonl OUT.png [--smooth 50]
+    python -m bagel_jax.demo.plot_curve RUN/metrics.jsonl OUT.png [--smooth 50]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def plot(series: dict, steps: np.ndarray, path: str, w: int = 720, h: int = 360)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bagel_jax.eval.plot_curve", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m bagel_jax.demo.plot_curve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("metrics", help="metrics.jsonl of a train.py run")
     ap.add_argument("out", help="output PNG")

@@ -1,6 +1,6 @@
 """Synthetic multimodal data in the official BAGEL formats: coloured shapes on backgrounds.
 
-``python -m bagel_jax.data.synthetic --out DIR --num N --seed S`` writes::
+``python -m bagel_jax.demo.synthetic --out DIR --num N --seed S`` writes::
 
     DIR/t2i/part-00000.parquet        text-to-image: columns image (PNG bytes), captions (JSON dict)
     DIR/edit/part-00000.parquet       editing: image_list (PNG bytes list), instruction_list (list of lists)

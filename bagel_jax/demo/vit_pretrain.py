@@ -1,6 +1,6 @@
 """Pre-train a small SigLIP vision tower on synthetic images (the ViT stage of the demo model).
 
-    python -m bagel_jax.train.vit_pretrain --config configs/demo.yaml --out DIR [--size 32] [--steps 600]
+    python -m bagel_jax.demo.vit_pretrain --config configs/demo.yaml --out DIR [--size 32] [--steps 600]
 
 The official BAGEL starts its ViT from a pre-trained SigLIP, whose patch features already say *where*
 they are. A ViT trained from scratch only through the language model does not learn that: the demo
@@ -18,7 +18,7 @@ excluded, rendered at ``--size`` and resized with the ViT transform of the data 
 Writes a Hugging Face SigLIP vision-tower folder (``DIR/model.safetensors`` with ``vision_model.*`` names
 and a Conv2d patch embedding, as in SigLIP checkpoints; ``DIR/config.json``; the heads are not saved)
 plus ``DIR/vit_metrics.jsonl``; load it with
-``python -m bagel_jax.train.demo_init --siglip DIR`` (or ``train.init: {siglip: DIR, ...}``).
+``python -m bagel_jax.demo.init_folder --siglip DIR`` (or ``train.init: {siglip: DIR, ...}``).
 """
 
 from __future__ import annotations
@@ -34,13 +34,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from einops import rearrange
 
 from ..config import ConfigError, load_config
 from ..convert import keymap
 from ..convert.safetensors_io import save_file
-from ..data import synthetic as syn
 from ..data.images import ImageTransform
 from ..models.siglip_navit import SiglipNavit, key_map, patchify
+from . import synthetic as syn
 
 
 def labels(objs, grid: int, max_side: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -118,8 +119,8 @@ def hf_tensors(vit_params, cfg) -> dict[str, np.ndarray]:
     out = {}
     p = cfg.vit.patch_size
     for k, v in tensors.items():
-        if k == "embeddings.patch_embedding.weight":   # Linear [D, (py, px, c)] -> Conv2d [D, c, py, px]
-            v = v.reshape(v.shape[0], p, p, -1).transpose(0, 3, 1, 2)
+        if k == "embeddings.patch_embedding.weight":   # our Linear -> HF Conv2d (inverse of train.init's)
+            v = rearrange(v, "d (py px c) -> d c py px", py=p, px=p)
         out["vision_model." + k] = np.ascontiguousarray(v, np.float32)
     return out
 
@@ -171,7 +172,7 @@ def train(cfg, out: str, size: int = 32, steps: int = 600, batch: int = 32, lr: 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bagel_jax.train.vit_pretrain", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m bagel_jax.demo.vit_pretrain", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML with the model: section (its vit: is trained)")
     ap.add_argument("--out", required=True, help="output folder (model.safetensors, config.json, vit_metrics.jsonl)")

@@ -1,9 +1,9 @@
 """Evaluate a model of the synthetic shapes world on the held-out (colour, shape, position) combinations.
 
-    python -m bagel_jax.eval.demo [--model-path DIR] [--size PX] [--num-timesteps 20] [--limit N] [--json OUT]
+    python -m bagel_jax.demo.evaluate [--model-path DIR] [--size PX] [--num-timesteps 20] [--limit N] [--json OUT]
 
 * generation: "a {colour} {shape} on the {position}" for every held-out combination; the generated
-  image is read by the pixel checker (:mod:`bagel_jax.eval.checker`): colour and position accuracy;
+  image is read by the pixel checker (:mod:`bagel_jax.demo.checker`): colour and position accuracy;
 * VQA: a rendered image of each held-out combination, asked "what colour is the {shape}?",
   "where is the {shape}?" and "how many shapes are there?"; exact-match accuracy;
 * editing: a training-distribution image edited into each held-out combination ("make the {shape}
@@ -24,8 +24,8 @@ from typing import Optional
 
 import numpy as np
 
-from ..data import synthetic as syn
 from ..data.images import ImageTransform
+from . import synthetic as syn
 from .checker import detect
 
 
@@ -115,7 +115,7 @@ def evaluate(pipe, size: int = 32, num_timesteps: int = 20, seed: int = 0, limit
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bagel_jax.eval.demo", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m bagel_jax.demo.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-path", default=None, help="model folder (default: the embedded demo model)")
     ap.add_argument("--size", type=int, default=None,

@@ -1,0 +1,69 @@
+"""Model-wide options, given once to :class:`bagel_jax.models.bagel.Bagel` and passed down unchanged.
+
+:class:`ModelOptions` holds what every module of the decoder and the ViT needs and no config file
+describes (the config is the architecture; these are how to run it): compute dtype, parameter dtype,
+activation-checkpointing (remat) policy and attention implementation. :data:`REMAT_POLICIES` is the
+one table of remat policies (decoder layers and ViT layers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .attention import validate_implementation
+
+# name -> jax.checkpoint policy (None: no remat). One table for every scanned layer stack.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,                 # recompute everything
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmul outputs
+    "dots_all": jax.checkpoint_policies.dots_saveable,                 # keep every matmul output
+}
+
+
+def validate_remat_policy(name: str) -> str:
+    """``name`` if it is a key of :data:`REMAT_POLICIES`, else a ValueError naming the choices."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {name!r}; choose one of {', '.join(REMAT_POLICIES)}")
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """How to run the model (hashable: a field of the Flax modules, part of jit cache keys).
+
+    Attributes:
+      dtype: compute dtype of activations and matmuls (norm statistics and softmax stay float32).
+      param_dtype: storage dtype of the parameters.
+      remat_policy: a key of :data:`REMAT_POLICIES`, applied to every decoder and ViT layer.
+      attention_impl: ``"auto"`` or an implementation of :func:`bagel_jax.nn.attention.attention`
+        (decoder and ViT).
+    Names are checked at construction, so a bad value fails where it is given, not at model build.
+    """
+
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat_policy: str = "none"
+    attention_impl: str = "auto"
+
+    def __post_init__(self):
+        object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+        object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
+        object.__setattr__(self, "attention_impl", validate_implementation(self.attention_impl))
+        validate_remat_policy(self.remat_policy)
+
+    def dense(self, features: int, use_bias: bool = True, name: str | None = None) -> nn.Dense:
+        """An ``nn.Dense`` in these dtypes."""
+        return nn.Dense(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+    def remat(self, module_cls, static_argnums=()):
+        """``module_cls`` wrapped with ``nn.remat`` under :attr:`remat_policy` (as is for "none")."""
+        if self.remat_policy == "none":
+            return module_cls
+        return nn.remat(module_cls, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False,
+                        static_argnums=static_argnums)

@@ -1,0 +1,66 @@
+"""The command line of ``train.py``: arguments, then :func:`bagel_jax.train.loop.run`; a bad command line,
+config, data folder, mesh or checkpoint exits with status 2 and one ``error:`` line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from ..config import ConfigError
+from ..data.datasets import DataConfigError
+from ..sharding import MeshError
+from .loop import run
+from .run_checkpoint import TrainCheckpointError
+from .run_config import TrainSetupError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train BAGEL (pre-training or fine-tuning) on packed multimodal data in the official formats. "
+                    "Rerunning with the same --workdir resumes from its latest checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--config", required=True,
+                    help="YAML with a model: section (shapes, as configs/tiny.yaml) and optional train: / data: "
+                         "sections (see bagel_jax/train/optimizer.py TrainConfig and bagel_jax/data/loader.py DataConfig)")
+    ap.add_argument("--data", required=True,
+                    help="data folder with dataset.yaml (groups t2i_pretrain / unified_edit / vlm_sft) and, unless "
+                         "train.init is a model folder, tokenizer/ (python -m bagel_jax.demo.synthetic writes one)")
+    ap.add_argument("--workdir", required=True,
+                    help="run folder: checkpoints/, metrics.jsonl, config.yaml, ae.safetensors (frozen VAE)")
+    ap.add_argument("--steps", type=int, required=True,
+                    help="total optimiser steps of the run (not additional steps); rerun with a larger value to continue")
+    ap.add_argument("--save-every", type=int, default=None,
+                    help="checkpoint every N steps (default: train.save_every); the last step is always saved")
+    ap.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1",
+                    help="device mesh sizes data=D,fsdp=F,tensor=T (product = device count; one may be -1 = the rest)")
+    ap.add_argument("--export", default=None,
+                    help="after the last step write the EMA weights as an official model folder here "
+                         "(ema.safetensors, ae.safetensors, config + tokenizer files)")
+    ap.add_argument("--compile-cache", default=os.environ.get("JAX_COMPILATION_CACHE_DIR"),
+                    help="persistent XLA compilation cache folder (reused across restarts)")
+    ap.add_argument("--multihost", action="store_true",
+                    help="call jax.distributed.initialize() first (multi-host TPU/GPU); each process reads its own "
+                         "shard of the data")
+    ap.add_argument("--sync-save", action="store_true", help="save checkpoints synchronously (default: asynchronous)")
+    ap.add_argument("--log-every", type=int, default=1,
+                    help="print a metrics line every N steps when there is no progress bar (always written to metrics.jsonl)")
+    ap.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bar (print lines instead)")
+    ap.add_argument("--debug-fail-at", type=int, default=None,
+                    help="testing hook: raise an error after step N (the state is checkpointed before exiting)")
+    ap.add_argument("overrides", nargs="*",
+                    help="config overrides section.key=value (value parsed as YAML), e.g. train.lr=2e-5 data.seed=1")
+    return ap
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_intermixed_args(argv)
+    try:
+        run(args)
+    except (TrainSetupError, ConfigError, DataConfigError, MeshError, TrainCheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
