@@ -208,15 +208,16 @@ def test_resolve_and_errors():
 
 @pytest.fixture(scope="module")
 def train_case(tiny_a):
-    from bagel_jax import verify
     from bagel_jax.convert.safetensors_io import load_file
+    from bagel_jax.parity import Fixture, train_case
 
     manifest = json.load(open(os.path.join(tiny_a, "manifest.json")))
     meta = manifest["cases"]["train_forward"]
     arr = load_file(os.path.join(tiny_a, meta.get("file", "train_forward.safetensors")))
-    ctx = verify.Ctx(tiny_a, manifest, jnp.float32, "xla")
-    _, batch, noise, (_, split) = verify.train_forward_inputs(ctx, meta, arr)
-    return ctx.bm, meta, batch, noise, split, _loss_and_grads(ctx.bm, "xla", meta, batch, noise, split)
+    fx = Fixture(tiny_a, manifest, jnp.float32, "xla")
+    ti = train_case.inputs(fx, meta, arr)
+    batch, noise, split = ti.batch, ti.noise, ti.split
+    return fx.bm, meta, batch, noise, split, _loss_and_grads(fx.bm, "xla", meta, batch, noise, split)
 
 
 def _loss_and_grads(bm, impl, meta, batch, noise, split):

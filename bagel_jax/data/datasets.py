@@ -29,7 +29,7 @@ import dataclasses
 import io
 import json
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -131,6 +131,54 @@ def sample_stats(items, vit_patch: int, latent_ds: int) -> SampleStats:
 
 
 # -------------------------------------------------------------------------------------------------
+# Sequence plans of the official datasets (also used by the parity verifier's train_forward case)
+# -------------------------------------------------------------------------------------------------
+
+def t2i_plan(caption: list[int], image: np.ndarray) -> list[PlanEntry]:
+    """Text-to-image: the caption (cfg, no loss), then the image ``[3, H, W]`` as a noised target."""
+    return [PlanEntry("text", enable_cfg=True, loss=False, text=list(caption)),
+            PlanEntry("vae_image", enable_cfg=False, loss=True, image=image)]
+
+
+def edit_plan(vae: Callable[[int], np.ndarray], vit: Callable[[int], np.ndarray],
+              instructions: Sequence[list[int]]) -> list[PlanEntry]:
+    """An edit chain over pictures ``0 .. len(instructions)`` (``vae(k)`` / ``vit(k)``: picture ``k`` for
+    each encoder): the source as clean VAE + ViT blocks, then per step its instruction (cfg, no loss) and
+    picture ``k`` as a noised target; an intermediate target is repeated as clean VAE + ViT blocks."""
+    plan = [PlanEntry("vae_image", enable_cfg=True, loss=False, image=vae(0)),
+            PlanEntry("vit_image", enable_cfg=True, image=vit(0))]
+    for k, ids in enumerate(instructions, start=1):
+        plan.append(PlanEntry("text", enable_cfg=True, loss=False, text=list(ids)))
+        plan.append(PlanEntry("vae_image", enable_cfg=False, loss=True, image=vae(k)))
+        if k < len(instructions):
+            plan += [PlanEntry("vae_image", enable_cfg=True, loss=False, image=vae(k)),
+                     PlanEntry("vit_image", enable_cfg=True, image=vit(k))]
+    return plan
+
+
+def vlm_plan(conversations: Sequence[dict], images: Sequence[np.ndarray],
+             encode: Callable[[str], list[int]]) -> list[PlanEntry]:
+    """A VLM SFT conversation (``[{from: human|gpt, value}]``): human turns split on ``<image>`` (each tag a
+    ViT image, each non-empty stripped piece a text without loss), gpt turns texts with loss. Without
+    images this is a text-only sample."""
+    plan, k = [], 0
+    for turn in conversations:
+        if turn.get("from") == "human":
+            pieces = str(turn.get("value", "")).split("<image>")
+            for j, piece in enumerate(pieces):
+                if j > 0:
+                    if k >= len(images):
+                        raise SampleError("more <image> tags than images")
+                    plan.append(PlanEntry("vit_image", enable_cfg=False, image=images[k]))
+                    k += 1
+                if piece.strip():
+                    plan.append(PlanEntry("text", enable_cfg=False, loss=False, text=encode(piece.strip())))
+        else:
+            plan.append(PlanEntry("text", enable_cfg=False, loss=True, text=encode(str(turn.get("value", "")))))
+    return plan
+
+
+# -------------------------------------------------------------------------------------------------
 # Datasets
 # -------------------------------------------------------------------------------------------------
 
@@ -209,8 +257,7 @@ class T2IDataset:
         if not caps:
             raise SampleError("empty captions")
         cap = caps[int(rng.integers(0, len(caps)))]
-        return [PlanEntry("text", enable_cfg=True, loss=False, text=self.tok.encode(cap)),
-                PlanEntry("vae_image", enable_cfg=False, loss=True, image=to_tensor(self.tf.resize(img)))]
+        return t2i_plan(self.tok.encode(cap), to_tensor(self.tf.resize(img)))
 
 
 class EditDataset:
@@ -254,22 +301,12 @@ class EditDataset:
         vae = lambda k: to_tensor(self.vae_tf.resize(pic(k)))
         vit = lambda k: to_tensor(self.vit_tf.resize(pic(k)))
         choose = lambda k: instr[k][int(rng.integers(0, len(instr[k])))]
-        plan = [PlanEntry("vae_image", enable_cfg=True, loss=False, image=vae(s)),
-                PlanEntry("vit_image", enable_cfg=True, image=vit(s))]
         if e - s > 1 and rng.random() < 0.5:
             if e == n - 1:
                 e -= 1
             text = "".join(choose(k) + ". " for k in range(s, e)).rstrip()
-            plan += [PlanEntry("text", enable_cfg=True, loss=False, text=self.tok.encode(text)),
-                     PlanEntry("vae_image", enable_cfg=False, loss=True, image=vae(e))]
-            return plan
-        for k in range(s, e):
-            plan.append(PlanEntry("text", enable_cfg=True, loss=False, text=self.tok.encode(choose(k))))
-            plan.append(PlanEntry("vae_image", enable_cfg=False, loss=True, image=vae(k + 1)))
-            if k + 1 < e:
-                plan += [PlanEntry("vae_image", enable_cfg=True, loss=False, image=vae(k + 1)),
-                         PlanEntry("vit_image", enable_cfg=True, image=vit(k + 1))]
-        return plan
+            return edit_plan(lambda j: vae((s, e)[j]), lambda j: vit((s, e)[j]), [self.tok.encode(text)])
+        return edit_plan(lambda j: vae(s + j), lambda j: vit(s + j), [self.tok.encode(choose(k)) for k in range(s, e)])
 
 
 def _jsonl_lines(root: str, spec: dict) -> list[str]:
@@ -307,21 +344,7 @@ class VLMDataset:
         for p in paths:
             img = _read_rgb(os.path.join(self.dir, p))
             images.append(to_tensor(self.tf.resize(img, img_num=max(1, len(paths)))))
-        plan, k = [], 0
-        for turn in conv:
-            if turn.get("from") == "human":
-                pieces = str(turn.get("value", "")).split("<image>")
-                for j, piece in enumerate(pieces):
-                    if j > 0:
-                        if k >= len(images):
-                            raise SampleError("more <image> tags than images")
-                        plan.append(PlanEntry("vit_image", enable_cfg=False, image=images[k]))
-                        k += 1
-                    if piece.strip():
-                        plan.append(PlanEntry("text", enable_cfg=False, loss=False, text=self.tok.encode(piece.strip())))
-            else:
-                plan.append(PlanEntry("text", enable_cfg=False, loss=True, text=self.tok.encode(str(turn.get("value", "")))))
-        return plan
+        return vlm_plan(conv, images, self.tok.encode)
 
 
 class InterleavedDataset:

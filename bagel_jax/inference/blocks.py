@@ -66,39 +66,20 @@ def _latent_chunk(model: Bagel, params, x_t, t, lat_pos, rope, markers):
     return x, positions
 
 
-@functools.partial(jax.jit, static_argnames=("model", "vae", "p", "return_hidden"))
-def vae_chunk(model: Bagel, params, vae: flux_vae.AutoEncoder, vae_params, cache: KVCache, images, eps, src,
-              lat_pos, n_tokens, rope, markers, p: int, return_hidden: bool = False):
-    """Prefill one clean (conditioning) VAE image per row, t = 0.
-
-    Args: images ``[B, H, W, 3]`` in [-1, 1] (padded bottom/right), eps ``[B, H/8, W/8, C]`` posterior
-    noise (the official encode samples), src ``[B, N]`` token index into the row's patchified latent grid,
-    lat_pos ``[B, N]`` (``r*Gl + c``), n_tokens ``[B]``, rope ``[B]``.
-    Returns ``(h, cache, hidden, latent_tokens [B, N, p*p*C])``; ``h`` in chunk order ``[start, end, latents]``.
-    """
-    moments = vae.apply({"params": vae_params}, images, method=flux_vae.AutoEncoder.encode_moments)
-    z = flux_vae.latent_from_moments(moments, vae.cfg, eps)
-    tok = patchify_latents(z, p)
-    tok = tok.reshape(tok.shape[0], -1, tok.shape[-1])
-    x0 = jnp.take_along_axis(tok, src[..., None], axis=1)                                  # [B, N, p*p*C]
-    x, positions = _latent_chunk(model, params, x0, jnp.zeros(x0.shape[:1]), lat_pos, rope, markers)
-    h, cache, hidden = forward_chunk(model, params, cache, x, positions, n_tokens + 2, False, Routing.split(2),
-                                     True, return_hidden=return_hidden)
-    return h, cache, hidden, x0
-
-
 @functools.partial(jax.jit, static_argnames=("model", "return_hidden"))
-def flow_velocity(model: Bagel, params, cache: KVCache, x_t, t, lat_pos, n_tokens, rope, markers,
-                  return_hidden: bool = False):
-    """One velocity prediction: the query ``[start, end, latents]`` against ``cache`` (never written).
+def flow_velocity(model: Bagel, params, cache: KVCache, x_t, t, lat_pos, rope, markers, return_hidden: bool = False):
+    """One velocity prediction per row: the query ``[start, end, latents]`` against ``cache`` (never written).
+    The sampler's step and the parity verifier both call this.
 
-    Args: x_t ``[B, N, p*p*C]``, t ``[B]`` (shifted sigma), lat_pos ``[B, N]``, n_tokens ``[B]``, rope ``[B]``.
-    Returns ``(v [B, N, p*p*C], h [B, N+2, D], hidden)``.
+    Args: x_t ``[R, N, p*p*C]``, t scalar or ``[R]`` (shifted sigma), lat_pos ``[R, N]``, rope ``[R]``.
+    Returns ``(v [R, N, p*p*C] float32, h [R, N+2, D] in chunk order, per-layer hidden or None)``.
     """
+    R, N, _ = x_t.shape
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (R,))
     x, positions = _latent_chunk(model, params, x_t, t, lat_pos, rope, markers)
-    h, _, hidden = forward_chunk(model, params, cache, x, positions, n_tokens + 2, False, Routing.split(2),
-                                 False, return_hidden=return_hidden)
-    v = model.apply({"params": params}, h[:, 2:], method=Bagel.velocity)
+    h, _, hidden = forward_chunk(model, params, cache, x, positions, jnp.full((R,), N + 2, jnp.int32), False,
+                                 Routing.split(2), False, return_hidden=return_hidden)
+    v = model.apply({"params": params}, h[:, 2:], method=Bagel.velocity).astype(jnp.float32)
     return v, h, hidden
 
 

@@ -24,13 +24,12 @@ import numpy as np
 from .. import layout
 from ..models import flux_vae
 from ..models.bagel import Bagel, unpatchify_latents
-from ..models.qwen2_mot import Routing
 from . import blocks
 from .cfg import CfgPlan, ImageParams, cfg_active, make_plan, shifted_schedule
 from .context import Branch, Context, on_mesh
 
 __all__ = ["ImageParams", "flow_loop", "generate_images", "initial_noise", "stack_branches"]
-from .kv_cache import KVCache, forward_chunk
+from .kv_cache import KVCache
 
 
 def _progress_cb(step, total):
@@ -40,11 +39,7 @@ def _progress_cb(step, total):
 
 def _velocity(model: Bagel, params, cache: KVCache, x, t, lat_pos, rope, markers):
     """``x [R, N, C]`` against ``cache`` (R rows) -> ``v [R, N, C]`` float32 (cache never written)."""
-    R, N, _ = x.shape
-    xe, positions = blocks._latent_chunk(model, params, x, jnp.full((R,), t, jnp.float32), lat_pos, rope, markers)
-    h, _, _ = forward_chunk(model, params, cache, xe, positions, jnp.full((R,), N + 2, jnp.int32), False,
-                            Routing.split(2), False)
-    return model.apply({"params": params}, h[:, 2:], method=Bagel.velocity).astype(jnp.float32)
+    return blocks.flow_velocity(model, params, cache, x, t, lat_pos, rope, markers)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("model", "vae", "hw", "plan", "cfg_off", "record", "progress",
