@@ -17,9 +17,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench._common import small_config, small_model, timeit  # noqa: E402
-from bagel_jax.inference.cfg import shifted_schedule  # noqa: E402
+from bagel_jax.inference.cfg import make_plan, shifted_schedule  # noqa: E402
 from bagel_jax.inference.context import Context, Engine  # noqa: E402
-from bagel_jax.inference.sampler import ImageParams, branch_plan, flow_loop, initial_noise, stack_branches  # noqa: E402
+from bagel_jax.inference.sampler import ImageParams, flow_loop, initial_noise, stack_branches  # noqa: E402
 
 
 def main():

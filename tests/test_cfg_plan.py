@@ -84,3 +84,22 @@ def test_new_mode_image_only_guidance(pipe, monkeypatch):
     off = sampler.generate_images(c, HW, ImageParams.edit(num_timesteps=3, cfg_interval=(0.8, 1.0)), decode=False)
     assert off["plan"].names == ("gen", "cfg_text", "cfg_img") and off["n_branches"] == 3
     assert np.abs(off["latent_tokens"] - out["latent_tokens"]).max() > 1e-3
+
+
+def test_pre_plan_keywords_give_the_same_plan():
+    """``flow_loop`` / ``branch_plan`` keep the keywords of the sampler before CfgPlan (the side-by-side
+    timing harness in ../shared/perf passes them): each maps to the plan ``make_plan`` builds."""
+    from bagel_jax.inference.cfg import ImageParams, make_plan
+    from bagel_jax.inference.sampler import _FlowLoop
+
+    gen, text, img = object(), object(), object()
+    cases = [(ImageParams(cfg_text_scale=1.0), {"gen": gen, "cfg_text": text, "cfg_img": img}),
+             (ImageParams(cfg_img_scale=1.0), {"gen": gen, "cfg_text": text, "cfg_img": img}),
+             (ImageParams(cfg_img_scale=2.0), {"gen": gen, "cfg_text": text, "cfg_img": gen}),     # t2i: cfg_img is gen
+             (ImageParams(cfg_img_scale=2.0, cfg_renorm_type="channel"), {"gen": gen, "cfg_text": text, "cfg_img": img})]
+    for params, branches in cases:
+        plan, distinct = make_plan(params, branches)
+        same = "cfg_img" in plan.names and plan.rows[plan.names.index("cfg_img")] == 0
+        legacy = _FlowLoop._plan_kw(dict(n_branches=len(distinct), img_is_gen=same,
+                                         renorm_type=params.cfg_renorm_type))["plan"]
+        assert legacy == plan, (params, legacy, plan)

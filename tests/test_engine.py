@@ -55,7 +55,7 @@ def test_decode_with_cache_equals_full_recompute(pipe):
     def full_logits(seq, last):          # no cache: the whole sequence, causal, one forward
         x = m.apply(p, seq, method=Bagel.embed_text)
         causal = MaskVectors(jnp.ones((1, L), jnp.int32), jnp.arange(L)[None], jnp.zeros((1, L), jnp.int32))
-        h, _, _ = m.apply(p, x, jnp.arange(L)[None], causal, Routing.und(), method=Bagel.decode)
+        h, _ = m.apply(p, x, jnp.arange(L)[None], causal, Routing.und(), method=Bagel.decode)
         return m.apply(p, h[0, last], method=Bagel.lm_logits)
 
     for k in range(len(fed)):

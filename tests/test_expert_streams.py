@@ -172,8 +172,8 @@ def test_overlapping_split_routing_equals_select(bm):
     # row 0: 7 und then 5 gen; row 1: 4 und then 8 gen -> windows und 7, gen 8 overlap on 3 tokens
     is_gen = jnp.asarray(np.stack([np.arange(L) >= 7, np.arange(L) >= 4]))
     p = {"params": bm.params}
-    h1, kv1, _ = bm.model.apply(p, x, pos, mask, Routing.split(7, 8), is_gen, method=Bagel.decode)
-    h2, kv2, _ = bm.model.apply(p, x, pos, mask, Routing.select(), is_gen, method=Bagel.decode)
+    h1, kv1 = bm.model.apply(p, x, pos, mask, Routing.split(7, 8), is_gen, method=Bagel.decode)
+    h2, kv2 = bm.model.apply(p, x, pos, mask, Routing.select(), is_gen, method=Bagel.decode)
     np.testing.assert_allclose(np.asarray(h1), np.asarray(h2), atol=1e-5)
     np.testing.assert_allclose(np.asarray(kv1[0]), np.asarray(kv2[0]), atol=1e-5)
     with pytest.raises(ValueError, match="without an expert"):

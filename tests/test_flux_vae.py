@@ -15,6 +15,7 @@ from bagel_jax.config import VAEConfig, config_from_folder
 from bagel_jax.convert import keymap
 from bagel_jax.models import flux_vae
 from bagel_jax.models.flux_vae import AutoEncoder, key_map, latent_from_moments, sample_latent
+from bagel_jax.nn import intermediates
 
 FIXTURE = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "fixtures" / "tiny-a"
 
@@ -101,15 +102,13 @@ def test_fixture_parity():
 
     model = AutoEncoder(cfg)
     variables = {"params": params}
-    moments, enc_state = jax.jit(lambda x: model.apply(
-        variables, x, method=AutoEncoder.encode_moments, mutable=["intermediates"]))(image)
+    moments, inter_e = jax.jit(lambda x: intermediates.apply(
+        model, variables, x, method=AutoEncoder.encode_moments))(image)
     lat_mean = latent_from_moments(moments, cfg)
     lat_samp = latent_from_moments(moments, cfg, eps)
-    decode = jax.jit(lambda z: model.apply(variables, z, method=AutoEncoder.decode, mutable=["intermediates"]))
-    dec_mean, dec_state = decode(lat_mean)
+    decode = jax.jit(lambda z: intermediates.apply(model, variables, z, method=AutoEncoder.decode))
+    dec_mean, inter_d = decode(lat_mean)
     dec_samp, _ = decode(lat_samp)
-    inter_e = enc_state["intermediates"]   # sown at the AutoEncoder's top level
-    inter_d = dec_state["intermediates"]
 
     checks = {
         "encoder_moments": (moments, case["encoder_moments"]),
@@ -119,9 +118,9 @@ def test_fixture_parity():
         "latent_sampled": (lat_samp, case["latent_sampled"]),
         "decoded_from_mean": (dec_mean, case["decoded_from_mean"]),
         "decoded_from_sampled": (dec_samp, case["decoded_from_sampled"]),
-        "encoder_mid_out": (inter_e["encoder_mid_out"][0], case["encoder_mid_out"]),
-        "decoder_conv_in_out": (inter_d["decoder_conv_in_out"][0], case["decoder_conv_in_out_from_mean"]),
-        "decoder_mid_out": (inter_d["decoder_mid_out"][0], case["decoder_mid_out_from_mean"]),
+        "encoder_mid_out": (inter_e["encoder_mid_out"], case["encoder_mid_out"]),
+        "decoder_conv_in_out": (inter_d["decoder_conv_in_out"], case["decoder_conv_in_out_from_mean"]),
+        "decoder_mid_out": (inter_d["decoder_mid_out"], case["decoder_mid_out_from_mean"]),
     }
     errs = {name: _assert_close(name, _nchw(ours), ref) for name, (ours, ref) in checks.items()}
     print("fixture max abs errors:", {k: f"{v:.2e}" for k, v in errs.items()})

@@ -97,9 +97,9 @@ def _record_device_calls(monkeypatch, calls):
     def grown(cache, q_len):
         return KVCache(cache.k, cache.v, cache.length + jnp.asarray(q_len, jnp.int32))
 
-    def text_chunk(model, params, cache, ids, positions, q_len, update=True, return_hidden=False):
+    def text_chunk(model, params, cache, ids, positions, q_len, update=True, collect=False):
         calls.append(("text", np.asarray(ids), np.asarray(positions), np.asarray(q_len)))
-        return None, grown(cache, q_len), None
+        return None, grown(cache, q_len), {}
 
     def vae_encode_tokens(vae, vae_params, image, eps, p):
         _, H, W, _ = image.shape
@@ -109,9 +109,9 @@ def _record_device_calls(monkeypatch, calls):
         calls.append(("vae", np.asarray(n_tokens), np.asarray(rope), np.asarray(markers)))
         return None, grown(cache, np.asarray(n_tokens) + 2)
 
-    def vit_chunk(model, params, cache, patches, vit_pos, n_tokens, rope, markers, return_hidden=False):
+    def vit_chunk(model, params, cache, patches, vit_pos, n_tokens, rope, markers, collect=False):
         calls.append(("vit", np.asarray(n_tokens), np.asarray(rope), np.asarray(markers)))
-        return None, grown(cache, np.asarray(n_tokens) + 2), None
+        return None, grown(cache, np.asarray(n_tokens) + 2), {}
 
     for name, fn in dict(text_chunk=text_chunk, vae_encode_tokens=vae_encode_tokens, latent_prefill=latent_prefill,
                          vit_chunk=vit_chunk).items():

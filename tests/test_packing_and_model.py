@@ -109,8 +109,8 @@ def test_split_routing_equals_select_routing(bm):
     mask = vec
     is_gen = jnp.arange(L)[None].repeat(B, 0) >= 3
     p = {"params": bm.params}
-    h1, _, _ = bm.model.apply(p, x, pos, mask, Routing.split(3), method=Bagel.decode)
-    h2, _, _ = bm.model.apply(p, x, pos, mask, Routing.select(), is_gen, method=Bagel.decode)
+    h1, _ = bm.model.apply(p, x, pos, mask, Routing.split(3), method=Bagel.decode)
+    h2, _ = bm.model.apply(p, x, pos, mask, Routing.select(), is_gen, method=Bagel.decode)
     np.testing.assert_allclose(np.asarray(h1), np.asarray(h2), atol=1e-5)
 
 

@@ -165,7 +165,7 @@ def _losses(fx, b, arr, eps_rows=None, noise_rows=None):
     noise = TrainNoise(jnp.asarray(eps if eps_rows is None else eps[eps_rows]),
                        jnp.asarray(arr["noise"] if noise_rows is None else arr["noise"][noise_rows]))
     _, aux = train_case.jit_train_forward(fx.bm.model, fx.bm.params, fx.bm.vae, fx.bm.vae_params, batch, noise,
-                                          return_intermediates=True)
+                                          collect=True)
     return aux
 
 

@@ -60,7 +60,7 @@ def test_dense_qwen2_matches_transformers(tie):
     pos = jnp.arange(L)[None]
     vec = MaskVectors(jnp.ones((1, L), jnp.int32), pos, jnp.zeros((1, L), jnp.int32))
     x = m.apply({"params": params}, jnp.asarray(ids), method=Qwen2MoT.embed)
-    h, _, _ = m.apply({"params": params}, x, pos, vec, Routing.und())
+    h, _ = m.apply({"params": params}, x, pos, vec, Routing.und())
     ours = np.asarray(m.apply({"params": params}, h, method=Qwen2MoT.logits))[0]
     err = np.abs(ours - ref).max()
     assert err <= 1e-4 * max(1.0, np.abs(ref).max()), err

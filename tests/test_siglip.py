@@ -13,6 +13,7 @@ import pytest
 from bagel_jax.config import ViTConfig, config_from_folder
 from bagel_jax.convert import keymap
 from bagel_jax.models.siglip_navit import SiglipNavit, key_map, patchify
+from bagel_jax.nn import intermediates
 from bagel_jax.nn.options import REMAT_POLICIES, ModelOptions
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "fixtures", "tiny-a")
@@ -44,9 +45,8 @@ def _err(ours, ref) -> tuple[float, float]:
 
 def _run(cfg, params, tokens, pos, seg):
     """Jitted forward with per-layer outputs (eager dispatch of the tiny model is slower than compiling)."""
-    apply = jax.jit(SiglipNavit(cfg).apply, static_argnames="return_hidden")
-    return apply({"params": params}, jnp.asarray(tokens, jnp.float32), jnp.asarray(pos, jnp.int32),
-                 jnp.asarray(seg, jnp.int32), return_hidden=True)
+    apply = jax.jit(lambda p, *a: intermediates.apply(SiglipNavit(cfg), {"params": p}, *a))
+    return apply(params, jnp.asarray(tokens, jnp.float32), jnp.asarray(pos, jnp.int32), jnp.asarray(seg, jnp.int32))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -103,8 +103,8 @@ def test_encoder_matches_fixture():
     cfg = _vit_cfg()
     tokens, pos = d["packed_vit_tokens"][None], d["packed_vit_position_ids"][None]
     out, hidden = _run(cfg, _tiny_a_params(cfg), tokens, pos, np.ones_like(pos))
-    checks = {"vit_embeddings": hidden["embeddings"][0], "vit_layer0_out": hidden["layers"][0, 0],
-              "vit_layer1_out": hidden["layers"][1, 0], "vit_output": out[0]}
+    checks = {"vit_embeddings": hidden["vit_embeddings"][0], "vit_layer0_out": hidden["vit_layers"][0, 0],
+              "vit_layer1_out": hidden["vit_layers"][1, 0], "vit_output": out[0]}
     for name, ours in checks.items():
         err, tol = _err(ours, d[name])
         print(f"{name}: max abs err {err:.3g} (tol {tol:.3g})")

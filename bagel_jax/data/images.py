@@ -22,6 +22,7 @@ class ImageError(ValueError):
     pass
 
 
+# (a frozen dataclass of sizes: the same shape as config.BagelConfig's header, nothing shared)
 @dataclasses.dataclass(frozen=True)
 class ImageTransform:
     max_image_size: int

@@ -20,30 +20,34 @@ from .. import layout
 from ..models import flux_vae
 from ..models.bagel import Bagel, patchify_latents
 from ..models.qwen2_mot import Routing
+from ..nn import intermediates
 from .kv_cache import KVCache, forward_chunk
 
 
-@functools.partial(jax.jit, static_argnames=("model", "update", "return_hidden"))
+# Every block returns ``(..., intermediates)``: ``{name: value}`` of what the models sow
+# (bagel_jax.nn.intermediates), empty unless ``collect`` (a static argument).
+
+@functools.partial(jax.jit, static_argnames=("model", "update", "collect"))
 def text_chunk(model: Bagel, params, cache: KVCache, ids, positions, q_len, update: bool = True,
-               return_hidden: bool = False):
-    """Causal und-expert forward of token ids ``[B, Lq]`` at ``positions``. Returns ``(h, cache, hidden)``."""
+               collect: bool = False):
+    """Causal und-expert forward of token ids ``[B, Lq]`` at ``positions``. Returns ``(h, cache, intermediates)``."""
     x = model.apply({"params": params}, ids, method=Bagel.embed_text)
-    return forward_chunk(model, params, cache, x, positions, q_len, True, Routing.und(), update,
-                         return_hidden=return_hidden)
+    return forward_chunk(model, params, cache, x, positions, q_len, True, Routing.und(), update, collect=collect)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "return_hidden"))
+@functools.partial(jax.jit, static_argnames=("model", "collect"))
 def vit_chunk(model: Bagel, params, cache: KVCache, patches, vit_pos, n_tokens, rope, markers,
-              return_hidden: bool = False):
+              collect: bool = False):
     """Prefill one ViT image per row.
 
     Args: patches ``[B, N, p*p*3]`` (padded), vit_pos ``[B, N]``, n_tokens ``[B]`` real patches per row,
     rope ``[B]`` position of the block, markers ``[2]`` ids of <|vision_start|>, <|vision_end|>.
-    Returns ``(h, cache, hidden)`` with the chunk in official order ``[start, tokens..., end]``.
+    Returns ``(h, cache, intermediates)`` with the chunk in official order ``[start, tokens..., end]``.
     """
     B, N, _ = patches.shape
     seg = (jnp.arange(N)[None] < n_tokens[:, None]).astype(jnp.int32)
-    emb = model.apply({"params": params}, patches, vit_pos, seg, method=Bagel.embed_vit)     # [B, N, D]
+    emb, vit_inter = intermediates.apply(model, {"params": params}, patches, vit_pos, seg, method=Bagel.embed_vit,
+                                         collect=collect)                                      # [B, N, D]
     mk = model.apply({"params": params}, markers, method=Bagel.embed_text)                   # [2, D]
     # [start, tokens (padded), end]; the end marker is moved right after the last real token.
     x = jnp.concatenate([jnp.broadcast_to(mk[0], (B, 1, mk.shape[-1])), emb.astype(mk.dtype),
@@ -51,36 +55,39 @@ def vit_chunk(model: Bagel, params, cache: KVCache, patches, vit_pos, n_tokens, 
     end_at = layout.end_marker_at(n_tokens)
     x = jax.vmap(lambda xr, e: xr.at[e].set(mk[1]))(x, end_at)
     positions = jnp.broadcast_to(rope[:, None], (B, layout.block_len(N)))
-    return forward_chunk(model, params, cache, x, positions, layout.block_len(n_tokens), False, Routing.und(), True,
-                         return_hidden=return_hidden)
+    h, cache, inter = forward_chunk(model, params, cache, x, positions, layout.block_len(n_tokens), False,
+                                    Routing.und(), True, collect=collect)
+    return h, cache, {**vit_inter, **inter}
 
 
-def _latent_chunk(model: Bagel, params, x_t, t, lat_pos, rope, markers):
-    """Embeddings ``[B, 2 + N, D]`` of ``[start, end, latents...]`` and their positions."""
+def _latent_chunk(model: Bagel, params, x_t, t, lat_pos, rope, markers, collect: bool = False):
+    """Embeddings ``[B, 2 + N, D]`` of ``[start, end, latents...]``, their positions and what
+    ``embed_latents`` sows (when ``collect``)."""
     B, N, _ = x_t.shape
-    emb = model.apply({"params": params}, x_t, jnp.broadcast_to(t[:, None], (B, N)), lat_pos,
-                      method=Bagel.embed_latents)
+    emb, inter = intermediates.apply(model, {"params": params}, x_t, jnp.broadcast_to(t[:, None], (B, N)), lat_pos,
+                                     method=Bagel.embed_latents, collect=collect)
     mk = model.apply({"params": params}, markers, method=Bagel.embed_text)
     x = jnp.concatenate([jnp.broadcast_to(mk[None], (B, 2, mk.shape[-1])), emb.astype(mk.dtype)], axis=1)
     positions = jnp.broadcast_to(rope[:, None], (B, layout.block_len(N)))
-    return x, positions
+    return x, positions, inter
 
 
-@functools.partial(jax.jit, static_argnames=("model", "return_hidden"))
-def flow_velocity(model: Bagel, params, cache: KVCache, x_t, t, lat_pos, rope, markers, return_hidden: bool = False):
+@functools.partial(jax.jit, static_argnames=("model", "collect"))
+def flow_velocity(model: Bagel, params, cache: KVCache, x_t, t, lat_pos, rope, markers, collect: bool = False):
     """One velocity prediction per row: the query ``[start, end, latents]`` against ``cache`` (never written).
     The sampler's step and the parity verifier both call this.
 
     Args: x_t ``[R, N, p*p*C]``, t scalar or ``[R]`` (shifted sigma), lat_pos ``[R, N]``, rope ``[R]``.
-    Returns ``(v [R, N, p*p*C] float32, h [R, N+2, D] in chunk order, per-layer hidden or None)``.
+    Returns ``(v [R, N, p*p*C] float32, h [R, N+2, D] in chunk order, intermediates)`` (the latent
+    embedding's terms and the decoder's ``hidden`` when ``collect``).
     """
     R, N, _ = x_t.shape
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (R,))
-    x, positions = _latent_chunk(model, params, x_t, t, lat_pos, rope, markers)
-    h, _, hidden = forward_chunk(model, params, cache, x, positions, jnp.full((R,), N + 2, jnp.int32), False,
-                                 Routing.split(2), False, return_hidden=return_hidden)
+    x, positions, emb_inter = _latent_chunk(model, params, x_t, t, lat_pos, rope, markers, collect)
+    h, _, inter = forward_chunk(model, params, cache, x, positions, jnp.full((R,), N + 2, jnp.int32), False,
+                                Routing.split(2), False, collect=collect)
     v = model.apply({"params": params}, h[:, 2:], method=Bagel.velocity).astype(jnp.float32)
-    return v, h, hidden
+    return v, h, {**emb_inter, **inter}
 
 
 def latent_grid(h: int, w: int, max_latent_size: int):
@@ -108,7 +115,7 @@ def vae_encode_tokens(vae: flux_vae.AutoEncoder, vae_params, image, eps, p: int)
 def latent_prefill(model: Bagel, params, cache: KVCache, x0, lat_pos, n_tokens, rope, markers):
     """Prefill clean latent tokens ``x0 [B, N, p*p*C]`` (t = 0, padded per row to N) as a full-attention
     image block ``[start, end, latents...]``. Returns ``(h, cache)``."""
-    x, positions = _latent_chunk(model, params, x0, jnp.zeros(x0.shape[:1]), lat_pos, rope, markers)
+    x, positions, _ = _latent_chunk(model, params, x0, jnp.zeros(x0.shape[:1]), lat_pos, rope, markers)
     h, cache, _ = forward_chunk(model, params, cache, x, positions, layout.block_len(n_tokens), False,
                                 Routing.split(layout.LATENT_CHUNK_BODY), True)
     return h, cache

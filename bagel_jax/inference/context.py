@@ -312,21 +312,20 @@ class Context:
         """Add a text segment (one string, or one per row): gen += text, the guidance branches follow the
         "text" rules (official: cfg_text <- gen before the text, cfg_img += text; the porting reference 8.7).
         ``role`` is kept in the history only (no chat template)."""
-        texts = self._rows(texts, "add_text")
-        seqs = self.text_ids(texts)
-        gen, h = self._text_branch(self.gen, seqs)
-        guides = self._follow("text", gen, lambda br: self._text_branch(br, seqs)[0])
-        return dataclasses.replace(self, gen=gen, guides=guides, last_hidden=h,
-                                   history=self.history + (("text", role, tuple(texts)),))
+        return self._add_text(texts, role, "text", "add_text")
 
     @on_mesh
     def add_generated_text(self, texts: Union[str, Sequence[str]], role: str = "think") -> "Context":
         """Add model-generated thinking text: re-tokenised and prefilled into ``gen``; the guidance branches
         follow the "think" rules (official: unchanged)."""
-        texts = self._rows(texts, "add_generated_text")
+        return self._add_text(texts, role, "think", "add_generated_text")
+
+    def _add_text(self, texts, role: str, rule: str, what: str) -> "Context":
+        """Prefill text into ``gen``; the guidance branches follow the CFG branch rule ``rule``."""
+        texts = self._rows(texts, what)
         seqs = self.text_ids(texts)
         gen, h = self._text_branch(self.gen, seqs)
-        guides = self._follow("think", gen, lambda br: self._text_branch(br, seqs)[0])
+        guides = self._follow(rule, gen, lambda br: self._text_branch(br, seqs)[0])
         return dataclasses.replace(self, gen=gen, guides=guides, last_hidden=h,
                                    history=self.history + (("text", role, tuple(texts)),))
 

@@ -29,6 +29,7 @@ from .. import sharding as shd
 from ..config import LLMConfig
 from ..models.bagel import Bagel
 from ..models.qwen2_mot import Routing
+from ..nn import intermediates
 from ..nn.attention import chunk_vectors
 
 
@@ -71,22 +72,24 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array, q_len: jax.Array) -> KVCa
 
 def forward_chunk(model: Bagel, params, cache: KVCache, x: jax.Array, positions: jax.Array, q_len: jax.Array,
                   causal: bool, routing: Routing, update: bool, is_gen: Optional[jax.Array] = None,
-                  return_hidden: bool = False):
+                  collect: bool = False):
     """Run a query chunk against a cache.
 
     Args:
       x: ``[batch, Lq, D]`` input embeddings; positions: ``[batch, Lq]`` RoPE positions;
       q_len: ``[batch]`` number of valid query tokens per row (the rest is padding).
+      collect: also return what the decoder sows (``hidden``: every layer's output).
     Returns:
-      ``(h, new_cache, hidden)``: final-norm hidden states ``[batch, Lq, D]``; the cache with this chunk
-      appended if ``update`` else the same cache; per-layer outputs if ``return_hidden``.
+      ``(h, new_cache, intermediates)``: final-norm hidden states ``[batch, Lq, D]``; the cache with this
+      chunk appended if ``update`` else the same cache; ``{name: value}`` (:mod:`bagel_jax.nn.intermediates`,
+      empty unless ``collect``).
     """
     Lq = x.shape[1]
     # mask vectors of the chunk (causal or full; padding hidden); the valid cache slots are visible to every
     # query on top of them (bagel_jax.nn.attention.attention with a cache)
     vec = chunk_vectors(q_len, Lq, causal)
-    h, (k, v), hidden = model.apply({"params": params}, x, positions, vec, routing, is_gen,
-                                    (cache.k, cache.v, cache.length), return_hidden, method=Bagel.decode)
+    (h, (k, v)), inter = intermediates.apply(model, {"params": params}, x, positions, vec, routing, is_gen,
+                                             (cache.k, cache.v, cache.length), method=Bagel.decode, collect=collect)
     if update:
         cache = append(cache, k, v, q_len)
-    return h, cache, hidden
+    return h, cache, inter

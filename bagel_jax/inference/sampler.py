@@ -25,10 +25,10 @@ from .. import layout
 from ..models import flux_vae
 from ..models.bagel import Bagel, unpatchify_latents
 from . import blocks
-from .cfg import CfgPlan, ImageParams, cfg_active, make_plan, shifted_schedule
+from .cfg import CFG_MODES, CfgPlan, ImageParams, cfg_active, make_plan, shifted_schedule
 from .context import Branch, Context, on_mesh
 
-__all__ = ["ImageParams", "flow_loop", "generate_images", "initial_noise", "stack_branches"]
+__all__ = ["ImageParams", "branch_plan", "flow_loop", "generate_images", "initial_noise", "stack_branches"]
 from .kv_cache import KVCache
 
 
@@ -44,7 +44,7 @@ def _velocity(model: Bagel, params, cache: KVCache, x, t, lat_pos, rope, markers
 
 @functools.partial(jax.jit, static_argnames=("model", "vae", "hw", "plan", "cfg_off", "record", "progress",
                                              "decode"))
-def flow_loop(model: Bagel, params, vae, vae_params, cache: KVCache, rope, x0, sigmas, markers,
+def _flow_loop(model: Bagel, params, vae, vae_params, cache: KVCache, rope, x0, sigmas, markers,
               text_scale, img_scale, interval, renorm_min, *, hw: tuple, plan: CfgPlan, cfg_off: str = "cond",
               record: bool = False, progress: bool = False, decode: bool = True):
     """The compiled sampler.
@@ -106,6 +106,43 @@ def flow_loop(model: Bagel, params, vae, vae_params, cache: KVCache, rope, x0, s
         out["decoded"] = img
         out["image"] = (jnp.clip(img.astype(jnp.float32) * 0.5 + 0.5, 0.0, 1.0) * 255.0).astype(jnp.uint8)
     return out
+
+
+class _FlowLoop:
+    """``flow_loop(...)`` / ``flow_loop.lower(...)``: the compiled sampler (:func:`_flow_loop`, static ``plan``).
+
+    Also takes the keywords of the sampler before the CFG plan existed (``n_branches``, ``img_is_gen``,
+    ``renorm_type``, with :func:`branch_plan`), which the side-by-side timing harness (``../shared/perf``)
+    and scripts written against the earlier API still pass; they become the equal ``"text_img"`` plan.
+    """
+
+    @staticmethod
+    def _plan_kw(kw: dict) -> dict:
+        if "plan" in kw or "n_branches" not in kw:
+            return kw
+        kw = dict(kw)
+        n, same, rt = kw.pop("n_branches"), kw.pop("img_is_gen", False), kw.pop("renorm_type", "global")
+        names = ("gen",) if n == 1 else ("gen", "cfg_text") if n == 2 and not same else ("gen", "cfg_text", "cfg_img")
+        rows = (0, 1, 0) if same else tuple(range(len(names)))
+        return {**kw, "plan": CfgPlan(names, rows, CFG_MODES["text_img"].combine, rt)}
+
+    def __call__(self, *args, **kw):
+        return _flow_loop(*args, **self._plan_kw(kw))
+
+    def lower(self, *args, **kw):
+        return _flow_loop.lower(*args, **self._plan_kw(kw))
+
+
+flow_loop = _FlowLoop()
+
+
+def branch_plan(ctx: Context, params: ImageParams) -> tuple[list[Branch], bool]:
+    """The earlier API of :func:`~bagel_jax.inference.cfg.make_plan` for the ``"text_img"`` mode: the
+    distinct branches to stack and whether the image-unconditional branch is the conditional one (pass
+    ``n_branches=len(branches), img_is_gen=...`` to :data:`flow_loop`)."""
+    plan, branches = make_plan(params, ctx.branches)
+    img_is_gen = "cfg_img" in plan.names and plan.rows[plan.names.index("cfg_img")] == 0
+    return branches, img_is_gen
 
 
 def stack_branches(branches: Sequence[Branch]) -> tuple[KVCache, np.ndarray]:

@@ -23,6 +23,7 @@ from ..config import BagelConfig
 from ..convert import keymap
 from ..nn.attention import MaskVectors
 from ..nn.layers import gelu_tanh, sincos_2d_table, timestep_features
+from ..nn.intermediates import COLLECTION
 from ..nn.options import ModelOptions
 from . import qwen2_mot, siglip_navit
 from .qwen2_mot import Qwen2MoT, Routing
@@ -95,22 +96,21 @@ class Bagel(nn.Module):
         """``[...] int -> [..., D]``."""
         return self.language_model.embed(ids)
 
-    def embed_vit(self, patches, position_ids, segment_ids, return_hidden: bool = False):
+    def embed_vit(self, patches, position_ids, segment_ids):
         """ViT + connector + ``vit_pos_embed``.
 
         Args: patches ``[B, N, p*p*3]``, position_ids ``[B, N]`` (``r*Gv + c``), segment_ids ``[B, N]``
-        (image id >= 1, 0 = padding). Returns ``[B, N, D]`` (and the ViT intermediates if asked).
+        (image id >= 1, 0 = padding). Returns ``[B, N, D]``; sows ``vit_output`` and ``connector_output``
+        (and the ViT's own intermediates, :mod:`bagel_jax.nn.intermediates`).
         """
-        vit = self.vit_model(patches, position_ids, segment_ids, return_hidden=return_hidden)
-        vit_out, extra = (vit if return_hidden else (vit, None))
+        vit_out = self.vit_model(patches, position_ids, segment_ids)
         conn = self.connector(vit_out)
-        emb = conn + self.vit_pos_embed(position_ids).astype(conn.dtype)
-        if return_hidden:
-            return emb, dict(extra, vit_output=vit_out, connector_output=conn)
-        return emb
+        self.sow(COLLECTION, "vit_output", vit_out)
+        self.sow(COLLECTION, "connector_output", conn)
+        return conn + self.vit_pos_embed(position_ids).astype(conn.dtype)
 
-    def embed_latents(self, x_t, t, position_ids, return_parts: bool = False):
-        """``vae2llm(x_t) + time_embedder(t) + latent_pos_embed[ids]``.
+    def embed_latents(self, x_t, t, position_ids):
+        """``vae2llm(x_t) + time_embedder(t) + latent_pos_embed[ids]`` (each term sown under its name).
 
         Args: x_t ``[..., p*p*C]`` latent tokens, t ``[...]`` flow time in [0, 1] (0 for clean
         conditioning latents), position_ids ``[...]`` (``r*Gl + c``). Returns ``[..., D]``.
@@ -118,15 +118,15 @@ class Bagel(nn.Module):
         a = self.vae2llm(x_t.astype(self.opts.dtype))
         b = self.time_embedder(t)
         c = self.latent_pos_embed(position_ids).astype(a.dtype)
-        if return_parts:
-            return a + b + c, dict(vae2llm=a, time_embedding=b, latent_pos_embed=c)
+        for name, value in (("vae2llm_out", a), ("time_embedding", b), ("latent_pos_embed_out", c)):
+            self.sow(COLLECTION, name, value)
         return a + b + c
 
     # -- decoder and heads --------------------------------------------------------------------------
-    def decode(self, x, positions, mask, routing: Routing, is_gen=None, cache=None, return_hidden=False):
+    def decode(self, x, positions, mask, routing: Routing, is_gen=None, cache=None):
         """MoT layers + per-expert final norm; see :meth:`Qwen2MoT.__call__` (``mask``: the chunk's
-        :class:`~bagel_jax.nn.attention.MaskVectors`). Returns ``(h, (k, v), hidden)``."""
-        return self.language_model(x, positions, mask, routing, is_gen, cache, return_hidden)
+        :class:`~bagel_jax.nn.attention.MaskVectors`). Returns ``(h, (k, v))``; sows ``hidden``."""
+        return self.language_model(x, positions, mask, routing, is_gen, cache)
 
     def lm_logits(self, h: jax.Array) -> jax.Array:
         logits = self.language_model.logits(h)                 # [..., vocab]
@@ -143,7 +143,7 @@ class Bagel(nn.Module):
             x = x + self.embed_vit(patches, vit_pos, vit_seg)[:, :1].sum() * 0
         if self.cfg.visual_gen:
             x = x + self.embed_latents(latents, jnp.zeros(latents.shape[:-1]), lat_pos)[:, :1].sum() * 0
-        h, _, _ = self.decode(x, positions, mask, Routing.select(), jnp.zeros(ids.shape, bool))
+        h, _ = self.decode(x, positions, mask, Routing.select(), jnp.zeros(ids.shape, bool))
         out = self.lm_logits(h).sum()
         if self.cfg.visual_gen:
             out = out + self.velocity(h).sum()

@@ -18,10 +18,9 @@ the list indices folded into one name per module (see ``key_map``)::
     decoder.mid.attn_1.norm.weight       <->  ("decoder", "mid_attn_1", "norm", "scale")
     decoder.up.3.upsample.conv.weight    <->  ("decoder", "up_3_upsample", "conv", "kernel")
 
-Intermediates (``mutable=["intermediates"]``) are sown by ``AutoEncoder`` at its top level:
-``intermediates["encoder_mid_out"]`` (by ``encode_moments``), ``["decoder_conv_in_out"]`` and
-``["decoder_mid_out"]`` (by ``decode``), each a 1-tuple per call, NHWC. ``Encoder`` / ``Decoder``
-hand them over with ``return_intermediates=True``.
+Intermediates (NHWC) are sown as every model's are (:mod:`bagel_jax.nn.intermediates`; read them with
+``intermediates.apply``): ``encoder_mid_out`` by ``encode_moments``, ``decoder_conv_in_out`` and
+``decoder_mid_out`` by ``decode``.
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ import flax.linen as nn
 from bagel_jax.config import VAEConfig
 from bagel_jax.convert import keymap
 from bagel_jax.convert.keymap import Entry
+from bagel_jax.nn.intermediates import COLLECTION
 
 
 # -------------------------------------------------------------------------------------------------
@@ -148,15 +148,19 @@ def _mid(x, groups, eps, dtype):
 # Encoder / decoder / autoencoder
 # -------------------------------------------------------------------------------------------------
 
-class Encoder(nn.Module):
-    """x: [N, H, W, in_channels] in [-1, 1] -> moments [N, H/ds, W/ds, 2*z_channels] (mean ‖ logvar).
-    With ``return_intermediates``: ``(moments, {"encoder_mid_out": [N, h, w, C]})``."""
+class _Coder(nn.Module):
+    """Fields shared by :class:`Encoder` and :class:`Decoder`."""
 
     cfg: VAEConfig
     dtype: jnp.dtype = jnp.float32
 
+
+class Encoder(_Coder):
+    """x: [N, H, W, in_channels] in [-1, 1] -> moments [N, H/ds, W/ds, 2*z_channels] (mean ‖ logvar).
+    Sows ``encoder_mid_out`` ``[N, h, w, C]``."""
+
     @nn.compact
-    def __call__(self, x, return_intermediates: bool = False):
+    def __call__(self, x):
         cfg, dt = self.cfg, self.dtype
         g, eps = cfg.norm_groups, cfg.norm_eps
         h = _conv(cfg.ch, 3, dt, "conv_in")(x.astype(dt))
@@ -168,35 +172,30 @@ class Encoder(nn.Module):
             if i != n_levels - 1:
                 h = Downsample(dt, name=f"down_{i}_downsample")(h)
         h = _mid(h, g, eps, dt)
-        inter = {"encoder_mid_out": h}
+        self.sow(COLLECTION, "encoder_mid_out", h)
         h = nn.swish(GroupNorm(g, eps, dt, name="norm_out")(h))
-        moments = _conv(2 * cfg.z_channels, 3, dt, "conv_out")(h)
-        return (moments, inter) if return_intermediates else moments
+        return _conv(2 * cfg.z_channels, 3, dt, "conv_out")(h)
 
 
-class Decoder(nn.Module):
+class Decoder(_Coder):
     """z (unscaled latent, i.e. ``latent/scale + shift``): [N, h, w, z_channels] -> [N, h*ds, w*ds, out_ch].
-    With ``return_intermediates``: ``(image, {"decoder_conv_in_out": ..., "decoder_mid_out": ...})``."""
-
-    cfg: VAEConfig
-    dtype: jnp.dtype = jnp.float32
+    Sows ``decoder_conv_in_out`` and ``decoder_mid_out``."""
 
     @nn.compact
-    def __call__(self, z, return_intermediates: bool = False):
+    def __call__(self, z):
         cfg, dt = self.cfg, self.dtype
         g, eps = cfg.norm_groups, cfg.norm_eps
         h = _conv(cfg.ch * cfg.ch_mult[-1], 3, dt, "conv_in")(z.astype(dt))
-        inter = {"decoder_conv_in_out": h}
+        self.sow(COLLECTION, "decoder_conv_in_out", h)
         h = _mid(h, g, eps, dt)
-        inter["decoder_mid_out"] = h
+        self.sow(COLLECTION, "decoder_mid_out", h)
         for i in reversed(range(len(cfg.ch_mult))):
             for j in range(cfg.num_res_blocks + 1):
                 h = ResnetBlock(cfg.ch * cfg.ch_mult[i], g, eps, dt, name=f"up_{i}_block_{j}")(h)
             if i != 0:
                 h = Upsample(dt, name=f"up_{i}_upsample")(h)
         h = nn.swish(GroupNorm(g, eps, dt, name="norm_out")(h))
-        image = _conv(cfg.out_ch, 3, dt, "conv_out")(h)
-        return (image, inter) if return_intermediates else image
+        return _conv(cfg.out_ch, 3, dt, "conv_out")(h)
 
 
 class AutoEncoder(nn.Module):
@@ -213,20 +212,11 @@ class AutoEncoder(nn.Module):
     def encode_moments(self, x):
         """x: [N, H, W, in_channels] in [-1, 1] -> [N, H/ds, W/ds, 2*z_channels]: mean ‖ logvar
         (logvar NOT clamped). Use ``latent_from_moments`` / ``sample_latent`` for the latent."""
-        moments, inter = self.encoder(x, return_intermediates=True)
-        self._sow_all(inter)
-        return moments
+        return self.encoder(x)
 
     def decode(self, z):
         """z: scaled latent [N, h, w, z_channels] -> image [N, h*ds, w*ds, out_ch], raw (no clamp)."""
-        image, inter = self.decoder(z / self.cfg.scale_factor + self.cfg.shift_factor, return_intermediates=True)
-        self._sow_all(inter)
-        return image
-
-    def _sow_all(self, inter):
-        # Sown here rather than in the submodules so that callers find them at the top level.
-        for name, value in inter.items():
-            self.sow("intermediates", name, value)
+        return self.decoder(z / self.cfg.scale_factor + self.cfg.shift_factor)
 
     def __call__(self, x):
         """Encode then decode the posterior mean (used for ``init``). x, out: [N, H, W, C]."""

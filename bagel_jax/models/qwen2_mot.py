@@ -33,6 +33,7 @@ from ..config import LLMConfig
 from ..convert import keymap
 from ..nn.attention import CacheView, MaskVectors, attention
 from ..nn.layers import RMSNorm, apply_rope, rope_cos_sin
+from ..nn.intermediates import COLLECTION
 from ..nn.options import ModelOptions
 
 
@@ -176,19 +177,20 @@ class MoTLayer(nn.Module):
 
 
 class _ScanBody(nn.Module):
-    """Adapter giving ``MoTLayer`` the ``(carry, xs) -> (carry, ys)`` signature ``nn.scan`` wants."""
+    """Adapter giving ``MoTLayer`` the ``(carry, xs) -> (carry, ys)`` signature ``nn.scan`` wants; sows
+    each layer's output as ``hidden`` (stacked over layers by the scan)."""
 
     cfg: LLMConfig
     routing: Routing
     opts: ModelOptions
-    return_hidden: bool
 
     @nn.compact
     def __call__(self, x, bcast, index):
         cos, sin, mask, is_gen, cache = bcast
         layer = self.opts.remat(MoTLayer)(self.cfg, self.routing, self.opts, name="layer")
         x, kv = layer(x, cos, sin, mask, is_gen, cache, index)
-        return x, (kv, x if self.return_hidden else None)
+        self.sow(COLLECTION, "hidden", x)
+        return x, kv
 
 
 class LayerStack(nn.Module):
@@ -198,7 +200,7 @@ class LayerStack(nn.Module):
     opts: ModelOptions = ModelOptions()
 
     @nn.compact
-    def __call__(self, x, positions, mask, routing: Routing, is_gen=None, cache=None, return_hidden=False):
+    def __call__(self, x, positions, mask, routing: Routing, is_gen=None, cache=None):
         """
         Args:
           x: ``[batch, seq, hidden]``; positions: ``[batch, seq]`` RoPE positions.
@@ -207,8 +209,8 @@ class LayerStack(nn.Module):
             and valid slots per row ``[batch]``, all visible to every query of the chunk. The cache is
             read, never written (the caller appends the returned keys/values).
         Returns:
-          ``(x, (k, v), hidden)``: new keys/values of this chunk ``[layers, batch, seq, kv_heads, head_dim]``;
-          ``hidden`` is ``[layers, batch, seq, hidden]`` per-layer outputs when ``return_hidden`` else None.
+          ``(x, (k, v))``: new keys/values of this chunk ``[layers, batch, seq, kv_heads, head_dim]``. Every
+          layer's output is sown as ``hidden`` ``[layers, batch, seq, hidden]`` (:mod:`bagel_jax.nn.intermediates`).
         """
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.opts.dtype)
         if is_gen is None:
@@ -220,11 +222,11 @@ class LayerStack(nn.Module):
             in_axes=(nn.broadcast, 0),
             length=self.cfg.num_hidden_layers,
         )
-        body = scan(self.cfg, routing, self.opts, return_hidden, name="layers")
+        body = scan(self.cfg, routing, self.opts, name="layers")
         # the cache is a loop constant (each layer reads its own valid blocks); the scanned input is
         # the layer index, so no per-layer slice of the whole buffer is ever materialised.
-        x, (kv, hidden) = body(x, (cos, sin, mask, is_gen, cache), jnp.arange(self.cfg.num_hidden_layers))
-        return x, kv, hidden
+        x, kv = body(x, (cos, sin, mask, is_gen, cache), jnp.arange(self.cfg.num_hidden_layers))
+        return x, kv
 
 
 class Qwen2MoT(nn.Module):
@@ -248,18 +250,18 @@ class Qwen2MoT(nn.Module):
         """``[...] int -> [..., hidden]``."""
         return self.embed_tokens(ids)
 
-    def __call__(self, x, positions, mask, routing: Routing, is_gen=None, cache=None, return_hidden=False):
-        """Layers + final norms. Same arguments as :class:`LayerStack`; returns ``(h, (k, v), hidden)``."""
+    def __call__(self, x, positions, mask, routing: Routing, is_gen=None, cache=None):
+        """Layers + final norms. Same arguments as :class:`LayerStack`; returns ``(h, (k, v))``."""
         if is_gen is None:
             is_gen = jnp.zeros(x.shape[:2], bool)
-        x, kv, hidden = self.stack(x, positions, mask, routing, is_gen, cache, return_hidden)
+        x, kv = self.stack(x, positions, mask, routing, is_gen, cache)
         gen_norm = self.norm_moe_gen if self.cfg.use_moe else None
         h = _route(self.norm, gen_norm, x, routing, is_gen)
-        return h, kv, hidden
+        return h, kv
 
     def init_all(self, ids, positions, mask):
         """Touch every parameter (for ``init`` / ``eval_shape``)."""
-        h, _, _ = self(self.embed(ids), positions, mask, Routing.select(), jnp.zeros(ids.shape, bool))
+        h, _ = self(self.embed(ids), positions, mask, Routing.select(), jnp.zeros(ids.shape, bool))
         return self.logits(h)
 
     def logits(self, h: jax.Array) -> jax.Array:

@@ -33,6 +33,7 @@ from bagel_jax import sharding as shd
 from bagel_jax.config import ViTConfig
 from bagel_jax.convert import keymap
 from bagel_jax.nn.attention import MaskVectors, attention, full_vectors
+from bagel_jax.nn.intermediates import COLLECTION
 from bagel_jax.nn.options import ModelOptions
 
 Dtype = Any
@@ -95,15 +96,11 @@ class SiglipMLP(nn.Module):
 
 
 class SiglipEncoderLayer(nn.Module):
-    """One pre-LN block, written as a scan body: ``(h, vec) -> (h, y)``.
-
-    ``y`` is the layer output when ``collect`` is set (stacked by the scan), else None so that a
-    plain forward does not keep ``[L, B, N, D]`` around.
-    """
+    """One pre-LN block, written as a scan body: ``(h, vec) -> (h, None)``; sows its output as
+    ``vit_layers`` (stacked over layers by the scan)."""
 
     cfg: ViTConfig
     opts: ModelOptions = ModelOptions()
-    collect: bool = False
 
     @nn.compact
     def __call__(self, h: jax.Array, vec: MaskVectors):
@@ -115,20 +112,22 @@ class SiglipEncoderLayer(nn.Module):
         m = _layer_norm(cfg, o.param_dtype, "layer_norm2")(h).astype(o.dtype)
         h = h + SiglipMLP(cfg, o, name="mlp")(m)
         h = shd.constrain(h, ("batch", "res_length", "embed"))
-        return h, (h if self.collect else None)
+        self.sow(COLLECTION, "vit_layers", h)
+        return h, None
 
 
+# SiglipEncoderLayer / SiglipEncoder have the shape of qwen2_mot's _ScanBody / LayerStack (a layer body that
+# sows its output, then the module that scans it); the layers and their inputs differ, so they stay two.
 class SiglipEncoder(nn.Module):
     cfg: ViTConfig
     opts: ModelOptions = ModelOptions()
-    collect: bool = False
 
     @nn.compact
-    def __call__(self, h: jax.Array, vec: MaskVectors):
-        """h ``[B, N, D]``, vec mask vectors ``[B, N]`` -> (h ``[B, N, D]``, per-layer ``[L, B, N, D]`` or None)."""
-        scanned = nn.scan(self.opts.remat(SiglipEncoderLayer), variable_axes={"params": 0},
+    def __call__(self, h: jax.Array, vec: MaskVectors) -> jax.Array:
+        """h ``[B, N, D]``, vec mask vectors ``[B, N]`` -> h ``[B, N, D]``."""
+        scanned = nn.scan(self.opts.remat(SiglipEncoderLayer), variable_axes={"params": 0, COLLECTION: 0},
                           split_rngs={"params": True}, in_axes=nn.broadcast, length=self.cfg.num_hidden_layers)
-        return scanned(self.cfg, self.opts, self.collect, name="layers")(h, vec)
+        return scanned(self.cfg, self.opts, name="layers")(h, vec)[0]
 
 
 class SiglipNavit(nn.Module):
@@ -144,8 +143,7 @@ class SiglipNavit(nn.Module):
     opts: ModelOptions = ModelOptions()
 
     @nn.compact
-    def __call__(self, patches: jax.Array, position_ids: jax.Array, segment_ids: jax.Array,
-                 return_hidden: bool = False):
+    def __call__(self, patches: jax.Array, position_ids: jax.Array, segment_ids: jax.Array) -> jax.Array:
         """Encode packed image patches.
 
         Args:
@@ -153,20 +151,16 @@ class SiglipNavit(nn.Module):
             channel), channel fastest (see :func:`patchify`).
           position_ids: ``[B, N]`` int, ``row * vit_max_num_patch_per_side + col``.
           segment_ids: ``[B, N]`` int, image id >= 1 per token, 0 for padding.
-          return_hidden: also return the embeddings and every layer's output.
         Returns:
-          ``[B, N, D]`` in the compute dtype; with ``return_hidden`` a tuple
-          ``(out, {"embeddings": [B, N, D], "layers": [L, B, N, D]})``. Padding rows are finite
-          garbage.
+          ``[B, N, D]`` in the compute dtype (padding rows are finite garbage). Sows ``vit_embeddings``
+          and ``vit_layers`` (:mod:`bagel_jax.nn.intermediates`).
         """
         cfg = self.cfg
         h = SiglipEmbeddings(cfg, self.opts, name="embeddings")(patches, position_ids)
+        self.sow(COLLECTION, "vit_embeddings", h)
         vec = full_vectors(segment_ids)  # full attention within each image: seg = image id, vis = nblk = 0
-        out, layers = SiglipEncoder(cfg, self.opts, collect=return_hidden, name="encoder")(h, vec)
-        out = _layer_norm(cfg, self.opts.param_dtype, "post_layernorm")(out).astype(self.opts.dtype)
-        if return_hidden:
-            return out, {"embeddings": h, "layers": layers}
-        return out
+        out = SiglipEncoder(cfg, self.opts, name="encoder")(h, vec)
+        return _layer_norm(cfg, self.opts.param_dtype, "post_layernorm")(out).astype(self.opts.dtype)
 
 
 def key_map(cfg: ViTConfig) -> list[keymap.Entry]:

@@ -19,36 +19,25 @@ from ..inference import blocks
 from ..inference.kv_cache import KVCache
 from ..models import flux_vae
 from ..models.bagel import Bagel
+from ..nn import intermediates
 from .common import CaseError, Fixture, nchw, nhwc
-
-
-def _sown(tree, name: str):
-    """A value sown with ``self.sow("intermediates", name, ...)`` anywhere in the collection."""
-    if isinstance(tree, dict) or hasattr(tree, "items"):
-        for k, v in tree.items():
-            if k == name:
-                return v[0] if isinstance(v, tuple) else v
-            found = _sown(v, name)
-            if found is not None:
-                return found
-    return None
 
 
 def run_vae(fx: Fixture, meta: dict, arr: dict) -> dict:
     vae, vp, vcfg = fx.bm.vae, fx.bm.vae_params, fx.cfg.vae
-    moments, inter = vae.apply({"params": vp}, nhwc(arr["image"]), method=flux_vae.AutoEncoder.encode_moments,
-                               mutable=["intermediates"])
+    moments, inter = intermediates.apply(vae, {"params": vp}, nhwc(arr["image"]),
+                                         method=flux_vae.AutoEncoder.encode_moments)
     C = vcfg.z_channels
     out = dict(encoder_moments=nchw(moments), posterior_mean=nchw(moments[..., :C]),
-               posterior_logvar=nchw(moments[..., C:]), encoder_mid_out=nchw(_sown(inter, "encoder_mid_out")))
+               posterior_logvar=nchw(moments[..., C:]), encoder_mid_out=nchw(inter["encoder_mid_out"]))
     z_mean = flux_vae.latent_from_moments(moments, vcfg)
     z_samp = flux_vae.latent_from_moments(moments, vcfg, nhwc(arr["posterior_eps"]))
     out["latent_from_mean"], out["latent_sampled"] = nchw(z_mean), nchw(z_samp)
     for name, z in (("from_mean", z_mean), ("from_sampled", z_samp)):
-        dec, inter = vae.apply({"params": vp}, z, method=flux_vae.AutoEncoder.decode, mutable=["intermediates"])
+        dec, inter = intermediates.apply(vae, {"params": vp}, z, method=flux_vae.AutoEncoder.decode)
         out[f"decoded_{name}"] = nchw(dec)
-        out[f"decoder_conv_in_out_{name}"] = nchw(_sown(inter, "decoder_conv_in_out"))
-        out[f"decoder_mid_out_{name}"] = nchw(_sown(inter, "decoder_mid_out"))
+        out[f"decoder_conv_in_out_{name}"] = nchw(inter["decoder_conv_in_out"])
+        out[f"decoder_mid_out_{name}"] = nchw(inter["decoder_mid_out"])
     return out
 
 
@@ -79,21 +68,20 @@ def _vit_pack(fx: Fixture, params: dict, images: list) -> dict:
                         f"{fx.cfg.vit_max_num_patch_per_side}")
     pixels = [tf(load_image(im)) if tf is not None else to_tensor(load_image(im)) for im in images]
     b = packing.pack([[[packing.VitItem(px)] for px in pixels]], fx.sp, fx.cfg)
-    emb, extra = fx.bm.model.apply({"params": fx.bm.params}, jnp.asarray(b.vit_patches)[None],
-                                   jnp.asarray(b.vit_pos)[None], jnp.asarray(b.vit_seg)[None], True,
-                                   method=Bagel.embed_vit)
+    emb, extra = intermediates.apply(fx.bm.model, {"params": fx.bm.params}, jnp.asarray(b.vit_patches)[None],
+                                     jnp.asarray(b.vit_pos)[None], jnp.asarray(b.vit_seg)[None], method=Bagel.embed_vit)
     lens = np.bincount(b.vit_seg)[1:]
     text_pos = np.nonzero(b.kind[0] == packing.KIND_TEXT)[0]
     out = dict(packed_vit_tokens=b.vit_patches, packed_vit_position_ids=b.vit_pos, vit_token_seqlens=lens,
                cu_seqlens=np.concatenate([[0], np.cumsum(lens)]), packed_text_ids=b.token_ids[0][text_pos],
                packed_text_indexes=text_pos, packed_vit_token_indexes=b.vit_dest,
                packed_position_ids=b.positions[0], packed_seqlens=np.bincount(b.seg[0])[1:],
-               packed_indexes=np.arange(b.shape[1]), vit_embeddings=extra["embeddings"][0],
+               packed_indexes=np.arange(b.shape[1]), vit_embeddings=extra["vit_embeddings"][0],
                vit_output=extra["vit_output"][0], connector_output=extra["connector_output"][0],
                vit_pos_embed=np.asarray(fx.bm.params["vit_pos_embed"]["pos_embed"])[b.vit_pos],
                llm_input_embeds=emb[0])
-    for i in range(extra["layers"].shape[0]):
-        out[f"vit_layer{i}_out"] = extra["layers"][i, 0]
+    for i in range(extra["vit_layers"].shape[0]):
+        out[f"vit_layer{i}_out"] = extra["vit_layers"][i, 0]
     return out
 
 
@@ -126,8 +114,9 @@ def run_text(fx: Fixture, meta: dict, arr: dict) -> dict:
     m, params = fx.bm.model, fx.bm.params
     cache = KVCache.empty(fx.cfg.llm, B, Lq, jnp.float32)
     pos = np.broadcast_to(np.arange(Lq, dtype=np.int32), (B, Lq))
-    h, _, hidden = blocks.text_chunk(m, params, cache, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(n, jnp.int32),
-                                     True, True)
+    h, _, inter = blocks.text_chunk(m, params, cache, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(n, jnp.int32),
+                                    True, True)
+    hidden = inter["hidden"]
     x = m.apply({"params": params}, jnp.asarray(ids), method=Bagel.embed_text)
     logits = m.apply({"params": params}, h, method=Bagel.lm_logits)
     packed = lambda a: np.concatenate([np.asarray(a)[i, :k] for i, k in enumerate(n)])   # rows back to back

@@ -15,7 +15,6 @@ import numpy as np
 from ..inference import blocks
 from ..inference.cfg import combine_cfg
 from ..inference.context import Context
-from ..models.bagel import Bagel
 from .common import Fixture, image_layout, nhwc, official_order, query_layout, text_layout
 
 BRANCHES = {"cond": "gen", "text_uncond": "cfg_text", "img_uncond": "cfg_img"}
@@ -32,9 +31,11 @@ def _velocities(fx: Fixture, c: Context, names, x_t: np.ndarray, t: float, hw, p
     vs = {}
     for name, br in branches.items():
         hidden = name == "cond"
-        v, hq, layers = blocks.flow_velocity(eng.model, eng.params, br.cache, jnp.asarray(x_t, jnp.float32)[None],
-                                             jnp.float32(t), pos[None], jnp.asarray(br.rope, jnp.int32), eng.markers,
-                                             return_hidden=hidden)
+        v, hq, inter = blocks.flow_velocity(eng.model, eng.params, br.cache, jnp.asarray(x_t, jnp.float32)[None],
+                                            jnp.float32(t), pos[None], jnp.asarray(br.rope, jnp.int32), eng.markers,
+                                            collect=hidden)
+        if hidden:
+            layers, cond_inter = inter["hidden"], inter
         vs[name] = np.asarray(v[0])
         out[f"{prefix}.v_{name}"] = vs[name]
         out[f"{prefix}.v_{name}.final_hidden"] = official_order(hq[0])
@@ -42,9 +43,10 @@ def _velocities(fx: Fixture, c: Context, names, x_t: np.ndarray, t: float, hw, p
             out[f"{prefix}.v_{name}.layer{i}_out"] = official_order(layers[i, 0])
     n_lat = x_t.shape[0]
     out.update(query_layout(f"{prefix}.cond", f"{prefix}.", n_lat, np.asarray(pos), branches, eng.sp))
-    _, parts = eng.model.apply({"params": eng.params}, jnp.asarray(x_t), jnp.full((n_lat,), t), jnp.asarray(pos),
-                               True, method=Bagel.embed_latents)
-    out.update({f"{prefix}.{k}": v for k, v in parts.items()})
+    # the three terms of the latent embedding, as sown during the conditional branch's velocity
+    out.update({f"{prefix}.{k}": cond_inter[s][0] for k, s in (("vae2llm", "vae2llm_out"),
+                                                             ("time_embedding", "time_embedding"),
+                                                             ("latent_pos_embed", "latent_pos_embed_out"))})
     return vs, out
 
 

@@ -39,7 +39,7 @@ from .common import CaseError, Fixture, nchw, nhwc
 CE_CHUNK = 8   # CE tokens per chunk: small, so the fixture's CE runs in several chunks
 # one program for the whole forward (op-by-op dispatch of the same function takes twice as long on CPU)
 jit_train_forward = jax.jit(train_forward, static_argnames=("model", "vae", "ce_loss_reweighting",
-                                                            "return_intermediates", "expert_split", "ce_chunk_tokens"))
+                                                            "collect", "expert_split", "ce_chunk_tokens"))
 KINDS = ("text", "vlm", "t2i", "edit")
 
 
@@ -135,7 +135,7 @@ def run_train_forward(fx: Fixture, meta: dict, arr: dict) -> dict:
     b, perm = ti.packed, ti.perm
     loss, aux = jit_train_forward(fx.bm.model, fx.bm.params, fx.bm.vae, fx.bm.vae_params, ti.batch, ti.noise,
                               ce_weight=float(P.get("ce_weight", 1.0)), mse_weight=float(P.get("mse_weight", 1.0)),
-                              return_intermediates=True, expert_split=ti.split, ce_chunk_tokens=CE_CHUNK)
+                              collect=True, expert_split=ti.split, ce_chunk_tokens=CE_CHUNK)
     inter = dict(aux["intermediates"])
     B, L = b.shape
     final = packing.unpermute_tokens(np.asarray(inter["final_hidden"]).reshape(B, L, -1), perm)[0]
@@ -149,7 +149,7 @@ def run_train_forward(fx: Fixture, meta: dict, arr: dict) -> dict:
     out["ce_loss_reweighted"] = np.array([(np.asarray(inter["ce_per_token"]) * w).sum() / max(w.sum(), 1e-30)])
     if b.vit_patches.shape[0]:
         out.update(packed_vit_position_ids=b.vit_pos, packed_vit_token_indexes=b.vit_dest,
-                   vit_token_seqlens=np.bincount(b.vit_seg)[1:], vit_output=inter["vit_output"])
+                   vit_token_seqlens=np.bincount(b.vit_seg)[1:], vit_output=inter["vit_output"][0])
     if b.vae_src.shape[0]:
         m = b.vae_mse
         ds = fx.cfg.latent_downsample
@@ -159,7 +159,7 @@ def run_train_forward(fx: Fixture, meta: dict, arr: dict) -> dict:
                                                           for s in ti.items for it in s
                                                           if isinstance(it, packing.VaeItem)]),
                    packed_latent_clean=inter["packed_latent_clean"], timesteps_used=inter["timesteps_used"],
-                   time_embedding=inter["time_embedding"], vae2llm_out=inter["vae2llm"],
+                   time_embedding=inter["time_embedding"], vae2llm_out=inter["vae2llm_out"],
                    mse_target=inter["mse_target"][m], mse_preds=inter["mse_preds"][m],
                    mse_per_element=inter["mse_per_element"][m], mse_loss=np.array([aux["mse"]]))
     mask = packing.dense_mask_np(b)[0]

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from ..models import flux_vae
 from ..models.bagel import Bagel, patchify_latents
 from ..models.qwen2_mot import Routing
+from ..nn import intermediates
 from ..nn.attention import MaskVectors
 
 
@@ -39,12 +40,14 @@ def shift_timesteps(t: jax.Array, shift: float) -> jax.Array:
 def train_forward(model: Bagel, params, vae: flux_vae.AutoEncoder, vae_params, batch: Mapping[str, Any],
                   noise: TrainNoise, ce_weight: float = 1.0, mse_weight: float = 1.0,
                   ce_loss_reweighting: bool = False, token_loss_weights: Optional[jax.Array] = None,
-                  return_intermediates: bool = False, expert_split: Optional[tuple[int, int]] = None,
+                  collect: bool = False, expert_split: Optional[tuple[int, int]] = None,
                   ce_chunk_tokens: Optional[int] = None):
     """Losses of one packed batch (arrays of :class:`bagel_jax.data.packing.PackedBatch`).
 
-    Returns ``(loss, aux)``; ``aux`` holds ``ce``, ``mse`` (the normalised losses), the token counts and,
-    with ``return_intermediates``, per-token values for the verifier (in the batch's physical order).
+    Returns ``(loss, aux)``; ``aux`` holds ``ce``, ``mse`` (the normalised losses), the token counts and
+    ``intermediates``: empty, or with ``collect`` (static) everything the models sow
+    (:mod:`bagel_jax.nn.intermediates`) plus this function's per-token values, for the verifier (in the
+    batch's physical order).
     ``token_loss_weights`` optionally scales the CE of each CE token (e.g. an extra weight on
     ``<|vision_start|>`` labels).
 
@@ -58,17 +61,19 @@ def train_forward(model: Bagel, params, vae: flux_vae.AutoEncoder, vae_params, b
     """
     cfg = model.cfg
     apply = lambda method, *a, **kw: model.apply({"params": params}, *a, method=method, **kw)
+    inter = {}
+
+    def sown(method, *a):       # apply, keeping what the model sows when collecting
+        out, got = intermediates.apply(model, {"params": params}, *a, method=method, collect=collect)
+        inter.update(got)
+        return out
+
     B, L = batch["token_ids"].shape
     D = cfg.llm.hidden_size
     x = apply(Bagel.embed_text, batch["token_ids"]).reshape(B * L, D)
-    inter = {}
 
     if cfg.visual_und and batch["vit_patches"].shape[0] > 0:
-        vit = apply(Bagel.embed_vit, batch["vit_patches"][None], batch["vit_pos"][None], batch["vit_seg"][None],
-                    return_hidden=return_intermediates)
-        if return_intermediates:
-            vit, vit_extra = vit
-            inter["vit_output"] = vit_extra["vit_output"][0]
+        vit = sown(Bagel.embed_vit, batch["vit_patches"][None], batch["vit_pos"][None], batch["vit_seg"][None])
         x = x.at[batch["vit_dest"]].set(vit[0].astype(x.dtype), mode="drop")
 
     has_vae = cfg.visual_gen and batch["vae_src"].shape[0] > 0
@@ -80,17 +85,15 @@ def train_forward(model: Bagel, params, vae: flux_vae.AutoEncoder, vae_params, b
         x0 = tokens.reshape(-1, tokens.shape[-1])[batch["vae_src"]]                    # [Nl, p*p*C]
         t = shift_timesteps(jax.nn.sigmoid(batch["vae_t_raw"]), cfg.timestep_shift)    # clean: sigmoid(-inf) = 0
         x_t = (1.0 - t[:, None]) * x0 + t[:, None] * noise.flow_noise
-        emb = apply(Bagel.embed_latents, x_t, t, batch["vae_pos"], return_parts=return_intermediates)
-        if return_intermediates:
-            emb, parts = emb
-            inter.update(parts, latents=latents, packed_latent_clean=x0, timesteps_used=t)
+        emb = sown(Bagel.embed_latents, x_t, t, batch["vae_pos"])
+        if collect:
+            inter.update(latents=latents, packed_latent_clean=x0, timesteps_used=t)
         x = x.at[batch["vae_dest"]].set(emb.astype(x.dtype), mode="drop")
 
     vec = MaskVectors(batch["seg"], batch["vis"], batch["nblk"])
     is_gen = batch["kind"] == 3
     routing = Routing.select() if expert_split is None else Routing.split(*expert_split)
-    h, _, hidden = apply(Bagel.decode, x.reshape(B, L, D), batch["positions"], vec,
-                         routing, is_gen, return_hidden=return_intermediates)
+    h, _ = sown(Bagel.decode, x.reshape(B, L, D), batch["positions"], vec, routing, is_gen)
     h = h.reshape(B * L, D)
 
     # CE on text tokens (fp32 log-softmax), chunked over CE tokens.
@@ -114,14 +117,14 @@ def train_forward(model: Bagel, params, vae: flux_vae.AutoEncoder, vae_params, b
         mse = (mse_tok * m).sum() / jnp.maximum(n_mse, 1.0)
         loss = loss + mse_weight * mse
         aux.update(mse=mse, n_mse=n_mse)
-        if return_intermediates:
+        if collect:
             inter.update(mse_preds=pred, mse_target=target, mse_per_element=(pred - target) ** 2)
     else:
         aux.update(mse=jnp.zeros((), jnp.float32), n_mse=jnp.zeros((), jnp.float32))
-    if return_intermediates:
+    if collect:
         logits = apply(Bagel.lm_logits, h[batch["ce_index"]]).astype(jnp.float32)
-        inter.update(final_hidden=h, ce_logits=logits, ce_per_token=ce_tok, hidden=hidden)
-        aux["intermediates"] = inter
+        inter.update(final_hidden=h, ce_logits=logits, ce_per_token=ce_tok)
+    aux["intermediates"] = inter
     return loss, aux
 
 
