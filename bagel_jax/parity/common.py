@@ -8,6 +8,7 @@ from typing import Optional
 import jax.numpy as jnp
 import numpy as np
 
+from .. import layout
 from ..data.images import INFERENCE_VAE, INFERENCE_VIT, ImageTransform, load_image, to_tensor
 from ..inference.context import Branch, Engine
 from ..loading import BagelModel, load_model
@@ -94,16 +95,18 @@ def _marked_block(prefix: str, n: int, kv: int, rope: int, sp) -> dict:
     """``[<|vision_start|>] + n tokens + [<|vision_end|>]`` at one position (indexes of the markers and
     tokens relative to the block)."""
     return {f"{prefix}.packed_text_ids": np.array([sp.start_of_image, sp.end_of_image]),
-            f"{prefix}.packed_text_indexes": np.array([0, n + 1]),
-            f"{prefix}.packed_position_ids": np.full(n + 2, rope), f"{prefix}.packed_seqlens": np.array([n + 2]),
-            f"{prefix}.packed_indexes": np.arange(kv, kv + n + 2),
+            f"{prefix}.packed_text_indexes": np.array([0, layout.end_marker_at(n)]),
+            f"{prefix}.packed_position_ids": np.full(layout.block_len(n), rope),
+            f"{prefix}.packed_seqlens": np.array([layout.block_len(n)]),
+            f"{prefix}.packed_indexes": np.arange(kv, kv + layout.block_len(n)),
             f"{prefix}.packed_key_value_indexes": np.arange(kv), f"{prefix}.key_values_lens": np.array([kv])}
 
 
 def image_layout(prefix: str, kind: str, n: int, kv: int, rope: int, pos, sp) -> dict:
     """A context image block, ``kind`` "vit" or "vae" (clean latents, t = 0)."""
     out = _marked_block(prefix, n, kv, rope, sp)
-    out.update({f"{prefix}.newlens": np.array([kv + n + 2]), f"{prefix}.new_rope": np.array([rope + 1]),
+    out.update({f"{prefix}.newlens": np.array([kv + layout.block_len(n)]),
+                f"{prefix}.new_rope": np.array([rope + layout.rope_advance(kind, n)]),
                 f"{prefix}.packed_{kind}_position_ids": np.asarray(pos),
                 f"{prefix}.packed_{kind}_token_indexes": np.arange(1, n + 1)})
     if kind == "vit":
@@ -125,8 +128,8 @@ def query_layout(cond: str, prefix: str, n_lat: int, pos, branches: dict, sp) ->
         if br is None:
             continue
         kv, p = f"{prefix}{name}.cfg", int(br.length[0])
-        out.update({f"{kv}_packed_position_ids": np.full(n_lat + 2, int(br.rope[0])),
+        out.update({f"{kv}_packed_position_ids": np.full(layout.block_len(n_lat), int(br.rope[0])),
                     f"{kv}_key_values_lens": np.array([p]),
-                    f"{kv}_packed_query_indexes": np.arange(p, p + n_lat + 2),
+                    f"{kv}_packed_query_indexes": np.arange(p, p + layout.block_len(n_lat)),
                     f"{kv}_packed_key_value_indexes": np.arange(p)})
     return out
