@@ -281,7 +281,7 @@ def test_chunked_ce_in_train_forward(bm):
     for rw in (False, True):
         base = dict(ce_loss_reweighting=rw, token_loss_weights=tw, expert_split=(U, b.shape[1] - U))
         la, aux_a, ga = _loss_and_grads(bm, s, noise, ce_chunk_tokens=None, **base)
-        for chunk in (4, 7):
+        for chunk in (7,):   # several chunks, the last one padded (chunk sizes alone: the two tests above)
             lb, aux_b, gb = _loss_and_grads(bm, s, noise, ce_chunk_tokens=chunk, **base)
             np.testing.assert_allclose(lb, la, rtol=1e-6, err_msg=f"reweight {rw} chunk {chunk}")
             np.testing.assert_allclose(float(aux_b["ce"]), float(aux_a["ce"]), rtol=1e-6)
