@@ -84,9 +84,9 @@ def flow_velocity(model: Bagel, params, cache: KVCache, x_t, t, lat_pos, rope, m
     R, N, _ = x_t.shape
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (R,))
     x, positions, emb_inter = _latent_chunk(model, params, x_t, t, lat_pos, rope, markers, collect)
-    h, _, inter = forward_chunk(model, params, cache, x, positions, jnp.full((R,), N + 2, jnp.int32), False,
-                                Routing.split(2), False, collect=collect)
-    v = model.apply({"params": params}, h[:, 2:], method=Bagel.velocity).astype(jnp.float32)
+    h, _, inter = forward_chunk(model, params, cache, x, positions, jnp.full((R,), layout.block_len(N), jnp.int32),
+                                False, Routing.split(layout.LATENT_CHUNK_BODY), False, collect=collect)
+    v = model.apply({"params": params}, h[:, layout.LATENT_CHUNK_BODY:], method=Bagel.velocity).astype(jnp.float32)
     return v, h, {**emb_inter, **inter}
 
 

@@ -25,11 +25,12 @@ from .. import layout
 from ..models import flux_vae
 from ..models.bagel import Bagel, unpatchify_latents
 from . import blocks
-from .cfg import CFG_MODES, CfgPlan, ImageParams, cfg_active, make_plan, shifted_schedule
+from .cfg import CfgPlan, ImageParams, cfg_active, make_plan, shifted_schedule
 from .context import Branch, Context, on_mesh
 
-__all__ = ["ImageParams", "branch_plan", "flow_loop", "generate_images", "initial_noise", "stack_branches"]
 from .kv_cache import KVCache
+
+__all__ = ["ImageParams", "branch_plan", "flow_loop", "generate_images", "initial_noise", "stack_branches"]
 
 
 def _progress_cb(step, total):
@@ -122,9 +123,11 @@ class _FlowLoop:
             return kw
         kw = dict(kw)
         n, same, rt = kw.pop("n_branches"), kw.pop("img_is_gen", False), kw.pop("renorm_type", "global")
-        names = ("gen",) if n == 1 else ("gen", "cfg_text") if n == 2 and not same else ("gen", "cfg_text", "cfg_img")
-        rows = (0, 1, 0) if same else tuple(range(len(names)))
-        return {**kw, "plan": CfgPlan(names, rows, CFG_MODES["text_img"].combine, rt)}
+        # the make_plan of "text_img" params and stand-in branches that give this branch count
+        gen, text, img = object(), object(), object()
+        params = ImageParams(cfg_text_scale=1.0 if n == 1 else 2.0, cfg_img_scale=2.0 if n == 3 or same else 1.0,
+                             cfg_renorm_type=rt)
+        return {**kw, "plan": make_plan(params, {"gen": gen, "cfg_text": text, "cfg_img": gen if same else img})[0]}
 
     def __call__(self, *args, **kw):
         return _flow_loop(*args, **self._plan_kw(kw))

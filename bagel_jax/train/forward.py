@@ -11,6 +11,7 @@ from typing import Any, Mapping, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from .. import layout
 from ..models import flux_vae
 from ..models.bagel import Bagel, patchify_latents
 from ..models.qwen2_mot import Routing
@@ -91,7 +92,7 @@ def train_forward(model: Bagel, params, vae: flux_vae.AutoEncoder, vae_params, b
         x = x.at[batch["vae_dest"]].set(emb.astype(x.dtype), mode="drop")
 
     vec = MaskVectors(batch["seg"], batch["vis"], batch["nblk"])
-    is_gen = batch["kind"] == 3
+    is_gen = batch["kind"] == layout.KIND_VAE
     routing = Routing.select() if expert_split is None else Routing.split(*expert_split)
     h, _ = sown(Bagel.decode, x.reshape(B, L, D), batch["positions"], vec, routing, is_gen)
     h = h.reshape(B * L, D)
