@@ -123,7 +123,7 @@ def cmd_speed(args):
     def runners(b):
         eng = Engine(b)
         ctx = Context.new(eng, 1, track_cfg=False).add_text("A red cat sits on the blue mat under the old tree.")
-        gen = ctx[0].reserve(eng, n)
+        gen = ctx.gen.reserve(eng, n)
         br = make_plan(ImageParams(cfg_text_scale=1.0, cfg_img_scale=1.0), ctx.branches)[1][0]
         lat_pos = jnp.arange(N, dtype=jnp.int32)[None]
 
@@ -137,6 +137,12 @@ def cmd_speed(args):
             return jax.block_until_ready(blocks.flow_velocity(eng.model, eng.params, br.cache, x0, t, lat_pos,
                                                               jnp.asarray(br.rope, jnp.int32), eng.markers)[0])
         decode(), step()                     # compile
+        mem = blocks.flow_velocity.lower(eng.model, eng.params, br.cache, x0, t, lat_pos,
+                                         jnp.asarray(br.rope, jnp.int32), eng.markers).compile().memory_analysis()
+        if mem is not None:                  # what the compiled step holds: params in, temporaries
+            print(f"{'int8' if b is bq else 'float32'} flow step program: arguments "
+                  f"{mem.argument_size_in_bytes / 2**20:.1f} MiB, temporaries {mem.temp_size_in_bytes / 2**20:.1f} MiB "
+                  f"(decoder layer params {quant.param_bytes(decoder_layers(b.params)) / 2**20:.1f} MiB)")
         return {"decode": decode, "flow step": step}
 
     ab = {"float32": runners(bm), "int8": runners(bq)}
