@@ -116,12 +116,11 @@ def load_model(folder: str, dtype=jnp.float32, param_dtype=None, shardings=None,
 
 
 def random_model(cfg: BagelConfig, key: jax.Array, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat_policy: str = "none", quantize: str = "none") -> BagelModel:
-    """A randomly initialised model (for tests and training from scratch); ``quantize`` as in :func:`load_model`
-    (decoder layers)."""
-    model, vae = build_modules(cfg, dtype, param_dtype, remat_policy, quantize=quantize)
+                 remat_policy: str = "none") -> BagelModel:
+    """A randomly initialised model (for tests and training from scratch)."""
+    model, vae = build_modules(cfg, dtype, param_dtype, remat_policy)
     k1, k2 = jax.random.split(key)
-    params = quant.quantize_params(init_params(model, k1), quantize)
+    params = init_params(model, k1)
     ds = cfg.vae.downsample
     vae_params = vae.init(k2, jnp.zeros((1, ds * 2, ds * 2, cfg.vae.in_channels)))["params"]
     return BagelModel(cfg, model, vae, params, vae_params)

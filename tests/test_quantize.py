@@ -55,6 +55,10 @@ def test_quant_dense_float_tree_is_nn_dense_and_int8_tree_is_the_dequantized_mat
     y = dense.apply({"params": {"kernel": q, "scale": s, "bias": jnp.asarray(b)}}, x)
     want = x @ quant.dequantize_int8(q, s) + b
     np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-5, atol=1e-5)
+    yb = QuantDense(24, dtype=jnp.bfloat16, param_dtype=jnp.float32).apply(
+        {"params": {"kernel": q, "scale": s, "bias": jnp.asarray(b)}}, x)
+    assert yb.dtype == jnp.bfloat16            # bfloat16 compute: int8 -> bfloat16 is exact, then bf16 rounding
+    np.testing.assert_allclose(np.asarray(yb, np.float32), np.asarray(want), rtol=2e-2, atol=2e-2)
     assert ModelOptions(quantize="int8").dense(24).__class__ is QuantDense
     assert ModelOptions().dense(24).__class__ is nn.Dense          # "none": the model is unchanged
 
