@@ -2,7 +2,6 @@
 per-channel round trip, the bytes in memory, the tiny-a logits against the float32 reference, generation
 with the quantized model, and clear errors for a bad mode."""
 
-import dataclasses
 import json
 import os
 import sys
