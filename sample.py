@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run on several devices: mesh sizes whose product is the device count (one may be -1 = the "
                         "rest), e.g. fsdp=4,tensor=2. fsdp and tensor split the weights, data replicates them; KV "
                         "caches are split over rows and kv heads; the VAE is replicated. Default: one device")
+    g.add_argument("--quantize", default="none", choices=("none", "int8"),
+                   help="weight storage of the decoder layers: none (as --dtype) or int8 (per-output-channel int8 "
+                        "q/k/v/o and MLP weights of both experts, dequantized inside each matmul: about half the "
+                        "bfloat16 bytes; embeddings and LM head unchanged; see the README's int8 section)")
 
     t = common.add_argument_group("text generation")
     t.add_argument("--think", action="store_true",
@@ -192,8 +196,9 @@ def _load(args):
         mesh = shd.make_mesh(**shd.parse_mesh(args.mesh))   # MeshError (a ValueError): exit status 2
     pipe = load(args.model_path, dtype=dtype, vae_transform=tf(args.vae_transform),
                 vit_transform=tf(args.vit_transform), max_context=args.max_context, attention_impl=args.attention,
-                mesh=mesh)
+                mesh=mesh, quantize=args.quantize)
     where = f", mesh {dict(mesh.shape)}" if mesh is not None else ""
+    where += ", int8 weights" if args.quantize == "int8" else ""
     print(f"loaded {args.model_path} ({dtype}{where}) in {time.time() - t0:.1f}s", file=sys.stderr)
     return pipe
 

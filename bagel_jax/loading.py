@@ -9,6 +9,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from . import quantize as quant
 from . import sharding as shd
 from .config import BagelConfig, ConfigError, load_config
 from .convert import official
@@ -34,14 +35,16 @@ class BagelModel:
 
 
 def build_modules(cfg: BagelConfig, dtype=jnp.float32, param_dtype=jnp.float32, remat_policy: str = "none",
-                  attention_impl: Optional[str] = "auto", vae_dtype=jnp.float32):
-    """The Bagel and AutoEncoder modules for ``cfg``. The four run options become one
+                  attention_impl: Optional[str] = "auto", vae_dtype=jnp.float32, quantize: str = "none"):
+    """The Bagel and AutoEncoder modules for ``cfg``. The five run options become one
     :class:`~bagel_jax.nn.options.ModelOptions` (validated here: a bad remat policy or attention name
     fails with the list of choices), given to the Bagel module, which passes it to every submodule.
     ``attention_impl`` selects the attention of the decoder and the ViT ("auto", "xla", "blocked",
     "pallas", "cudnn"; see :mod:`bagel_jax.nn.attention`). The VAE runs in ``vae_dtype`` (float32 by
-    default, as the official app does)."""
-    opts = ModelOptions(dtype, param_dtype, remat_policy, "auto" if attention_impl is None else attention_impl)
+    default, as the official app does). ``quantize``: "none" or "int8" (dense layers that run the int8
+    kernels of a :func:`bagel_jax.quantize.quantize_params` tree)."""
+    opts = ModelOptions(dtype, param_dtype, remat_policy, "auto" if attention_impl is None else attention_impl,
+                        quantize)
     return Bagel(cfg, opts), flux_vae.AutoEncoder(cfg.vae, dtype=vae_dtype)
 
 
@@ -67,7 +70,8 @@ def follow_shardings(shapes: Any, shardings: Any) -> Any:
 
 def load_model(folder: str, dtype=jnp.float32, param_dtype=None, shardings=None, vae_shardings=None,
                with_tokenizer: bool = True, remat_policy: str = "none",
-               attention_impl: Optional[str] = "auto", mesh=None) -> BagelModel:
+               attention_impl: Optional[str] = "auto", mesh=None, quantize: str = "none",
+               quantize_vit: bool = False) -> BagelModel:
     """Load an official BAGEL folder.
 
     Args:
@@ -81,7 +85,13 @@ def load_model(folder: str, dtype=jnp.float32, param_dtype=None, shardings=None,
       attention_impl: attention implementation of the decoder and the ViT (see :func:`build_modules`).
       mesh: a ``jax.sharding.Mesh``: with no ``shardings``, the params are split over it by the rules of
         :mod:`bagel_jax.sharding` (``tree_shardings``).
+      quantize: "none" or "int8": per-output-channel int8 weight-only quantization of the decoder layers'
+        q/k/v/o and MLP kernels (both experts; :mod:`bagel_jax.quantize`) after loading them in
+        ``param_dtype``, one kernel at a time, each float kernel freed once quantized (the load's peak is the
+        float tree); ``quantize_vit`` also quantizes the ViT layers' linears. The embeddings, LM head, norms
+        and biases keep ``param_dtype``.
     """
+    quant.validate_mode(quantize)
     if not os.path.isdir(folder):
         raise ConfigError(f"model folder not found: {folder}")
     for name in REQUIRED_FILES:
@@ -89,7 +99,7 @@ def load_model(folder: str, dtype=jnp.float32, param_dtype=None, shardings=None,
             raise ConfigError(f"{folder}: missing file {name}")
     cfg = load_config(folder)
     param_dtype = dtype if param_dtype is None else param_dtype
-    model, vae = build_modules(cfg, dtype, param_dtype, remat_policy, attention_impl)
+    model, vae = build_modules(cfg, dtype, param_dtype, remat_policy, attention_impl, quantize=quantize)
     shapes = param_shapes(model)
     if shardings is None and mesh is not None:
         shardings = shd.tree_shardings(shapes, mesh)
@@ -98,6 +108,7 @@ def load_model(folder: str, dtype=jnp.float32, param_dtype=None, shardings=None,
         vae_shardings = follow_shardings(vshapes, shardings)
     params = official.load_params(os.path.join(folder, "ema.safetensors"), key_map(cfg), shapes,
                                     dtype=param_dtype, shardings=shardings)
+    params = quant.quantize_params(params, quantize, vit=quantize_vit, consume=True)
     vae_params = official.load_params(os.path.join(folder, "ae.safetensors"), flux_vae.key_map(cfg.vae),
                                         vshapes, dtype=jnp.float32, shardings=vae_shardings)
     tok = load_tokenizer(folder) if with_tokenizer else None

@@ -82,7 +82,8 @@ def folder_defaults(folder: str) -> dict:
 
 def load(folder: str, dtype="bfloat16", param_dtype=None, shardings=None, vae_shardings=None,
          vae_transform: Optional[ImageTransform] = None, vit_transform: Optional[ImageTransform] = None,
-         max_context: Optional[int] = None, attention_impl: str = "auto", mesh=None) -> "Pipeline":
+         max_context: Optional[int] = None, attention_impl: str = "auto", mesh=None, quantize: str = "none",
+         quantize_vit: bool = False) -> "Pipeline":
     """Load an official BAGEL folder for inference.
 
     Args:
@@ -104,6 +105,9 @@ def load(folder: str, dtype="bfloat16", param_dtype=None, shardings=None, vae_sh
       attention_impl: attention implementation of the decoder and the ViT: "auto" (default: "blocked" for
         cached inference and long sequences, "xla" for short ones), "xla", "blocked", "pallas" or "cudnn"
         (see :mod:`bagel_jax.nn.attention`).
+      quantize: "none" or "int8": int8 weight-only decoder layers (per-output-channel scales; the README's
+        int8 section gives bytes, error and speed); ``quantize_vit`` also the ViT's (see
+        :func:`bagel_jax.loading.load_model`).
     """
     from ..loading import load_model
 
@@ -113,7 +117,8 @@ def load(folder: str, dtype="bfloat16", param_dtype=None, shardings=None, vae_sh
     if isinstance(mesh, str):
         mesh = shd.make_mesh(**shd.parse_mesh(mesh))
     bm = load_model(folder, dtype=dt, param_dtype=_dtype(param_dtype) if param_dtype is not None else dt,
-                    shardings=shardings, vae_shardings=vae_shardings, attention_impl=attention_impl, mesh=mesh)
+                    shardings=shardings, vae_shardings=vae_shardings, attention_impl=attention_impl, mesh=mesh,
+                    quantize=quantize, quantize_vit=quantize_vit)
     fd = folder_defaults(folder)
     vae_transform = vae_transform or fd.get("vae_transform", INFERENCE_VAE)
     vit_transform = vit_transform or fd.get("vit_transform", INFERENCE_VIT)

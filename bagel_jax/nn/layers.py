@@ -1,4 +1,5 @@
-"""Small building blocks shared by the BAGEL modules: RMSNorm, RoPE, position tables, timestep features."""
+"""Small building blocks shared by the BAGEL modules: RMSNorm, RoPE, position tables, timestep features and
+the dense layer that also runs int8 kernels (:class:`QuantDense`)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,28 @@ class RMSNorm(nn.Module):
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         return scale.astype(x.dtype) * y.astype(x.dtype)
+
+
+class QuantDense(nn.Dense):
+    """``nn.Dense`` (same parameters, same float result) that also runs a weight-only int8 kernel: when the
+    params tree holds a ``scale`` ``[features]`` beside an int8 ``kernel`` ``[in, features]`` (made by
+    :func:`bagel_jax.quantize.quantize_params`), ``y = (x @ kernel.astype(dtype)) * scale + bias``: the
+    int8 -> dtype conversion is part of the matmul's program, the float kernel is never stored."""
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        if not self.has_variable("params", "scale"):
+            return super().__call__(inputs)
+        # the init (float) only gives Flax the expected shape to check; the stored kernel is int8
+        kernel = self.param("kernel", self.kernel_init, (inputs.shape[-1], self.features), self.param_dtype)
+        scale = self.param("scale", nn.initializers.ones, (self.features,), jnp.float32)
+        dtype = self.dtype or jnp.result_type(inputs, self.param_dtype)
+        y = jax.lax.dot_general(inputs.astype(dtype), kernel.astype(dtype),
+                                (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision)
+        y = y * scale.astype(dtype)
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(dtype)
+        return y
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:

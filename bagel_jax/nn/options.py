@@ -2,7 +2,7 @@
 
 :class:`ModelOptions` holds what every module of the decoder and the ViT needs and no config file
 describes (the config is the architecture; these are how to run it): compute dtype, parameter dtype,
-activation-checkpointing (remat) policy and attention implementation. :data:`REMAT_POLICIES` is the
+activation-checkpointing (remat) policy, attention implementation and weight quantization. :data:`REMAT_POLICIES` is the
 one table of remat policies (decoder layers and ViT layers).
 """
 
@@ -15,7 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ..quantize import validate_mode
 from .attention import validate_implementation
+from .layers import QuantDense
 
 # name -> jax.checkpoint policy (None: no remat). One table for every scanned layer stack.
 REMAT_POLICIES = {
@@ -43,6 +45,9 @@ class ModelOptions:
       remat_policy: a key of :data:`REMAT_POLICIES`, applied to every decoder and ViT layer.
       attention_impl: ``"auto"`` or an implementation of :func:`bagel_jax.nn.attention.attention`
         (decoder and ViT).
+      quantize: ``"none"`` or ``"int8"`` (:mod:`bagel_jax.quantize`): with ``"int8"`` every dense layer is a
+        :class:`~bagel_jax.nn.layers.QuantDense`, which runs an int8 kernel where the params tree holds one
+        (the layers :func:`bagel_jax.quantize.quantize_params` converted) and the float kernel elsewhere.
     Names are checked at construction, so a bad value fails where it is given, not at model build.
     """
 
@@ -50,16 +55,19 @@ class ModelOptions:
     param_dtype: Any = jnp.float32
     remat_policy: str = "none"
     attention_impl: str = "auto"
+    quantize: str = "none"
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
         object.__setattr__(self, "attention_impl", validate_implementation(self.attention_impl))
         validate_remat_policy(self.remat_policy)
+        validate_mode(self.quantize)
 
     def dense(self, features: int, use_bias: bool = True, name: str | None = None) -> nn.Dense:
-        """An ``nn.Dense`` in these dtypes."""
-        return nn.Dense(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        """An ``nn.Dense`` in these dtypes (a :class:`~bagel_jax.nn.layers.QuantDense` when quantized)."""
+        cls = nn.Dense if self.quantize == "none" else QuantDense
+        return cls(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
     def remat(self, module_cls, static_argnums=()):
         """``module_cls`` wrapped with ``nn.remat`` under :attr:`remat_policy` (as is for "none")."""
