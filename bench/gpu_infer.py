@@ -1,0 +1,139 @@
+"""Inference on one accelerator at BAGEL-7B-MoT shapes: text-to-image and decoding, with and without TaylorSeer
+and int8 weights.
+
+A random BAGEL-7B-MoT (``configs/bagel-7b-mot.yaml``: Qwen2.5-7B shapes per expert, SigLIP so400m, FLUX VAE;
+random weights, bfloat16; the demo model's tokenizer, ids only) prints, for each ``--quantize`` mode:
+
+* text-to-image ``--size`` x ``--size`` with ``--steps`` timesteps and the official CFG (text 4.0, interval
+  (0.4, 1], 2 branches): seconds per image (median of ``--rounds`` after a compile run) without and with
+  TaylorSeer, and the compile time;
+* decoding: ``--decode-tokens`` greedy tokens after the prompt (no early stop): tokens/s;
+* decoder parameter bytes and the peak device memory (``memory_stats``, where the backend reports it).
+
+    python bench/gpu_infer.py                                  # 1024x1024, 50 steps, none + int8
+    python bench/gpu_infer.py --quantize none --size 512 --steps 30
+    python bench/gpu_infer.py --tiny                           # a seconds-long CPU smoke run of this script
+
+One JSON line per measurement on stdout (``--out FILE`` appends them too), a table on stderr at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from bagel_jax.config import BagelConfig, LLMConfig, VAEConfig, ViTConfig, config_from_yaml  # noqa: E402
+from bagel_jax.inference.cfg import ImageParams  # noqa: E402
+from bagel_jax.inference.context import Context, Engine  # noqa: E402
+from bagel_jax.inference.decode import generate_text  # noqa: E402
+from bagel_jax.inference.sampler import generate_images  # noqa: E402
+from bagel_jax.loading import build_modules, random_model  # noqa: E402
+from bagel_jax.quantize import param_bytes, quantize_params  # noqa: E402
+from bagel_jax.tokenizer import load_tokenizer  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPT = "A red cat sits on the blue mat under the old tree, photographed in warm evening light."
+
+
+def model_config(tiny: bool) -> BagelConfig:
+    if not tiny:
+        return config_from_yaml(os.path.join(REPO, "configs", "bagel-7b-mot.yaml"))
+    llm = LLMConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=256, vocab_size=1024)
+    vit = ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)
+    cfg = BagelConfig(llm=llm, vit=vit, vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 2)))
+    cfg.validate()
+    return cfg
+
+
+def peak_bytes() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def timed(fn, rounds: int) -> tuple[float, float]:
+    """``(first call s, median of later calls s)``; ``fn`` blocks until done."""
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return first, statistics.median(times)
+
+
+def run_mode(cfg: BagelConfig, quantize: str, args) -> list[dict]:
+    bm = random_model(cfg, jax.random.PRNGKey(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    if quantize != "none":     # the loader's path: int8 kernels + scales in the tree, QuantDense layers
+        model, _ = build_modules(cfg, jnp.bfloat16, jnp.bfloat16, quantize=quantize)
+        bm = dataclasses.replace(bm, model=model, params=quantize_params(bm.params, quantize, consume=True))
+    bm.tokenizer = load_tokenizer(os.path.join(REPO, "bagel_jax", "assets", "demo"))
+    eng = Engine(bm, max_context=4096)
+    lm_bytes = param_bytes(bm.params["language_model"])
+    ctx = Context.new(eng, 1).add_text(PROMPT)
+    rows = []
+    for cache in ("none", "taylorseer"):
+        ip = ImageParams(num_timesteps=args.steps, step_cache=cache)
+        first, med = timed(lambda: generate_images(ctx, (args.size, args.size), ip), args.rounds)
+        rows.append(dict(what="t2i", quantize=quantize, step_cache=cache, size=args.size, steps=args.steps,
+                         s_per_image=med, compile_s=first - med, peak_bytes=peak_bytes()))
+        print(json.dumps(rows[-1]), flush=True)
+    n = args.decode_tokens
+    first, med = timed(lambda: generate_text(ctx, max_length=n, stop_tokens=[]).texts, args.rounds)
+    rows.append(dict(what="decode", quantize=quantize, tokens=n, tokens_per_s=n / med, compile_s=first - med,
+                     decoder_param_bytes=lm_bytes, peak_bytes=peak_bytes()))
+    print(json.dumps(rows[-1]), flush=True)
+    del ctx, eng, bm
+    gc.collect()
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=1024, help="image side in pixels (multiple of 16; default 1024)")
+    ap.add_argument("--steps", type=int, default=50, help="num_timesteps (default 50, the official default)")
+    ap.add_argument("--decode-tokens", type=int, default=256, help="greedy tokens to decode (default 256)")
+    ap.add_argument("--quantize", default="none,int8", help="comma-separated modes to run (default none,int8)")
+    ap.add_argument("--rounds", type=int, default=2, help="timed calls after the compile call (default 2)")
+    ap.add_argument("--tiny", action="store_true", help="a tiny random model, 64 px, 6 steps: CPU smoke run")
+    ap.add_argument("--out", default=None, metavar="FILE.jsonl", help="also append the JSON lines to this file")
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.size, args.steps, args.decode_tokens, args.rounds = 64, 8, 16, 1
+    cfg = model_config(args.tiny)
+    print(f"backend {jax.default_backend()}, devices {jax.devices()}", file=sys.stderr)
+    rows = []
+    for q in [m.strip() for m in args.quantize.split(",") if m.strip()]:
+        try:
+            rows += run_mode(cfg, q, args)
+        except Exception as e:                      # e.g. out of memory: report and go on
+            print(json.dumps(dict(quantize=q, error=f"{type(e).__name__}: {str(e)[:400]}")), flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    gib = lambda b: f"{b / 2**30:.1f} GiB" if b else "n/a"
+    for r in rows:
+        if r["what"] == "t2i":
+            print(f"t2i {r['size']}px {r['steps']} steps quantize={r['quantize']} step_cache={r['step_cache']}: "
+                  f"{r['s_per_image']:.2f} s/image (compile {r['compile_s']:.0f} s), peak {gib(r['peak_bytes'])}",
+                  file=sys.stderr)
+        else:
+            print(f"decode quantize={r['quantize']}: {r['tokens_per_s']:.1f} tok/s, decoder params "
+                  f"{gib(r['decoder_param_bytes'])}, peak {gib(r['peak_bytes'])}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
