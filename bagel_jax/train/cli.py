@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--debug-fail-at", type=int, default=None,
                     help="testing hook: raise an error after step N (the state is checkpointed before exiting)")
     ap.add_argument("--debug-nan-at", type=int, default=None,
-                    help="testing hook: NaN in every float array of step N's batch (a non-finite step, "
+                    help="testing hook: NaN pixels in every image of step N's batch (a non-finite step, "
                          "see train.on_nonfinite)")
     ap.add_argument("overrides", nargs="*",
                     help="config overrides section.key=value (value parsed as YAML), e.g. train.lr=2e-5 data.seed=1")

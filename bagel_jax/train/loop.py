@@ -293,8 +293,8 @@ class _Signals:
 
 
 def _poison(batch: dict) -> dict:
-    """``--debug-nan-at``: NaN in every float array of a batch (a non-finite step)."""
-    return {k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v for k, v in batch.items()}
+    """``--debug-nan-at``: NaN pixels in every image of a batch (a non-finite step)."""
+    return {k: np.full_like(v, np.nan) if k in ("vae_images", "vit_patches") else v for k, v in batch.items()}
 
 
 def train_steps(args: argparse.Namespace, su: RunSetup, st: RunStart, ckpt: Checkpointer,

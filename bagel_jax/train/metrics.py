@@ -91,7 +91,7 @@ def step_record(step: int, m: dict, ntok: int, dt: float, flops: float, peak: fl
     nproc = jax.process_count()
     return dict(step=step, loss=m["loss"], loss_ce=m["loss_ce"], loss_mse=m["loss_mse"],
                 grad_norm=m["grad_norm"], lr=m["lr"], finite=bool(m.get("finite", 1.0)), tokens=int(ntok * nproc),
-                ce_tokens=int(m["n_ce"]), mse_tokens=int(m["n_mse"]), step_time=dt,
+                ce_tokens=_count(m["n_ce"]), mse_tokens=_count(m["n_mse"]), step_time=dt,
                 tokens_per_s=ntok * nproc / dt, mfu=flops * nproc / dt / peak, compiled=compiled,
                 data_skipped=int(sum(dstate["skipped"].values())), data_too_long=int(dstate["too_long"]),
                 data_dropped=int(dstate["dropped"]))
@@ -115,6 +115,11 @@ def read_metrics(path: str) -> list[dict]:
             else:
                 out.append(rec)
     return out
+
+
+def _count(x: float) -> int:
+    """A token count of the step's metrics as an int (-1 if it came out non-finite)."""
+    return int(x) if np.isfinite(x) else -1
 
 
 class MetricsWriter:
