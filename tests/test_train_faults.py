@@ -7,12 +7,10 @@ The runs share train_helpers' config and shapes, so they reuse one compiled trai
 """
 
 import json
-import logging
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -35,8 +33,7 @@ def data(tmp_path_factory):
     return make_data(str(tmp_path_factory.mktemp("syn")), num=24, bad=1)
 
 
-@pytest.fixture(scope="module")
-def cfg():
+def _model_cfg():
     return config_from_yaml(os.path.join(REPO, "configs", "train-tiny.yaml"))
 
 
@@ -57,12 +54,12 @@ def _error_line(err: str) -> str:
 
 # -- rows 1, 2: a data folder that cannot produce a sample -------------------------------------------
 
-def test_all_rows_bad_stops_naming_groups_and_rate_limits_warnings(tmp_path, cfg, caplog):
+def test_all_rows_bad_stops_naming_groups_and_rate_limits_warnings(tmp_path, caplog):
     from bagel_jax.demo import synthetic
 
     synthetic.write(str(tmp_path), num=0, bad=3)   # every row of every group is unreadable
     tok = load_tokenizer(os.path.join(tmp_path, "tokenizer"))
-    it = L.PackedIterator(str(tmp_path), L.DataConfig.from_dict(dict(max_failed_draws=300)), cfg, tok)
+    it = L.PackedIterator(str(tmp_path), L.DataConfig.from_dict(dict(max_failed_draws=300)), _model_cfg(), tok)
     with caplog.at_level("WARNING", logger="bagel_jax.data"), pytest.raises(DataConfigError) as e:
         it.next_batch()
     msg = str(e.value)
@@ -75,12 +72,12 @@ def test_all_rows_bad_stops_naming_groups_and_rate_limits_warnings(tmp_path, cfg
     assert len(GROUPS) <= n <= len(GROUPS) * (L.WARN_FIRST + 1), n
 
 
-def test_samples_too_long_stop_with_the_reason(data, cfg):
+def test_samples_too_long_stop_with_the_reason(data):
     tok = load_tokenizer(os.path.join(data, "tokenizer"))
     dc = L.DataConfig.from_dict(dict(max_num_tokens_per_sample=10, max_failed_draws=100))
     t0 = time.time()
     with pytest.raises(DataConfigError) as e:
-        L.PackedIterator(data, dc, cfg, tok).next_batch()
+        L.PackedIterator(data, dc, _model_cfg(), tok).next_batch()
     assert time.time() - t0 < 60
     assert "more than data.max_num_tokens_per_sample=10 tokens" in str(e.value)
     assert all(f"{g}: " in str(e.value) for g in GROUPS)

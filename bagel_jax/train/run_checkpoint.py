@@ -93,6 +93,9 @@ class Checkpointer:
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
     def save(self, step: int, state: Any, data_state: dict, force: bool = True) -> bool:
+        # orbax waits for the previous save inside save(); waiting here first reports its failure
+        # under its own step
+        self.wait()
         self.pending = int(step)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
         return self._guard(self.mngr.save, int(step), args=args, force=force)
