@@ -78,8 +78,8 @@ def main(argv=None) -> int:
     except (TrainSetupError, ConfigError, DataConfigError, MeshError, TrainCheckpointError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C before the step loop: nothing to checkpoint yet
-        print("error: interrupted before training started", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # Ctrl-C outside the step loop (setup, export): no traceback
+        print("error: interrupted", file=sys.stderr, flush=True)
         return 130
     if res.get("signal") is not None and res["step"] < args.steps:
         return 128 + int(res["signal"])
