@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -47,5 +46,7 @@ def run_train(data: str, workdir: str, steps: int, *extra: str, devices: int = 1
 
 
 def metrics(workdir: str) -> list[dict]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The per-step records of the latest run (metrics.jsonl is append-only; see bagel_jax.train.metrics)."""
+    from bagel_jax.train.metrics import read_metrics
+
+    return read_metrics(os.path.join(workdir, "metrics.jsonl"))

@@ -270,8 +270,14 @@ class EditDataset:
             info_path = os.path.join(root, info)
             if not os.path.isfile(info_path):
                 raise DataConfigError(f"parquet_info_path not found: {info_path}")
-            with open(info_path) as f:
-                listed = json.load(f)
+            try:
+                with open(info_path) as f:
+                    listed = json.load(f)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise DataConfigError(f"{info_path}: not valid JSON ({e})") from None
+            if not isinstance(listed, (dict, list)) or not listed or \
+                    not all(isinstance(p, str) for p in listed):
+                raise DataConfigError(f"{info_path}: expected a non-empty JSON object {{parquet path: info}}")
             files = [p if os.path.isabs(p) else os.path.join(os.path.dirname(info_path), p) for p in sorted(listed)]
         else:
             files = _parquet_files(data_dir)

@@ -21,6 +21,12 @@ and reaches the jitted step as a static argument (``bagel_jax.train.step.batch_e
 Note: zero-padding the VAE batch to the bucket (rather than to the batch maximum as the official code
 does) changes the latents of smaller images slightly (GroupNorm sees the padding; porting reference 12.20).
 
+A data folder that cannot feed training fails fast: ``max_failed_draws`` (default 1000) draws in a row
+without a usable sample raise :class:`DataConfigError` naming each group and the reasons counted (bad
+rows, samples too long, too many or too large VAE images, no loss); the warning for each bad row is
+logged for the first ``WARN_FIRST`` rows of a group, then at most once per ``WARN_EVERY_S`` seconds per
+group with the number of rows skipped meanwhile.
+
 State (``get_state()``): a JSON dict of integers (draw counter, next index per group, buffer of parked
 ``(group, index)``) plus counters of skipped samples. A sample is a pure function of
 ``(seed, group, index, shard)``, so restoring the state resumes the stream exactly.
@@ -32,12 +38,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import os
 import queue
 import threading
+import time
 from typing import Any, Optional, Sequence
 
 import numpy as np
+import yaml
 
 from .. import layout
 from ..config import check_keys, load_yaml
@@ -45,6 +54,24 @@ from . import packing
 from .datasets import DATASET_CLASSES, DataConfigError, Dropout, SampleError, plan_to_items, sample_stats
 
 log = logging.getLogger("bagel_jax.data")
+
+WARN_FIRST = 5          # bad rows of a group logged one by one ...
+WARN_EVERY_S = 30.0     # ... then one summary line per group at most this often
+
+
+def check_numbers(obj, section: str, error=ValueError) -> None:
+    """Raise ``error`` naming the field if a field of the dataclass ``obj`` whose default is a number holds
+    something else: a bool or a non-number, a non-integer where the default is an integer, or a
+    non-finite float (YAML ``.nan`` / ``.inf``). Range checks stay with each config."""
+    for f in dataclasses.fields(obj):
+        v, kind = getattr(obj, f.name), type(f.default)
+        if kind not in (int, float) or isinstance(f.default, bool):
+            continue
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        ok = ok and (isinstance(v, int) if kind is int else math.isfinite(v))
+        if not ok:
+            want = "an integer" if kind is int else "a finite number"
+            raise error(f"{section}: {f.name} must be {want}, got {v!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +94,7 @@ class DataConfig:
     und_split_steps: int = 8                   # grid of expert-stream capacities per row bucket (module doc)
     packs_per_step: int = 1                    # global number of packs per (micro)step
     prefetch: int = 2
+    max_failed_draws: int = 1000               # draws in a row without a usable sample before stopping
 
     @staticmethod
     def from_dict(d: dict) -> "DataConfig":
@@ -89,6 +117,7 @@ class DataConfig:
         return c
 
     def validate(self) -> None:
+        check_numbers(self, "data", DataConfigError)
         if not self.row_buckets or max(self.row_buckets) < self.max_num_tokens:
             raise DataConfigError(f"data: row_buckets {list(self.row_buckets)} must include a size >= "
                                   f"max_num_tokens {self.max_num_tokens}")
@@ -105,6 +134,8 @@ class DataConfig:
             raise DataConfigError(f"data: und_split_steps must be an integer >= 1, got {self.und_split_steps!r}")
         if self.packs_per_step < 1 or self.vae_images_per_pack < 0:
             raise DataConfigError("data: packs_per_step must be >= 1 and vae_images_per_pack >= 0")
+        if self.max_failed_draws < 1:
+            raise DataConfigError(f"data: max_failed_draws must be >= 1, got {self.max_failed_draws}")
 
 
 def load_groups(data_dir: str, dcfg: DataConfig) -> dict[str, dict]:
@@ -114,8 +145,13 @@ def load_groups(data_dir: str, dcfg: DataConfig) -> dict[str, dict]:
     if not os.path.isfile(path):
         raise DataConfigError(f"{data_dir}: missing dataset config {dcfg.groups_file} "
                               "(write one, or generate data with python -m bagel_jax.demo.synthetic)")
-    with open(path) as f:
-        groups = load_yaml(f)
+    try:
+        with open(path) as f:
+            groups = load_yaml(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise DataConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(groups, dict) or not groups:
         raise DataConfigError(f"{path}: expected a mapping of dataset groups")
     for name, spec in groups.items():
@@ -140,7 +176,15 @@ class PackedIterator:
         self.shard, self.num_shards = shard, num_shards
         self.groups = load_groups(data_dir, dcfg)
         self.names = list(self.groups)
-        self.ds = {n: DATASET_CLASSES[n](data_dir, self.groups[n], tokenizer, model_cfg) for n in self.names}
+        self.ds = {}
+        for n in self.names:
+            try:
+                self.ds[n] = DATASET_CLASSES[n](data_dir, self.groups[n], tokenizer, model_cfg)
+            except DataConfigError:
+                raise
+            except (KeyError, TypeError, ValueError, OSError) as e:
+                raise DataConfigError(f"{os.path.join(data_dir, dcfg.groups_file)}: group {n!r}: "
+                                      f"{type(e).__name__}: {e}") from None
         for n, d in self.ds.items():
             if len(d) == 0:
                 raise DataConfigError(f"dataset group {n!r} in {data_dir} has no rows")
@@ -158,6 +202,8 @@ class PackedIterator:
         self._perm_cache: dict = {}
         self.state = dict(draw=0, next={n: 0 for n in self.names}, buffer=[],
                           skipped={n: 0 for n in self.names}, too_long=0, dropped=0, packs=0)
+        self._failed = {}       # (group, reason) -> count over the current run of failed draws
+        self._warned = {}       # group -> (rows skipped when last logged, time last logged)
 
     # -- state --------------------------------------------------------------------------------------
     def get_state(self) -> dict:
@@ -181,25 +227,62 @@ class PackedIterator:
         return int(self._perm_cache[key][k % N])
 
     def _sample(self, g: str, idx: int):
-        """Items of sample ``idx`` of group ``g`` or None (skipped and counted)."""
+        """Items of sample ``idx`` of group ``g`` or None (skipped and counted; the reason is kept for
+        the error of :meth:`_draw`)."""
         row = self._row(g, idx)
         rng = np.random.default_rng([self.dcfg.seed, self.names.index(g), idx, self.shard, 1])
         try:
             items = plan_to_items(self.ds[g].plan(row, rng), rng, self.dropout)
         except SampleError as e:
             self.state["skipped"][g] += 1
-            log.warning("skipping bad sample %s row %d: %s (skipped so far: %d)", g, row, e, self.state["skipped"][g])
+            self._fail(g, "unreadable or malformed row")
+            self._warn_skip(g, row, e)
             return None
         st = sample_stats(items, self.cfg.vit.patch_size, self.cfg.latent_downsample)
-        max_hw = max(self.dcfg.vae_hw_buckets, key=lambda b: b[0] * b[1])
-        if (st.tokens > self.dcfg.max_num_tokens_per_sample or st.vae_images > self.dcfg.vae_images_per_pack
-                or st.vae_hw[0] > max_hw[0] or st.vae_hw[1] > max_hw[1] or not st.has_loss):
+        reason = self._unusable(st)
+        if reason:
             self.state["too_long"] += 1
+            self._fail(g, reason)
             return None
         return items, st
 
+    def _unusable(self, st) -> Optional[str]:
+        """Why a readable sample cannot go into a pack, or None."""
+        d = self.dcfg
+        max_hw = max(d.vae_hw_buckets, key=lambda b: b[0] * b[1])
+        if st.tokens > d.max_num_tokens_per_sample:
+            return f"more than data.max_num_tokens_per_sample={d.max_num_tokens_per_sample} tokens"
+        if st.vae_images > d.vae_images_per_pack:
+            return f"more than data.vae_images_per_pack={d.vae_images_per_pack} VAE images"
+        if st.vae_hw[0] > max_hw[0] or st.vae_hw[1] > max_hw[1]:
+            return f"a VAE image larger than the largest data.vae_hw_buckets entry {list(max_hw)}"
+        if not st.has_loss:
+            return "no loss tokens (everything dropped)"
+        return None
+
+    def _fail(self, g: str, reason: str) -> None:
+        self._failed[(g, reason)] = self._failed.get((g, reason), 0) + 1
+
+    def _warn_skip(self, g: str, row: int, e: Exception) -> None:
+        """Rate-limited warning about a bad row (module doc): a data folder full of bad rows must not
+        flood the log."""
+        n = self.state["skipped"][g]
+        last_n, last_t = self._warned.get(g, (0, 0.0))
+        now = time.monotonic()
+        if n <= WARN_FIRST:
+            log.warning("skipping bad sample %s row %d: %s (skipped so far: %d)", g, row, e, n)
+        elif now - last_t >= WARN_EVERY_S:
+            log.warning("skipping bad samples of %s: %d more since the last message (skipped so far: %d; "
+                        "latest: row %d: %s)", g, n - last_n, n, row, e)
+        else:
+            return
+        self._warned[g] = (n, now)
+
     def _draw(self):
-        while True:
+        """The next usable sample ``(group, index, (items, stats))``; DataConfigError after
+        ``max_failed_draws`` draws in a row without one."""
+        self._failed = {}
+        for _ in range(self.dcfg.max_failed_draws):
             rng = np.random.default_rng([self.dcfg.seed, 7, self.shard, self.state["draw"]])
             self.state["draw"] += 1
             g = self.names[int(rng.choice(len(self.names), p=self.p))]
@@ -208,6 +291,9 @@ class PackedIterator:
             s = self._sample(g, idx)
             if s is not None:
                 return g, idx, s
+        reasons = "; ".join(f"{g}: {n} x {r}" for (g, r), n in sorted(self._failed.items()))
+        raise DataConfigError(f"data: no usable sample in {self.dcfg.max_failed_draws} draws in a row "
+                              f"(data.max_failed_draws) from groups {self.names}: {reasons}")
 
     def _next_pack(self) -> list:
         d = self.dcfg
@@ -311,15 +397,28 @@ class Prefetcher:
         except BaseException as e:  # surfaced in the consumer
             self.q.put(e)
 
-    def next(self):
-        item = self.q.get()
+    def next(self, interrupted=None):
+        """The next ``(batch, state)``; re-raises an error of the loader thread. ``interrupted``: a
+        callable polled while waiting; when it returns true, :class:`Interrupted` is raised (a stuck
+        data source must not make a signal handler wait forever)."""
+        while True:
+            try:
+                item = self.q.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if interrupted is not None and interrupted():
+                    raise Interrupted("interrupted while waiting for the data pipeline") from None
         if isinstance(item, BaseException):
             raise item
         return item
 
-    def close(self):
+    def close(self, timeout: float = 5.0):
         self._stop.set()
-        self.t.join(timeout=5)
+        self.t.join(timeout=timeout)
+
+
+class Interrupted(Exception):
+    """Raised by :meth:`Prefetcher.next` when its ``interrupted`` callable fires while it waits."""
 
 
 def describe_state(state: dict) -> str:

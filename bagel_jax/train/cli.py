@@ -1,5 +1,10 @@
-"""The command line of ``train.py``: arguments, then :func:`bagel_jax.train.loop.run`; a bad command line,
-config, data folder, mesh or checkpoint exits with status 2 and one ``error:`` line."""
+"""The command line of ``train.py``: arguments, then :func:`bagel_jax.train.loop.run`.
+
+Exit status: 0 when ``--steps`` was reached; 2 with one ``error:`` line for a bad command line, config,
+data folder, tokenizer, mesh, output folder or checkpoint (all checked before any compute; a data folder
+that stops yielding samples mid-run also exits 2); 1 with one ``error:`` line for a failed checkpoint
+save or a non-finite step; 128 + signal (143 SIGTERM, 130 SIGINT) when a signal stopped the run early
+(after checkpointing)."""
 
 from __future__ import annotations
 
@@ -11,8 +16,9 @@ import sys
 from ..config import ConfigError
 from ..data.datasets import DataConfigError
 from ..sharding import MeshError
-from .loop import run
-from .run_checkpoint import TrainCheckpointError
+from ..tokenizer import TokenizerError
+from .loop import NonFiniteError, run
+from .run_checkpoint import CheckpointSaveError, TrainCheckpointError
 from .run_config import TrainSetupError
 
 
@@ -50,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bar (print lines instead)")
     ap.add_argument("--debug-fail-at", type=int, default=None,
                     help="testing hook: raise an error after step N (the state is checkpointed before exiting)")
+    ap.add_argument("--debug-nan-at", type=int, default=None,
+                    help="testing hook: NaN pixels in every image of step N's batch (a non-finite step, "
+                         "see train.on_nonfinite)")
     ap.add_argument("overrides", nargs="*",
                     help="config overrides section.key=value (value parsed as YAML), e.g. train.lr=2e-5 data.seed=1")
     return ap
@@ -57,10 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # orbax reports a failed background save from each of its worker threads, with tracebacks; the run
+    # reports it once (CheckpointSaveError)
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     args = build_parser().parse_intermixed_args(argv)
     try:
-        run(args)
-    except (TrainSetupError, ConfigError, DataConfigError, MeshError, TrainCheckpointError) as e:
+        res = run(args)
+    except (CheckpointSaveError, NonFiniteError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except (TrainSetupError, ConfigError, DataConfigError, MeshError, TrainCheckpointError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the step loop (setup, export): no traceback
+        print("error: interrupted", file=sys.stderr, flush=True)
+        return 130
+    if res.get("signal") is not None and res["step"] < args.steps:
+        return 128 + int(res["signal"])
     return 0

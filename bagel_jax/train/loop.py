@@ -1,11 +1,21 @@
 """The training driver behind ``train.py`` (command line: :mod:`.cli`; config: :mod:`.run_config`; step
 accounting: :mod:`.metrics`): mesh and modules, init or resume, the step loop, checkpoints, export.
 
+Everything that can be checked without compute is checked first (config, ``--data`` folder and its
+groups, tokenizer, writability of ``--workdir`` and ``--export``), so bad input fails in seconds.
+
 Resume rule: if ``WORKDIR/checkpoints`` holds a complete checkpoint, the latest one is restored (params,
-EMA, optimiser state, step, rng, data-iterator state) and training continues until ``--steps``; lines of
-``metrics.jsonl`` after the restored step are dropped, so the file always describes one run. A checkpoint
-that cannot be read is an error, never a silent fresh start. On an exception, SIGTERM or Ctrl-C the
-current state is checkpointed before exiting (when the state is still intact).
+EMA, optimiser state, step, rng, data-iterator state) and training continues until ``--steps``;
+``metrics.jsonl`` is only ever appended to (:mod:`.metrics`). A checkpoint that cannot be read is an
+error, never a silent fresh start.
+
+Faults: on an exception the current state is checkpointed before exiting (when it is intact). SIGTERM or
+SIGINT checkpoints and stops: :func:`run` returns the signal and ``train.py`` exits with 128 + signal
+(143, 130) unless ``--steps`` was reached; a signal that arrives while no batch comes (a stuck data
+source) stops without waiting for one, and a second signal exits at once. A non-finite step never
+changes the weights (:mod:`.step`); ``train.on_nonfinite`` stops the run (:class:`NonFiniteError`; the
+last good state is checkpointed) or skips the batch. A failed checkpoint save stops the run at once
+(:class:`.run_checkpoint.CheckpointSaveError`), keeping the previous complete checkpoint.
 """
 
 from __future__ import annotations
@@ -14,7 +24,6 @@ import argparse
 import dataclasses
 import logging
 import os
-import shutil
 import signal
 import sys
 import time
@@ -22,40 +31,45 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import yaml
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .. import sharding as shd
 from ..config import BagelConfig
 from ..convert import official as conv
-from ..data.loader import PackedIterator, Prefetcher, describe_state
-from ..inference.api import INFERENCE_DEFAULTS_FILE
+from ..data.loader import Interrupted, PackedIterator, Prefetcher, describe_state
 from ..loading import build_modules, load_model, vae_param_shapes
 from ..models import flux_vae
 from ..models.bagel import init_params as bagel_init
 from ..models.bagel import param_shapes
-from ..tokenizer import load_tokenizer
+from ..tokenizer import Tokenizer, load_tokenizer
 from . import optimizer as O
 from . import step as S
 from .init import init_from_components
 from .metrics import MetricsWriter, is_main, peak_flops_per_device, step_flops, step_record
-from .run_checkpoint import Checkpointer, TrainCheckpointError, export_ema
-from .run_config import TrainSetupError, load_train_config
+from .run_checkpoint import CheckpointSaveError, Checkpointer, TrainCheckpointError, export_ema, inference_defaults
+from .run_config import TrainSetupError, check_writable_dir, load_train_config
 
 log = logging.getLogger("bagel_jax.train")
+
+
+class NonFiniteError(RuntimeError):
+    """A step's loss, gradient norm or update was not finite (``train.on_nonfinite``)."""
 
 
 # -------------------------------------------------------------------------------------------------
 # Init and export
 # -------------------------------------------------------------------------------------------------
 
-def _export(ema, cfg, vae_params, out: str, tokenizer, init) -> None:
-    """EMA weights as an official folder; a model folder given as ``train.init`` passes on its optional
-    ``inference.json`` (image-size defaults of small models, :func:`bagel_jax.inference.api.folder_defaults`)."""
-    export_ema(ema, cfg, vae_params, out, tokenizer)
-    if isinstance(init, str) and os.path.isfile(os.path.join(init, INFERENCE_DEFAULTS_FILE)):
-        shutil.copy(os.path.join(init, INFERENCE_DEFAULTS_FILE), os.path.join(out, INFERENCE_DEFAULTS_FILE))
-    print(f"[train] exported EMA weights to {out}", flush=True)
+def _export(ema, su, vae_params, args, tokenizer) -> None:
+    """EMA weights as an official folder plus ``inference.json`` with the image sizes the run trained on
+    (:func:`.run_checkpoint.inference_defaults`), so sampling from the export uses them by default."""
+    export_ema(ema, su.cfg, vae_params, args.export, tokenizer)
+    if is_main():
+        inference_defaults(args.export, args.data, su.dc, su.tc.init)
+    print(f"[train] exported EMA weights to {args.export}", flush=True)
 
 
 def init_params(tc, cfg, model, vae, param_sh, vae_sh):
@@ -127,11 +141,15 @@ def build_setup(args: argparse.Namespace) -> RunSetup:
     raw, cfg, tc, dc = load_train_config(args.config, overrides)
     if args.steps is None or args.steps < 0:
         raise TrainSetupError("--steps N (total number of optimiser steps, >= 0) is required")
+    if not os.path.isdir(args.data):
+        raise TrainSetupError(f"--data folder not found: {args.data}")
     mesh = shd.make_mesh(**shd.parse_mesh(args.mesh))
     nshard = shd.num_batch_shards(mesh)
     if dc.packs_per_step % nshard:
         raise TrainSetupError(f"data.packs_per_step={dc.packs_per_step} must be divisible by data*fsdp={nshard}")
-    os.makedirs(args.workdir, exist_ok=True)
+    check_writable_dir(args.workdir, "--workdir")
+    if args.export:
+        check_writable_dir(args.export, "--export")
     model, vae = build_modules(cfg, dtype=O.DTYPES[tc.compute_dtype], param_dtype=jnp.float32,
                                remat_policy=tc.remat_policy, attention_impl=tc.attention_impl)
     shapes = param_shapes(model)
@@ -157,18 +175,32 @@ class RunStart:
     resumed: bool
 
 
-def start_or_resume(args: argparse.Namespace, su: RunSetup, ckpt: Checkpointer) -> RunStart:
+def load_run_tokenizer(args: argparse.Namespace, su: RunSetup) -> Tokenizer:
+    """The tokenizer of the init folder (``train.init`` a folder) or of ``DATA/tokenizer``, checked
+    against the model's vocabulary."""
+    init = su.tc.init
+    if isinstance(init, str) and init != "random" and not os.path.isdir(init):
+        raise TrainSetupError(f"train.init: model folder not found: {init}")
+    tokenizer = load_tokenizer(init if isinstance(init, str) and init != "random"
+                               else os.path.join(args.data, "tokenizer"))
+    top = max(tokenizer.special.__dict__.values())
+    if top >= su.cfg.llm.vocab_size:
+        raise TrainSetupError(f"tokenizer id {top} does not fit the model vocab_size {su.cfg.llm.vocab_size}")
+    return tokenizer
+
+
+def start_or_resume(args: argparse.Namespace, su: RunSetup, ckpt: Checkpointer, tokenizer) -> RunStart:
     """A fresh start (``train.init``, frozen VAE written to ``WORKDIR/ae.safetensors``) or the latest
-    complete checkpoint; then the tokenizer, checked against the model's vocabulary."""
+    complete checkpoint."""
     cfg, tc = su.cfg, su.tc
     ae_path = os.path.join(args.workdir, "ae.safetensors")
     latest = ckpt.latest()
-    tokenizer = None
     if latest is None:
         mpath = os.path.join(args.workdir, "metrics.jsonl")
         if os.path.isfile(mpath) and os.path.getsize(mpath):
-            log.warning("%s has metrics but no complete checkpoint: starting from step 0", args.workdir)
-        params, vae_params, tokenizer = init_params(tc, cfg, su.model, su.vae, su.ssh["params"], su.vsh)
+            log.warning("%s has metrics but no complete checkpoint: starting from step 0 (metrics.jsonl is "
+                        "appended to)", args.workdir)
+        params, vae_params, _ = init_params(tc, cfg, su.model, su.vae, su.ssh["params"], su.vsh)
         if is_main():
             conv.export_params(vae_params, flux_vae.key_map(cfg.vae), ae_path)
         state, _ = S.init_state(params, su.opt, tc.seed, su.mesh)
@@ -190,13 +222,6 @@ def start_or_resume(args: argparse.Namespace, su: RunSetup, ckpt: Checkpointer) 
         if start != latest:
             raise TrainCheckpointError(f"checkpoint {latest} holds step {start}")
         print(f"[train] resumed from step {start} ({ckpt.directory}/{latest})", flush=True)
-
-    if tokenizer is None:
-        tok_dir = tc.init if isinstance(tc.init, str) and os.path.isdir(str(tc.init)) else os.path.join(args.data, "tokenizer")
-        tokenizer = load_tokenizer(tok_dir)
-    top = max(tokenizer.special.__dict__.values())
-    if top >= cfg.llm.vocab_size:
-        raise TrainSetupError(f"tokenizer id {top} does not fit the model vocab_size {cfg.llm.vocab_size}")
     return RunStart(state=state, vae_params=vae_params, tokenizer=tokenizer, data_state=data_state, step=start,
                     resumed=latest is not None)
 
@@ -206,21 +231,35 @@ def start_or_resume(args: argparse.Namespace, su: RunSetup, ckpt: Checkpointer) 
 # -------------------------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> dict:
-    """One invocation of ``train.py``: train from the start (or the latest checkpoint) to ``--steps``."""
+    """One invocation of ``train.py``: train from the start (or the latest checkpoint) to ``--steps``.
+    Returns ``step`` (reached), ``signal`` (the signal that stopped the run, or None) and more."""
     configure_jax(args)
     su = build_setup(args)
+    tokenizer = load_run_tokenizer(args, su)
+    it = PackedIterator(args.data, su.dc, su.cfg, tokenizer, accum=su.tc.accum_steps, shard=jax.process_index(),
+                        num_shards=jax.process_count())
     ckpt = Checkpointer(os.path.join(args.workdir, "checkpoints"), keep=su.tc.keep_checkpoints,
                         async_save=not args.sync_save)
-    st = start_or_resume(args, su, ckpt)
-    metrics = MetricsWriter(args.workdir, st.step)
-    if args.steps <= st.step:
-        print(f"[train] nothing to do: already at step {st.step} >= --steps {args.steps}", flush=True)
-        if args.export:
-            _export(st.state["ema"], su.cfg, st.vae_params, args.export, st.tokenizer, su.tc.init)
+    try:
+        st = start_or_resume(args, su, ckpt, tokenizer)
+        if st.data_state is not None:
+            it.set_state(st.data_state)
+        metrics = MetricsWriter(args.workdir, st.step, st.resumed)
+        if args.steps <= st.step:
+            print(f"[train] nothing to do: already at step {st.step} >= --steps {args.steps}", flush=True)
+            metrics.close()
+            if args.export:
+                _export(st.state["ema"], su, st.vae_params, args, st.tokenizer)
+            return dict(step=st.step, signal=None)
+        return train_steps(args, su, st, ckpt, metrics, it)
+    finally:
         ckpt.close()
-        metrics.close()
-        return dict(step=st.step)
-    return train_steps(args, su, st, ckpt, metrics)
+
+
+def _say(msg: str) -> None:
+    """A ``[train]`` line that does not print over the progress bar."""
+    tqdm.write(msg, file=sys.stdout)
+    sys.stdout.flush()
 
 
 def _log_step(args, bar, step: int, m: dict, rec: dict, dstate: dict) -> None:
@@ -228,21 +267,42 @@ def _log_step(args, bar, step: int, m: dict, rec: dict, dstate: dict) -> None:
     bar.set_postfix(ce=f"{m['loss_ce']:.3f}", mse=f"{m['loss_mse']:.3f}", gn=f"{m['grad_norm']:.2f}",
                     lr=f"{m['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}", mfu=f"{rec['mfu']:.1%}")
     if args.log_every and step % args.log_every == 0 and (args.no_progress or not sys.stderr.isatty()):
-        print(f"[train] step {step} ce {m['loss_ce']:.4f} mse {m['loss_mse']:.4f} gnorm {m['grad_norm']:.3f} "
-              f"lr {m['lr']:.3e} tok/s {rec['tokens_per_s']:.0f} mfu {rec['mfu']:.2%} data[{describe_state(dstate)}]",
-              flush=True)
+        _say(f"[train] step {step} ce {m['loss_ce']:.4f} mse {m['loss_mse']:.4f} gnorm {m['grad_norm']:.3f} "
+             f"lr {m['lr']:.3e} tok/s {rec['tokens_per_s']:.0f} mfu {rec['mfu']:.2%} data[{describe_state(dstate)}]")
+
+
+class _Signals:
+    """SIGTERM / SIGINT while training: the first sets :attr:`sig` (the loop checkpoints and stops at the
+    next step boundary, or at once while it waits for data); a second exits immediately (128 + signal)."""
+
+    def __init__(self):
+        self.sig = None
+        self.old = {s: signal.signal(s, self._on) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _on(self, signum, frame):
+        if self.sig is not None:
+            os.write(2, f"[train] second signal {signal.Signals(signum).name}: exiting without a checkpoint\n".encode())
+            os._exit(128 + signum)
+        self.sig = signum
+        os.write(2, f"[train] {signal.Signals(signum).name}: checkpointing and stopping (send it again to exit "
+                    "at once)\n".encode())
+
+    def restore(self):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+def _poison(batch: dict) -> dict:
+    """``--debug-nan-at``: NaN pixels in every image of a batch (a non-finite step)."""
+    return {k: np.full_like(v, np.nan) if k in ("vae_images", "vit_patches") else v for k, v in batch.items()}
 
 
 def train_steps(args: argparse.Namespace, su: RunSetup, st: RunStart, ckpt: Checkpointer,
-                metrics: MetricsWriter) -> dict:
+                metrics: MetricsWriter, it: PackedIterator) -> dict:
     """The step loop from ``st.step`` to ``--steps``: checkpoints every ``train.save_every`` and at the end,
-    on SIGTERM / Ctrl-C (then stops) and on an exception (then re-raises); exports at the end."""
+    on SIGTERM / Ctrl-C (then stops), on a non-finite step in ``stop`` mode (the last good state) and on an
+    exception (then re-raises); a failed save stops at once; exports at the end."""
     cfg, tc, dc, mesh = su.cfg, su.tc, su.dc, su.mesh
-    it = PackedIterator(args.data, dc, cfg, st.tokenizer, accum=tc.accum_steps, shard=jax.process_index(),
-                        num_shards=jax.process_count())
-    if st.data_state is not None:
-        it.set_state(st.data_state)
-    pre = Prefetcher(it, dc.prefetch)
     special = S.special_weights_by_id(tc, st.tokenizer)
     step_fn = S.jit_train_step(S.make_train_step(su.model, su.vae, tc, su.mask, su.opt, su.schedule, special,
                                                  su.ssh["params"]),
@@ -252,65 +312,97 @@ def train_steps(args: argparse.Namespace, su: RunSetup, st: RunStart, ckpt: Chec
     print(f"[train] mesh {dict(mesh.shape)}, {O.count_params(su.shapes) / 1e6:.2f}M params "
           f"({n_train / 1e6:.2f}M trainable), packs/step {dc.packs_per_step} x accum {tc.accum_steps}", flush=True)
 
-    stop = {"sig": None}
-
-    def on_signal(signum, frame):
-        stop["sig"] = signum
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    sig = _Signals()  # before the loader thread starts: a signal from now on stops the run cleanly
+    pre = Prefetcher(it, dc.prefetch)
     bar = tqdm(total=args.steps, initial=st.step, desc="train", disable=not is_main() or args.no_progress,
                dynamic_ncols=True)
     state, vae_params, step, dstate = st.state, st.vae_params, st.step, st.data_state
     st.state = None  # the loop's `state` replaces it each step; keep no second reference to the start state
     saved = st.step if st.resumed else -1
-    last = {}
-    fail_at = args.debug_fail_at
+    last, nonfinite = {}, 0
     try:
-        while step < args.steps:
-            (batch, ntok), dstate_next = pre.next()
-            flops = step_flops(cfg, batch)
-            t0 = time.perf_counter()
-            gbatch = shd.put_batch(batch, mesh)
-            n_compiled = len(step_fn.cache)
-            state, m = step_fn(state, gbatch, vae_params, S.batch_expert_split(batch))
-            m = {k: float(v) for k, v in jax.device_get(m).items()}
-            dt = time.perf_counter() - t0
-            step += 1
-            dstate = dstate_next
-            last = step_record(step, m, ntok, dt, flops, peak, len(step_fn.cache) > n_compiled, dstate)
-            metrics.write(last)
-            _log_step(args, bar, step, m, last, dstate)
-            if fail_at is not None and step == fail_at:
-                raise RuntimeError(f"--debug-fail-at {fail_at}: simulated failure")
-            if step % tc.save_every == 0 or step == args.steps:
-                ckpt.save(step, state, dstate)
-                saved = step
-            if stop["sig"] is not None:
-                if saved != step:
+        with logging_redirect_tqdm():
+            while step < args.steps and sig.sig is None:
+                try:
+                    (batch, ntok), dstate_next = pre.next(interrupted=lambda: sig.sig is not None)
+                except Interrupted:
+                    break
+                if args.debug_nan_at == step + 1:
+                    batch = _poison(batch)
+                flops = step_flops(cfg, batch)
+                t0 = time.perf_counter()
+                gbatch = shd.put_batch(batch, mesh)
+                n_compiled = len(step_fn.cache)
+                state, m = step_fn(state, gbatch, vae_params, S.batch_expert_split(batch))
+                m = {k: float(v) for k, v in jax.device_get(m).items()}
+                dt = time.perf_counter() - t0
+                step += 1
+                dstate_prev, dstate = dstate, dstate_next
+                last = step_record(step, m, ntok, dt, flops, peak, len(step_fn.cache) > n_compiled, dstate)
+                metrics.write(last)
+                _log_step(args, bar, step, m, last, dstate)
+                ckpt.check()
+                nonfinite = 0 if last["finite"] else nonfinite + 1
+                if nonfinite:
+                    saved = _nonfinite(tc, step, m, nonfinite, state, (dstate_prev, dstate), ckpt, saved)
+                if args.debug_fail_at is not None and step == args.debug_fail_at:
+                    raise RuntimeError(f"--debug-fail-at {args.debug_fail_at}: simulated failure")
+                if step % tc.save_every == 0 or step == args.steps:
                     ckpt.save(step, state, dstate)
                     saved = step
-                print(f"[train] signal {stop['sig']}: checkpointed and stopping at step {step}", flush=True)
-                break
+        if sig.sig is not None:
+            name = signal.Signals(sig.sig).name
+            if step > saved and dstate is not None:
+                ckpt.save(step, state, dstate)
+                saved = step
+            _say(f"[train] {name}: checkpointed and stopping at step {step}" if saved == step else
+                 f"[train] {name}: stopping at step {step} (nothing trained since the start)")
     except BaseException as e:
-        if step > saved and dstate is not None and _state_alive(state):
-            print(f"[train] {type(e).__name__} at step {step}: saving a checkpoint before exiting", flush=True)
+        # a failed save, or a non-finite state, must not be saved (again)
+        if (step > saved and dstate is not None and not isinstance(e, (CheckpointSaveError, NonFiniteError))
+                and _state_alive(state)):
+            _say(f"[train] {type(e).__name__} at step {step}: saving a checkpoint before exiting")
             try:
                 ckpt.wait()
                 ckpt.save(step, state, dstate)
+                ckpt.wait()
                 saved = step
             except Exception as e2:  # pragma: no cover - best effort
-                print(f"[train] could not save: {e2}", flush=True)
+                _say(f"[train] could not save: {e2}")
         raise
     finally:
         bar.close()
-        pre.close()
+        pre.close(timeout=1.0)
         ckpt.close()
         metrics.close()
-        for s, h in old.items():
-            signal.signal(s, h)
-    if stop["sig"] is None and step == args.steps and args.export:
-        _export(state["ema"], cfg, vae_params, args.export, st.tokenizer, tc.init)
-    return dict(step=step, last=last, saved=saved)
+        sig.restore()
+    if step == args.steps and args.export:
+        _export(state["ema"], su, vae_params, args, st.tokenizer)
+    return dict(step=step, last=last, saved=saved, signal=sig.sig)
+
+
+def _nonfinite(tc, step: int, m: dict, count: int, state, dstates, ckpt: Checkpointer, saved: int) -> int:
+    """After a non-finite step (the step kept the previous weights): skip it, or stop with
+    :class:`NonFiniteError` after checkpointing the last good state: in ``stop`` mode the state before
+    this step (as step ``step - 1``), in ``skip`` mode the current one (skipped steps are part of the run).
+    ``dstates``: the data-iterator states before and after this step. Returns the last saved step."""
+    what = f"loss {m['loss']:.4g}, grad norm {m['grad_norm']:.4g}"
+    skip = tc.on_nonfinite == "skip"
+    if skip and count < tc.max_nonfinite_skips:
+        _say(f"[train] step {step}: non-finite ({what}); batch skipped, weights unchanged "
+             f"({count} in a row, at most train.max_nonfinite_skips={tc.max_nonfinite_skips})")
+        return saved
+    good, good_state, good_data = (step, state, dstates[1]) if skip else \
+        (step - 1, dict(state, step=state["step"] - 1), dstates[0])
+    if good > saved and good_data is not None:
+        ckpt.save(good, good_state, good_data)
+        ckpt.wait()
+        saved = good
+    mode = (f"{count} in a row, train.max_nonfinite_skips={tc.max_nonfinite_skips}" if skip
+            else "train.on_nonfinite=stop")
+    raise NonFiniteError(f"step {step}: non-finite {what}; stopped ({mode}) without saving its update; the "
+                         f"latest checkpoint is step {saved if saved >= 0 else 'none'}. Lower train.lr (or "
+                         "train.max_grad_norm), check the data, or set train.on_nonfinite=skip")
 
 
 def _state_alive(state) -> bool:

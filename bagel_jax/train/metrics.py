@@ -1,11 +1,17 @@
 """Step accounting of a training run: the model FLOPs of a step (MFU numerator), the peak FLOP/s of the
 devices, one ``metrics.jsonl`` record per step, and the writer of that file (plus TensorBoard when
-``tensorboardX`` is installed)."""
+``tensorboardX`` is installed).
+
+``metrics.jsonl`` is append-only: every invocation of ``train.py`` first appends a start record
+``{"event": "start", "step": S, "resumed": bool, "time": ...}`` (S = the step it starts from), then one
+record per step. Nothing is ever deleted, also not on a fresh start over an old file; :func:`read_metrics`
+returns the history of the latest run (a start record at step S drops the records after S before it)."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 
 import jax
 import numpy as np
@@ -84,44 +90,68 @@ def step_record(step: int, m: dict, ntok: int, dt: float, flops: float, peak: fl
     all devices) and the data iterator's skip counters ``dstate``."""
     nproc = jax.process_count()
     return dict(step=step, loss=m["loss"], loss_ce=m["loss_ce"], loss_mse=m["loss_mse"],
-                grad_norm=m["grad_norm"], lr=m["lr"], tokens=int(ntok * nproc),
-                ce_tokens=int(m["n_ce"]), mse_tokens=int(m["n_mse"]), step_time=dt,
+                grad_norm=m["grad_norm"], lr=m["lr"], finite=bool(m.get("finite", 1.0)), tokens=int(ntok * nproc),
+                ce_tokens=_count(m["n_ce"]), mse_tokens=_count(m["n_mse"]), step_time=dt,
                 tokens_per_s=ntok * nproc / dt, mfu=flops * nproc / dt / peak, compiled=compiled,
                 data_skipped=int(sum(dstate["skipped"].values())), data_too_long=int(dstate["too_long"]),
                 data_dropped=int(dstate["dropped"]))
 
 
-class MetricsWriter:
-    """Appends one JSON line per step to ``WORKDIR/metrics.jsonl`` (process 0 only); on resume, lines after
-    ``resume_step`` are dropped first so the file describes one run."""
+def read_metrics(path: str) -> list[dict]:
+    """The per-step records of the latest run in an append-only ``metrics.jsonl`` (module doc): a start
+    record at step S discards the records after S read so far (steps that a resume or fresh start
+    redid). Unparsable lines are skipped."""
+    out: list[dict] = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(rec, dict) or "step" not in rec:
+                continue
+            if rec.get("event") == "start":
+                out = [r for r in out if r["step"] <= rec["step"]]
+            else:
+                out.append(rec)
+    return out
 
-    def __init__(self, workdir: str, resume_step: int):
+
+def _count(x: float) -> int:
+    """A token count of the step's metrics as an int (-1 if it came out non-finite)."""
+    return int(x) if np.isfinite(x) else -1
+
+
+class MetricsWriter:
+    """Appends to ``WORKDIR/metrics.jsonl`` (process 0 only): a start record at ``start_step``, then one
+    JSON line per step (:func:`read_metrics` reads the latest run back)."""
+
+    def __init__(self, workdir: str, start_step: int, resumed: bool = False):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.enabled = is_main()
-        if self.enabled and os.path.isfile(self.path):
-            keep = []
-            with open(self.path) as f:
-                for line in f:
-                    try:
-                        if json.loads(line).get("step", 0) <= resume_step:
-                            keep.append(line)
-                    except json.JSONDecodeError:
-                        pass
-            with open(self.path, "w") as f:
-                f.writelines(keep)
         self.f = open(self.path, "a") if self.enabled else None
         self.tb = None
+        if self.enabled:
+            if self.f.tell() > 0:   # a run killed mid-line: start on a fresh line
+                with open(self.path, "rb") as r:
+                    r.seek(-1, os.SEEK_END)
+                    if r.read(1) != b"\n":
+                        self.f.write("\n")
+            self._put(dict(event="start", step=int(start_step), resumed=bool(resumed), time=time.time()))
         if self.enabled and SummaryWriter is not None:
             try:
                 self.tb = SummaryWriter(os.path.join(workdir, "tb"))
             except Exception:
                 self.tb = None
 
+    def _put(self, rec: dict) -> None:
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+
     def write(self, rec: dict) -> None:
         if not self.enabled:
             return
-        self.f.write(json.dumps(rec) + "\n")
-        self.f.flush()
+        self._put(rec)
         if self.tb is not None:
             for k, v in rec.items():
                 if k != "step" and isinstance(v, (int, float)):

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from ..config import ConfigError, check_keys
+from ..data.loader import check_numbers
 from ..nn.attention import IMPLEMENTATIONS
 from ..nn.options import REMAT_POLICIES
 
@@ -65,6 +66,11 @@ class TrainConfig:
     keep_checkpoints: int = 3
     init: Any = "random"                   # "random" | official folder | {qwen2:, siglip:, ae:}
     peak_tflops_per_device: Optional[float] = None
+    # a step whose loss, gradient norm or update norm is not finite never changes the weights; then
+    # "stop": end the run (exit 1; the last good state is checkpointed, never the bad one) or
+    # "skip": go on with the next batch, stopping after max_nonfinite_skips such steps in a row
+    on_nonfinite: str = "stop"
+    max_nonfinite_skips: int = 10
 
     @staticmethod
     def from_dict(d: dict) -> "TrainConfig":
@@ -74,6 +80,16 @@ class TrainConfig:
         return c
 
     def validate(self) -> None:
+        check_numbers(self, "train", ConfigError)
+        for name in ("total_steps", "peak_tflops_per_device"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
+                                  or v == float("inf")):
+                raise ConfigError(f"train: {name} must be a finite number > 0 or null, got {v!r}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"train: on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
+        if self.max_nonfinite_skips < 1:
+            raise ConfigError(f"train: max_nonfinite_skips must be >= 1, got {self.max_nonfinite_skips}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"train: lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.trainable not in ("all", "connector"):
@@ -94,8 +110,13 @@ class TrainConfig:
             raise ConfigError(f"train: ema_decay must be in [0, 1), got {self.ema_decay}")
         if isinstance(self.ce_chunk_tokens, bool) or not isinstance(self.ce_chunk_tokens, int) or self.ce_chunk_tokens < 1:
             raise ConfigError(f"train: ce_chunk_tokens must be an integer >= 1, got {self.ce_chunk_tokens!r}")
-        if self.lr <= 0 or self.warmup_steps < 0:
-            raise ConfigError("train: lr must be > 0 and warmup_steps >= 0")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.min_lr < 0:
+            raise ConfigError(f"train: need lr > 0 (got {self.lr}), min_lr >= 0 (got {self.min_lr}) and "
+                              f"warmup_steps >= 0 (got {self.warmup_steps})")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.eps >= 0 and self.weight_decay >= 0
+                and self.max_grad_norm >= 0 and self.ce_weight >= 0 and self.mse_weight >= 0):
+            raise ConfigError("train: need beta1, beta2 in [0, 1) and eps, weight_decay, max_grad_norm, "
+                              "ce_weight, mse_weight >= 0")
 
 
 def lr_schedule(tc: TrainConfig, total_steps: int) -> optax.Schedule:

@@ -8,11 +8,17 @@ directory and renames it when complete, so a run killed mid-save leaves the prev
 
 Anything unreadable (missing item, truncated or corrupted files, a state tree that does not match the
 model) raises :class:`TrainCheckpointError` naming the step directory; we never fall back to a fresh start.
+A save that fails (full disk, unwritable folder), also in the background, raises
+:class:`CheckpointSaveError` at the next :meth:`Checkpointer.check`, ``save``, ``wait`` or ``close``;
+the partial step directory is removed and the previous complete checkpoint stays the latest.
+Error messages carry the first line of the cause only (TensorStore errors append their whole spec).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 from typing import Any, Optional
 
@@ -30,11 +36,29 @@ class TrainCheckpointError(RuntimeError):
     pass
 
 
+class CheckpointSaveError(TrainCheckpointError):
+    """Writing a checkpoint failed (the run stops; the previous complete checkpoint is kept)."""
+
+
+def short_error(e: BaseException, limit: int = 300) -> str:
+    """``Type: first line`` of an exception, without TensorStore's appended spec dump."""
+    text = re.split(r"\.? ?See full TensorStore details", str(e))[0].strip().splitlines()
+    text = text[0] if text else ""
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
-        self.mngr = ocp.CheckpointManager(self.directory, options=opts, item_names=ITEMS)
+        try:
+            self.mngr = ocp.CheckpointManager(self.directory, options=opts, item_names=ITEMS)
+        except OSError as e:
+            raise TrainCheckpointError(f"cannot open the checkpoint folder {self.directory}: "
+                                       f"{short_error(e)}") from None
+        self.pending: Optional[int] = None   # step of the save that may still be running
+        self.failed = False
+        self.closed = False
 
     def steps(self) -> list[int]:
         return sorted(self.mngr.all_steps())
@@ -42,16 +66,60 @@ class Checkpointer:
     def latest(self) -> Optional[int]:
         return self.mngr.latest_step()
 
+    def _guard(self, fn, *a, **kw):
+        """Run a manager call; a failure of it, or of the background save it reports, becomes one
+        :class:`CheckpointSaveError` (after which nothing more is saved)."""
+        if self.failed:
+            raise CheckpointSaveError(f"an earlier checkpoint save in {self.directory} failed")
+        try:
+            return fn(*a, **kw)
+        except Exception as e:
+            self.failed = True
+            step = self.pending
+            self._remove_partial()
+            latest = self.latest()
+            raise CheckpointSaveError(
+                f"saving checkpoint {'step ' + str(step) if step is not None else ''} in {self.directory} "
+                f"failed: {short_error(e)}; the latest complete checkpoint is "
+                f"{'step ' + str(latest) if latest is not None else 'none'} (free space or fix the folder, "
+                "then rerun to resume from it)") from None
+
+    def _remove_partial(self) -> None:
+        """Delete half-written step directories (orbax's ``*.orbax-checkpoint-tmp*``) to give back the space."""
+        if jax.process_index() != 0 or not os.path.isdir(self.directory):
+            return
+        for name in os.listdir(self.directory):
+            if ".orbax-checkpoint-tmp" in name:
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
     def save(self, step: int, state: Any, data_state: dict, force: bool = True) -> bool:
-        return self.mngr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                                 data=ocp.args.JsonSave(data_state)), force=force)
+        # orbax waits for the previous save inside save(); waiting here first reports its failure
+        # under its own step
+        self.wait()
+        self.pending = int(step)
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
+        return self._guard(self.mngr.save, int(step), args=args, force=force)
+
+    def check(self) -> None:
+        """Raise :class:`CheckpointSaveError` now if a background save has failed (cheap; call each step)."""
+        self._guard(self.mngr.check_for_errors)
 
     def wait(self) -> None:
-        self.mngr.wait_until_finished()
+        self._guard(self.mngr.wait_until_finished)
 
     def close(self) -> None:
-        self.mngr.wait_until_finished()
-        self.mngr.close()
+        """Wait for the last save and release the manager; after a failed save only release it. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if not self.failed:
+                self.wait()
+        finally:
+            try:
+                self.mngr.close()
+            except Exception:  # the failure was reported already
+                pass
 
     def _check(self, step: int) -> str:
         d = os.path.join(self.directory, str(step))
@@ -74,7 +142,7 @@ class Checkpointer:
             out = self.mngr.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                                        data=ocp.args.JsonRestore()))
         except Exception as e:
-            raise TrainCheckpointError(f"cannot restore checkpoint {d}: {type(e).__name__}: {e}. The checkpoint is "
+            raise TrainCheckpointError(f"cannot restore checkpoint {d}: {short_error(e)}. The checkpoint is "
                                        "corrupt or was written for a different model/optimizer config; delete the "
                                        "step directory to resume from an earlier step, or start in a new "
                                        "workdir.") from None
@@ -115,6 +183,38 @@ def export_ema(ema_params: Any, cfg, vae_params: Any, out: str, tokenizer=None, 
     return out
 
 
+def inference_defaults(out: str, data_dir: str, dcfg, init=None) -> dict:
+    """Write ``OUT/inference.json`` (:func:`bagel_jax.inference.api.folder_defaults`) with the image sizes
+    the run trained on: the VAE transform of the generation group (``t2i_pretrain``, else
+    ``unified_edit``), the ViT transform of ``vlm_sft`` (else ``unified_edit``), and ``image_size`` = the
+    VAE transform's ``max_image_size`` within the largest ``data.vae_hw_buckets`` entry. Keys the data
+    does not determine come from the init folder's ``inference.json`` when it has one."""
+    from ..data.loader import load_groups
+    from ..inference.api import INFERENCE_DEFAULTS_FILE
+
+    src = os.path.join(init, INFERENCE_DEFAULTS_FILE) if isinstance(init, str) else ""
+    out_d = {}
+    if os.path.isfile(src):
+        with open(src) as f:
+            out_d = json.load(f)
+    groups = load_groups(data_dir, dcfg)
+    edit = groups.get("unified_edit") or {}
+    vae = (groups.get("t2i_pretrain") or edit).get("image_transform_args")
+    vit = (groups.get("vlm_sft") or {}).get("image_transform_args") or \
+        edit.get("vit_image_transform_args", edit.get("image_transform_args"))
+    keys = ("max_image_size", "min_image_size", "image_stride", "max_pixels")
+    if vae:
+        out_d["vae_transform"] = {k: int(vae[k]) for k in keys if k in vae}
+        bh, bw = max(dcfg.vae_hw_buckets, key=lambda b: b[0] * b[1])
+        side = int(vae["max_image_size"])
+        out_d["image_size"] = [min(side, int(bh)), min(side, int(bw))]
+    if vit:
+        out_d["vit_transform"] = {k: int(vit[k]) for k in keys if k in vit}
+    with open(os.path.join(out, INFERENCE_DEFAULTS_FILE), "w") as f:
+        json.dump(out_d, f)
+    return out_d
+
+
 def load_train_state(directory: str, step: Optional[int] = None) -> Any:
     """Restore a saved train state as host arrays, without a target (for inspection and tests)."""
     ck = Checkpointer(directory, async_save=False)
@@ -125,7 +225,7 @@ def load_train_state(directory: str, step: Optional[int] = None) -> Any:
     try:
         out = ck.mngr.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     except Exception as e:
-        raise TrainCheckpointError(f"cannot restore checkpoint {directory}/{step}: {e}") from None
+        raise TrainCheckpointError(f"cannot restore checkpoint {directory}/{step}: {short_error(e)}") from None
     finally:
         ck.close()
     return out["state"]

@@ -1,10 +1,12 @@
 """A training run's configuration: the YAML file (``model:``, ``train:``, ``data:``) plus ``key=value``
-overrides from the command line, parsed into the model, train and data configs."""
+overrides from the command line, parsed into the model, train and data configs; and the up-front check
+that the run's output folders can be written."""
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import yaml
 
@@ -15,6 +17,25 @@ from .optimizer import TrainConfig
 
 class TrainSetupError(ValueError):
     """Bad command line / config / workdir."""
+
+
+def yaml_error(path: str, e: yaml.YAMLError) -> str:
+    """One line for a YAML syntax error: file, line, column and the parser's complaint."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{path}: not valid YAML{where}: {what}"
+
+
+def check_writable_dir(path: str, what: str) -> None:
+    """Create ``path`` if needed and write / delete a probe file in it: TrainSetupError naming ``what``
+    (e.g. ``--workdir``) if that fails (read-only folder or file system, a file in the way, no space)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise TrainSetupError(f"{what} {path} is not a writable folder ({e.strerror or e})") from None
 
 
 def parse_value(v: str):
@@ -47,8 +68,13 @@ def load_train_config(path: str, overrides: list[str]):
     """``(raw dict after overrides, BagelConfig, TrainConfig, DataConfig)`` of the YAML at ``path``."""
     if not os.path.isfile(path):
         raise TrainSetupError(f"config file not found: {path}")
-    with open(path) as f:
-        raw = load_yaml(f) or {}
+    try:
+        with open(path) as f:
+            raw = load_yaml(f) or {}
+    except yaml.YAMLError as e:
+        raise TrainSetupError(yaml_error(path, e)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TrainSetupError(f"cannot read the config file {path}: {e}") from None
     if not isinstance(raw, dict) or "model" not in raw:
         raise TrainSetupError(f"{path}: expected a mapping with a 'model:' section (and optional train:, data:)")
     raw = apply_overrides(raw, overrides)

@@ -137,9 +137,16 @@ def make_train_step(model, vae, tc: TrainConfig, mask, optimizer, schedule, spec
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         ema = ema_update(state["ema"], new_params, mask, tc.ema_decay)
-        metrics = dict(loss=auxs["loss"].mean(), loss_ce=auxs["ce"].mean(), loss_mse=auxs["mse"].mean(),
+        loss = auxs["loss"].mean()
+        # a non-finite step never reaches the weights: params, optimiser state and EMA stay as they were
+        # (the loop then stops or skips, train.on_nonfinite); only the step counter moves on
+        finite = jnp.isfinite(loss) & jnp.isfinite(gnorm) & jnp.isfinite(optax.global_norm(updates))
+        new_params, opt_state, ema = jax.tree_util.tree_map(
+            lambda n, o: jnp.where(finite, n, o), (new_params, opt_state, ema),
+            (params, state["opt_state"], state["ema"]))
+        metrics = dict(loss=loss, loss_ce=auxs["ce"].mean(), loss_mse=auxs["mse"].mean(),
                        grad_norm=gnorm, lr=schedule(state["step"]), n_ce=auxs["n_ce"].sum(),
-                       n_mse=auxs["n_mse"].sum())
+                       n_mse=auxs["n_mse"].sum(), finite=finite)
         new = dict(step=state["step"] + 1, params=new_params, opt_state=opt_state, ema=ema, rng=state["rng"])
         return new, metrics
 
