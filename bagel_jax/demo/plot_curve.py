@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import numpy as np
@@ -52,8 +51,9 @@ def main(argv=None) -> int:
     ap.add_argument("out", help="output PNG")
     ap.add_argument("--smooth", type=int, default=50, help="moving-average window in steps")
     args = ap.parse_args(argv)
-    rows = [json.loads(l) for l in open(args.metrics) if l.strip()]
-    rows = [r for r in rows if "loss_ce" in r]
+    from ..train.metrics import read_metrics   # the latest run's steps (a resume's redone steps once)
+
+    rows = [r for r in read_metrics(args.metrics) if "loss_ce" in r]
     steps = np.array([r["step"] for r in rows], float)
     series = {f"CE (smoothed {args.smooth})": smooth(np.array([r["loss_ce"] for r in rows]), args.smooth),
               f"MSE (smoothed {args.smooth})": smooth(np.array([r["loss_mse"] for r in rows]), args.smooth)}
