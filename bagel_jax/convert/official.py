@@ -84,6 +84,7 @@ def check_file(f: SafeTensorsFile, entries: list[keymap.Entry], expected: Mappin
             raise CheckpointError(f"{name}: parameter {'/'.join(path)} has {shape[0]} layers, file has {len(es)}")
         want_shape = keymap.official_shape(per, es[0].transform)
         for e in es:
+            f.require_float(e.official)
             if f.shape(e.official) != want_shape:
                 raise CheckpointError(f"{name}: tensor '{e.official}' has shape {list(f.shape(e.official))}, "
                                       f"expected {list(want_shape)}")
