@@ -196,6 +196,8 @@ def _entry(dtype="F32", shape=(2,), offsets=(0, 8)):
     ({"w": _entry(shape=(6,), offsets=(0, 24))}, None, "run past the end"),
     ({"w": _entry(shape=(3,))}, None, "needs 12"),
     ({"w": _entry(), "b": _entry(offsets=(4, 12), shape=(2,))}, None, "overlap"),
+    ({"w": _entry(), "b": _entry(offsets=(12, 16), shape=(1,))}, None, "belong to no tensor"),
+    ({"w": _entry()}, None, "cover 8 bytes of data, the file holds 16"),
     ({"w": {"shape": [2], "data_offsets": [0, 8]}}, None, "dtype, shape and data_offsets"),
     ({"w": _entry(offsets=("0", "8"))}, None, "data_offsets must be"),
     ({"w": _entry(shape=(2.0,))}, None, "shape must be"),

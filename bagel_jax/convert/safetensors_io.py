@@ -47,13 +47,14 @@ def check_header(header, path: str, data_size: int) -> dict:
 
     Every entry is an object with ``dtype`` (one of :data:`DTYPES`), ``shape`` (a list of integers >= 0) and
     ``data_offsets`` ``[begin, end]`` (integers, ``0 <= begin <= end <= data_size``, ``end - begin`` = the
-    dtype size times the element count); no two entries overlap. :class:`SafeTensorsError` naming ``path``
-    and the tensor otherwise."""
+    dtype size times the element count); the tensors tile the data exactly (no overlap, no gap, nothing
+    after the last: the official reader's rule). :class:`SafeTensorsError` naming ``path`` and the tensor
+    otherwise."""
     if not isinstance(header, dict):
         raise SafeTensorsError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
     meta = header.get("__metadata__", {})
-    if meta is not None and not isinstance(meta, dict):
-        raise SafeTensorsError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise SafeTensorsError(f"{path}: corrupt safetensors header (__metadata__ is not an object of strings)")
     spans = []
     for name, info in header.items():
         if name == "__metadata__":
@@ -82,9 +83,15 @@ def check_header(header, path: str, data_size: int) -> dict:
         if e > b:   # empty tensors overlap nothing
             spans.append((b, e, name))
     spans.sort()
-    for (_, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise SafeTensorsError(f"{path}: tensors '{n0}' and '{n1}' overlap in the data")
+    end, prev = 0, None
+    for b, e, name in spans:
+        if b < end:
+            raise SafeTensorsError(f"{path}: tensors '{prev}' and '{name}' overlap in the data")
+        if b > end:
+            raise SafeTensorsError(f"{path}: {b - end} bytes of the data before tensor '{name}' belong to no tensor")
+        end, prev = e, name
+    if end != data_size:   # what the official reader checks too: a shifted header length would land here
+        raise SafeTensorsError(f"{path}: the tensors cover {end} bytes of data, the file holds {data_size}")
     return {k: v for k, v in header.items() if k != "__metadata__"}
 
 
