@@ -226,7 +226,8 @@ def _check_args(args) -> None:
                                      flag)
     sampling(args.do_sample, args.temperature, args.top_k, args.top_p)
     n_rows = max(len(getattr(args, "prompt", None) or []), len(getattr(args, "question", None) or []), 1)
-    seed_key(args.seed), seed_key(args.seed + n_rows - 1)
+    seed_key(args.seed)
+    seed_key(args.seed + n_rows - 1)   # the last row's seed
     images = getattr(args, "image", None) or []
     if args.command != "understand":
         ImageParams.fill(args.command == "edit" or bool(images), **_image_kw(args))
