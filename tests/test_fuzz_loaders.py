@@ -111,7 +111,9 @@ def test_fuzz_safetensors_reader(vae_file, tmp_path):
             f.write(_corrupt_safetensors(rng, vae_file))
         try:
             st = SafeTensorsFile(path)
-            check_file(st, vae_file["entries"], vae_file["shapes"], path)   # what the model loader checks
+            check_file(st, vae_file["entries"], vae_file["shapes"], path)   # what official.load_params checks
+            for e in vae_file["entries"]:
+                st.require_float(e.official)
             got = {k: (str(st.dtype(k)), st.shape(k), st.get(k).tobytes()) for k in st.keys()}
         except (SafeTensorsError, CheckpointError) as e:
             _one_line_naming(e, path)

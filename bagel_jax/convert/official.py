@@ -84,7 +84,6 @@ def check_file(f: SafeTensorsFile, entries: list[keymap.Entry], expected: Mappin
             raise CheckpointError(f"{name}: parameter {'/'.join(path)} has {shape[0]} layers, file has {len(es)}")
         want_shape = keymap.official_shape(per, es[0].transform)
         for e in es:
-            f.require_float(e.official)
             if f.shape(e.official) != want_shape:
                 raise CheckpointError(f"{name}: tensor '{e.official}' has shape {list(f.shape(e.official))}, "
                                       f"expected {list(want_shape)}")
@@ -108,6 +107,8 @@ def load_params(path: str, entries: list[keymap.Entry], expected: Mapping, dtype
     """
     f = SafeTensorsFile(path)
     check_file(f, entries, expected, path)
+    for e in entries:   # weights are floats: an integer tensor would be cast into garbage
+        f.require_float(e.official)
     flat_exp = _flatten(expected)
     flat_shard = _flatten(shardings) if shardings is not None else {}
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
