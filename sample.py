@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--cfg-mode", default=None,
                    help="guidance mode, a name of bagel_jax.inference.cfg.CFG_MODES (default text_img: the official "
                         "text CFG with image CFG on top)")
+    i.add_argument("--step-cache", default=None, choices=("none", "taylorseer"),
+                   help="flow-step caching: taylorseer predicts some steps from earlier ones instead of running the "
+                        "decoder (official parameters; about half the decoder passes, a close but not equal image); "
+                        "default none")
 
     p = sub.add_parser("understand", parents=[common], help="answer a question about images",
                        description="Answer a question about zero or more images (greedy by default).")
@@ -263,7 +267,8 @@ def _image_kw(args) -> dict:
     kw = dict(cfg_text_scale=args.cfg_text_scale, cfg_img_scale=args.cfg_img_scale,
               cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else None,
               timestep_shift=args.timestep_shift, num_timesteps=args.num_timesteps,
-              cfg_renorm_min=args.cfg_renorm_min, cfg_renorm_type=args.cfg_renorm_type, cfg_mode=args.cfg_mode)
+              cfg_renorm_min=args.cfg_renorm_min, cfg_renorm_type=args.cfg_renorm_type, cfg_mode=args.cfg_mode,
+              step_cache=args.step_cache)
     return {k: v for k, v in kw.items() if v is not None}
 
 

@@ -35,6 +35,20 @@ def test_verify_every_case_passes(tiny_a, tmp_path):
         assert outputs and all(k in saved for k in outputs), (case, set(outputs) - set(saved))
 
 
+def test_verify_taylorseer_fixture_passes(tiny_a_taylorseer):
+    """The official TaylorSeer run on tiny-a (step types per branch, every layer's output on full and
+    Taylor steps, the latents) is reproduced: every array of the case compared and PASS."""
+    import json
+    manifest = json.load(open(os.path.join(tiny_a_taylorseer, "manifest.json")))
+    r = run_verify("--fixtures", tiny_a_taylorseer)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    for case, meta in manifest["cases"].items():
+        lines = [l for l in r.stdout.splitlines() if l.split()[:1] == [case]]
+        names = {l.split()[1] for l in lines}
+        assert {k for k in meta["arrays"] if k.startswith("steps.")} <= names, case
+        assert all(l.rstrip().endswith("PASS") for l in lines)
+
+
 def test_verify_fails_on_unknown_case(tiny_a):
     r = run_verify("--fixtures", tiny_a, "--cases", "vae,nonexistent")
     assert r.returncode == 1

@@ -251,7 +251,9 @@ class Pipeline:
                        image_size: Optional[Sequence[int]] = None, cfg_text_scale: Optional[float] = None,
                        cfg_img_scale: Optional[float] = None, cfg_interval=None, timestep_shift: Optional[float] = None,
                        num_timesteps: Optional[int] = None, cfg_renorm_min: Optional[float] = None,
-                       cfg_renorm_type: Optional[str] = None, cfg_mode: Optional[str] = None, seed: int = 0, max_think_tokens: int = DEFAULT_MAX_TEXT, do_sample: bool = False,
+                       cfg_renorm_type: Optional[str] = None, cfg_mode: Optional[str] = None,
+                       step_cache: Optional[str] = None, seed: int = 0, max_think_tokens: int = DEFAULT_MAX_TEXT,
+                       do_sample: bool = False,
                        temperature: float = 0.3, top_k: int = 0, top_p: float = 1.0,
                        progress: bool = False) -> ImageResult:
         """Text-to-image (official recipe, porting reference 8.7). ``prompt`` may be a list: one compiled program
@@ -264,13 +266,16 @@ class Pipeline:
             ``max_think_tokens`` fed tokens) re-encoded into the conditional context before the image.
           The CFG / schedule arguments are the fields of :class:`~bagel_jax.inference.cfg.ImageParams` (the
           porting reference 8.5); None takes ``ImageParams.t2i()``'s value (the notebook's).
+          step_cache: "taylorseer" predicts some flow steps from earlier ones instead of running the decoder
+            (porting reference 8.9; about half the decoder passes, a close but not equal image); "none" (default).
         """
         prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("generate_image: prompt must be a string or a non-empty list of strings")
         ip = ImageParams.fill(False, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale,
                               cfg_interval=cfg_interval, timestep_shift=timestep_shift, num_timesteps=num_timesteps,
-                              cfg_renorm_min=cfg_renorm_min, cfg_renorm_type=cfg_renorm_type, cfg_mode=cfg_mode)
+                              cfg_renorm_min=cfg_renorm_min, cfg_renorm_type=cfg_renorm_type, cfg_mode=cfg_mode,
+                              step_cache=step_cache)
         hw = self.engine.check_output_size(image_size or self.default_image_size)
         sp = sampling(do_sample, temperature, top_k, top_p)
         n_img = layout.vae_block(*hw, self.engine.cfg.latent_downsample, noised=True).length   # the generated image
@@ -292,9 +297,9 @@ class Pipeline:
                    cfg_text_scale: Optional[float] = None, cfg_img_scale: Optional[float] = None, cfg_interval=None,
                    timestep_shift: Optional[float] = None, num_timesteps: Optional[int] = None,
                    cfg_renorm_min: Optional[float] = None, cfg_renorm_type: Optional[str] = None,
-                   cfg_mode: Optional[str] = None, seed: int = 0, max_think_tokens: int = DEFAULT_MAX_TEXT,
-                   do_sample: bool = False, temperature: float = 0.3, top_k: int = 0, top_p: float = 1.0,
-                   progress: bool = False) -> ImageResult:
+                   cfg_mode: Optional[str] = None, step_cache: Optional[str] = None, seed: int = 0,
+                   max_think_tokens: int = DEFAULT_MAX_TEXT, do_sample: bool = False, temperature: float = 0.3,
+                   top_k: int = 0, top_p: float = 1.0, progress: bool = False) -> ImageResult:
         """Image editing (official recipe: [SYS], I_vae, I_vit, instruction [, THINK]); output size = the
         VAE-resized input size. ``image`` / ``instruction`` may be lists of equal length (batch; all
         images must resize to the same size). Image arguments: as :meth:`generate_image`, None takes
@@ -306,7 +311,8 @@ class Pipeline:
             raise ValueError(f"edit_image: {len(imgs)} images for {len(instrs)} instructions")
         ip = ImageParams.fill(True, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale,
                               cfg_interval=cfg_interval, timestep_shift=timestep_shift, num_timesteps=num_timesteps,
-                              cfg_renorm_min=cfg_renorm_min, cfg_renorm_type=cfg_renorm_type, cfg_mode=cfg_mode)
+                              cfg_renorm_min=cfg_renorm_min, cfg_renorm_type=cfg_renorm_type, cfg_mode=cfg_mode,
+                              step_cache=step_cache)
         sp = sampling(do_sample, temperature, top_k, top_p)
         pre = [self.engine.preprocess(im, vae=True, vit=True) for im in imgs]
         sizes = {p["hw"] for p in pre}

@@ -72,22 +72,39 @@ def _latent_chunk(model: Bagel, params, x_t, t, lat_pos, rope, markers, collect:
     return x, positions, inter
 
 
+def flow_features(model: Bagel, params, cache: KVCache, x_t, t, lat_pos, rope, markers, collect: bool = False):
+    """The decoder part of a velocity prediction: the query ``[start, end, latents]`` against ``cache``
+    (never written). Returns ``(f [R, N+2, D], intermediates)`` with ``f`` the last layer's output before
+    the final norms (the feature TaylorSeer caches, porting reference 8.9)."""
+    R, N, _ = x_t.shape
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (R,))
+    x, positions, emb_inter = _latent_chunk(model, params, x_t, t, lat_pos, rope, markers, collect)
+    f, _, inter = forward_chunk(model, params, cache, x, positions, jnp.full((R,), layout.block_len(N), jnp.int32),
+                                False, Routing.split(layout.LATENT_CHUNK_BODY), False, collect=collect,
+                                final_norm=False)
+    return f, {**emb_inter, **inter}
+
+
+def flow_head(model: Bagel, params, f):
+    """Final norms (und on the two markers, gen on the latents) and ``llm2vae`` of query features
+    ``f [R, N+2, D]``. Returns ``(v [R, N, p*p*C] float32, h [R, N+2, D])``."""
+    h = model.apply({"params": params}, f, Routing.split(layout.LATENT_CHUNK_BODY), method=Bagel.final_norm)
+    v = model.apply({"params": params}, h[:, layout.LATENT_CHUNK_BODY:], method=Bagel.velocity).astype(jnp.float32)
+    return v, h
+
+
 @functools.partial(jax.jit, static_argnames=("model", "collect"))
 def flow_velocity(model: Bagel, params, cache: KVCache, x_t, t, lat_pos, rope, markers, collect: bool = False):
-    """One velocity prediction per row: the query ``[start, end, latents]`` against ``cache`` (never written).
-    The sampler's step and the parity verifier both call this.
+    """One velocity prediction per row (:func:`flow_features` then :func:`flow_head`). The sampler's
+    step and the parity verifier both call this.
 
     Args: x_t ``[R, N, p*p*C]``, t scalar or ``[R]`` (shifted sigma), lat_pos ``[R, N]``, rope ``[R]``.
     Returns ``(v [R, N, p*p*C] float32, h [R, N+2, D] in chunk order, intermediates)`` (the latent
     embedding's terms and the decoder's ``hidden`` when ``collect``).
     """
-    R, N, _ = x_t.shape
-    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (R,))
-    x, positions, emb_inter = _latent_chunk(model, params, x_t, t, lat_pos, rope, markers, collect)
-    h, _, inter = forward_chunk(model, params, cache, x, positions, jnp.full((R,), layout.block_len(N), jnp.int32),
-                                False, Routing.split(layout.LATENT_CHUNK_BODY), False, collect=collect)
-    v = model.apply({"params": params}, h[:, layout.LATENT_CHUNK_BODY:], method=Bagel.velocity).astype(jnp.float32)
-    return v, h, {**emb_inter, **inter}
+    f, inter = flow_features(model, params, cache, x_t, t, lat_pos, rope, markers, collect)
+    v, h = flow_head(model, params, f)
+    return v, h, inter
 
 
 def latent_grid(h: int, w: int, max_latent_size: int):

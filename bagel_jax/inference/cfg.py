@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 RENORM_TYPES = ("global", "channel", "text_channel")
+STEP_CACHES = ("none", "taylorseer")     # the sampler's step caches (bagel_jax.inference.taylorseer)
 
 # Guidance branches by name, and what each does on a context event (porting reference 8.7):
 #   events: "text" (a user or system text), "think" (generated thinking text), "image" (an input image);
@@ -120,6 +121,7 @@ class ImageParams:
     cfg_renorm_min: float = 0.0
     cfg_renorm_type: str = "global"
     cfg_mode: str = "text_img"
+    step_cache: str = "none"      # "taylorseer": TaylorSeer step caching (porting reference 8.9)
 
     @staticmethod
     def t2i(**kw) -> "ImageParams":
@@ -145,6 +147,8 @@ class ImageParams:
             raise ValueError(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {self.cfg_renorm_type!r}")
         if self.cfg_mode not in CFG_MODES:
             raise ValueError(f"cfg_mode must be one of {sorted(CFG_MODES)}, got {self.cfg_mode!r}")
+        if self.step_cache not in STEP_CACHES:
+            raise ValueError(f"step_cache must be one of {STEP_CACHES}, got {self.step_cache!r}")
         n = self.num_timesteps
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 2:
             raise ValueError(f"num_timesteps must be an integer >= 2 (N gives N-1 model evaluations), got {n!r}")
@@ -205,10 +209,12 @@ class CfgPlan:
         return self.combine(v, text_scale, img_scale, self.renorm_type, renorm_min)
 
 
-def make_plan(params: ImageParams, branches: Mapping[str, object]) -> tuple[CfgPlan, list]:
+def make_plan(params: ImageParams, branches: Mapping[str, object], dedup: bool = True) -> tuple[CfgPlan, list]:
     """The plan for ``params`` over a context's ``branches`` (``"gen"`` and the guidance branches by name)
     and the distinct branches to stack, in row-block order. A context that keeps no guidance branches
-    (understanding contexts) samples unguided."""
+    (understanding contexts) samples unguided. ``dedup=False`` gives every named branch its own row
+    block even when two are the same object (TaylorSeer: branches that run on different steps keep
+    different states)."""
     mode = CFG_MODES[params.validate().cfg_mode]
     needs = tuple(mode.needs(params)) if len(branches) > 1 else ()
     missing = [n for n in needs if branches.get(n) is None]
@@ -218,7 +224,7 @@ def make_plan(params: ImageParams, branches: Mapping[str, object]) -> tuple[CfgP
     distinct, rows = [], []
     for name in ("gen",) + needs:
         b = branches[name]
-        i = next((k for k, d in enumerate(distinct) if d is b), len(distinct))
+        i = next((k for k, d in enumerate(distinct) if d is b and dedup), len(distinct))
         if i == len(distinct):
             distinct.append(b)
         rows.append(i)

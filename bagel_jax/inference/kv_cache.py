@@ -72,13 +72,14 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array, q_len: jax.Array) -> KVCa
 
 def forward_chunk(model: Bagel, params, cache: KVCache, x: jax.Array, positions: jax.Array, q_len: jax.Array,
                   causal: bool, routing: Routing, update: bool, is_gen: Optional[jax.Array] = None,
-                  collect: bool = False):
+                  collect: bool = False, final_norm: bool = True):
     """Run a query chunk against a cache.
 
     Args:
       x: ``[batch, Lq, D]`` input embeddings; positions: ``[batch, Lq]`` RoPE positions;
       q_len: ``[batch]`` number of valid query tokens per row (the rest is padding).
       collect: also return what the decoder sows (``hidden``: every layer's output).
+      final_norm: False returns the last layer's output before the decoder's final norms.
     Returns:
       ``(h, new_cache, intermediates)``: final-norm hidden states ``[batch, Lq, D]``; the cache with this
       chunk appended if ``update`` else the same cache; ``{name: value}`` (:mod:`bagel_jax.nn.intermediates`,
@@ -89,7 +90,8 @@ def forward_chunk(model: Bagel, params, cache: KVCache, x: jax.Array, positions:
     # query on top of them (bagel_jax.nn.attention.attention with a cache)
     vec = chunk_vectors(q_len, Lq, causal)
     (h, (k, v)), inter = intermediates.apply(model, {"params": params}, x, positions, vec, routing, is_gen,
-                                             (cache.k, cache.v, cache.length), method=Bagel.decode, collect=collect)
+                                             (cache.k, cache.v, cache.length), final_norm, method=Bagel.decode,
+                                             collect=collect)
     if update:
         cache = append(cache, k, v, q_len)
     return h, cache, inter

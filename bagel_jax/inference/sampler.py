@@ -28,6 +28,7 @@ from . import blocks
 from .cfg import CfgPlan, ImageParams, cfg_active, make_plan, shifted_schedule
 from .context import Branch, Context, on_mesh
 
+from . import taylorseer
 from .kv_cache import KVCache
 
 __all__ = ["ImageParams", "branch_plan", "flow_loop", "generate_images", "initial_noise", "stack_branches"]
@@ -44,11 +45,14 @@ def _velocity(model: Bagel, params, cache: KVCache, x, t, lat_pos, rope, markers
 
 
 @functools.partial(jax.jit, static_argnames=("model", "vae", "hw", "plan", "cfg_off", "record", "progress",
-                                             "decode"))
+                                             "decode", "step_cache"))
 def _flow_loop(model: Bagel, params, vae, vae_params, cache: KVCache, rope, x0, sigmas, markers,
               text_scale, img_scale, interval, renorm_min, *, hw: tuple, plan: CfgPlan, cfg_off: str = "cond",
-              record: bool = False, progress: bool = False, decode: bool = True):
-    """The compiled sampler.
+              record: bool = False, progress: bool = False, decode: bool = True,
+              step_cache: Optional[taylorseer.TaylorSeer] = None):
+    """The compiled sampler. With ``step_cache`` (a :class:`~bagel_jax.inference.taylorseer.TaylorSeer`)
+    each branch keeps its TaylorSeer state in the scan carry (``cfg_off`` does not apply: every step
+    runs the decoder on exactly the branches that need a full step).
 
     Args:
       cache: the plan's distinct branches stacked on the batch axis, ``[layers, plan.n_rows*B, cap, K, dh]``;
@@ -56,7 +60,10 @@ def _flow_loop(model: Bagel, params, vae, vae_params, cache: KVCache, rope, x0, 
       sigmas ``[num_timesteps]`` shifted schedule; text_scale / img_scale / renorm_min scalars;
       interval ``[2]`` (lo, hi).
     Returns dict: ``latent_tokens [B, N, p*p*C]``, ``image [B, H, W, 3]`` uint8 and ``decoded`` float
-    ``[B, H, W, 3]`` (if ``decode``), and with ``record`` the per-step ``x_t``, ``v`` ``[steps, B, N, C]``.
+    ``[B, H, W, 3]`` (if ``decode``), and with ``record`` the per-step ``x_t``, ``v`` ``[steps, B, N, C]``
+    (with ``step_cache`` also ``branch``: per step, whether CFG was ``active``, and per row block ``full``
+    (1 full, 0 Taylor, -1 not run),
+    ``step``, ``n_valid``, ``final_hidden``, ``v`` and, with ``all_layers``, ``layer_out``).
     """
     cfg = model.cfg
     B, N, _ = x0.shape
@@ -95,10 +102,20 @@ def _flow_loop(model: Bagel, params, vae, vae_params, cache: KVCache, rope, x0, 
             jax.debug.callback(_progress_cb, k + 1, steps)
         return x_new, ((x, v) if record else None)
 
-    x, ys = jax.lax.scan(body, x0.astype(jnp.float32), jnp.arange(steps))
+    if step_cache is None:
+        x, ys = jax.lax.scan(body, x0.astype(jnp.float32), jnp.arange(steps))
+    else:
+        cached = _taylor_body(model, params, cache, rope, sigmas, markers, lat_pos, text_scale, img_scale,
+                              interval, renorm_min, plan, step_cache, record, progress)
+        n, Lq, D = plan.n_rows, layout.block_len(N), model.cfg.llm.hidden_size
+        feat = ((model.cfg.llm.num_hidden_layers,) if step_cache.all_layers else ()) + (B, Lq, D)
+        st0 = taylorseer.init(step_cache, n, feat, model.opts.dtype)
+        (x, _), ys = jax.lax.scan(cached, (x0.astype(jnp.float32), st0), jnp.arange(steps))
     out = dict(latent_tokens=x)
     if record:
-        out["x_t"], out["v"] = ys
+        out["x_t"], out["v"] = ys[:2]
+        if step_cache is not None:
+            out["branch"] = ys[2]
     if decode:
         p, C = cfg.latent_patch_size, cfg.vae.z_channels
         z = unpatchify_latents(x, h, w, p, C)                                        # [B, 2h, 2w, C]
@@ -107,6 +124,59 @@ def _flow_loop(model: Bagel, params, vae, vae_params, cache: KVCache, rope, x0, 
         out["decoded"] = img
         out["image"] = (jnp.clip(img.astype(jnp.float32) * 0.5 + 0.5, 0.0, 1.0) * 255.0).astype(jnp.uint8)
     return out
+
+
+def _taylor_body(model: Bagel, params, cache: KVCache, rope, sigmas, markers, lat_pos, text_scale, img_scale,
+                 interval, renorm_min, plan: CfgPlan, ts: taylorseer.TaylorSeer, record: bool, progress: bool):
+    """The scan body of TaylorSeer sampling: carry ``(x, State)``. Branch 0 (``gen``) runs every step, the
+    guidance branches on the steps inside ``cfg_interval``; the decoder runs on the gen rows alone or on
+    every row block, whichever covers the branches due a full step, or not at all."""
+    n = plan.n_rows
+    B, N = lat_pos.shape
+    steps = sigmas.shape[0] - 1
+
+    def features(rows: int, x, t, pred):
+        """Decoder outputs of the first ``rows`` row blocks, the predictions for the others: ``[n, *feature]``."""
+        c = cache if rows == n else KVCache(cache.k[:, :rows * B], cache.v[:, :rows * B], cache.length[:rows * B])
+        f, inter = blocks.flow_features(model, params, c, jnp.tile(x, (rows, 1, 1)), t, jnp.tile(lat_pos, (rows, 1)),
+                                        rope[:rows * B], markers, collect=ts.all_layers)
+        if ts.all_layers:    # hidden [L, rows*B, Lq, D] -> [rows, L, B, Lq, D]
+            hid = inter["hidden"]
+            f = jnp.moveaxis(hid.reshape((hid.shape[0], rows, B) + hid.shape[2:]), 1, 0)
+        else:
+            f = f.reshape((rows, B) + f.shape[1:])
+        return f if rows == n else jnp.concatenate([f, pred[rows:]], axis=0)
+
+    def body(carry, k):
+        x, st = carry
+        t = sigmas[k]
+        active = cfg_active(t, (interval[0], interval[1])) if plan.guided else jnp.bool_(False)
+        runs = (jnp.arange(n) == 0) | active
+        full = taylorseer.is_full(ts, st) & runs
+        pred = taylorseer.predict(ts, st)
+        if n == 1:
+            f = jax.lax.cond(full[0], lambda: features(1, x, t, pred), lambda: pred)
+        else:
+            which = jnp.where(full[1:].any(), 2, jnp.where(full[0], 1, 0))
+            f = jax.lax.switch(which, [lambda: pred, lambda: features(1, x, t, pred), lambda: features(n, x, t, pred)])
+        f = jnp.where(full.reshape((n,) + (1,) * (f.ndim - 1)), f, pred)
+        last = f[:, -1] if ts.all_layers else f                                   # [n, B, Lq, D]
+        vs, h = blocks.flow_head(model, params, last.reshape((n * B,) + last.shape[2:]))
+        vs = vs.reshape(n, B, N, -1)
+        st_, si_ = jnp.where(active, text_scale, 1.0), jnp.where(active, img_scale, 1.0)
+        v = plan.velocity(vs, st_, si_, renorm_min) if plan.guided else vs[0]
+        new = taylorseer.advance(ts, st, runs, full, f)
+        if progress:
+            jax.debug.callback(_progress_cb, k + 1, steps)
+        rec = None
+        if record:
+            rec = dict(active=active, full=jnp.where(runs, full.astype(jnp.int32), -1), step=jnp.where(runs, st.step, -1),
+                       n_valid=jnp.where(runs, new.n_valid, -1), final_hidden=h.reshape((n, B) + h.shape[1:]), v=vs)
+            if ts.all_layers:
+                rec["layer_out"] = f
+        return (x - v * (sigmas[k] - sigmas[k + 1]), new), ((x, v, rec) if record else None)
+
+    return body
 
 
 class _FlowLoop:
@@ -166,13 +236,16 @@ def initial_noise(keys: Sequence[jax.Array], n_tokens: int, dim: int) -> jax.Arr
 @on_mesh
 def generate_images(ctx: Context, hw, params: Optional[ImageParams] = None, keys: Optional[Sequence] = None,
                     noise: Optional[np.ndarray] = None, record: bool = False, progress: bool = False,
-                    cfg_off: str = "cond", decode: bool = True) -> dict:
+                    cfg_off: str = "cond", decode: bool = True,
+                    taylorseer_rule: Optional[taylorseer.TaylorSeer] = None) -> dict:
     """Sample one image per row of ``ctx`` (all rows the same size ``hw = (H, W)``).
 
     Args:
       params: sampling hyperparameters and CFG mode (default ``ImageParams()``);
         keys: one PRNG key per row for the initial noise (default ``PRNGKey(i)`` for row i);
-        noise: ``[B, N, p*p*C]`` injected initial noise (overrides keys; for parity tests).
+        noise: ``[B, N, p*p*C]`` injected initial noise (overrides keys; for parity tests);
+        taylorseer_rule: the TaylorSeer parameters when ``params.step_cache == "taylorseer"`` (default
+        :class:`~bagel_jax.inference.taylorseer.TaylorSeer`, the official values).
     Returns the dict of :func:`flow_loop` as numpy arrays plus ``sigmas``, ``plan`` (the
     :class:`~bagel_jax.inference.cfg.CfgPlan` followed) and ``n_branches`` (its distinct branches).
     """
@@ -192,14 +265,21 @@ def generate_images(ctx: Context, hw, params: Optional[ImageParams] = None, keys
         if len(keys) != B:
             raise ValueError(f"got {len(keys)} keys for a batch of {B}")
         x0 = initial_noise(keys, N, cfg.patch_latent_dim)
-    plan, branches = make_plan(params, ctx.branches)
+    sig = shifted_schedule(int(params.num_timesteps), float(params.timestep_shift))
+    ts = None
+    if params.step_cache == "taylorseer":
+        ts = taylorseer_rule or taylorseer.TaylorSeer()
+    # with TaylorSeer a guidance branch equal to gen is computed once only if it runs from step 0 on (then
+    # both keep the same state on every step it runs: the CFG steps are one run of steps from the start)
+    lo, hi = params.cfg_interval
+    plan, branches = make_plan(params, ctx.branches, dedup=ts is None or bool(lo < float(sig[0]) <= hi))
     # the query chunk is never written, but forward_chunk concatenates [cache ; chunk]: no room needed
     cache, rope = stack_branches(branches)
-    sig = shifted_schedule(int(params.num_timesteps), float(params.timestep_shift))
     out = flow_loop(eng.model, eng.params, eng.vae, eng.vae_params, cache, jnp.asarray(rope, jnp.int32), x0, sig,
                     eng.markers, jnp.float32(params.cfg_text_scale), jnp.float32(params.cfg_img_scale),
                     jnp.asarray(params.cfg_interval, jnp.float32), jnp.float32(params.cfg_renorm_min),
-                    hw=(H, W), plan=plan, cfg_off=cfg_off, record=record, progress=progress, decode=decode)
+                    hw=(H, W), plan=plan, cfg_off=cfg_off, record=record, progress=progress, decode=decode,
+                    step_cache=ts)
     out = jax.device_get(out)
     out["sigmas"] = np.asarray(sig)
     out["n_branches"] = plan.n_rows

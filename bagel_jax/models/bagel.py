@@ -123,10 +123,14 @@ class Bagel(nn.Module):
         return a + b + c
 
     # -- decoder and heads --------------------------------------------------------------------------
-    def decode(self, x, positions, mask, routing: Routing, is_gen=None, cache=None):
+    def decode(self, x, positions, mask, routing: Routing, is_gen=None, cache=None, final_norm: bool = True):
         """MoT layers + per-expert final norm; see :meth:`Qwen2MoT.__call__` (``mask``: the chunk's
         :class:`~bagel_jax.nn.attention.MaskVectors`). Returns ``(h, (k, v))``; sows ``hidden``."""
-        return self.language_model(x, positions, mask, routing, is_gen, cache)
+        return self.language_model(x, positions, mask, routing, is_gen, cache, final_norm)
+
+    def final_norm(self, x, routing: Routing, is_gen=None):
+        """The decoder's final norms alone (:meth:`Qwen2MoT.final_norm`), e.g. on a predicted last-layer output."""
+        return self.language_model.final_norm(x, routing, is_gen)
 
     def lm_logits(self, h: jax.Array) -> jax.Array:
         logits = self.language_model.logits(h)                 # [..., vocab]

@@ -250,14 +250,18 @@ class Qwen2MoT(nn.Module):
         """``[...] int -> [..., hidden]``."""
         return self.embed_tokens(ids)
 
-    def __call__(self, x, positions, mask, routing: Routing, is_gen=None, cache=None):
-        """Layers + final norms. Same arguments as :class:`LayerStack`; returns ``(h, (k, v))``."""
+    def __call__(self, x, positions, mask, routing: Routing, is_gen=None, cache=None, final_norm: bool = True):
+        """Layers + final norms. Same arguments as :class:`LayerStack`; returns ``(h, (k, v))`` (``h``: the
+        last layer's output before the final norms when ``final_norm`` is False)."""
         if is_gen is None:
             is_gen = jnp.zeros(x.shape[:2], bool)
         x, kv = self.stack(x, positions, mask, routing, is_gen, cache)
+        return (self.final_norm(x, routing, is_gen) if final_norm else x), kv
+
+    def final_norm(self, x, routing: Routing, is_gen=None):
+        """The per-expert final RMSNorm (``norm`` / ``norm_moe_gen``) routed like the layers."""
         gen_norm = self.norm_moe_gen if self.cfg.use_moe else None
-        h = _route(self.norm, gen_norm, x, routing, is_gen)
-        return h, kv
+        return _route(self.norm, gen_norm, x, routing, is_gen)
 
     def init_all(self, ids, positions, mask):
         """Touch every parameter (for ``init`` / ``eval_shape``)."""

@@ -20,6 +20,15 @@ from .compare import ShapeMismatch, compare
 RUNNERS = {**encoders.RUNNERS, **engine_cases.RUNNERS, **gen_step.RUNNERS, **train_case.RUNNERS}
 
 
+def runner_for(case: str):
+    """The runner of ``case``: by name, else of the longest known name it extends with ``_...`` (variants of
+    a case, e.g. ``edit_sampling_taylorseer``, take their settings from the manifest's params)."""
+    if case in RUNNERS:
+        return RUNNERS[case]
+    known = [k for k in RUNNERS if case.startswith(k + "_")]
+    return RUNNERS[max(known, key=len)] if known else None
+
+
 def parser() -> argparse.ArgumentParser:
     from . import __doc__ as doc
     ap = argparse.ArgumentParser(prog="python -m bagel_jax.verify", description=doc,
@@ -101,14 +110,15 @@ def run(fx: Fixture, folder: str, manifest: dict, cases, save_outputs=None, gate
                   f"(cases: {', '.join(all_cases)})")
             ok = False
             continue
-        if case not in RUNNERS:
+        runner = runner_for(case)
+        if runner is None:
             print(f"{case:<16} cannot run: no runner for this case in this version of bagel_jax")
             ok = False
             continue
         meta = manifest["cases"][case]
         try:
             arr = load_file(os.path.join(folder, meta.get("file", f"{case}.safetensors")))
-            ours = RUNNERS[case](fx, meta, arr)
+            ours = runner(fx, meta, arr)
         except Exception as e:
             print(f"{case:<16} cannot run: {type(e).__name__}: {e}")
             if os.environ.get("BAGEL_VERIFY_DEBUG"):

@@ -1,4 +1,5 @@
-"""Runners of the engine cases (``understanding``, ``t2i_sampling``, ``edit_sampling``).
+"""Runners of the engine cases (``understanding``, ``t2i_sampling``, ``edit_sampling``,
+``t2i_sampling_taylorseer``).
 
 Each goes through the inference engine: :class:`~bagel_jax.inference.context.Context` for the contexts,
 :func:`~bagel_jax.inference.decode.generate_text` (the ``while_loop``) for decoding and
@@ -8,6 +9,8 @@ noise. Prompts, sizes, hyperparameters and transforms come from the manifest.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import jax.numpy as jnp
 
@@ -15,8 +18,10 @@ from ..inference import blocks
 from ..inference.context import GEN_THINK_SYSTEM_PROMPT, Context
 from ..inference.decode import SamplingParams, generate_text
 from ..inference.sampler import ImageParams, generate_images
+from ..inference.taylorseer import TaylorSeer
 from ..models.bagel import Bagel
-from .common import CaseError, Fixture, image_layout, param, query_layout, text_layout
+from .common import CaseError, Fixture, image_layout, official_order, param, query_layout, text_layout
+from .gen_step import BRANCHES
 
 
 def run_understanding(fx: Fixture, meta: dict, arr: dict) -> dict:
@@ -94,12 +99,50 @@ def _sample(c: Context, P: dict, arr: dict, hw) -> dict:
     pos = np.asarray(blocks.latent_grid(H // ds, W // ds, eng.cfg.max_latent_size))
     out = query_layout("gen.cond_latent", "gen.", (H // ds) * (W // ds), pos,
                        dict(cond=c.gen, text_uncond=c.cfg_text, img_uncond=c.cfg_img), eng.sp)
-    res = generate_images(c, (H, W), _image_params(P), noise=np.asarray(arr["init_noise"])[None], record=True)
+    ts = bool(P.get("enable_taylorseer"))
+    ip = _image_params(P)
+    if ts:
+        ip = dataclasses.replace(ip, step_cache="taylorseer")
+    res = generate_images(c, (H, W), ip, noise=np.asarray(arr["init_noise"])[None], record=True,
+                          taylorseer_rule=_taylorseer_rule(P) if ts else None)
     sig = res["sigmas"]
     out.update({"schedule": sig, "steps.t": sig[:-1], "steps.x_t": res["x_t"][:, 0], "steps.v": res["v"][:, 0],
                 "final_latent_tokens": res["latent_tokens"][0],
                 "final_latent": np.transpose(res["latent"], (0, 3, 1, 2)),
                 "decoded": np.transpose(res["decoded"], (0, 3, 1, 2)), "output_image_uint8": res["image"][0]})
+    if ts:
+        out["steps.x_next"] = np.concatenate([res["x_t"][1:, 0], res["latent_tokens"][:1]], axis=0)
+        out.update(_branch_records(res))
+    return out
+
+
+def _taylorseer_rule(P: dict) -> TaylorSeer:
+    """The manifest's TaylorSeer parameters (the official defaults where absent), every layer kept."""
+    q = P.get("taylorseer", {}) if isinstance(P.get("taylorseer"), dict) else {}
+    kw = {k: int(q[k]) for k in ("fresh_threshold", "first_enhance", "max_order") if k in q}
+    return TaylorSeer(all_layers=True, **kw)
+
+
+def _branch_records(res: dict) -> dict:
+    """``steps.<branch>.*`` of a TaylorSeer run: step types, branch steps and factor counts for every step
+    (-1 where the branch did not run), velocities / layer outputs / final hidden for the steps it ran
+    (query rows in the official order). A branch computed as another's row block (equal contexts, see
+    ``make_plan``) reports that block's arrays on its own steps; one the plan does not run, -1."""
+    plan, rec = res["plan"], res["branch"]
+    steps = rec["full"].shape[0]
+    out = {}
+    for name, ours in BRANCHES.items():
+        row = plan.rows[plan.names.index(ours)] if ours in plan.names else None
+        if row is None:
+            out.update({f"steps.{name}.{k}": -np.ones(steps, np.int64) for k in ("full", "branch_step", "num_factors")})
+            continue
+        # a guidance branch runs on the CFG steps only, also when its row block is gen's (computed once)
+        ran = (rec["full"][:, row] >= 0) & (rec["active"] if name != "cond" else True)
+        for k, key in (("full", "full"), ("branch_step", "step"), ("num_factors", "n_valid")):
+            out[f"steps.{name}.{k}"] = np.where(ran, rec[key][:, row], -1)
+        out[f"steps.{name}.v"] = rec["v"][ran, row, 0]
+        out[f"steps.{name}.final_hidden"] = official_order(rec["final_hidden"][ran, row, 0])
+        out[f"steps.{name}.layer_out"] = official_order(rec["layer_out"][ran, row, :, 0])
     return out
 
 
@@ -142,5 +185,6 @@ def run_edit_sampling(fx: Fixture, meta: dict, arr: dict) -> dict:
 RUNNERS = {
     "understanding": run_understanding,
     "t2i_sampling": run_t2i_sampling,
+    "t2i_sampling_taylorseer": run_t2i_sampling,   # the same case with TaylorSeer on (params.enable_taylorseer)
     "edit_sampling": run_edit_sampling,
 }
