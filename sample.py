@@ -8,9 +8,16 @@ Subcommands:
   interleave   interleaved text and images              sample.py interleave --prompt "A story in 3 pictures" --num-images 3
   chat         multi-turn conversation on stdin         sample.py chat   (type /help inside)
 
-Outputs go to --out (created): PNG images, answer / thinking text files, and for interleave and chat a
-Markdown transcript (transcript.md) with the images linked in order. If a run fails midway, everything
-produced so far is saved and the error is written to the transcript (exit status 1).
+Outputs go to --out (created; checked writable before the model loads): PNG images, answer / thinking text
+files, and for interleave and chat a Markdown transcript (transcript.md) with the images linked in order,
+written as each item is produced. If a run fails midway, everything produced so far is saved and the error
+is written to the transcript (exit status 1). Bad input (a flag out of range or not finite, an unreadable
+image, an unwritable --out) is one line "error: ..." with exit status 2, before any compute.
+Seeds are integers in [0, 2**32-1] (larger ones are refused, not reduced); row i of a batch uses seed+i.
+interleave: --num-images N (N >= 0; 0 = no image, a text answer) implies --mode auto and is refused with
+another mode; --mode explicit needs a <|vision_start|> marker in a prompt. In chat, a bad line (an unreadable
+/image, an unknown /command, /gen or /edit without text, /edit with no image yet) prints an error and the
+session goes on.
 
 Image flags left out take ImageParams.t2i() / .edit() (bagel_jax/inference/cfg.py), the official notebook's
 defaults (the porting reference 8.8): generate cfg_text_scale 4.0, cfg_img_scale 1.0, cfg_interval 0.4 1.0,
@@ -70,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype of the model: bfloat16 as released, float32 for exact parity; "
                         "auto = bfloat16 on GPU/TPU, float32 on CPU (default auto). The VAE always runs in float32")
     g.add_argument("--seed", type=int, default=0,
-                   help="random seed: initial noise, VAE posterior draws and text sampling all derive from it, "
-                        "so a run is reproducible (default 0; the i-th prompt of a batch uses seed+i)")
+                   help="random seed in [0, 2**32-1]: initial noise, VAE posterior draws and text sampling all derive "
+                        "from it, so a run is reproducible (default 0; the i-th prompt of a batch uses seed+i)")
     g.add_argument("--out", default="outputs", metavar="DIR", help="output folder, created if missing (default outputs)")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bars (decoded tokens, denoising steps)")
     g.add_argument("--compilation-cache", default=os.path.join(os.path.expanduser("~"), ".cache", "bagel_jax", "jax"),
@@ -152,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model: the model decides where images go (<|vision_start|>); explicit: one image per "
                         "<|vision_start|> marker in the prompt; auto: --num-images rounds of text then image. "
                         "Default: explicit if the prompt has markers, auto if --num-images is given, else model")
-    p.add_argument("--num-images", type=int, default=None, help="number of images in auto mode")
+    p.add_argument("--num-images", type=int, default=None,
+                   help="number of images in auto mode (>= 0; 0 = text only); implies --mode auto")
     p.add_argument("--max-text-length", type=int, default=500, help="most tokens per text block (default 500)")
     p.add_argument("--max-interleaved-blocks", type=int, default=8, help="most text + image blocks in model mode (default 8)")
 
@@ -166,21 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_jax(args):
     import jax
 
-    if args.compilation_cache:
-        os.makedirs(args.compilation_cache, exist_ok=True)
-        jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    from bagel_jax.inference.api import use_compilation_cache
+
+    use_compilation_cache(args.compilation_cache, force=True)
     if args.dtype == "auto":
         return "float32" if jax.default_backend() == "cpu" else "bfloat16"
     return args.dtype
 
 
 def _load(args):
-    if not os.path.isdir(args.model_path):
-        if os.path.abspath(args.model_path) == DEMO_MODEL:
-            raise CLIError(f"the embedded demo model ({DEMO_MODEL}) is not present in this checkout; "
-                           "pass --model-path /path/to/an/official/BAGEL/folder")
-        raise CLIError(f"model folder not found: {args.model_path}")
     dtype = _setup_jax(args)
     from bagel_jax.data.images import ImageTransform
     from bagel_jax.inference.api import load
@@ -196,14 +198,77 @@ def _load(args):
         mesh = shd.make_mesh(**shd.parse_mesh(args.mesh))   # MeshError (a ValueError): exit status 2
     pipe = load(args.model_path, dtype=dtype, vae_transform=tf(args.vae_transform),
                 vit_transform=tf(args.vit_transform), max_context=args.max_context, attention_impl=args.attention,
-                mesh=mesh, quantize=args.quantize)
+                mesh=mesh, quantize=args.quantize, compilation_cache=None)
     where = f", mesh {dict(mesh.shape)}" if mesh is not None else ""
     where += ", int8 weights" if args.quantize == "int8" else ""
     print(f"loaded {args.model_path} ({dtype}{where}) in {time.time() - t0:.1f}s", file=sys.stderr)
     return pipe
 
 
-def _image_kw(args, edit: bool) -> dict:
+def _check_model_path(args) -> None:
+    if not os.path.isdir(args.model_path):
+        if os.path.abspath(args.model_path) == DEMO_MODEL:
+            raise CLIError(f"the embedded demo model ({DEMO_MODEL}) is not present in this checkout; "
+                           "pass --model-path /path/to/an/official/BAGEL/folder")
+        raise CLIError(f"model folder not found: {args.model_path}")
+
+
+def _at_least(flag: str, value, lo: int) -> None:
+    if value is not None and value < lo:
+        raise CLIError(f"{flag} must be >= {lo}, got {value}")
+
+
+def _check_args(args) -> None:
+    """Every flag checked before the model is loaded (CLIError / ValueError: exit status 2)."""
+    from bagel_jax.data.images import ImageTransform, load_image
+    from bagel_jax.inference.cfg import ImageParams
+    from bagel_jax.inference.context import seed_key
+    from bagel_jax.inference.conversation import check_interleave, sampling
+
+    for flag in ("max_new_tokens", "max_think_tokens", "max_context", "max_text_length", "max_interleaved_blocks"):
+        _at_least("--" + flag.replace("_", "-"), getattr(args, flag, None), 1)
+    if args.image_size is not None and min(args.image_size) < 1:
+        raise CLIError(f"--image-size must be positive, got {args.image_size[0]}x{args.image_size[1]}")
+    for flag, v in (("--vae-transform", args.vae_transform), ("--vit-transform", args.vit_transform)):
+        if v:
+            ImageTransform.from_dict(dict(zip(("max_image_size", "min_image_size", "image_stride", "max_pixels"), v)),
+                                     flag)
+    sampling(args.do_sample, args.temperature, args.top_k, args.top_p)
+    n_rows = max(len(getattr(args, "prompt", None) or []), len(getattr(args, "question", None) or []), 1)
+    seed_key(args.seed)
+    seed_key(args.seed + n_rows - 1)   # the last row's seed
+    images = getattr(args, "image", None) or []
+    if args.command != "understand":
+        ImageParams.fill(args.command == "edit" or bool(images), **_image_kw(args))
+    if args.command == "edit":
+        if args.image_size is not None:
+            raise CLIError("edit: the output size is the resized input size; --image-size is not used")
+        if len(images) not in (1, len(args.prompt)):
+            raise CLIError(f"edit: give one --image, or one per --prompt ({len(args.prompt)})")
+    if args.command == "interleave":
+        if not args.prompt and not args.image:
+            raise CLIError("interleave: give at least one --prompt or --image")
+        args.mode = args.mode or ("explicit" if any("<|vision_start|>" in p for p in args.prompt)
+                                  else "auto" if args.num_images is not None else "model")
+        if args.num_images is not None and args.mode != "auto":
+            raise CLIError(f"interleave: --num-images is for --mode auto (the mode is {args.mode})")
+        check_interleave(args.prompt, args.mode, 1 if args.num_images is None else args.num_images)
+    args.images = [load_image(p) for p in images]   # unreadable images fail here, before any compute
+
+
+def _check_out(out: str) -> None:
+    """--out must be a folder we can write, before any compute (else the results would be lost)."""
+    probe = os.path.join(out, f".write_test_{os.getpid()}")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise CLIError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
+def _image_kw(args) -> dict:
     kw = dict(cfg_text_scale=args.cfg_text_scale, cfg_img_scale=args.cfg_img_scale,
               cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else None,
               timestep_shift=args.timestep_shift, num_timesteps=args.num_timesteps,
@@ -223,7 +288,7 @@ def _write(path: str, text: str) -> None:
 
 def cmd_understand(args, pipe) -> int:
     qs = args.question
-    images = args.image or None
+    images = args.images or None
     if len(qs) == 1:
         ans = pipe.understand(images, qs[0], think=args.think, max_new_tokens=args.max_new_tokens, seed=args.seed,
                               progress=not args.no_progress, **_text_kw(args))
@@ -252,104 +317,140 @@ def _save_images(args, res, stem: str) -> list:
 
 
 def cmd_generate(args, pipe) -> int:
-    kw = _image_kw(args, False)
     res = pipe.generate_image(args.prompt if len(args.prompt) > 1 else args.prompt[0], think=args.think,
                               image_size=args.image_size or pipe.default_image_size, seed=args.seed,
                               max_think_tokens=args.max_think_tokens, progress=not args.no_progress,
-                              **_text_kw(args), **kw)
+                              **_text_kw(args), **_image_kw(args))
     _save_images(args, res, "image")
     return 0
 
 
 def cmd_edit(args, pipe) -> int:
-    if args.image_size is not None:
-        raise CLIError("edit: the output size is the resized input size; --image-size is not used")
-    if len(args.image) not in (1, len(args.prompt)):
-        raise CLIError(f"edit: give one --image, or one per --prompt ({len(args.prompt)})")
     batched = len(args.prompt) > 1
-    images = args.image if len(args.image) > 1 else args.image[0]
-    if batched and len(args.image) == 1:
-        images = args.image * len(args.prompt)
+    images = args.images if len(args.images) > 1 else args.images[0]
+    if batched and len(args.images) == 1:
+        images = args.images * len(args.prompt)
     res = pipe.edit_image(images, args.prompt if batched else args.prompt[0], think=args.think, seed=args.seed,
                           max_think_tokens=args.max_think_tokens, progress=not args.no_progress,
-                          **_text_kw(args), **_image_kw(args, True))
+                          **_text_kw(args), **_image_kw(args))
     _save_images(args, res, "edited")
     return 0
 
 
-def _transcript(args, items, error=None, inputs=()) -> str:
-    lines = ["# BAGEL transcript", ""]
-    for role, kind, value in inputs:
-        lines.append(f"**{role}:** {value}" if kind == "text" else f"**{role}:** ![input]({value})")
-        lines.append("")
-    n = 0
-    for item in items:
-        role, kind, value = item if len(item) == 3 else ("assistant",) + tuple(item)
+class Transcript:
+    """``transcript.md`` in --out, rewritten after every item so that nothing produced is lost; each image
+    is saved as ``image_NN.png`` the moment it exists. Items: ``(role, kind, value)``, kind "text",
+    "think", "image" (PIL) or "input" (the path of an input image)."""
+
+    def __init__(self, out: str, items=()):
+        self.out, self.n = out, 0
+        self.path = os.path.join(out, "transcript.md")
+        self.lines = ["# BAGEL transcript", ""]
+        _write(self.path, "\n".join(self.lines))
+        for item in items:
+            self.add(*item)
+
+    def add(self, role: str, kind: str, value) -> None:
         if kind == "image":
-            n += 1
-            name = f"image_{n:02d}.png"
-            value.save(os.path.join(args.out, name))
-            lines.append(f"**{role}:** ![image {n}]({name})")
+            self.n += 1
+            name = f"image_{self.n:02d}.png"
+            value.save(os.path.join(self.out, name))
+            line = f"**{role}:** ![image {self.n}]({name})"
+        elif kind == "input":
+            line = f"**{role}:** ![input]({value})"
         elif kind == "think":
-            lines.append(f"**{role} (thinking):** {value}")
+            line = f"**{role} (thinking):** {value}"
         else:
-            lines.append(f"**{role}:** {value}")
-        lines.append("")
-    if error is not None:
-        lines += [f"**error:** `{type(error).__name__}: {error}`", ""]
-    path = os.path.join(args.out, "transcript.md")
-    _write(path, "\n".join(lines))
-    return path
+            line = f"**{role}:** {value}"
+        self.lines += [line, ""]
+        _write(self.path, "\n".join(self.lines))
+
+    def error(self, e: BaseException) -> None:
+        self.add("error", "text", f"`{type(e).__name__}: {e}`")
 
 
 def cmd_interleave(args, pipe) -> int:
-    if not args.prompt and not args.image:
-        raise CLIError("interleave: give at least one --prompt or --image")
-    mode = args.mode
-    if mode is None:
-        if any("<|vision_start|>" in p for p in args.prompt):
-            mode = "explicit"
-        elif args.num_images is not None:
-            mode = "auto"
-        else:
-            mode = "model"
-    inputs = list(args.image) + list(args.prompt)
-    kw = _image_kw(args, bool(args.image))
-    kw.update(_text_kw(args))
-    size = args.image_size or pipe.default_image_size
-    res = pipe.interleave(inputs, mode=mode, num_images=args.num_images or 1, image_size=size,
-                          max_text_length=args.max_text_length, max_interleaved_blocks=args.max_interleaved_blocks,
-                          think=args.think, max_think_tokens=args.max_think_tokens, seed=args.seed,
-                          progress=not args.no_progress, **kw)
-    shown = [("user", "image", os.path.abspath(p)) for p in args.image] + \
-            ([("user", "text", p) for p in args.prompt] if mode != "explicit" else [])
-    path = _transcript(args, res.items, res.error, shown)
-    for kind, v in res.items:
-        print({"text": v, "think": f"[thinking] {v}"}.get(kind, "[image]"))
-    print(path)
+    shown = [("user", "input", os.path.abspath(p)) for p in args.image] + \
+            ([("user", "text", p) for p in args.prompt] if args.mode != "explicit" else [])
+    tr = Transcript(args.out, shown)
+
+    def on_item(item):
+        kind, v = item
+        tr.add("assistant", kind, v)
+        print({"text": v, "think": f"[thinking] {v}"}.get(kind, f"[image {tr.n}]"), flush=True)
+
+    res = pipe.interleave(list(args.images) + list(args.prompt), mode=args.mode,
+                          num_images=1 if args.num_images is None else args.num_images,
+                          image_size=args.image_size or pipe.default_image_size, max_text_length=args.max_text_length,
+                          max_interleaved_blocks=args.max_interleaved_blocks, think=args.think,
+                          max_think_tokens=args.max_think_tokens, seed=args.seed, progress=not args.no_progress,
+                          on_item=on_item, **_image_kw(args), **_text_kw(args))
+    print(tr.path)
     if res.error is not None:
+        tr.error(res.error)
         print(f"error: generation stopped early: {type(res.error).__name__}: {res.error} "
-              f"(partial output saved to {path})", file=sys.stderr)
+              f"(partial output saved to {tr.path})", file=sys.stderr)
         return 1
     return 0
 
 
+CHAT_USAGE = ("text = ask; /image PATH = add an image; /gen PROMPT = generate an image; "
+              "/edit INSTRUCTION = edit the latest image; /help; /quit")
+
+
+def _chat_turn(args, conv, tr, line: str) -> bool:
+    """One chat line; False ends the session. Bad input (an unreadable image, a command without its
+    argument, /edit with no image) prints an error and the session goes on."""
+    prog = not args.no_progress
+    if not line.startswith("/"):
+        tr.add("user", "text", line)
+        ans = conv.ask(line, progress=prog)
+        tr.add("assistant", "text", ans)
+        print(ans)
+        return True
+    cmd, _, arg = line.partition(" ")
+    arg = arg.strip()
+    if cmd in ("/quit", "/exit"):
+        return False
+    if cmd == "/help":
+        print(CHAT_USAGE)
+    elif cmd not in ("/image", "/gen", "/edit"):
+        print(f"error: unknown command {cmd} (usage: {CHAT_USAGE})", file=sys.stderr)
+    elif not arg:
+        print(f"error: {cmd} needs {'a path' if cmd == '/image' else 'a prompt'} (usage: {CHAT_USAGE})",
+              file=sys.stderr)
+    elif cmd == "/image":
+        conv.add_image(arg)
+        tr.add("user", "text", f"[image {arg}]")
+    elif cmd == "/edit" and not conv.has_image:
+        print("error: /edit: there is no image in the conversation yet; add one with /image PATH or make one "
+              "with /gen PROMPT", file=sys.stderr)
+    else:
+        tr.add("user", "text", arg)
+        img = conv.edit(arg, think=args.think, progress=prog) if cmd == "/edit" else \
+            conv.generate_image(arg, think=args.think, progress=prog)
+        if conv.last_thinking is not None:     # --think: the thinking text came before the image
+            tr.add("assistant", "think", conv.last_thinking)
+            print(f"[thinking] {conv.last_thinking}")
+        tr.add("assistant", "image", img)
+        print(f"[image {tr.n}]")
+    return True
+
+
 def cmd_chat(args, pipe) -> int:
     defaults = dict(max_new_tokens=args.max_new_tokens, max_think_tokens=args.max_think_tokens, **_text_kw(args))
-    defaults.update({k: v for k, v in _image_kw(args, False).items()})
+    defaults.update(_image_kw(args))
     if args.image_size:
         defaults["image_size"] = args.image_size
     conv = pipe.conversation(think="gen" if args.think else None, seed=args.seed, **defaults)
-    items = []
+    tr = Transcript(args.out)
     error = None
-    interactive = sys.stdin.isatty()
-    prog = not args.no_progress
     try:
-        for path in args.image:
-            conv.add_image(path)
-            items.append(("user", "text", f"[image {path}]"))
+        for path, im in zip(args.image, args.images):
+            conv.add_image(im)
+            tr.add("user", "text", f"[image {path}]")
         while True:
-            if interactive:
+            if sys.stdin.isatty():
                 print("> ", end="", flush=True)
             line = sys.stdin.readline()
             if not line:
@@ -357,39 +458,23 @@ def cmd_chat(args, pipe) -> int:
             line = line.strip()
             if not line:
                 continue
-            if line in ("/quit", "/exit"):
-                break
-            if line == "/help":
-                print("text = ask; /image PATH = add an image; /gen PROMPT = generate an image; "
-                      "/edit INSTRUCTION = edit the latest image; /quit")
-                continue
-            if line.startswith("/image "):
-                p = line[7:].strip()
-                conv.add_image(p)
-                items.append(("user", "text", f"[image {p}]"))
-            elif line.startswith("/gen ") or line.startswith("/edit "):
-                cmd, prompt = line.split(" ", 1)
-                items.append(("user", "text", prompt))
-                img = (conv.edit(prompt, think=args.think, progress=prog) if cmd == "/edit"
-                       else conv.generate_image(prompt, think=args.think, progress=prog))
-                if conv.last_thinking is not None:     # --think: the thinking text came before the image
-                    items.append(("assistant", "think", conv.last_thinking))
-                    print(f"[thinking] {conv.last_thinking}")
-                items.append(("assistant", "image", img))
-                print(f"[image {sum(1 for it in items if it[1] == 'image')}]")
-            else:
-                items.append(("user", "text", line))
-                ans = conv.ask(line, progress=prog)
-                items.append(("assistant", "text", ans))
-                print(ans)
+            try:
+                if not _chat_turn(args, conv, tr, line):
+                    break
+            except ValueError as e:   # bad input in this turn (image, context length, ...): say so, go on
+                print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+                tr.error(e)
     except KeyboardInterrupt:
         pass
-    except Exception as e:   # keep what was produced
+    except Exception as e:   # keep what was produced (the transcript is already written up to here)
         error = e
-    path = _transcript(args, items, error)
-    print(path)
+    print(tr.path)
     if error is not None:
-        print(f"error: {type(error).__name__}: {error} (conversation so far saved to {path})", file=sys.stderr)
+        print(f"error: {type(error).__name__}: {error} (conversation so far saved to {tr.path})", file=sys.stderr)
+        try:
+            tr.error(error)
+        except OSError:   # the failure may be the disk itself
+            pass
         return 1
     return 0
 
@@ -405,8 +490,10 @@ def main(argv=None) -> int:
         ap.print_help()
         return 2
     try:
+        _check_model_path(args)
+        _check_args(args)
+        _check_out(args.out)
         pipe = _load(args)
-        os.makedirs(args.out, exist_ok=True)
         return COMMANDS[args.command](args, pipe)
     except CLIError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -7,13 +7,15 @@ Two sources:
     ``layer_module="Qwen2MoTDecoderLayer"``, ViT ``rope=False`` and one ViT layer fewer;
   * our YAML files (``configs/*.yaml``), which store the values *as used* (no overrides applied).
 
-Every missing required field is reported as one line naming the file and the field.
+Every missing required field, and every field of the wrong type or out of range (sizes are integers >= 1,
+floats finite), is reported as one line naming the file and the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from typing import Any, Mapping
@@ -188,24 +190,64 @@ class BagelConfig:
 # Building from dicts
 # -------------------------------------------------------------------------------------------------
 
+# Field kinds by annotation: ints are >= 1 (sizes, counts), floats finite and > 0 (eps, theta, scales) except
+# the few in _ANY_SIGN; a bool is not taken for a number.
+_ANY_SIGN = {"shift_factor"}
+
+
+def check_field(source: str, name: str, value, kind: str):
+    """``value`` of field ``name`` if it is of ``kind`` ("int": an integer >= 1; "float": a finite number,
+    > 0 unless ``name`` is in ``_ANY_SIGN``; "bool"; "str"; "tuple[int, ...]": a list of integers >= 1), else
+    :class:`ConfigError` naming ``source`` and the field. Returns the value (a tuple for lists)."""
+    def bad(want):
+        return ConfigError(f"{source}: field '{name}' must be {want}, got {value!r}")
+
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        if value < 1:
+            raise bad("an integer >= 1")
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad("a finite number")
+        if name not in _ANY_SIGN and not value > 0:
+            raise bad("a number > 0")
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif kind == "str":
+        if not isinstance(value, str):
+            raise bad("a string")
+    elif kind.startswith("tuple"):
+        if not isinstance(value, (list, tuple)) or not value or \
+                any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
+            raise bad("a non-empty list of integers >= 1")
+        return tuple(value)
+    return value
+
+
+def _kind(cls, name: str) -> str:
+    return next(str(f.type) for f in dataclasses.fields(cls) if f.name == name)
+
+
 def _build(cls, data: Mapping[str, Any], source: str, renames: Mapping[str, str] | None = None):
-    """Instantiate ``cls`` from ``data``; required fields must be present, unknown keys are ignored."""
+    """Instantiate ``cls`` from ``data``; required fields must be present and every field's type and range
+    right (:func:`check_field`); unknown keys are ignored."""
     kwargs = {}
     for f in dataclasses.fields(cls):
         key = f.name
         if renames and key in renames and renames[key] in data:
             key = renames[key]
         if key in data:
-            value = data[key]
-            if f.name == "ch_mult":
-                value = tuple(int(v) for v in value)
-            kwargs[f.name] = value
+            kwargs[f.name] = check_field(source, key, data[key], str(f.type))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
             raise ConfigError(f"{source}: missing required field '{f.name}'")
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # pragma: no cover - defensive
-        raise ConfigError(f"{source}: {e}") from None
+    return cls(**kwargs)
+
+
+def _bagel_fields(raw: Mapping[str, Any], source: str) -> dict:
+    """The top-level BagelConfig fields present in ``raw``, checked."""
+    return {k: check_field(source, k, raw[k], _kind(BagelConfig, k)) for k in BAGEL_FIELDS if k in raw}
 
 
 def check_keys(cls, d: Mapping[str, Any], section: str, error=None) -> None:
@@ -217,7 +259,8 @@ def check_keys(cls, d: Mapping[str, Any], section: str, error=None) -> None:
         raise (error or ConfigError)(f"{section}: unknown key(s) {bad} (known: {sorted(names)})")
 
 
-def _read_json(path: str) -> dict[str, Any]:
+def read_json(path: str) -> dict[str, Any]:
+    """A file holding one JSON object -> dict; anything else is a one-line :class:`ConfigError` naming it."""
     if not os.path.isfile(path):
         raise ConfigError(f"missing file: {path}")
     try:
@@ -225,6 +268,10 @@ def _read_json(path: str) -> dict[str, Any]:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (OSError, RecursionError) as e:
+        raise ConfigError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return data
@@ -245,26 +292,34 @@ def config_from_folder(folder: str) -> BagelConfig:
         raise ConfigError(f"model folder not found: {folder}")
     llm_path = os.path.join(folder, "llm_config.json")
     vit_path = os.path.join(folder, "vit_config.json")
-    llm_raw = _read_json(llm_path)
-    vit_raw = _read_json(vit_path)
+    llm_raw = read_json(llm_path)
+    vit_raw = read_json(vit_path)
     # Official overrides (porting reference 2.1): the json values of these three are ignored.
     llm_raw = dict(llm_raw, qk_norm=True, tie_word_embeddings=False, layer_module="Qwen2MoTDecoderLayer")
     llm = _build(LLMConfig, llm_raw, llm_path)
     if "num_hidden_layers" not in vit_raw:
         raise ConfigError(f"{vit_path}: missing required field 'num_hidden_layers'")
-    vit_raw = dict(vit_raw, rope=False, num_hidden_layers=int(vit_raw["num_hidden_layers"]) - 1)
-    vit = _build(ViTConfig, vit_raw, vit_path)
+    n_vit = check_field(vit_path, "num_hidden_layers", vit_raw["num_hidden_layers"], "int")
+    if n_vit < 2:
+        raise ConfigError(f"{vit_path}: field 'num_hidden_layers' must be >= 2 (the official loader drops the "
+                          f"last layer), got {n_vit}")
+    vit = _build(ViTConfig, dict(vit_raw, rope=False, num_hidden_layers=n_vit - 1), vit_path)
 
     bagel_kw = dict(OFFICIAL_BAGEL_DEFAULTS)
     vae = VAEConfig()
     bagel_path = os.path.join(folder, "bagel_config.json")
     if os.path.isfile(bagel_path):
-        raw = _read_json(bagel_path)
-        bagel_kw.update({k: raw[k] for k in BAGEL_FIELDS if k in raw})
+        raw = read_json(bagel_path)
+        bagel_kw.update(_bagel_fields(raw, bagel_path))
         if "vae_config" in raw:
+            if not isinstance(raw["vae_config"], Mapping):
+                raise ConfigError(f"{bagel_path}: field 'vae_config' must be an object, got {raw['vae_config']!r}")
             vae = _build(VAEConfig, raw["vae_config"], bagel_path + ":vae_config")
     cfg = BagelConfig(llm=llm, vit=vit, vae=vae, **bagel_kw)
-    cfg.validate()
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{folder}: {e}") from None
     return cfg
 
 
@@ -275,10 +330,15 @@ def config_from_dict(d: Mapping[str, Any], source: str = "<dict>") -> BagelConfi
             raise ConfigError(f"{source}: missing required section '{section}'")
     llm = _build(LLMConfig, d["llm"], f"{source}:llm")
     vit = _build(ViTConfig, d["vit"], f"{source}:vit")
-    vae = _build(VAEConfig, d.get("vae", {}) or {}, f"{source}:vae")
-    kw = {k: d[k] for k in BAGEL_FIELDS if k in d}
-    cfg = BagelConfig(llm=llm, vit=vit, vae=vae, **kw)
-    cfg.validate()
+    vae_raw = d.get("vae", {}) or {}
+    if not isinstance(vae_raw, Mapping):
+        raise ConfigError(f"{source}: section 'vae' must be a mapping, got {vae_raw!r}")
+    vae = _build(VAEConfig, vae_raw, f"{source}:vae")
+    cfg = BagelConfig(llm=llm, vit=vit, vae=vae, **_bagel_fields(d, source))
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     return cfg
 
 

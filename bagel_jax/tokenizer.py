@@ -49,6 +49,8 @@ def load_tokenizer(folder: str) -> Tokenizer:
     has_fast = os.path.isfile(os.path.join(folder, "tokenizer.json"))
     if not (has_slow or has_fast):
         raise TokenizerError(f"{folder}: missing tokenizer files (vocab.json + merges.txt, or tokenizer.json)")
+    # transformers warns on import that PyTorch is absent; we only need its tokenizers
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers import AutoTokenizer  # heavy import, only when a tokenizer is needed
 
     try:

@@ -107,6 +107,8 @@ def load_params(path: str, entries: list[keymap.Entry], expected: Mapping, dtype
     """
     f = SafeTensorsFile(path)
     check_file(f, entries, expected, path)
+    for e in entries:   # weights are floats: an integer tensor would be cast into garbage
+        f.require_float(e.official)
     flat_exp = _flatten(expected)
     flat_shard = _flatten(shardings) if shardings is not None else {}
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])

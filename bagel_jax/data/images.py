@@ -31,9 +31,22 @@ class ImageTransform:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     @staticmethod
-    def from_dict(d) -> "ImageTransform":
-        return ImageTransform(int(d["max_image_size"]), int(d["min_image_size"]), int(d["image_stride"]),
-                              int(d.get("max_pixels", DEFAULT_MAX_PIXELS)))
+    def from_dict(d, source: str = "image transform") -> "ImageTransform":
+        """From a dict of the fields (``max_pixels`` optional): integers >= 1, ``min_image_size <=
+        max_image_size``; :class:`~bagel_jax.config.ConfigError` naming ``source`` and the field otherwise."""
+        from ..config import ConfigError, check_field, check_keys
+
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected an object with max_image_size, min_image_size, image_stride, "
+                              f"got {d!r}")
+        check_keys(ImageTransform, d, source)
+        missing = [k for k in ("max_image_size", "min_image_size", "image_stride") if k not in d]
+        if missing:
+            raise ConfigError(f"{source}: missing required field '{missing[0]}'")
+        t = ImageTransform(**{k: check_field(source, k, v, "int") for k, v in d.items()})
+        if t.min_image_size > t.max_image_size:
+            raise ConfigError(f"{source}: min_image_size {t.min_image_size} > max_image_size {t.max_image_size}")
+        return t
 
     def _snap(self, v: float) -> int:
         return max(self.image_stride, int(round(v / self.image_stride) * self.image_stride))
@@ -73,8 +86,23 @@ INFERENCE_VIT = ImageTransform(980, 224, 14)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """RGBA / transparent images are composited onto white; everything else converted to RGB."""
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+    """Any PIL mode -> RGB. Images with alpha (RGBA, LA, PA, premultiplied, transparent palette) are
+    composited onto white. 16-bit grayscale ("I;16*", and "I", which is how 16-bit PNGs may arrive) is scaled
+    from 0..65535 to 0..255 (PIL's own conversion clips it: every pixel above 255 became white); float
+    ("F") images are taken as 0..255, as PIL does; LAB goes through a colour transform. Everything else: PIL's conversion (L, 1, P, CMYK, YCbCr...)."""
+    if img.mode.startswith("I"):
+        x = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.round(x * (255.0 / 65535.0)), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.round(np.asarray(img, np.float64)), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "La":
+        img = img.convert("LA")
+    elif img.mode == "LAB":   # PIL's convert would copy L, a, b into R, G, B
+        from PIL import ImageCms
+
+        lab, srgb = ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB")
+        return ImageCms.applyTransform(img, ImageCms.buildTransform(lab, srgb, "LAB", "RGB"))
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
         return Image.alpha_composite(bg, img).convert("RGB")

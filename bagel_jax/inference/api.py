@@ -3,9 +3,9 @@
     import bagel_jax
     pipe = bagel_jax.load("/path/to/BAGEL-7B-MoT", dtype="bfloat16")
     pipe.understand(image, "What is in this image?")                 # -> str
-    pipe.generate_image("A red cat on a blue mat").image             # -> PIL.Image
+    pipe.generate_image("A red cat on a blue mat").image             # ImageResult: .image PIL, .images
     pipe.edit_image(image, "Make the sky blue.").image
-    conv = pipe.conversation(); conv.add_image(img); conv.ask("...") ; conv.generate_image("...")
+    conv = pipe.conversation(); conv.add_image(img); conv.ask("...") ; conv.generate_image("...")  # -> PIL
     pipe.interleave("Tell a story in pictures.", num_images=3)       # -> InterleaveResult
 
 Image arguments default to None and are filled from :class:`~bagel_jax.inference.cfg.ImageParams`, the one
@@ -59,31 +59,55 @@ INFERENCE_DEFAULTS_FILE = "inference.json"
 
 def folder_defaults(folder: str) -> dict:
     """Optional ``inference.json`` of a model folder (not part of the official format; our small models
-    use it): ``image_size`` [H, W], ``vae_transform`` / ``vit_transform`` dicts of
-    :class:`~bagel_jax.data.images.ImageTransform` fields. Missing file -> {} (official defaults)."""
-    import json
+    use it): ``image_size`` [H, W] (or one side) in pixels, ``vae_transform`` / ``vit_transform`` dicts of
+    :class:`~bagel_jax.data.images.ImageTransform` fields. Missing file -> {} (official defaults). A bad
+    field is a :class:`~bagel_jax.config.ConfigError` naming the file and the field."""
+    from ..config import ConfigError, read_json, check_field
 
     path = os.path.join(folder, INFERENCE_DEFAULTS_FILE)
     if not os.path.isfile(path):
         return {}
+    d = read_json(path)
+    unknown = sorted(set(d) - {"image_size", "vae_transform", "vit_transform"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown field(s) {unknown} (known: image_size, vae_transform, vit_transform)")
+    out = {}
+    if "image_size" in d:
+        v = d["image_size"]
+        hw = [v, v] if not isinstance(v, (list, tuple)) else list(v)
+        if len(hw) != 2:
+            raise ConfigError(f"{path}: field 'image_size' must be [H, W] or one side, got {v!r}")
+        out["image_size"] = tuple(check_field(path, "image_size", x, "int") for x in hw)
+    for k in ("vae_transform", "vit_transform"):
+        if k in d:
+            out[k] = ImageTransform.from_dict(d[k], f"{path}: {k}")
+    return out
+
+
+DEFAULT_COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "bagel_jax", "jax")
+
+
+def use_compilation_cache(path: Optional[str] = DEFAULT_COMPILATION_CACHE, force: bool = False) -> None:
+    """Turn on JAX's persistent compilation cache in ``path`` (created), so that a later process skips most
+    compilation. Without ``force`` a cache JAX already has (``JAX_COMPILATION_CACHE_DIR``, or set by the
+    caller) is kept; ``path`` None or "" does nothing. A folder that cannot be created only warns."""
+    if not path or (jax.config.jax_compilation_cache_dir and not force):
+        return
     try:
-        with open(path) as f:
-            d = json.load(f)
-        out = {}
-        if "image_size" in d:
-            out["image_size"] = tuple(int(v) for v in d["image_size"])
-        for k in ("vae_transform", "vit_transform"):
-            if k in d:
-                out[k] = ImageTransform.from_dict(d[k])
-        return out
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: bad inference defaults ({e})") from None
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        import warnings
+
+        warnings.warn(f"compilation cache {path} not used ({e})")
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def load(folder: str, dtype="bfloat16", param_dtype=None, shardings=None, vae_shardings=None,
          vae_transform: Optional[ImageTransform] = None, vit_transform: Optional[ImageTransform] = None,
          max_context: Optional[int] = None, attention_impl: str = "auto", mesh=None, quantize: str = "none",
-         quantize_vit: bool = False) -> "Pipeline":
+         quantize_vit: bool = False, compilation_cache: Optional[str] = DEFAULT_COMPILATION_CACHE) -> "Pipeline":
     """Load an official BAGEL folder for inference.
 
     Args:
@@ -108,12 +132,15 @@ def load(folder: str, dtype="bfloat16", param_dtype=None, shardings=None, vae_sh
       quantize: "none" or "int8": int8 weight-only decoder layers (per-output-channel scales; the README's
         int8 section gives bytes, error and speed); ``quantize_vit`` also the ViT's (see
         :func:`bagel_jax.loading.load_model`).
+      compilation_cache: JAX persistent compilation cache folder, used unless JAX already has one
+        (:func:`use_compilation_cache`; default ``~/.cache/bagel_jax/jax``, as ``sample.py``; None: off).
     """
     from ..loading import load_model
 
     from .. import sharding as shd
 
     dt = _dtype(dtype)
+    use_compilation_cache(compilation_cache)
     if isinstance(mesh, str):
         mesh = shd.make_mesh(**shd.parse_mesh(mesh))
     bm = load_model(folder, dtype=dt, param_dtype=_dtype(param_dtype) if param_dtype is not None else dt,
@@ -323,7 +350,7 @@ class Pipeline:
     def interleave(self, inputs, mode: str = "model", num_images: int = 1, image_size=None,
                    max_text_length: int = 500, max_interleaved_blocks: int = 8, think: bool = False,
                    max_think_tokens: Optional[int] = None, seed: int = 0, progress: bool = False,
-                   **kw) -> InterleaveResult:
+                   on_item=None, **kw) -> InterleaveResult:
         """Interleaved text and image generation (issue 3 item 6). Never raises for a failure midway:
         everything produced so far is returned with the error.
 
@@ -336,8 +363,12 @@ class Pipeline:
                 "auto"     ``num_images`` rounds of text -> image, then a closing text.
           think: thinking text (at most ``max_think_tokens`` fed tokens, default 1000) before each image,
             official GEN think system prompt at the start; it is an item ``("think", str)`` before its image.
+          num_images: images in "auto" mode, an integer >= 0 (0: no image, only the closing text).
+          on_item: called with each item as soon as it exists (e.g. to save it at once).
           kw: image / text hyperparameters (as :meth:`generate_image`; editing defaults are used when the
             context holds an input image, text-to-image defaults otherwise).
+        Raises :class:`ValueError` before any compute for a request that cannot work (unknown mode, a bad
+        ``num_images``, mode "explicit" without a ``<|vision_start|>`` marker).
         """
         return interleave(self, inputs, mode, num_images, image_size, max_text_length, max_interleaved_blocks,
-                          think, max_think_tokens, seed, progress, **kw)
+                          think, max_think_tokens, seed, progress, on_item, **kw)

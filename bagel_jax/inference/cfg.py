@@ -16,6 +16,8 @@ A new mode is one :class:`CfgMode` in :data:`CFG_MODES` (and a new branch, if it
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Callable, Mapping, Optional
 
 import jax
@@ -140,22 +142,40 @@ class ImageParams:
         return (ImageParams.edit(**kw) if edit else ImageParams.t2i(**kw)).validate()
 
     def validate(self) -> "ImageParams":
+        """Check every field (type, finiteness, range) and return self; :class:`ValueError` names the field."""
         if self.cfg_renorm_type not in RENORM_TYPES:
             raise ValueError(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {self.cfg_renorm_type!r}")
         if self.cfg_mode not in CFG_MODES:
             raise ValueError(f"cfg_mode must be one of {sorted(CFG_MODES)}, got {self.cfg_mode!r}")
         if self.step_cache not in STEP_CACHES:
             raise ValueError(f"step_cache must be one of {STEP_CACHES}, got {self.step_cache!r}")
-        if int(self.num_timesteps) < 2:
-            raise ValueError(f"num_timesteps must be >= 2 (N gives N-1 model evaluations), got {self.num_timesteps}")
-        lo, hi = self.cfg_interval
+        n = self.num_timesteps
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 2:
+            raise ValueError(f"num_timesteps must be an integer >= 2 (N gives N-1 model evaluations), got {n!r}")
+        check_number("cfg_text_scale", self.cfg_text_scale, 0.0)
+        check_number("cfg_img_scale", self.cfg_img_scale, 0.0)
+        check_number("timestep_shift", self.timestep_shift, 0.0, open_lo=True)
+        check_number("cfg_renorm_min", self.cfg_renorm_min, 0.0, 1.0)
+        iv = self.cfg_interval
+        if not isinstance(iv, (tuple, list)) or len(iv) != 2:
+            raise ValueError(f"cfg_interval must be a pair (lo, hi), got {iv!r}")
+        lo, hi = (check_number(f"cfg_interval {k}", v, 0.0, 1.0) for k, v in zip(("lo", "hi"), iv))
         if not lo <= hi:
-            raise ValueError(f"cfg_interval must be [lo, hi] with lo <= hi, got {self.cfg_interval}")
-        if not self.timestep_shift > 0:
-            raise ValueError(f"timestep_shift must be > 0, got {self.timestep_shift}")
-        if not 0.0 <= self.cfg_renorm_min <= 1.0:
-            raise ValueError(f"cfg_renorm_min must be in [0, 1], got {self.cfg_renorm_min}")
+            raise ValueError(f"cfg_interval must be [lo, hi] with 0 <= lo <= hi <= 1, got {tuple(iv)}")
         return self
+
+
+def check_number(name: str, value, lo: Optional[float] = None, hi: Optional[float] = None,
+                 open_lo: bool = False) -> float:
+    """``value`` as a float if it is a finite real number in ``[lo, hi]`` (``(lo, hi]`` with ``open_lo``);
+    else :class:`ValueError` naming ``name`` (inf and nan are refused: they give black images or turn CFG off)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    v = float(value)
+    if (lo is not None and (v <= lo if open_lo else v < lo)) or (hi is not None and v > hi):
+        want = f"in [{lo}, {hi}]" if hi is not None else f"{'>' if open_lo else '>='} {lo}"
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+    return v
 
 
 IMAGE_PARAM_NAMES = tuple(f.name for f in dataclasses.fields(ImageParams))

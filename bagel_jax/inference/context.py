@@ -60,6 +60,18 @@ class ContextError(ValueError):
     """Bad input for a context (too long, batch mismatch, ...)."""
 
 
+MAX_SEED = 2 ** 32 - 1   # jax.random.PRNGKey keeps 32 bits without x64: larger seeds would alias smaller ones
+
+
+def seed_key(seed) -> jax.Array:
+    """``PRNGKey(seed)`` for an integer seed in ``[0, MAX_SEED]``; anything else is refused with a
+    :class:`ContextError` (no OverflowError, no silent reduction: ``PRNGKey(2**32)`` equals ``PRNGKey(0)``).
+    Derived seeds (``seed + i`` for row ``i``) are checked the same way."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) <= MAX_SEED:
+        raise ContextError(f"seed must be an integer in [0, {MAX_SEED}] (row i of a batch uses seed + i), got {seed!r}")
+    return jax.random.PRNGKey(int(seed))
+
+
 def bucket(n: int, minimum: int) -> int:
     """Smallest value of ``{minimum * 2^k, 1.5 * minimum * 2^k}`` that is ``>= n``."""
     b = minimum
@@ -232,7 +244,7 @@ class Context:
             raise ContextError(f"batch must be >= 1, got {batch}")
         e = Branch.empty(engine, batch)
         return Context(engine, e, {name: e for name in BRANCH_RULES} if track_cfg else {}, (), None,
-                       np.stack([np.asarray(jax.random.PRNGKey(seed + i)) for i in range(batch)]))
+                       np.stack([np.asarray(seed_key(seed + i)) for i in range(batch)]))
 
     @property
     def batch(self) -> int:

@@ -9,14 +9,15 @@ Random streams: the initial image noise of row ``i`` of a call with seed ``s`` i
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Optional
 
 import jax
 from PIL import Image
 
 from . import progress as _progress
-from .cfg import IMAGE_PARAM_NAMES, ImageParams
-from .context import Context, GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT
+from .cfg import IMAGE_PARAM_NAMES, ImageParams, check_number
+from .context import Context, seed_key, GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT
 from .decode import SamplingParams, generate_text
 
 DEFAULT_MAX_TEXT = 1000
@@ -25,7 +26,7 @@ TEXT_STREAM = 1   # fold_in tag of the text-sampling stream (the noise stream is
 
 def noise_keys(seed: int, n: int) -> list:
     """Initial-noise keys of rows ``0..n-1``: ``PRNGKey(seed + i)`` (batched equals one at a time)."""
-    return [jax.random.PRNGKey(int(seed) + i) for i in range(n)]
+    return [seed_key(seed + i) for i in range(n)]
 
 
 def text_keys(seed: int, n: int) -> list:
@@ -42,7 +43,11 @@ def as_list(x) -> list:
 
 
 def sampling(do_sample, temperature, top_k, top_p) -> SamplingParams:
-    return SamplingParams(bool(do_sample), float(temperature), int(top_k), float(top_p)).validate()
+    """Checked text sampling settings (finite numbers, ``top_k`` an integer) -> :class:`SamplingParams`."""
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
+        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    return SamplingParams(bool(do_sample), check_number("temperature", temperature), int(top_k),
+                          check_number("top_p", top_p)).validate()
 
 
 @dataclasses.dataclass
@@ -78,10 +83,10 @@ class Conversation:
 
     def __init__(self, pipe, think: Optional[str] = None, seed: int = 0, defaults: Optional[dict] = None):
         self.pipe = pipe
+        self.ctx = Context.new(pipe.engine, 1, seed=seed)   # checks the seed
         self.seed = int(seed)
         self.defaults = dict(defaults or {})
         self._calls = 0
-        self.ctx = Context.new(pipe.engine, 1, seed=seed)
         self.has_input_image = False
         self.last_thinking: Optional[str] = None
         self.history: list = []
@@ -170,63 +175,89 @@ class Conversation:
         self.history.append(("assistant", "image", img))
         return img
 
+    @property
+    def has_image(self) -> bool:
+        """Whether the conversation holds an image (added or generated) that :meth:`edit` can edit."""
+        return any(kind == "image" for _, kind, _ in self.history)
+
     def edit(self, instruction: str, **kw) -> Image.Image:
-        """Edit the latest image with ``instruction`` (editing defaults)."""
+        """Edit the latest image with ``instruction`` (editing defaults). :class:`ValueError` when the
+        conversation holds no image yet (nothing is generated then)."""
+        if not self.has_image:
+            raise ValueError("edit: the conversation has no image to edit; add one (add_image, chat /image PATH) "
+                             "or generate one first")
         self.has_input_image = True
         return self.generate_image(instruction, **kw)
+
+
+MARKER = "<|vision_start|>"
+
+
+def check_interleave(inputs, mode: str, num_images) -> list:
+    """Refuse an interleave request that cannot work, before any compute (:class:`ValueError`); returns the
+    inputs as a list. ``num_images`` (auto mode) is an integer >= 0; 0 means no image (one closing text)."""
+    if mode not in ("model", "explicit", "auto"):
+        raise ValueError(f"interleave: mode must be 'model', 'explicit' or 'auto', got {mode!r}")
+    if isinstance(num_images, bool) or not isinstance(num_images, numbers.Integral) or num_images < 0:
+        raise ValueError(f"interleave: num_images must be an integer >= 0, got {num_images!r}")
+    parts = [inputs] if isinstance(inputs, str) else as_list(inputs)
+    if mode == "explicit" and not any(isinstance(p, str) and MARKER in p for p in parts):
+        raise ValueError(f"interleave: mode 'explicit' puts one image at each {MARKER} marker, and no prompt "
+                         "has one (use mode 'auto' with num_images, or 'model')")
+    return parts
 
 
 def interleave(pipe, inputs, mode: str = "model", num_images: int = 1, image_size=None,
                max_text_length: int = 500, max_interleaved_blocks: int = 8, think: bool = False,
                max_think_tokens: Optional[int] = None, seed: int = 0, progress: bool = False,
-               **kw) -> InterleaveResult:
+               on_item=None, **kw) -> InterleaveResult:
     """:meth:`Pipeline.interleave` (documented there)."""
-    if mode not in ("model", "explicit", "auto"):
-        raise ValueError(f"interleave: mode must be 'model', 'explicit' or 'auto', got {mode!r}")
+    parts = check_interleave(inputs, mode, num_images)
     defaults = dict(kw, image_size=image_size or pipe.default_image_size)
     if max_think_tokens is not None:
         defaults["max_think_tokens"] = int(max_think_tokens)
     conv = Conversation(pipe, "gen" if think else None, seed, defaults)
     items = []
 
+    def emit(kind, value):   # each item is handed to on_item as soon as it exists
+        items.append((kind, value))
+        if on_item is not None:
+            on_item((kind, value))
+
     def image():   # an image block, after its thinking text in think mode
         img = conv.generate_image(None, think=think, progress=progress)
         if conv.last_thinking is not None:
-            items.append(("think", conv.last_thinking))
-        items.append(("image", img))
+            emit("think", conv.last_thinking)
+        emit("image", img)
 
     try:
-        parts = as_list(inputs) if not isinstance(inputs, str) else [inputs]
-        marker = "<|vision_start|>"
         for p in parts:
             if isinstance(p, str):
-                if mode == "explicit" and marker in p:
+                if mode == "explicit" and MARKER in p:
                     continue
                 conv.say(p)
             else:
                 conv.add_image(p)
         if mode == "explicit":
             for p in parts:
-                if not (isinstance(p, str) and marker in p):
+                if not (isinstance(p, str) and MARKER in p):
                     continue
-                segs = p.split(marker)
+                segs = p.split(MARKER)
                 for j, seg in enumerate(segs):
                     if seg.strip():
                         conv.say(seg)
-                        items.append(("text", seg))
+                        emit("text", seg)
                     if j < len(segs) - 1:
                         image()
         elif mode == "auto":
-            if num_images < 0:
-                raise ValueError(f"num_images must be >= 0, got {num_images}")
             for _ in range(num_images):
                 text = conv.reply(max_new_tokens=max_text_length, progress=progress)
                 if text:
-                    items.append(("text", text))
+                    emit("text", text)
                 image()
             text = conv.reply(max_new_tokens=max_text_length, progress=progress)
             if text:
-                items.append(("text", text))
+                emit("text", text)
         else:
             sp = pipe.engine.sp
             n_blocks = 0
@@ -234,7 +265,7 @@ def interleave(pipe, inputs, mode: str = "model", num_images: int = 1, image_siz
                 text, stop = conv.reply(max_new_tokens=max_text_length, progress=progress,
                                         stop_tokens=[sp.eos, sp.start_of_image], return_stop=True)
                 if text:
-                    items.append(("text", text))
+                    emit("text", text)
                     n_blocks += 1
                 if stop != sp.start_of_image or n_blocks >= max_interleaved_blocks:
                     break
