@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bagel_jax.nn.attention import CacheView, attention, blocked_attention, chunk_vectors, dense_mask
-from bagel_jax.nn.blocked_attention import CACHE_TAIL_BLOCK
+from bagel_jax.nn.blocked_attention import CACHE_TAIL_BLOCK, CACHE_TAIL_MIN_QUERIES
 
 
 def _numpy_reference(q, k, v, vec, cache_k, cache_v, cache_len, layer):
@@ -62,17 +62,18 @@ def test_cached_attention_matches_reference(causal, impl, block, Lq):
             np.testing.assert_allclose(np.asarray(got[b, :n]), want[b, :n], atol=2e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("cap,block,lengths,valid_end,blocks", [
-    (512, 128, [100, 250], 256, 1 + 4),   # one full 128-slot block, then 122 slots in 4 tail blocks of 32
-    (256, None, [17, 3], 32, 1),          # a 17-token prompt in a 256-slot cache: one 32-slot tail block
-    (256, None, [0, 0], 0, 0),            # empty cache: nothing read
+@pytest.mark.parametrize("cap,block,Lq,lengths,valid_end,blocks", [
+    (512, 128, 8, [100, 250], 256, 1 + 4),   # one full 128-slot block, then 122 slots in 4 tail blocks of 32
+    (256, None, 8, [17, 3], 32, 1),          # a 17-token prompt in a 256-slot cache: one 32-slot tail block
+    (256, None, 8, [0, 0], 0, 0),            # empty cache: nothing read
+    (512, None, 1, [17, 3], 512, 1),         # one query (decoding): one whole 512-slot block, no tail blocks
 ])
-def test_cached_attention_reads_only_valid_blocks(cap, block, lengths, valid_end, blocks):
-    """The cache is read up to the longest row's length rounded up to a tail block (CACHE_TAIL_BLOCK), not
-    to a whole cache block: NaNs planted beyond that are never touched, and the number of blocks visited
-    is the full cache blocks plus the tail blocks plus the chunk's one block."""
-    assert CACHE_TAIL_BLOCK == 32
-    layers, B, H, K, dh, Lq = 1, 2, 2, 1, 8, 4
+def test_cached_attention_reads_only_valid_blocks(cap, block, Lq, lengths, valid_end, blocks):
+    """The cache is read up to the longest row's length rounded up to a tail block (CACHE_TAIL_BLOCK; whole
+    cache blocks for fewer than CACHE_TAIL_MIN_QUERIES queries): NaNs planted beyond that are never touched,
+    and the number of blocks visited is the full cache blocks plus the tail blocks plus the chunk's one."""
+    assert (CACHE_TAIL_BLOCK, CACHE_TAIL_MIN_QUERIES) == (32, 8)
+    layers, B, H, K, dh = 1, 2, 2, 1, 8
     rng = np.random.default_rng(1)
     f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
     cache_k, cache_v = np.array(f(layers, B, cap, K, dh)), np.array(f(layers, B, cap, K, dh))

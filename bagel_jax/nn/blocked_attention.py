@@ -25,8 +25,12 @@ _BIG = np.iinfo(np.int32).max
 
 # The cache is read in blocks of ``_cache_block(capacity)`` slots up to the last full block below the
 # longest row's length, then the rest in blocks of this many slots, so the slots read follow the data
-# (a 17-slot prompt reads 32 slots, not a whole 256-slot block; a 130-slot one 160).
+# (a 17-slot prompt reads 32 slots, not a whole 256-slot block; a 130-slot one 160). Chunks of fewer than
+# CACHE_TAIL_MIN_QUERIES queries (decoding) read the rest in whole blocks too: for one query a loop trip
+# costs more than the slots it saves (bench/bench_inference_ops.py attention: one query against 130 valid
+# slots, 5 trips of 32 were 1.3x slower than one of 256; 258 queries against 17, 3x faster).
 CACHE_TAIL_BLOCK = 32
+CACHE_TAIL_MIN_QUERIES = 8
 
 
 def _cache_block(capacity: int, preferred: int = 512) -> int:
@@ -166,7 +170,7 @@ def _forward(q, k, v, q_vec, k_vec, bq, bk, cache=None, bc=None):
         bc = bc or _cache_block(cap)
         if cap % bc:
             raise ValueError(f"cache capacity {cap} is not a multiple of the cache block size {bc}")
-        bt = _cache_block(cap, min(CACHE_TAIL_BLOCK, bc))
+        bt = _cache_block(cap, min(CACHE_TAIL_BLOCK, bc)) if Lq >= CACHE_TAIL_MIN_QUERIES else bc
         longest = jnp.minimum(jnp.max(cache.length), cap)
         n_big = longest // bc                                 # full big blocks, then the rest in tail blocks
         n_tail = (longest - n_big * bc + bt - 1) // bt       # (ends <= capacity: capacity % bt == 0)
@@ -295,7 +299,8 @@ def blocked_attention(q, k, v, q_vec: MaskVectors, k_vec: MaskVectors, *, cache:
     multiple internally). Differentiable (custom VJP) without a cache; with
     a cache, forward only: the cache is read in blocks of ``block_cache`` slots (default: the largest power of
     two <= 512 dividing its capacity) up to the last full block below the longest row's valid length, then
-    in blocks of :data:`CACHE_TAIL_BLOCK` slots up to that length. ``return_visited`` (tests, no cache gradient) also
+    in blocks of :data:`CACHE_TAIL_BLOCK` slots up to that length (whole blocks for fewer than
+    :data:`CACHE_TAIL_MIN_QUERIES` queries). ``return_visited`` (tests, no cache gradient) also
     returns the number of key blocks computed (cache blocks included).
     """
     Lq = q.shape[1]
