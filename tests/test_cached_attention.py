@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from bagel_jax.nn.attention import CacheView, attention, blocked_attention, chunk_vectors, dense_mask
+from bagel_jax.nn.blocked_attention import CACHE_TAIL_BLOCK, CACHE_TAIL_MIN_QUERIES
 
 
 def _numpy_reference(q, k, v, vec, cache_k, cache_v, cache_len, layer):
@@ -33,14 +34,16 @@ def _numpy_reference(q, k, v, vec, cache_k, cache_v, cache_len, layer):
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("impl,block", [("blocked", None), ("blocked", 32), ("xla", None)])
-def test_cached_attention_matches_reference(causal, impl, block):
+@pytest.mark.parametrize("Lq", [8, 70])   # 70: one chunk block of a length that is no multiple of 64
+def test_cached_attention_matches_reference(causal, impl, block, Lq):
     rng = np.random.default_rng(0)
-    layers, B, cap, H, K, dh, Lq = 3, 4, 384, 4, 2, 16, 8
+    layers, B, cap, H, K, dh = 3, 4, 384, 4, 2, 16
     f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
     q, k, v = f(B, Lq, H, dh), f(B, Lq, K, dh), f(B, Lq, K, dh)
     # garbage beyond each row's length must not leak into the result
     cache_k, cache_v = f(layers, B, cap, K, dh) * 3, f(layers, B, cap, K, dh)
-    cache_len = jnp.asarray([0, 1, 200, 384 - Lq], jnp.int32)       # empty, tiny, mid-block, almost full
+    # empty, tiny, mid-block (1 full 128-slot block + 3 tail blocks of 32), almost full
+    cache_len = jnp.asarray([0, 1, 200, 384 - Lq], jnp.int32)
     q_len = jnp.asarray([Lq, 3, 5, Lq], jnp.int32)
     vec = chunk_vectors(q_len, Lq, causal)
 
@@ -59,22 +62,30 @@ def test_cached_attention_matches_reference(causal, impl, block):
             np.testing.assert_allclose(np.asarray(got[b, :n]), want[b, :n], atol=2e-6, rtol=1e-5)
 
 
-def test_cached_attention_reads_only_valid_blocks():
-    """NaNs planted in cache blocks beyond every row's length are never touched; the number of blocks
-    visited is the valid cache blocks plus the chunk's one block."""
-    layers, B, cap, H, K, dh, Lq = 1, 2, 512, 2, 1, 8, 4
+@pytest.mark.parametrize("cap,block,Lq,lengths,valid_end,blocks", [
+    (512, 128, 8, [100, 250], 256, 1 + 4),   # one full 128-slot block, then 122 slots in 4 tail blocks of 32
+    (256, None, 8, [17, 3], 32, 1),          # a 17-token prompt in a 256-slot cache: one 32-slot tail block
+    (256, None, 8, [0, 0], 0, 0),            # empty cache: nothing read
+    (512, None, 1, [17, 3], 512, 1),         # one query (decoding): one whole 512-slot block, no tail blocks
+])
+def test_cached_attention_reads_only_valid_blocks(cap, block, Lq, lengths, valid_end, blocks):
+    """The cache is read up to the longest row's length rounded up to a tail block (CACHE_TAIL_BLOCK; whole
+    cache blocks for fewer than CACHE_TAIL_MIN_QUERIES queries): NaNs planted beyond that are never touched,
+    and the number of blocks visited is the full cache blocks plus the tail blocks plus the chunk's one."""
+    assert (CACHE_TAIL_BLOCK, CACHE_TAIL_MIN_QUERIES) == (32, 8)
+    layers, B, H, K, dh = 1, 2, 2, 1, 8
     rng = np.random.default_rng(1)
     f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
     cache_k, cache_v = np.array(f(layers, B, cap, K, dh)), np.array(f(layers, B, cap, K, dh))
-    cache_k[:, :, 256:] = np.nan
-    cache_v[:, :, 256:] = np.nan
-    cache_len = jnp.asarray([100, 250], jnp.int32)
+    cache_k[:, :, valid_end:] = np.nan
+    cache_v[:, :, valid_end:] = np.nan
     vec = chunk_vectors(jnp.full((B,), Lq, jnp.int32), Lq, False)
     out, visited = blocked_attention(f(B, Lq, H, dh), f(B, Lq, K, dh), f(B, Lq, K, dh), vec, vec,
-                                     cache=CacheView(jnp.asarray(cache_k), jnp.asarray(cache_v), cache_len, 0),
-                                     block_cache=128, return_visited=True)
+                                     cache=CacheView(jnp.asarray(cache_k), jnp.asarray(cache_v),
+                                                     jnp.asarray(lengths, jnp.int32), 0),
+                                     block_cache=block, return_visited=True)
     assert np.isfinite(np.asarray(out)).all()
-    assert int(visited) == 2 + 1
+    assert int(visited) == blocks + 1
 
 
 @pytest.mark.parametrize("impl", ["blocked", "xla"])

@@ -15,7 +15,7 @@ import pytest
 
 from bagel_jax.data.images import ImageError, ImageTransform
 from bagel_jax.inference import api, blocks
-from bagel_jax.inference.context import Context, ContextError, Engine, bucket
+from bagel_jax.inference.context import Context, ContextError, Engine, bucket, fine_bucket
 from bagel_jax.inference.decode import SamplingParams, generate_text, pick_next
 from bagel_jax.inference.sampler import ImageParams, generate_images
 from bagel_jax.models.bagel import Bagel
@@ -38,6 +38,16 @@ def _img(h, w, seed=0):
 
 def test_bucket():
     assert [bucket(n, 16) for n in (1, 16, 17, 24, 25, 33, 100)] == [16, 16, 24, 24, 32, 48, 128]
+
+
+def test_fine_bucket():
+    """ViT patch counts: 16 buckets per doubling (grain 2^floor(log2 n) / 16), at least the minimum."""
+    assert [fine_bucket(n, 64, 16) for n in (1, 64, 65, 68, 69, 255, 256, 257, 324, 4900)] == \
+        [64, 64, 68, 68, 72, 256, 256, 272, 336, 5120]
+    for n in range(65, 5000):
+        b = fine_bucket(n, 64, 16)
+        assert n <= b < n * (1 + 1 / 16)
+    assert len({fine_bucket(n, 64, 16) for n in range(257, 513)}) == 16   # 272, 288, ..., 512
 
 
 def test_decode_with_cache_equals_full_recompute(pipe):

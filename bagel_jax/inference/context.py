@@ -15,7 +15,7 @@ Static shapes (the only bucketed shapes of the engine, see :func:`bucket`):
 
 * cache capacity: ``bucket(needed, CACHE_MIN)``; a cache grows by copying into the next bucket;
 * text chunk length: ``bucket(n, TEXT_MIN)`` (padding is masked and never counted in ``length``);
-* ViT patch count: ``bucket(n, VIT_MIN)``.
+* ViT patch count: ``fine_bucket(n, VIT_MIN, VIT_STEPS)`` (at most 1/16 padding: 324 patches -> 336).
 
 Latent (VAE) token counts are not bucketed: they follow the image size, which the resize rule already
 snaps to a few values. All input checks (unreadable image, size out of range, context too long) run on
@@ -44,6 +44,7 @@ from .kv_cache import KVCache
 CACHE_MIN = 256
 TEXT_MIN = 16
 VIT_MIN = 64
+VIT_STEPS = 16   # ViT buckets per doubling of the patch count
 MAX_INPUT_PIXELS = 1 << 28   # refuse absurdly large inputs before decoding them fully
 
 GEN_THINK_SYSTEM_PROMPT = (
@@ -81,6 +82,15 @@ def bucket(n: int, minimum: int) -> int:
         if b * 3 // 2 >= n:
             return b * 3 // 2
         b *= 2
+
+
+def fine_bucket(n: int, minimum: int, steps: int) -> int:
+    """``n`` rounded up to a multiple of ``2^floor(log2 n) / steps`` (``steps`` buckets per doubling,
+    padding < ``1 / steps`` of ``n``), at least ``minimum``; ``steps`` a power of two."""
+    if n <= minimum:
+        return minimum
+    grain = max(1, (1 << (int(n).bit_length() - 1)) // steps)
+    return -(-n // grain) * grain
 
 
 @functools.partial(jax.jit, static_argnames=("capacity",))
@@ -409,7 +419,7 @@ class Context:
         eng, cfg = self.engine, self.engine.cfg
         pt = [patchify(q["vit"], cfg.vit.patch_size, cfg.vit_max_num_patch_per_side) for q in pre]
         ns = np.array([t.shape[0] for t, _ in pt], np.int64)
-        N = bucket(int(ns.max()), VIT_MIN)
+        N = fine_bucket(int(ns.max()), VIT_MIN, VIT_STEPS)
         br = br.reserve(eng, layout.block_len(N))
         patches = np.zeros((br.batch, N, cfg.vit.patch_dim), np.float32)
         pos = np.zeros((br.batch, N), np.int32)

@@ -49,7 +49,13 @@ class _Normed(nn.Module):
 
 class GroupNorm(_Normed):
     """Affine GroupNorm over (H, W, C/groups), statistics and affine in float32 (as torch does for
-    float32 and as is safe for bf16). Two-pass variance, like torch, for parity.
+    float32 and as is safe for bf16).
+
+    Two-pass statistics like torch, each pass one fused reduction over (H, W) per channel in float32 (the
+    second reads ``x - mean`` without storing it), pooled over each group's channels; the output is one fused
+    ``x * a + b`` with per-channel ``a = scale / sqrt(var + eps)``, ``b = bias - mean * a`` (no
+    ``[N, H, W, G, C/G]`` intermediate). 1.3-1.8x less time than the grouped-reshape form on 32x256x256 with
+    the swish that follows (bench/bench_vae_ops.py).
 
     x: [N, H, W, C] -> [N, H, W, C] in ``dtype``. Params ``scale`` / ``bias`` of shape [C].
     """
@@ -61,12 +67,17 @@ class GroupNorm(_Normed):
             raise ValueError(f"GroupNorm: {c} channels are not divisible by {self.groups} groups")
         scale = self.param("scale", nn.initializers.ones, (c,))
         bias = self.param("bias", nn.initializers.zeros, (c,))
-        xg = x.astype(jnp.float32).reshape(n, h, w, self.groups, c // self.groups)
-        mean = xg.mean(axis=(1, 2, 4), keepdims=True)
-        var = jnp.square(xg - mean).mean(axis=(1, 2, 4), keepdims=True)
-        y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(n, h, w, c)
-        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-        return y.astype(self.dtype)
+        xf = x.astype(jnp.float32)
+
+        def group_mean(per_channel):   # [n, c] channel means -> [n, c] mean of each channel's group
+            g = per_channel.reshape(n, self.groups, c // self.groups).mean(-1)
+            return jnp.repeat(g, c // self.groups, axis=-1)
+
+        mean = group_mean(xf.mean(axis=(1, 2)))                                # [n, c]
+        var = group_mean(jnp.square(xf - mean[:, None, None, :]).mean(axis=(1, 2)))
+        a = scale.astype(jnp.float32) * jax.lax.rsqrt(var + self.eps)          # [n, c]
+        b = bias.astype(jnp.float32) - mean * a
+        return (xf * a[:, None, None, :] + b[:, None, None, :]).astype(self.dtype)
 
 
 def _conv(features: int, kernel: int, dtype, name: str) -> nn.Conv:
@@ -125,15 +136,47 @@ class Downsample(nn.Module):
         return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), padding="VALID", dtype=self.dtype, name="conv")(x)
 
 
+class _UpsampleConv(nn.Module):
+    """Nearest x2 upsample then 3x3 conv (pad 1), computed at the input resolution (sub-pixel form).
+
+    Output pixel ``(2i + a, 2j + b)`` of the upsampled-then-convolved image only reads input rows
+    ``i - 1, i`` (a = 0) or ``i, i + 1`` (a = 1), and likewise for columns, so each of the 4 phases is a 2x2
+    conv whose taps are sums of the 3x3 kernel's taps: 16 taps per input pixel instead of 36, and no
+    upsampled input in memory. Same params as ``nn.Conv`` (``kernel [3, 3, C_in, C_out]``, ``bias``).
+    """
+
+    features: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        n, h, w, c = x.shape
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, c, self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        k = kernel.astype(jnp.float32)
+        # phase 0 reads offsets (-1, 0) with taps (k0, k1 + k2); phase 1 reads (0, +1) with (k0 + k1, k2)
+        taps = lambda t, axis: [jnp.stack([t.take(0, axis), t.take(1, axis) + t.take(2, axis)], axis),
+                                jnp.stack([t.take(0, axis) + t.take(1, axis), t.take(2, axis)], axis)]
+        pads = ((1, 0), (0, 1))
+        x = x.astype(self.dtype)
+        rows = []
+        for a, kr in enumerate(taps(k, 0)):
+            cols = [jax.lax.conv_general_dilated(x, kc.astype(self.dtype), (1, 1), (pads[a], pads[b]),
+                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                    for b, kc in enumerate(taps(kr, 1))]
+            rows.append(jnp.stack(cols, 3))                                   # [n, h, w, 2 (b), C]
+        y = jnp.stack(rows, 2).reshape(n, 2 * h, 2 * w, self.features)       # [n, h, 2 (a), w, 2 (b), C]
+        return y + bias.astype(self.dtype)
+
+
 class Upsample(nn.Module):
-    """Nearest-neighbour x2, then 3x3 conv. x: [N, H, W, C] -> [N, 2H, 2W, C]."""
+    """Nearest-neighbour x2, then 3x3 conv (fused: :class:`_UpsampleConv`). x: [N, H, W, C] -> [N, 2H, 2W, C]."""
 
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return _conv(x.shape[-1], 3, self.dtype, "conv")(x)
+        return _UpsampleConv(x.shape[-1], self.dtype, name="conv")(x)
 
 
 def _mid(x, groups, eps, dtype):

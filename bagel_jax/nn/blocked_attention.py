@@ -23,6 +23,16 @@ _NEG = -1e30  # finite "minus infinity": fully masked rows stay NaN-free
 _BIG = np.iinfo(np.int32).max
 
 
+# The cache is read in blocks of ``_cache_block(capacity)`` slots up to the last full block below the
+# longest row's length, then the rest in blocks of this many slots, so the slots read follow the data
+# (a 17-slot prompt reads 32 slots, not a whole 256-slot block; a 130-slot one 160). Chunks of fewer than
+# CACHE_TAIL_MIN_QUERIES queries (decoding) read the rest in whole blocks too: for one query a loop trip
+# costs more than the slots it saves (bench/bench_inference_ops.py attention: one query against 130 valid
+# slots, 5 trips of 32 were 1.3x slower than one of 256; 258 queries against 17, 3x faster).
+CACHE_TAIL_BLOCK = 32
+CACHE_TAIL_MIN_QUERIES = 8
+
+
 def _cache_block(capacity: int, preferred: int = 512) -> int:
     """Largest power of two ``<= preferred`` dividing ``capacity`` (cache buckets are multiples of 128).
     512 measured best on CPU at hidden 512 (256: 30% slower at 4k keys; 2048: no better)."""
@@ -30,6 +40,18 @@ def _cache_block(capacity: int, preferred: int = 512) -> int:
     while capacity % b:
         b //= 2
     return b
+
+
+# A cached (inference) chunk of at most this many tokens that is not a multiple of the block size is one
+# block: padding it (a 258-token flow query to 320, a 326-token ViT image to 384) costs more than the blocks
+# it skips. Measured on the 2-core CPU (bench/bench_inference_ops.py attention): a 258-token flow query against
+# a cache 2x faster as one block; causal text of 96 tokens 2x; causal 256 / 384 (no padding) 1.3x slower.
+CACHED_ONE_BLOCK_MAX = 512
+
+
+def _cached_block(length: int, preferred: int) -> int:
+    """Default block of a cached chunk of ``length`` tokens (see :data:`CACHED_ONE_BLOCK_MAX`)."""
+    return length if length <= CACHED_ONE_BLOCK_MAX and length % preferred else preferred
 
 
 def _block_size(length: int, preferred: int) -> int:
@@ -148,7 +170,10 @@ def _forward(q, k, v, q_vec, k_vec, bq, bk, cache=None, bc=None):
         bc = bc or _cache_block(cap)
         if cap % bc:
             raise ValueError(f"cache capacity {cap} is not a multiple of the cache block size {bc}")
-        n_cache = jnp.minimum((jnp.max(cache.length) + bc - 1) // bc, cap // bc)
+        bt = _cache_block(cap, min(CACHE_TAIL_BLOCK, bc)) if Lq >= CACHE_TAIL_MIN_QUERIES else bc
+        longest = jnp.minimum(jnp.max(cache.length), cap)
+        n_big = longest // bc                                 # full big blocks, then the rest in tail blocks
+        n_tail = (longest - n_big * bc + bt - 1) // bt       # (ends <= capacity: capacity % bt == 0)
 
     def q_block(visited, xs):
         qb, qv, ids_i, n_i = xs
@@ -157,14 +182,17 @@ def _forward(q, k, v, q_vec, k_vec, bq, bk, cache=None, bc=None):
         carry = (jnp.full((B, K, G, bq), _NEG, f32), jnp.zeros((B, K, G, bq), f32), jnp.zeros((B, K, G, bq, dh), f32))
         # ``visited`` is counted inside the loop bodies: it proves how many key blocks were computed
         if cache is not None:
-            def cache_body(t, c):
-                state, n = c
-                start = t * bc
-                kb = jax.lax.dynamic_slice(cache.k, (cache.layer, 0, start, 0, 0), (1, B, bc, K, dh))[0]
-                vb = jax.lax.dynamic_slice(cache.v, (cache.layer, 0, start, 0, 0), (1, B, bc, K, dh))[0]
-                ok = ((start + jnp.arange(bc))[None, :] < cache.length[:, None])[:, None, :]   # [B, 1, bc]
-                return _online_update(state, qb, kb.astype(k.dtype), vb.astype(v.dtype), ok, scale), n + 1
-            carry, visited = jax.lax.fori_loop(0, n_cache, cache_body, (carry, visited))
+            def cache_reader(size, first):
+                def cache_body(t, c):
+                    state, n = c
+                    start = first + t * size
+                    kb = jax.lax.dynamic_slice(cache.k, (cache.layer, 0, start, 0, 0), (1, B, size, K, dh))[0]
+                    vb = jax.lax.dynamic_slice(cache.v, (cache.layer, 0, start, 0, 0), (1, B, size, K, dh))[0]
+                    ok = ((start + jnp.arange(size))[None, :] < cache.length[:, None])[:, None, :]   # [B, 1, size]
+                    return _online_update(state, qb, kb.astype(k.dtype), vb.astype(v.dtype), ok, scale), n + 1
+                return cache_body
+            carry, visited = jax.lax.fori_loop(0, n_big, cache_reader(bc, 0), (carry, visited))
+            carry, visited = jax.lax.fori_loop(0, n_tail, cache_reader(bt, n_big * bc), (carry, visited))
 
         def body(t, c):
             state, n = c
@@ -266,14 +294,18 @@ def blocked_attention(q, k, v, q_vec: MaskVectors, k_vec: MaskVectors, *, cache:
                       return_visited: bool = False):
     """The ``"blocked"`` implementation (see :func:`attention` for shapes and semantics).
 
-    ``block_q`` / ``block_k``: queries / keys per block (default :func:`default_block`; a sequence shorter
-    than the block is one block, longer ones are padded to a multiple internally). Differentiable (custom VJP) without a cache; with
+    ``block_q`` / ``block_k``: queries / keys per block (default :func:`default_block`, with a cache
+    :func:`_cached_block`; a sequence shorter than the block is one block, longer ones are padded to a
+    multiple internally). Differentiable (custom VJP) without a cache; with
     a cache, forward only: the cache is read in blocks of ``block_cache`` slots (default: the largest power of
-    two <= 512 dividing its capacity), up to the longest row's valid length. ``return_visited`` (tests, no cache gradient) also
+    two <= 512 dividing its capacity) up to the last full block below the longest row's valid length, then
+    in blocks of :data:`CACHE_TAIL_BLOCK` slots up to that length (whole blocks for fewer than
+    :data:`CACHE_TAIL_MIN_QUERIES` queries). ``return_visited`` (tests, no cache gradient) also
     returns the number of key blocks computed (cache blocks included).
     """
     Lq = q.shape[1]
-    block_q, block_k = block_q or default_block(), block_k or default_block()
+    pick = (lambda n: _cached_block(n, default_block())) if cache is not None else (lambda n: default_block())
+    block_q, block_k = block_q or pick(Lq), block_k or pick(k.shape[1])
     q_p, k_p, v_p, qv, kv, bq, bk = _pad_inputs(q, k, v, q_vec, k_vec, block_q, block_k)
     if cache is None and not return_visited:
         return _flash(q_p, k_p, v_p, qv, kv, bq, bk)[:, :Lq]
