@@ -80,8 +80,8 @@ def test_recipe_reproduces_recorded_curve(tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     with open(tmp_path / "export" / "inference.json") as f:
         assert json.load(f) == shipped_defaults          # ... and the export passes them on
-    with open(tmp_path / "run" / "metrics.jsonl") as f:
-        got = [json.loads(line) for line in f if line.strip()]
+    from bagel_jax.train.metrics import read_metrics   # append-only file: the run's step records
+    got = read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
     with open(RECORDED) as f:
         want = [json.loads(line) for line in f if line.strip()][:steps]
     assert [r["step"] for r in got] == [r["step"] for r in want]
