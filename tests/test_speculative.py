@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from bagel_jax.config import BagelConfig, LLMConfig, VAEConfig, ViTConfig
+from bagel_jax.inference import api
 from bagel_jax.inference.context import Context, Engine
 from bagel_jax.inference.decode import SamplingParams, generate_text
 from bagel_jax.inference.kv_cache import forward_chunk
@@ -26,6 +27,7 @@ from bagel_jax.tokenizer import load_tokenizer
 
 PROMPTS = ["A red cat sits on the mat. A red cat sits on the", "Blue sky over a green hill and a small house."]
 L = 14
+STOPS = [-1, -1]     # every call passes a stop set of this shape, so the tests share compiled programs
 
 
 def _engine(tiny_a, hidden, layers, vocab=576, seed=0):
@@ -97,19 +99,19 @@ def test_greedy_equals_plain(engines, kind):
 
 def test_batched_equals_one_at_a_time(engines):
     eng, small = engines
-    both = speculative_generate(_ctx(eng, PROMPTS), ModelDraft(_ctx(small, PROMPTS)), 3, L)
+    both = speculative_generate(_ctx(eng, PROMPTS), ModelDraft(_ctx(small, PROMPTS)), 3, L, stop_tokens=STOPS)
     for b, p in enumerate(PROMPTS):
-        one = speculative_generate(_ctx(eng, [p]), ModelDraft(_ctx(small, [p])), 3, L)
+        one = speculative_generate(_ctx(eng, [p]), ModelDraft(_ctx(small, [p])), 3, L, stop_tokens=STOPS)
         assert list(one.token_ids[0]) == list(both.token_ids[b]) and one.stop[0] == both.stop[b]
         assert one.raw["accepted"][0] == both.raw["accepted"][b]
-    ng = speculative_generate(_ctx(eng, PROMPTS), NgramDraft(2), 3, L)
+    ng = speculative_generate(_ctx(eng, PROMPTS), NgramDraft(2), 3, L, stop_tokens=STOPS)
     assert ng.raw["accepted"][0] != ng.raw["accepted"][1]        # rows advanced by different amounts
 
 
 def test_rollback_cache_equals_plain_prefill(engines):
     eng, small = engines
     ctx = _ctx(eng, PROMPTS)
-    spec = speculative_generate(ctx, ModelDraft(_ctx(small, PROMPTS)), 3, L)
+    spec = speculative_generate(ctx, ModelDraft(_ctx(small, PROMPTS)), 3, L, stop_tokens=STOPS)
     cache = spec.raw["cache"]
     gen = ctx.gen
     for b, ids in enumerate(spec.token_ids):
@@ -118,8 +120,8 @@ def test_rollback_cache_equals_plain_prefill(engines):
         one = ctx.select_rows([b]).gen.reserve(eng, 64)
         x = eng.model.apply({"params": eng.params}, jnp.asarray(ids[:n])[None], method=Bagel.embed_text)
         pos = jnp.asarray(gen.rope[b] + np.arange(n), jnp.int32)[None]
-        _, ref, _ = forward_chunk(eng.model, eng.params, one.cache, x, pos, jnp.asarray([n], jnp.int32), True,
-                                  Routing.und(), True)
+        ref = jax.jit(lambda c, x, pos: forward_chunk(eng.model, eng.params, c, x, pos, jnp.asarray([n], jnp.int32),
+                                                      True, Routing.und(), True)[1])(one.cache, x, pos)
         m = int(ref.length[0])
         np.testing.assert_allclose(np.asarray(cache.k[:, b, :m]), np.asarray(ref.k[:, 0, :m]), atol=2e-5)
         np.testing.assert_allclose(np.asarray(cache.v[:, b, :m]), np.asarray(ref.v[:, 0, :m]), atol=2e-5)
@@ -135,7 +137,8 @@ def test_rejection_rule_keeps_target_distribution():
     kd, ka = jax.random.split(jax.random.PRNGKey(0))
     prop = jax.vmap(lambda k: jax.random.categorical(k, jnp.log(q)))(jax.random.split(kd, N)).astype(jnp.int32)
     logits = jnp.broadcast_to(p_log, (N, G + 1, V))
-    a, emit = _accept(logits, prop, jnp.broadcast_to(q, (N, G, V)), jax.random.split(ka, N),
+    accept = jax.jit(_accept)
+    a, emit = accept(logits, prop, jnp.broadcast_to(q, (N, G, V)), jax.random.split(ka, N),
                       (jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0)))
     p = np.asarray(jax.nn.softmax(p_log, -1))
     a, emit = np.asarray(a), np.asarray(emit)
@@ -143,7 +146,7 @@ def test_rejection_rule_keeps_target_distribution():
         freq = np.bincount(tok, minlength=V) / len(tok)
         assert np.all(np.abs(freq - probs) < 5 * np.sqrt(probs * (1 - probs) / len(tok)) + 1e-3), (freq, probs)
     # and a deterministic (one-hot) draft: the same law
-    a1, e1 = _accept(logits, prop, None, jax.random.split(ka, N), (jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0)))
+    a1, e1 = accept(logits, prop, None, jax.random.split(ka, N), (jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0)))
     freq = np.bincount(np.asarray(e1)[:, 0], minlength=V) / N
     assert np.all(np.abs(freq - p[0]) < 5 * np.sqrt(p[0] * (1 - p[0]) / N) + 1e-3)
 
@@ -153,8 +156,9 @@ def test_sampling_top1_equals_greedy(engines):
     ctx = _ctx(eng, PROMPTS)
     sp = SamplingParams(do_sample=True, temperature=0.7, top_k=1)
     for draft in (ModelDraft(_ctx(small, PROMPTS)), NgramDraft(2)):
-        _same(speculative_generate(ctx, draft, 3, L, sampling=sp), generate_text(ctx, L))
-    r = speculative_generate(ctx, ModelDraft(_ctx(small, PROMPTS)), 3, L,
+        _same(speculative_generate(ctx, draft, 3, L, sampling=sp, stop_tokens=STOPS),
+              generate_text(ctx, L, stop_tokens=STOPS))
+    r = speculative_generate(ctx, ModelDraft(_ctx(small, PROMPTS)), 3, L, stop_tokens=STOPS,
                              sampling=SamplingParams(do_sample=True, temperature=1.0))
     assert all(1 <= len(t) <= L for t in r.token_ids)
 
@@ -169,3 +173,13 @@ def test_bad_draft_refused(engines, tiny_a):
         speculative_generate(ctx, ModelDraft(_ctx(eng, PROMPTS[:1])), 2, L)
     with pytest.raises(ValueError, match="gamma"):
         speculative_generate(ctx, NgramDraft(2), 0, L)
+
+
+def test_understand_with_draft(engines):
+    eng, small = engines
+    pipe = api.Pipeline(eng)
+    plain = pipe.understand(None, PROMPTS, max_new_tokens=L)
+    assert pipe.understand(None, PROMPTS, max_new_tokens=L, draft="ngram", speculate=3) == plain
+    assert pipe.understand(None, PROMPTS, max_new_tokens=L, draft=api.Pipeline(small), speculate=3) == plain
+    with pytest.raises(ValueError, match="draft must be"):
+        pipe.understand(None, PROMPTS, max_new_tokens=L, draft="nope")
