@@ -19,7 +19,7 @@ from bagel_jax.inference import api
 from bagel_jax.inference.context import Context, Engine
 from bagel_jax.inference.decode import SamplingParams, generate_text
 from bagel_jax.inference.kv_cache import forward_chunk
-from bagel_jax.inference.speculative import ModelDraft, NgramDraft, _accept, speculative_generate
+from bagel_jax.inference.speculative import ModelDraft, NgramDraft, _accept, filtered_logits, speculative_generate
 from bagel_jax.loading import BagelModel, build_modules, param_shapes
 from bagel_jax.models.bagel import Bagel
 from bagel_jax.models.qwen2_mot import Routing
@@ -66,6 +66,15 @@ class WrongDraft(ModelDraft):
     def propose(self, state, cur, tokens, n, key, gamma, sampling):
         prop, q, st = super().propose(state, cur, tokens, n, key, gamma, sampling)
         return (prop + 1) % self.ctx.engine.cfg.llm.vocab_size, q, st
+
+
+@dataclasses.dataclass(frozen=True)
+class HotDraft(ModelDraft):
+    """The target as its own draft, sampling at twice the temperature from its top-(k + 2): q != p, overlapping."""
+
+    def propose(self, state, cur, tokens, n, key, gamma, sampling):
+        t, k, p = sampling
+        return super().propose(state, cur, tokens, n, key, gamma, (2 * t, k + 2, p))
 
 
 def _draft(kind, ctx, small):
@@ -183,3 +192,27 @@ def test_understand_with_draft(engines):
     assert pipe.understand(None, PROMPTS, max_new_tokens=L, draft=api.Pipeline(small), speculate=3) == plain
     with pytest.raises(ValueError, match="draft must be"):
         pipe.understand(None, PROMPTS, max_new_tokens=L, draft="nope")
+
+
+@pytest.mark.slow     # ~45 s on a busy CPU; the rule itself is covered fast by test_rejection_rule_keeps_target_distribution
+def test_sampled_speculative_matches_plain_distribution(engines):
+    """End to end: 1000 rows of one prompt, temperature 1 and top-k 4 (a 4-token vocabulary per step), a
+    draft with q != p (:class:`HotDraft`). The first two picked tokens follow the target's law: p1, and the mixture
+    sum_t p1(t) p2(. | t), with p2 read from a plain recorded run of the same rows (5-sigma bounds)."""
+    eng, _ = engines
+    B, sp = 1000, SamplingParams(do_sample=True, temperature=1.0, top_k=4)
+    ctx = _ctx(eng, PROMPTS[:1] * B)
+    keys = list(jax.random.split(jax.random.PRNGKey(5), B))
+    spec = speculative_generate(ctx, HotDraft(ctx), 2, 3, sampling=sp, keys=keys, stop_tokens=STOPS)
+    toks = np.stack([t[1:3] for t in spec.token_ids])                              # [B, 2] first two picks
+    ref = generate_text(ctx, 3, sp, stop_tokens=STOPS, record=True).raw          # exact p2 for each row's t1
+    law = lambda lg: np.asarray(jax.nn.softmax(filtered_logits(jnp.asarray(lg), 1.0, 4, 1.0), -1), np.float64)
+    p1 = law(ref["logits"][0, 0])
+    p2 = {int(t): law(ref["logits"][b, 1]) for b, t in enumerate(ref["tokens"][:, 1])}
+    assert np.sum(p1[list(p2)]) > 0.995                                              # first tokens seen
+    mix = sum(p1[t] * p2[t] for t in p2)
+    for tok, probs in ((toks[:, 0], p1), (toks[:, 1], mix)):
+        freq = np.bincount(tok, minlength=probs.shape[0]) / B
+        assert np.all(np.abs(freq - probs) < 5 * np.sqrt(probs * (1 - probs) / B) + 1e-3), (freq, probs)
+    acc = spec.raw["accepted"]
+    assert np.any(acc == 0) and np.any(acc == 2)                                     # rejections and full accepts
