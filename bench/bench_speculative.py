@@ -2,10 +2,10 @@
 
 Target: the demo model (``bagel_jax/assets/demo``, trained) in understanding think mode, with no stop token
 (its answers are a few tokens long; forcing ``--new-tokens`` tokens gives a long text of its own
-continuations, not real thinking). Drafts: prompt lookup (``NgramDraft``) and the target as its own draft (the upper bound: every
-proposal accepted, gamma + 1 tokens per target pass; not a speed-up anyone gets). Reports target passes per
-token, acceptance rate and tokens/s for each gamma. A small trained draft model (issue 16, bench (a)) is not
-part of this script yet.
+continuations, not real thinking). Drafts: prompt lookup (``NgramDraft``) and the target as its own draft
+(the upper bound: every proposal accepted, gamma + 1 tokens per target pass; not a speed-up anyone gets).
+Reports target passes per token, acceptance rate and tokens/s for each gamma. A small trained draft model
+(issue 16, bench (a)) is not part of this script yet.
 
     PYTHONPATH=. python bench/bench_speculative.py [--new-tokens 200 --gammas 2,4,8]
 """

@@ -33,8 +33,9 @@ STOPS = [-1, -1]     # every call passes a stop set of this shape, so the tests 
 def _engine(tiny_a, hidden, layers, vocab=576, seed=0):
     llm = LLMConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                     intermediate_size=2 * hidden, vocab_size=vocab)
-    cfg = BagelConfig(llm=llm, vit=ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                             num_attention_heads=2), vae=VAEConfig(ch=32, ch_mult=(1, 1), num_res_blocks=1, downsample=2, z_channels=4))
+    vit = ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    vae = VAEConfig(ch=32, ch_mult=(1, 1), num_res_blocks=1, downsample=2, z_channels=4)
+    cfg = BagelConfig(llm=llm, vit=vit, vae=vae)
     # random params without tracing init (fast): weights N(0, 1/fan_in), norm scales 1 + 0.1 N, biases 0.1 N
     model, vae = build_modules(cfg)
     leaves, tree = jax.tree_util.tree_flatten_with_path(param_shapes(model))
@@ -194,7 +195,7 @@ def test_understand_with_draft(engines):
         pipe.understand(None, PROMPTS, max_new_tokens=L, draft="nope")
 
 
-@pytest.mark.slow     # ~45 s on a busy CPU; the rule itself is covered fast by test_rejection_rule_keeps_target_distribution
+@pytest.mark.slow     # ~45 s on a busy CPU; the rule alone is tested fast (test_rejection_rule_keeps_target_distribution)
 def test_sampled_speculative_matches_plain_distribution(engines):
     """End to end: 1000 rows of one prompt, temperature 1 and top-k 4 (a 4-token vocabulary per step), a
     draft with q != p (:class:`HotDraft`). The first two picked tokens follow the target's law: p1, and the mixture
