@@ -195,7 +195,8 @@ class Pipeline:
     # -- understanding ------------------------------------------------------------------------------
     def understand(self, images, question: Union[str, Sequence[str]], think: bool = False,
                    max_new_tokens: int = DEFAULT_MAX_TEXT, do_sample: bool = False, temperature: float = 0.3,
-                   top_k: int = 0, top_p: float = 1.0, seed: int = 0, progress: bool = False):
+                   top_k: int = 0, top_p: float = 1.0, seed: int = 0, progress: bool = False,
+                   draft=None, speculate: int = 4):
         """Answer a question about zero or more images (official recipe: [SYS(VLM)], I_vit..., question).
 
         Args:
@@ -203,6 +204,8 @@ class Pipeline:
             question. For a batch (``question`` a list) give one entry per question (each an image or a list).
           think: prepend the official VLM think system prompt (the answer then contains the reasoning).
           max_new_tokens: most fed tokens (official ``max_think_token_n``, default 1000; the start token counts).
+          draft: speculative decoding (:mod:`bagel_jax.inference.speculative`): ``"ngram"`` (prompt lookup) or
+            a draft :class:`Pipeline` with the same tokenizer; ``speculate`` tokens proposed per target pass.
         Returns the answer (``str``), or a list for a batch.
         """
         batched = isinstance(question, (list, tuple))
@@ -224,12 +227,28 @@ class Pipeline:
         pre = [[self.engine.preprocess(im, vae=False, vit=True) for im in r] for r in per_row]
         for b, q in enumerate(questions):
             self._precheck(([VLM_THINK_SYSTEM_PROMPT] if think else []) + [q], pre[b], max_new_tokens, "understand")
-        ctx = Context.new(self.engine, B, track_cfg=False, seed=seed)
-        if think:
-            ctx = ctx.add_text(VLM_THINK_SYSTEM_PROMPT, role="system")
-        for j in range(n_img.pop()):
-            ctx = ctx.add_image(None, vae=False, vit=True, preprocessed=[pre[b][j] for b in range(B)])
-        ctx = ctx.add_text(questions)
+        n_img = n_img.pop()
+
+        def build(engine, pre):
+            ctx = Context.new(engine, B, track_cfg=False, seed=seed)
+            if think:
+                ctx = ctx.add_text(VLM_THINK_SYSTEM_PROMPT, role="system")
+            for j in range(n_img):
+                ctx = ctx.add_image(None, vae=False, vit=True, preprocessed=[pre[b][j] for b in range(B)])
+            return ctx.add_text(questions)
+
+        ctx = build(self.engine, pre)
+        if draft is not None:
+            from . import speculative
+            if isinstance(draft, Pipeline):
+                dpre = [[draft.engine.preprocess(im, vae=False, vit=True) for im in r] for r in per_row]
+                draft = speculative.ModelDraft(build(draft.engine, dpre))
+            elif draft == "ngram":
+                draft = speculative.NgramDraft()
+            else:
+                raise ValueError(f"understand: draft must be 'ngram' or a Pipeline, got {draft!r}")
+            r = speculative.speculative_generate(ctx, draft, speculate, max_new_tokens, sp, text_keys(seed, B))
+            return r.texts if batched else r.texts[0]
         with _progress.bar("tokens", max_new_tokens, "decoding", progress):
             r = generate_text(ctx, max_new_tokens, sp, text_keys(seed, B), progress=progress)
             jax.effects_barrier()

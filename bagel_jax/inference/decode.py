@@ -50,25 +50,28 @@ class SamplingParams:
         return self
 
 
+def filtered_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """``logits [..., V]`` divided by ``temperature`` with everything outside top-k (0 = off) and top-p (the
+    smallest prefix whose mass reaches ``top_p``, on the top-k filtered distribution) set to -inf: the
+    distribution sampled by :func:`pick_next` (and by speculative decoding's rejection rule)."""
+    x = logits.astype(jnp.float32) / temperature
+    V = x.shape[-1]
+    srt = -jnp.sort(-x, axis=-1)                                                   # descending
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+    kth = jnp.take_along_axis(srt, jnp.broadcast_to(k - 1, x.shape[:-1] + (1,)).astype(jnp.int32), axis=-1)
+    srt = jnp.where(jnp.arange(V) < k, srt, -jnp.inf)
+    probs = jax.nn.softmax(srt, axis=-1)
+    keep = jnp.cumsum(probs, axis=-1) - probs < top_p                              # mass before each token
+    thresh = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where((x < kth) | (x < thresh), -jnp.inf, x)
+
+
 def pick_next(logits: jax.Array, keys: jax.Array, do_sample: bool, temperature, top_k, top_p) -> jax.Array:
     """``logits [B, V]`` -> next ids ``[B]`` (greedy, or temperature / top-k / top-p sampling with one
     PRNG key per row, ``keys [B, 2]``, so that a row's draws do not depend on the rest of the batch)."""
-    logits = logits.astype(jnp.float32)
     if not do_sample:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    V = logits.shape[-1]
-    x = logits / temperature
-    srt = jnp.sort(x, axis=-1)[:, ::-1]                                           # descending
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-    kth = jnp.take_along_axis(srt, jnp.broadcast_to(k - 1, (x.shape[0], 1)).astype(jnp.int32), axis=-1)
-    x = jnp.where(x < kth, -jnp.inf, x)
-    # top-p on the (top-k filtered) distribution: keep the smallest prefix whose mass reaches top_p.
-    srt = jnp.where(jnp.arange(V)[None] < k, srt, -jnp.inf)
-    probs = jax.nn.softmax(srt, axis=-1)
-    cum = jnp.cumsum(probs, axis=-1) - probs                                        # mass before each token
-    keep = cum < top_p
-    thresh = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
-    x = jnp.where(x < thresh, -jnp.inf, x)
+        return jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
+    x = filtered_logits(logits, temperature, top_k, top_p)
     return jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, x).astype(jnp.int32)
 
 

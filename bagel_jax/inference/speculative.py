@@ -1,0 +1,279 @@
+"""Speculative text decoding: a draft proposes ``gamma`` tokens, BAGEL verifies them in one causal chunk.
+
+Same output contract as :func:`bagel_jax.inference.decode.generate_text` (porting reference 8.4: the fed
+ids start with ``<|im_start|>``; a picked stop token ends the row and is not appended; at most
+``max_length`` fed tokens). The whole decode is one ``lax.while_loop`` over rounds on static-shape caches.
+
+Invariant per row (``n`` fed tokens so far, ``cur = tokens[n-1]`` not yet in any cache): the target cache
+and the draft cache hold the context plus ``tokens[:n-1]``. A round
+
+1. asks the draft for ``gamma`` proposals ``d1..dg`` (a model draft feeds ``cur, d1..dg`` to its own cache);
+2. feeds ``[cur, d1..dg]`` to BAGEL (und expert, causal) in one chunk and reads ``gamma + 1`` logits;
+3. accepts the longest prefix of proposals the target agrees with and picks one more token from the target
+   (greedy: accept while ``d_j == argmax``; sampling: accept with ``min(1, p/q)``, on rejection draw from the
+   normalised ``max(0, p - q)``, after a full accept draw from ``p``), so the picks are those of plain
+   decoding (greedy: token for token; sampling: in distribution);
+4. rolls both caches back by setting ``length = base + n - 1`` (no copies; slots past it are garbage and
+   get overwritten by the next round).
+
+Rows advance independently (per-row ``n``, ``done``); finished rows keep running with their lengths pinned.
+Drafts: :class:`NgramDraft` (prompt lookup, no model) and :class:`ModelDraft` (a second BAGEL context with
+the same tokenizer, built from the same inputs). A draft is a frozen dataclass of static settings plus a
+state pytree made on the host by ``init``; ``propose`` / ``rollback`` are traced inside the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..models.bagel import Bagel
+from ..models.qwen2_mot import Routing
+from .context import Context, on_mesh
+from .decode import SamplingParams, TextResult, filtered_logits, official_text
+from .kv_cache import forward_chunk
+
+
+def _draw(key, logits):
+    """One categorical draw per row of ``logits [B, V]`` with per-row keys ``[B, 2]``."""
+    return jax.vmap(jax.random.categorical)(key, logits).astype(jnp.int32)
+
+
+# -- drafts -------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class NgramDraft:
+    """Prompt lookup: find the latest earlier occurrence of the last ``n`` tokens in context + generated ids
+    and propose what followed it (no match: repeat the last token). Proposals are deterministic (q one-hot)."""
+
+    n: int = 3
+
+    def init(self, ctx: Context, prompt_ids: Sequence[Sequence[int]], gamma: int) -> dict:
+        if self.n < 1:
+            raise ValueError(f"ngram size must be >= 1, got {self.n}")
+        P = max(1, max(len(p) for p in prompt_ids))
+        hist = np.full((len(prompt_ids), P), -1, np.int32)          # left-padded: the prompt ends at P - 1
+        for b, p in enumerate(prompt_ids):
+            if len(p):
+                hist[b, P - len(p):] = p
+        return dict(prompt=jnp.asarray(hist))
+
+    def propose(self, state, cur, tokens, n, key, gamma, sampling):
+        prompt = state["prompt"]
+        P, N = prompt.shape[1], self.n
+        seq = jnp.concatenate([prompt, tokens], axis=1)             # [B, P + m]; valid: != -1 and < P + n
+        L = seq.shape[1]
+        end = P + n                                                 # [B] one past the last known token
+        idx = jnp.arange(L)
+        seq = jnp.where(idx[None] < end[:, None], seq, -1)
+        key_ids = jax.vmap(lambda s, e: jax.lax.dynamic_slice(s, (e - N,), (N,)))(seq, end)   # [B, N]
+        W = L - N + 1
+        hit = jnp.ones((seq.shape[0], W), bool)
+        for j in range(N):
+            hit &= (seq[:, j:j + W] == key_ids[:, j:j + 1]) & (key_ids[:, j:j + 1] >= 0)
+        starts = jnp.arange(W)
+        hit &= (starts[None] + N < end[:, None])                    # an earlier match with a continuation
+        best = jnp.max(jnp.where(hit, starts[None], -1), axis=1)    # [B] latest match start, -1 none
+        at = jnp.clip(best[:, None] + N + jnp.arange(gamma)[None], 0, L - 1)
+        prop = jnp.take_along_axis(seq, at, axis=1)
+        prop = jnp.where((best[:, None] >= 0) & (prop >= 0), prop, cur[:, None]).astype(jnp.int32)
+        return prop, None, state
+
+    def rollback(self, state, n):
+        return state
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDraft:
+    """A second BAGEL (same tokenizer, any size) decoding on its own context ``ctx`` (built from the same
+    inputs as the target's). Refused when its vocabulary or special tokens do not fit the target's."""
+
+    ctx: Context = dataclasses.field(compare=False, hash=False)
+    model: Bagel = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "model", self.ctx.engine.model)
+
+    def check(self, target: Context) -> None:
+        de, te = self.ctx.engine, target.engine
+        if de.cfg.llm.vocab_size != te.cfg.llm.vocab_size:
+            raise ValueError(f"draft vocabulary size {de.cfg.llm.vocab_size} does not fit the target's "
+                             f"{te.cfg.llm.vocab_size} (the draft must share the target's tokenizer)")
+        if (de.sp.bos, de.sp.eos) != (te.sp.bos, te.sp.eos) or len(de.tok.hf) != len(te.tok.hf):
+            raise ValueError("draft tokenizer does not match the target's (special ids or size differ)")
+        if self.ctx.batch != target.batch:
+            raise ValueError(f"draft context batch {self.ctx.batch} != target batch {target.batch}")
+
+    def init(self, ctx: Context, prompt_ids, gamma: int) -> dict:
+        de = self.ctx.engine
+        g = self.ctx.gen.reserve(de, 0)
+        return dict(params=de.params, cache=g.cache, rope=jnp.asarray(g.rope, jnp.int32),
+                    base=jnp.asarray(g.length, jnp.int32))
+
+    def reserve(self, extra: int) -> "ModelDraft":
+        self.ctx.check_room(extra, "speculative draft")
+        return dataclasses.replace(self, ctx=dataclasses.replace(self.ctx, gen=self.ctx.gen.reserve(self.ctx.engine,
+                                                                                                  extra)))
+
+    def propose(self, state, cur, tokens, n, key, gamma, sampling):
+        model, params = self.model, state["params"]
+        B = cur.shape[0]
+
+        def step(carry, j):
+            cache, tok = carry
+            x = model.apply({"params": params}, tok[:, None], method=Bagel.embed_text)
+            pos = (state["rope"] + n - 1 + j)[:, None]
+            h, cache, _ = forward_chunk(model, params, cache, x, pos, jnp.ones((B,), jnp.int32), True,
+                                        Routing.und(), True)
+            logits = model.apply({"params": params}, h[:, 0], method=Bagel.lm_logits)
+            if sampling is None:
+                return (cache, jnp.argmax(logits, -1).astype(jnp.int32)), (tok, jnp.zeros((B, 0)))
+            f = filtered_logits(logits, *sampling)
+            ks = jax.vmap(lambda k: jax.random.fold_in(k, j))(key)
+            nxt = _draw(ks, f)
+            return (cache, nxt), (nxt, jax.nn.softmax(f, axis=-1))
+
+        # gamma + 1 feeds (cur, d1..dg): the last one only writes dg so a full accept keeps the invariant
+        (cache, _), (outs, q) = jax.lax.scan(step, (state["cache"], cur), jnp.arange(gamma + 1))
+        if sampling is None:
+            prop, q = outs[1:].T, None                            # greedy: feed j's input is d_j
+        else:
+            prop, q = outs[:gamma].T, jnp.swapaxes(q[:gamma], 0, 1)
+        return prop, q, dict(state, cache=cache)
+
+    def rollback(self, state, n):
+        c = state["cache"]
+        return dict(state, cache=c.replace(length=state["base"] + n - 1))
+
+
+# -- the loop -----------------------------------------------------------------------------------------------
+def _accept(logits, prop, q, key, sampling):
+    """Number of accepted proposals ``a [B]`` and the emitted picks ``[B, gamma + 1]`` (proposals, then the
+    target's own pick at index ``a``; entries after ``a`` unused)."""
+    B, G = prop.shape
+    if sampling is None:
+        tgt = jnp.argmax(logits, -1).astype(jnp.int32)                                   # [B, G + 1]
+        a = jnp.sum(jnp.cumprod(prop == tgt[:, :G], axis=1), axis=1).astype(jnp.int32)
+        last = jnp.take_along_axis(tgt, a[:, None], axis=1)[:, 0]
+    else:
+        p = jax.nn.softmax(filtered_logits(logits, *sampling), axis=-1)                   # [B, G + 1, V]
+        if q is None:                                                                     # one-hot draft
+            q = jax.nn.one_hot(prop, p.shape[-1], dtype=p.dtype)
+        pd = jnp.take_along_axis(p[:, :G], prop[..., None], axis=-1)[..., 0]
+        qd = jnp.take_along_axis(q, prop[..., None], axis=-1)[..., 0]
+        ku, kr = jax.vmap(lambda k: jax.random.split(k))(key).transpose(1, 0, 2)
+        u = jax.vmap(lambda k: jax.random.uniform(k, (G,)))(ku)
+        ok = u * qd < pd                                                                  # u < p / q
+        a = jnp.sum(jnp.cumprod(ok, axis=1), axis=1).astype(jnp.int32)
+        pa = jnp.take_along_axis(p, a[:, None, None], axis=1)[:, 0]
+        qa = jnp.take_along_axis(jnp.pad(q, ((0, 0), (0, 1), (0, 0))), a[:, None, None], axis=1)[:, 0]
+        res = jnp.maximum(pa - qa, 0.0)
+        res = jnp.where(jnp.sum(res, -1, keepdims=True) > 0, res, pa)
+        last = _draw(kr, jnp.log(res))
+    j = jnp.arange(G + 1)[None]
+    emit = jnp.where(j < a[:, None], jnp.pad(prop, ((0, 0), (0, 1))), last[:, None])
+    return a, emit
+
+
+@functools.partial(jax.jit, static_argnames=("model", "draft", "gamma", "max_length", "do_sample"))
+def spec_loop(model: Bagel, params, cache, rope, draft, dstate, start_id, stop_ids, keys, sampling_args,
+              gamma: int, max_length: int, do_sample: bool = False):
+    """The compiled speculative loop. ``cache``: the target context's cache with room for
+    ``max_length + gamma + 1`` more slots; ``rope [B]``; ``keys [B, 2]``; ``sampling_args`` =
+    (temperature, top_k, top_p). Returns tokens / n / stop like ``decode_loop`` plus ``rounds`` (loop
+    iterations), ``accepted`` and ``drafted`` per row, and the final target ``cache``."""
+    B, m, G = rope.shape[0], max_length, gamma
+    sampling = sampling_args if do_sample else None
+    base = cache.length
+    st = dict(i=jnp.int32(0), cache=cache, dstate=dstate, cur=jnp.full((B,), start_id, jnp.int32),
+              tokens=jnp.zeros((B, m), jnp.int32).at[:, 0].set(start_id), n=jnp.ones((B,), jnp.int32),
+              done=jnp.zeros((B,), bool), stop=jnp.full((B,), -1, jnp.int32),
+              accepted=jnp.zeros((B,), jnp.int32), drafted=jnp.zeros((B,), jnp.int32))
+
+    def body(s):
+        ks = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, s["i"])))(keys)    # [B, 2, 2]
+        prop, q, ds = draft.propose(s["dstate"], s["cur"], s["tokens"], s["n"], ks[:, 0], G, sampling)
+        chunk = jnp.concatenate([s["cur"][:, None], prop], axis=1)                        # [B, G + 1]
+        x = model.apply({"params": params}, chunk, method=Bagel.embed_text)
+        pos = (rope + s["n"] - 1)[:, None] + jnp.arange(G + 1)[None]
+        h, c, _ = forward_chunk(model, params, s["cache"], x, pos, jnp.full((B,), G + 1, jnp.int32), True,
+                                Routing.und(), True)
+        logits = model.apply({"params": params}, h, method=Bagel.lm_logits)              # [B, G + 1, V]
+        a, emit = _accept(logits, prop, q, ks[:, 1], sampling)
+        live, n, j = ~s["done"], s["n"], jnp.arange(G + 1)[None]
+        c0 = n - 1                                                                       # picks so far
+        valid = (j <= a[:, None]) & (c0[:, None] + j + 1 <= m) & live[:, None]
+        is_stop = valid & jnp.any(emit[..., None] == stop_ids, axis=-1)
+        has_stop = jnp.any(is_stop, axis=1)
+        first = jnp.where(has_stop, jnp.argmax(is_stop, axis=1), G + 1)
+        k = jnp.sum(valid & (j < first[:, None]) & (c0[:, None] + j + 1 <= m - 1), axis=1)  # appended
+        at = n[:, None] + j                                                              # [B, G + 1]
+        hitm = (jnp.arange(m)[None, None] == at[..., None]) & (j < k[:, None])[..., None]   # [B, G + 1, m]
+        tokens = jnp.where(jnp.any(hitm, 1), jnp.sum(jnp.where(hitm, emit[..., None], 0), 1), s["tokens"])
+        n_new = n + k
+        done = s["done"] | (live & (has_stop | (c0 + a + 1 >= m)))
+        cur = jnp.take_along_axis(emit, jnp.clip(a, 0, G)[:, None], axis=1)[:, 0]
+        stop_tok = jnp.take_along_axis(emit, jnp.clip(first, 0, G)[:, None], axis=1)[:, 0]
+        return dict(i=s["i"] + 1, cache=c.replace(length=base + n_new - 1), dstate=draft.rollback(ds, n_new),
+                    cur=jnp.where(live, cur, s["cur"]), tokens=tokens, n=n_new, done=done,
+                    stop=jnp.where(live & has_stop, stop_tok, s["stop"]),
+                    accepted=s["accepted"] + jnp.where(live, jnp.minimum(a, k), 0),
+                    drafted=s["drafted"] + jnp.where(live, G, 0))
+
+    s = jax.lax.while_loop(lambda s: (s["i"] < m) & ~jnp.all(s["done"]), body, st)
+    return dict(tokens=s["tokens"], n=s["n"], stop=s["stop"], rounds=s["i"], accepted=s["accepted"],
+                drafted=s["drafted"], cache=s["cache"])
+
+
+def _prompt_ids(ctx: Context) -> list:
+    """Token ids of the text in ``ctx``'s history, per row (what prompt lookup searches)."""
+    out = [[] for _ in range(ctx.batch)]
+    for kind, _role, values in ctx.history:
+        if kind == "text":
+            for b, ids in enumerate(ctx.text_ids(list(values))):
+                out[b].extend(ids)
+    return out
+
+
+@on_mesh
+def speculative_generate(ctx: Context, draft, gamma: int = 4, max_length: int = 1000,
+                         sampling: SamplingParams = SamplingParams(), keys: Optional[Sequence] = None,
+                         stop_tokens: Optional[Sequence[int]] = None,
+                         prompt_ids: Optional[Sequence[Sequence[int]]] = None) -> TextResult:
+    """:func:`bagel_jax.inference.decode.generate_text` with a draft (:class:`NgramDraft` or
+    :class:`ModelDraft`) proposing ``gamma`` tokens per target pass. Greedy output equals plain greedy
+    decoding token for token; sampled output has plain sampling's distribution (not its exact draws).
+    ``raw`` adds ``rounds`` (target passes), ``accepted`` / ``drafted`` per row and the final ``cache``.
+    ``prompt_ids``: what prompt lookup searches (default: the context's text, re-tokenised)."""
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    if not isinstance(gamma, int) or gamma < 1:
+        raise ValueError(f"gamma must be an integer >= 1, got {gamma!r}")
+    sampling.validate()
+    eng = ctx.engine
+    extra = max_length + gamma + 1
+    ctx.check_room(extra, "speculative text generation")
+    gen = ctx.gen.reserve(eng, extra)
+    if isinstance(draft, ModelDraft):
+        draft.check(ctx)
+        draft = draft.reserve(extra)
+    stops = list(stop_tokens) if stop_tokens is not None else [eng.sp.eos]
+    keys = [jax.random.PRNGKey(i) for i in range(gen.batch)] if keys is None else list(keys)
+    if len(keys) != gen.batch:
+        raise ValueError(f"got {len(keys)} keys for a batch of {gen.batch}")
+    keys = jnp.stack([jnp.asarray(k, jnp.uint32).reshape(2) for k in keys])
+    dstate = draft.init(ctx, _prompt_ids(ctx) if prompt_ids is None else prompt_ids, gamma)
+    args = (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
+    res = spec_loop(eng.model, eng.params, gen.cache, jnp.asarray(gen.rope, jnp.int32), draft, dstate,
+                    eng.sp.bos, jnp.asarray(stops, jnp.int32), keys, args, gamma=gamma,
+                    max_length=int(max_length), do_sample=bool(sampling.do_sample))
+    cache = res.pop("cache")
+    res = jax.device_get(res)
+    res["cache"] = cache
+    ids = [res["tokens"][b, :res["n"][b]] for b in range(gen.batch)]
+    stop = [int(s) if s >= 0 else None for s in res["stop"]]
+    return TextResult([official_text(eng.tok, x) for x in ids], ids, stop, res)
