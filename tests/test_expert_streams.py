@@ -208,7 +208,9 @@ def assert_grads_close(ga, gb, rel=1e-5):
     assert nonzero > len(flat_a) // 2
 
 
-@pytest.mark.parametrize("overlap", [False, True])
+# overlap=True is slow (about 1 min): the overlapping split itself is covered fast by
+# test_overlapping_split_routing_equals_select
+@pytest.mark.parametrize("overlap", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_stream_forward_equals_select_forward(bm, overlap):
     logical = stream_test_batch(bm, overlap)
     B, L = logical.shape
@@ -270,6 +272,7 @@ def test_chunked_ce_keeps_one_chunk_of_logits():
     assert f"f32[{c},{V}]" in text
 
 
+@pytest.mark.slow   # ~1.5 min; the chunked CE itself: test_chunked_ce_function_equals_log_softmax (default run)
 def test_chunked_ce_in_train_forward(bm):
     b = stream_test_batch(bm, overlap=False)   # 6 padding CE entries
     assert (b.ce_valid == 0).sum() == 6

@@ -172,7 +172,10 @@ def test_metrics_jsonl_is_appended_to_never_overwritten(tmp_path):
 
 # -- rows 19, 21: signals exit 128 + signal after checkpointing, also with a stuck data pipeline --------
 
-@pytest.mark.parametrize("signame,batches,code", [("SIGTERM", 0, 143), ("SIGINT", 1, 130)])
+# SIGINT after a step is slow (a training step, ~1 min): the same handler as SIGTERM; a signal after real steps
+# is also tests/test_train_resume.py::test_sigterm_checkpoints_and_stops
+@pytest.mark.parametrize("signame,batches,code", [("SIGTERM", 0, 143),
+                                                  pytest.param("SIGINT", 1, 130, marks=pytest.mark.slow)])
 def test_signal_while_data_pipeline_is_stuck(signame, batches, code, data, tmp_path, capsys, monkeypatch):
     """The loader delivers ``batches`` batches, then blocks forever: the signal must still end the run
     promptly, after checkpointing the steps done, with exit 128 + signal."""
