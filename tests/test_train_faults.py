@@ -334,3 +334,26 @@ def test_full_disk_save_failure_stops_at_once(data, small_disk, capsys):
     ck = os.path.join(wd, "checkpoints")
     assert os.listdir(ck) == ["3"]                      # partial step directories were removed
     _finite_state(wd, 3)                                # the last good checkpoint is intact
+
+
+def test_failing_save_stops_at_once_without_root(data, tmp_path, capsys, monkeypatch):
+    """Row 7 where no small disk can be mounted: orbax's save raises (no space) from step 6 on; the run stops
+    at that save with one line naming the latest complete checkpoint, which is intact."""
+    import orbax.checkpoint as ocp
+
+    real_save = ocp.CheckpointManager.save
+
+    def failing_save(self, step, *a, **kw):
+        if step >= 6:
+            raise OSError(28, "No space left on device")
+        return real_save(self, step, *a, **kw)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", failing_save)
+    wd = str(tmp_path / "run")
+    rc, out = _main(train_cmd(data, wd, 1000)[2:], capsys)
+    assert rc == 1, out
+    line = _error_line(out.err)
+    assert "saving checkpoint step 6" in line and "latest complete checkpoint is step 3" in line, line
+    assert "Traceback" not in out.err
+    assert max(r["step"] for r in metrics(wd)) < 20
+    _finite_state(wd, 3)
