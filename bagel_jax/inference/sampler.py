@@ -170,8 +170,9 @@ def _taylor_body(model: Bagel, params, cache: KVCache, rope, sigmas, markers, la
             jax.debug.callback(_progress_cb, k + 1, steps)
         rec = None
         if record:
-            rec = dict(active=active, full=jnp.where(runs, full.astype(jnp.int32), -1), step=jnp.where(runs, st.step, -1),
-                       n_valid=jnp.where(runs, new.n_valid, -1), final_hidden=h.reshape((n, B) + h.shape[1:]), v=vs)
+            rec = dict(active=active, full=jnp.where(runs, full.astype(jnp.int32), -1),
+                       step=jnp.where(runs, st.step, -1), n_valid=jnp.where(runs, new.n_valid, -1),
+                       final_hidden=h.reshape((n, B) + h.shape[1:]), v=vs)
             if ts.all_layers:
                 rec["layer_out"] = f
         return (x - v * (sigmas[k] - sigmas[k + 1]), new), ((x, v, rec) if record else None)
