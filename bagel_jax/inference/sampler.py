@@ -24,11 +24,9 @@ import numpy as np
 from .. import layout
 from ..models import flux_vae
 from ..models.bagel import Bagel, unpatchify_latents
-from . import blocks
+from . import blocks, taylorseer
 from .cfg import CfgPlan, ImageParams, cfg_active, make_plan, shifted_schedule
 from .context import Branch, Context, on_mesh
-
-from . import taylorseer
 from .kv_cache import KVCache
 
 __all__ = ["ImageParams", "branch_plan", "flow_loop", "generate_images", "initial_noise", "stack_branches"]
@@ -42,6 +40,11 @@ def _progress_cb(step, total):
 def _velocity(model: Bagel, params, cache: KVCache, x, t, lat_pos, rope, markers):
     """``x [R, N, C]`` against ``cache`` (R rows) -> ``v [R, N, C]`` float32 (cache never written)."""
     return blocks.flow_velocity(model, params, cache, x, t, lat_pos, rope, markers)[0]
+
+
+def _first_rows(cache: KVCache, r: int) -> KVCache:
+    """The first ``r`` rows of a stacked cache (the leading row blocks, e.g. ``gen``'s)."""
+    return KVCache(cache.k[:, :r], cache.v[:, :r], cache.length[:r])
 
 
 @functools.partial(jax.jit, static_argnames=("model", "vae", "hw", "plan", "cfg_off", "record", "progress",
@@ -72,7 +75,7 @@ def _flow_loop(model: Bagel, params, vae, vae_params, cache: KVCache, rope, x0, 
     h, w = H // ds, W // ds
     lat_pos = jnp.broadcast_to(blocks.latent_grid(h, w, cfg.max_latent_size)[None], (B, N))
     steps = sigmas.shape[0] - 1
-    gen_cache = KVCache(cache.k[:, :B], cache.v[:, :B], cache.length[:B])
+    gen_cache = _first_rows(cache, B)
 
     def cond_only(x, t):
         return _velocity(model, params, gen_cache, x, t, lat_pos, rope[:B], markers)
@@ -137,7 +140,7 @@ def _taylor_body(model: Bagel, params, cache: KVCache, rope, sigmas, markers, la
 
     def features(rows: int, x, t, pred):
         """Decoder outputs of the first ``rows`` row blocks, the predictions for the others: ``[n, *feature]``."""
-        c = cache if rows == n else KVCache(cache.k[:, :rows * B], cache.v[:, :rows * B], cache.length[:rows * B])
+        c = cache if rows == n else _first_rows(cache, rows * B)
         f, inter = blocks.flow_features(model, params, c, jnp.tile(x, (rows, 1, 1)), t, jnp.tile(lat_pos, (rows, 1)),
                                         rope[:rows * B], markers, collect=ts.all_layers)
         if ts.all_layers:    # hidden [L, rows*B, Lq, D] -> [rows, L, B, Lq, D]

@@ -26,8 +26,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from .cfg import STEP_CACHES  # noqa: F401  (re-exported: the names ImageParams.step_cache takes)
-
 
 @dataclasses.dataclass(frozen=True)
 class TaylorSeer:
