@@ -95,3 +95,17 @@ def test_init_from_model_folder_checks_shapes_not_training_shift():
     wider = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, intermediate_size=cfg.llm.intermediate_size * 2))
     with pytest.raises(TrainSetupError, match="different model config"):
         init_params(tc, wider, None, None, None, None)
+
+
+def test_init_refuses_an_integer_weight(setup, tmp_path):
+    """An integer tensor where a weight is expected is refused by name, never cast into garbage."""
+    from bagel_jax.convert.safetensors_io import SafeTensorsError, load_file
+
+    d, cfg, _, base = setup
+    t = load_file(str(d / "ae.safetensors"))
+    name = sorted(t)[0]
+    t[name] = t[name].astype(np.int32)
+    save_file(t, str(tmp_path / "ae.safetensors"))
+    with pytest.raises((InitError, SafeTensorsError), match=f"'{name}' has dtype I32"):
+        init_from_components(dict(ae=str(tmp_path / "ae.safetensors")), cfg, base.model, base.vae, None, None, 0,
+                             base=(base.params, base.vae_params))
