@@ -102,10 +102,13 @@ def test_init_refuses_an_integer_weight(setup, tmp_path):
     from bagel_jax.convert.safetensors_io import SafeTensorsError, load_file
 
     d, cfg, _, base = setup
-    t = load_file(str(d / "ae.safetensors"))
-    name = sorted(t)[0]
-    t[name] = t[name].astype(np.int32)
-    save_file(t, str(tmp_path / "ae.safetensors"))
+    os.makedirs(tmp_path / "qwen2")
+    for f in sorted(os.listdir(d / "qwen2")):
+        t = load_file(str(d / "qwen2" / f))
+        if f.startswith("model-00001"):
+            name = sorted(t)[0]
+            t[name] = t[name].astype(np.int32)
+        save_file(t, str(tmp_path / "qwen2" / f))
     with pytest.raises((InitError, SafeTensorsError), match=f"'{name}' has dtype I32"):
-        init_from_components(dict(ae=str(tmp_path / "ae.safetensors")), cfg, base.model, base.vae, None, None, 0,
+        init_from_components(dict(qwen2=str(tmp_path / "qwen2")), cfg, base.model, base.vae, None, None, 0,
                              base=(base.params, base.vae_params))
