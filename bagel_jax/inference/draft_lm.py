@@ -63,7 +63,12 @@ def hf_qwen2_config(path: str) -> LLMConfig:
                          f"{arch}); a draft must be a Hugging Face Qwen2 folder")
     if raw.get("use_sliding_window"):
         raise DraftError(f"{path}: sliding-window attention is not supported for a draft")
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}   # transformers >= 5 / older files
+    if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise DraftError(f"{path}: only default RoPE is supported for a draft, got {rope!r}")
     raw = dict(raw, qk_norm=False, layer_module="Qwen2DecoderLayer")
+    if "rope_theta" not in raw and "rope_theta" in rope:
+        raw["rope_theta"] = rope["rope_theta"]
     raw.setdefault("tie_word_embeddings", False)
     try:
         cfg = _build(LLMConfig, raw, path)
@@ -159,7 +164,8 @@ class LMDraft:
     out_vocab: int = 0
 
     def bind(self, target: Context) -> "LMDraft":
-        """Checked against the target (:func:`check_vocab`); proposes ids of the target's vocabulary."""
+        """Checked against ``target`` (a Context or Pipeline; :func:`check_vocab`); proposes ids of the target's
+        vocabulary."""
         check_vocab(self.cfg.vocab_size, self.vocab, target.engine.tok.hf.get_vocab(), self.source)
         return dataclasses.replace(self, out_vocab=target.engine.cfg.llm.vocab_size)
 

@@ -349,3 +349,63 @@ def speculative_generate(ctx: Context, draft, gamma=4, max_length: int = 1000,
     ids = [res["tokens"][b, :res["n"][b]] for b in range(gen.batch)]
     stop = [int(s) if s >= 0 else None for s in res["stop"]]
     return TextResult([official_text(eng.tok, x) for x in ids], ids, stop, res)
+
+
+def replay(ctx: Context, engine) -> Context:
+    """A draft BAGEL's context built from ``ctx``'s history on ``engine`` (understanding branch only):
+    every text segment, and every image as a ViT block when the draft can see images (else left out)."""
+    out = Context.new(engine, ctx.batch, track_cfg=False)
+    for kind, role, values in ctx.history:
+        if kind == "text":
+            out = out.add_text(list(values), role=role)
+        elif engine.cfg.visual_und:
+            out = out.add_image(list(values), vae=False, vit=True, role=role)
+    return out
+
+
+def make_draft(draft, ctx: Context):
+    """The draft for one call on ``ctx``: ``"ngram"`` -> :class:`NgramDraft`; a draft :class:`Pipeline` or
+    :class:`~bagel_jax.inference.context.Engine` (a small BAGEL) -> :class:`ModelDraft` on :func:`replay`;
+    an :class:`NgramDraft`, :class:`ModelDraft` or :class:`~bagel_jax.inference.draft_lm.LMDraft` as given."""
+    from .context import Engine
+    from .draft_lm import LMDraft
+
+    if isinstance(draft, str) and draft == "ngram":
+        return NgramDraft()
+    if isinstance(draft, (NgramDraft, ModelDraft, LMDraft)):
+        return draft
+    engine = draft if isinstance(draft, Engine) else getattr(draft, "engine", None)
+    if isinstance(engine, Engine):
+        return ModelDraft(replay(ctx, engine))
+    raise ValueError(f"draft must be 'ngram', a draft Pipeline / Engine or a loaded draft, got {draft!r}")
+
+
+def as_gamma(speculate):
+    """``speculate``: an integer >= 1 (fixed gamma), ``"auto"`` (:class:`AdaptiveGamma` defaults) or an
+    :class:`AdaptiveGamma`."""
+    if isinstance(speculate, AdaptiveGamma):
+        return speculate
+    if speculate == "auto":
+        return AdaptiveGamma()
+    if isinstance(speculate, bool) or not isinstance(speculate, (int, np.integer)) or speculate < 1:
+        raise ValueError(f"speculate must be an integer >= 1 or 'auto', got {speculate!r}")
+    return int(speculate)
+
+
+def decode_text(ctx: Context, max_length: int, sampling: SamplingParams, keys, stop_tokens=None,
+                progress: bool = False, draft=None, speculate=4, desc: str = "decoding") -> TextResult:
+    """Text decoding as every API call does it: plain :func:`~bagel_jax.inference.decode.generate_text` without
+    ``draft``, else :func:`speculative_generate` with :func:`make_draft` ``(draft)`` and :func:`as_gamma`
+    ``(speculate)``; with ``progress`` a "tokens" bar (speculative: with the acceptance rate)."""
+    from . import progress as _progress
+    from .decode import generate_text
+
+    if draft is not None:
+        d, g = make_draft(draft, ctx), as_gamma(speculate)
+    with _progress.bar("tokens", max_length, desc, progress):
+        if draft is None:
+            r = generate_text(ctx, max_length, sampling, keys, stop_tokens=stop_tokens, progress=progress)
+        else:
+            r = speculative_generate(ctx, d, g, max_length, sampling, keys, stop_tokens, progress=progress)
+        jax.effects_barrier()
+    return r
