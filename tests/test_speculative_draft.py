@@ -16,30 +16,22 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from bagel_jax.config import LLMConfig  # noqa: E402
 from bagel_jax.convert.safetensors_io import load_file, save_file  # noqa: E402
 from bagel_jax.inference.decode import generate_text  # noqa: E402
 from bagel_jax.inference.draft_lm import DraftError, check_vocab, load_qwen2_draft  # noqa: E402
 from bagel_jax.inference.speculative import AdaptiveGamma, speculative_generate  # noqa: E402
+from test_qwen2_dense import hf_qwen2  # noqa: E402
 from test_speculative import PROMPTS, _ctx, _engine  # noqa: E402
 
 L = 12
 
 
-def write_hf_qwen2(folder, vocab, tiny_a, seed=0):
+def write_hf_qwen2(folder, vocab, tiny_a):
     """A random tiny HF Qwen2 (tied embeddings, non-trivial norms and biases) saved with its tokenizer files."""
-    cfg = transformers.Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                                   rope_theta=10000.0, max_position_embeddings=512, attn_implementation="eager")
-    torch.manual_seed(seed)
-    model = transformers.Qwen2ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / np.sqrt(p.shape[-1]))
+    model = hf_qwen2(LLMConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               intermediate_size=48, vocab_size=vocab, rope_theta=10000.0, tie_word_embeddings=True,
+                               max_position_embeddings=512, qk_norm=False, layer_module="Qwen2DecoderLayer"))
     model.save_pretrained(folder, safe_serialization=True)
     for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
         if os.path.isfile(os.path.join(tiny_a, f)):
