@@ -24,6 +24,9 @@ defaults (the porting reference 8.8): generate cfg_text_scale 4.0, cfg_img_scale
 renorm global; edit cfg_text_scale 4.0, cfg_img_scale 2.0, cfg_interval 0.0 1.0, renorm text_channel; both
 timestep_shift 3.0, 50 timesteps, renorm_min 0.0; text greedy, at most 1000 tokens. With --think, interleave
 and chat write each image's thinking text before it in the transcript.
+Speculative decoding (every subcommand that decodes text: understand, chat, interleave, and generate / edit
+with --think): --draft ngram (prompt lookup) or --draft-model PATH (a Hugging Face Qwen2 folder with the
+target's tokenizer, or a small BAGEL folder), --speculate GAMMA or auto; greedy output is unchanged.
 JAX's persistent compilation cache is on (--compilation-cache), so later runs skip most compilation.
 Several devices (every subcommand): --mesh fsdp=4,tensor=2 splits the model over 8 devices.
 """
@@ -114,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--temperature", type=float, default=0.3, help="sampling temperature with --do-sample (default 0.3)")
     t.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off, default)")
     t.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off, default)")
+    t.add_argument("--draft", choices=("ngram",), default=None,
+                   help="speculative decoding with prompt lookup (n-gram match against the context, no model)")
+    t.add_argument("--draft-model", default=None, metavar="PATH",
+                   help="speculative decoding with a draft model: a Hugging Face Qwen2 folder (config.json + "
+                        "model.safetensors, same tokenizer) or a small BAGEL folder")
+    t.add_argument("--speculate", default=None, metavar="GAMMA",
+                   help="tokens the draft proposes per target pass (an integer >= 1, or 'auto': adapted between "
+                        "rounds from the acceptance rate; default 4)")
 
     i = common.add_argument_group("image generation (defaults depend on the subcommand, see above)")
     i.add_argument("--image-size", type=_hw, default=None, metavar="HxW",
@@ -253,7 +264,57 @@ def _check_args(args) -> None:
         if args.num_images is not None and args.mode != "auto":
             raise CLIError(f"interleave: --num-images is for --mode auto (the mode is {args.mode})")
         check_interleave(args.prompt, args.mode, 1 if args.num_images is None else args.num_images)
+    _check_draft(args)
     args.images = [load_image(p) for p in images]   # unreadable images fail here, before any compute
+
+
+def _check_draft(args) -> None:
+    """Speculative decoding flags: one draft, a gamma only with a draft, and a command that decodes text."""
+    if args.draft and args.draft_model:
+        raise CLIError("give either --draft ngram or --draft-model PATH, not both")
+    if not (args.draft or args.draft_model):
+        if args.speculate is not None:
+            raise CLIError("--speculate needs a draft (--draft ngram or --draft-model PATH)")
+        return
+    if args.speculate is not None and args.speculate != "auto":
+        try:
+            args.speculate = int(args.speculate)
+        except ValueError:
+            raise CLIError(f"--speculate must be an integer >= 1 or 'auto', got {args.speculate!r}") from None
+        _at_least("--speculate", args.speculate, 1)
+    decodes = args.command in ("understand", "chat") or args.think or \
+        (args.command == "interleave" and args.mode != "explicit")
+    if not decodes:
+        raise CLIError(f"{args.command}: a draft speeds up text decoding, and this command decodes none "
+                       "without --think")
+    if args.draft_model and not os.path.isdir(args.draft_model):
+        raise CLIError(f"--draft-model: folder not found: {args.draft_model}")
+
+
+def _load_draft(args, pipe) -> dict:
+    """The speculative-decoding keywords of every call: {} without a draft. A draft model is loaded (a
+    Hugging Face Qwen2 folder, or a BAGEL folder) and checked against the target's vocabulary here."""
+    if not (args.draft or args.draft_model):
+        return {}
+    spec = dict(speculate=4 if args.speculate is None else args.speculate)
+    if args.draft:
+        return dict(spec, draft=args.draft)
+    from bagel_jax.inference.draft_lm import load_qwen2_draft
+
+    dtype = _setup_jax(args)
+    if os.path.isfile(os.path.join(args.draft_model, "config.json")):
+        draft = load_qwen2_draft(args.draft_model, dtype=dtype)
+        draft.bind(pipe)                               # vocabulary check (DraftError: exit status 2)
+    else:
+        from bagel_jax.inference.api import load
+
+        draft = load(args.draft_model, dtype=dtype, compilation_cache=None)
+        if draft.engine.cfg.llm.vocab_size != pipe.engine.cfg.llm.vocab_size or \
+                draft.tokenizer.hf.get_vocab() != pipe.tokenizer.hf.get_vocab():
+            raise CLIError(f"--draft-model {args.draft_model}: its vocabulary differs from the target's (a BAGEL "
+                           "draft must share the target's tokenizer)")
+    print(f"draft {args.draft_model} loaded", file=sys.stderr)
+    return dict(spec, draft=draft)
 
 
 def _check_out(out: str) -> None:
@@ -278,7 +339,8 @@ def _image_kw(args) -> dict:
 
 
 def _text_kw(args) -> dict:
-    return dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    return dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                **getattr(args, "spec", {}))
 
 
 def _write(path: str, text: str) -> None:
@@ -494,6 +556,7 @@ def main(argv=None) -> int:
         _check_args(args)
         _check_out(args.out)
         pipe = _load(args)
+        args.spec = _load_draft(args, pipe)
         return COMMANDS[args.command](args, pipe)
     except CLIError as e:
         print(f"error: {e}", file=sys.stderr)
