@@ -41,17 +41,25 @@ def main(argv=None) -> int:
     import jax
 
     from ..inference.api import load, use_compilation_cache
-    from .handlers import Handlers
-    from .ui import build
 
     use_compilation_cache(args.compilation_cache, force=True)
     dtype = args.dtype if args.dtype != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     t0 = time.time()
     pipe = load(args.model_path, dtype=dtype, mesh=args.mesh, compilation_cache=None)
     print(f"loaded {args.model_path} ({dtype}) in {time.time() - t0:.1f}s", file=sys.stderr)
-    demo = build(Handlers(pipe, args.chunk), title=f"BAGEL (JAX): {os.path.basename(os.path.normpath(args.model_path))}")
-    demo.launch(server_name=args.host, server_port=args.port, show_error=True, footer_links=[])
+    serve(pipe, args.host, args.port, args.chunk, name=os.path.basename(os.path.normpath(args.model_path)))
     return 0
+
+
+def serve(pipe, host: str = "127.0.0.1", port: int = 7860, chunk: int = 8, name: str = "demo", block: bool = True):
+    """Serve the page for a loaded pipeline; ``block=False`` returns the running Blocks (tests: ``.close()``)."""
+    from .handlers import Handlers
+    from .ui import build
+
+    demo = build(Handlers(pipe, chunk), title=f"BAGEL (JAX): {name}")
+    demo.launch(server_name=host, server_port=port, show_error=True, footer_links=[], prevent_thread_lock=not block,
+                quiet=not block)
+    return demo
 
 
 if __name__ == "__main__":
