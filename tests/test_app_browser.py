@@ -97,6 +97,12 @@ def _shape_png(tmp_path, obj=(2, 1, 1)):
     return str(path)
 
 
+def _upload(page, tab, path, selector):
+    _tab(page, tab)
+    page.set_input_files(f"{selector} input[type=file]", path)
+    page.wait_for_selector(f"{selector} img", timeout=30_000)
+
+
 def test_generate_blue_square(app, page):
     from bagel_jax.demo.checker import detect
 
@@ -111,9 +117,7 @@ def test_generate_blue_square(app, page):
 
 def test_understand_uploaded_image(app, page, tmp_path):
     path = _shape_png(tmp_path)
-    _tab(page, "Understand")
-    page.set_input_files("#und_input input[type=file]", path)
-    page.wait_for_selector("#und_input img", timeout=30_000)
+    _upload(page, "Understand", path, "#und_input")
     page.fill("#und_question textarea", "what colour is the square?")
     status = _run(page, "und")
     assert status.startswith("done"), status
@@ -123,9 +127,7 @@ def test_understand_uploaded_image(app, page, tmp_path):
 
 def test_two_turn_chat(app, page, tmp_path):
     path = _shape_png(tmp_path)
-    _tab(page, "Chat")
-    page.set_input_files("#chat_attach input[type=file]", path)
-    page.wait_for_selector("#chat_attach img", timeout=30_000)
+    _upload(page, "Chat", path, "#chat_attach")
     page.fill("#chat_message textarea", "what colour is the square?")
     assert _run(page, "chat").startswith("done")
     page.fill("#chat_message textarea", "where is the square?")

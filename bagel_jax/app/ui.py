@@ -68,6 +68,29 @@ def _run(gr, tab: str, label: str = "Run"):
     return gr.Button(label, variant="primary", elem_id=f"{tab}_run")
 
 
+def _image_tab(gr, h: Handlers, tab: str, edit: bool):
+    """The generate or edit tab -> its run event (inputs in the order of ``h.generate`` / ``h.edit``)."""
+    with gr.Row():
+        with gr.Column():
+            inputs = [gr.Image(label="input image", type="pil", sources=["upload", "clipboard"],
+                               elem_id=f"{tab}_input")] if edit else []
+            inputs.append(gr.Textbox(label="instruction" if edit else "prompt", lines=2, elem_id=f"{tab}_prompt"))
+            with gr.Row():
+                if not edit:
+                    inputs.append(gr.Textbox(h.default_size, label="size HxW", elem_id=f"{tab}_size"))
+                inputs += [gr.Number(0, label="seed", precision=0, elem_id=f"{tab}_seed"),
+                           gr.Checkbox(False, label="think", elem_id=f"{tab}_think"),
+                           gr.Number(DEFAULT_MAX_TEXT, label="max think tokens", precision=0)]
+            settings = image_settings(gr, tab, edit=edit)
+            run = _run(gr, tab)
+        with gr.Column():
+            image = gr.Image(label="edited" if edit else "image", type="pil", format="png", interactive=False,
+                             elem_id=f"{tab}_image")
+            thinking = gr.Textbox(label="thinking", lines=3, interactive=False, elem_id=f"{tab}_thinking")
+            status = _status(gr, tab)
+    return run.click(h.edit if edit else h.generate, inputs + settings, [image, thinking, status])
+
+
 def build(h: Handlers, title: str = "BAGEL (JAX)"):
     """The app's Blocks (queue enabled, one request at a time on the shared model)."""
     import gradio as gr
@@ -80,42 +103,9 @@ def build(h: Handlers, title: str = "BAGEL (JAX)"):
             stop = gr.Button("Stop", variant="stop", elem_id="stop", scale=0)
         with gr.Tabs():
             with gr.Tab("Generate", id="gen"):
-                with gr.Row():
-                    with gr.Column():
-                        prompt = gr.Textbox(label="prompt", lines=2, elem_id="gen_prompt")
-                        with gr.Row():
-                            size = gr.Textbox(h.default_size, label="size HxW", elem_id="gen_size")
-                            seed = gr.Number(0, label="seed", precision=0, elem_id="gen_seed")
-                            think = gr.Checkbox(False, label="think", elem_id="gen_think")
-                            max_think = gr.Number(DEFAULT_MAX_TEXT, label="max think tokens", precision=0)
-                        settings = image_settings(gr, "gen", edit=False)
-                        run = _run(gr, "gen")
-                    with gr.Column():
-                        image = gr.Image(label="image", type="pil", format="png", interactive=False,
-                                         elem_id="gen_image")
-                        thinking = gr.Textbox(label="thinking", lines=3, interactive=False, elem_id="gen_thinking")
-                        status = _status(gr, "gen")
-                events.append(run.click(h.generate, [prompt, size, seed, think, max_think] + settings,
-                                        [image, thinking, status]))
+                events.append(_image_tab(gr, h, "gen", edit=False))
             with gr.Tab("Edit", id="edit"):
-                with gr.Row():
-                    with gr.Column():
-                        src = gr.Image(label="input image", type="pil", sources=["upload", "clipboard"],
-                                       elem_id="edit_input")
-                        instr = gr.Textbox(label="instruction", lines=2, elem_id="edit_prompt")
-                        with gr.Row():
-                            seed = gr.Number(0, label="seed", precision=0)
-                            think = gr.Checkbox(False, label="think")
-                            max_think = gr.Number(DEFAULT_MAX_TEXT, label="max think tokens", precision=0)
-                        settings = image_settings(gr, "edit", edit=True)
-                        run = _run(gr, "edit")
-                    with gr.Column():
-                        image = gr.Image(label="edited", type="pil", format="png", interactive=False,
-                                         elem_id="edit_image")
-                        thinking = gr.Textbox(label="thinking", lines=3, interactive=False)
-                        status = _status(gr, "edit")
-                events.append(run.click(h.edit, [src, instr, seed, think, max_think] + settings,
-                                        [image, thinking, status]))
+                events.append(_image_tab(gr, h, "edit", edit=True))
             with gr.Tab("Understand", id="und"):
                 with gr.Row():
                     with gr.Column():
