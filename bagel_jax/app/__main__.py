@@ -54,11 +54,11 @@ def main(argv=None) -> int:
 def serve(pipe, host: str = "127.0.0.1", port: int = 7860, chunk: int = 8, name: str = "demo", block: bool = True):
     """Serve the page for a loaded pipeline; ``block=False`` returns the running Blocks (tests: ``.close()``)."""
     from .handlers import Handlers
-    from .ui import build
+    from .ui import CSS, build
 
     demo = build(Handlers(pipe, chunk), title=f"BAGEL (JAX): {name}")
     demo.launch(server_name=host, server_port=port, show_error=True, footer_links=[], prevent_thread_lock=not block,
-                quiet=not block)
+                quiet=not block, css=CSS)
     return demo
 
 

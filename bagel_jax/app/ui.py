@@ -60,6 +60,11 @@ def text_settings(gr, tab: str) -> list:
             return [_setting(gr, k, d[k], *TEXT_HELP[k], f"{tab}_{k}") for k in TEXT_FIELDS]
 
 
+# small images (the demo model's 32x32) are shown scaled up, sharp
+CSS = (".bagel-result img { width: 100% !important; height: 100% !important; object-fit: contain; "
+       "image-rendering: pixelated; }")
+
+
 def _status(gr, tab: str):
     return gr.Textbox(label="status", interactive=False, elem_id=f"{tab}_status")
 
@@ -85,7 +90,7 @@ def _image_tab(gr, h: Handlers, tab: str, edit: bool):
             run = _run(gr, tab)
         with gr.Column():
             image = gr.Image(label="edited" if edit else "image", type="pil", format="png", interactive=False,
-                             elem_id=f"{tab}_image")
+                             elem_id=f"{tab}_image", height=320, elem_classes="bagel-result")
             thinking = gr.Textbox(label="thinking", lines=3, interactive=False, elem_id=f"{tab}_thinking")
             status = _status(gr, tab)
     return run.click(h.edit if edit else h.generate, inputs + settings, [image, thinking, status])
