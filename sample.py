@@ -431,22 +431,69 @@ class Transcript:
         self.add("error", "text", f"`{type(e).__name__}: {e}`")
 
 
+class Printer:
+    """Prints streamed text as it arrives (``[thinking] `` before thinking text), one line per block."""
+
+    def __init__(self):
+        self.kind = None
+
+    def piece(self, kind: str, text: str) -> None:
+        if kind != self.kind:
+            self.end()
+            print("[thinking] " if kind == "think" else "", end="")
+            self.kind = kind
+        print(text, end="", flush=True)
+
+    def end(self) -> None:
+        if self.kind is not None:
+            print(flush=True)
+        self.kind = None
+
+
+STREAM_CHUNK = 8   # tokens per compiled decoding call while printing text as it arrives
+
+
+def streamed(fn, *a, printer: Printer, **kw):
+    """Run ``fn(*a, **kw)`` streamed (bagel_jax.inference.streaming): text pieces are printed as they are
+    decoded; returns ``(result, printed)`` with ``printed`` whether any text piece came."""
+    from bagel_jax.inference import streaming
+
+    s, printed = streaming.stream(fn, *a, chunk=STREAM_CHUNK, **kw), False
+    for ev in s:
+        if ev.kind in ("text", "think") and ev.row == 0:
+            printer.piece(ev.kind, ev.value)
+            printed = True
+        elif ev.kind == "image":
+            printer.end()
+    printer.end()
+    return s.result, printed
+
+
 def cmd_interleave(args, pipe) -> int:
+    from bagel_jax.inference import streaming
+
     shown = [("user", "input", os.path.abspath(p)) for p in args.image] + \
             ([("user", "text", p) for p in args.prompt] if args.mode != "explicit" else [])
     tr = Transcript(args.out, shown)
+    printer = Printer()
 
-    def on_item(item):
+    def on_item(item):   # text was printed piece by piece; the transcript gets whole items, images at once
         kind, v = item
         tr.add("assistant", kind, v)
-        print({"text": v, "think": f"[thinking] {v}"}.get(kind, f"[image {tr.n}]"), flush=True)
+        if kind == "image":
+            printer.end()
+            print(f"[image {tr.n}]", flush=True)
 
-    res = pipe.interleave(list(args.images) + list(args.prompt), mode=args.mode,
-                          num_images=1 if args.num_images is None else args.num_images,
-                          image_size=args.image_size or pipe.default_image_size, max_text_length=args.max_text_length,
-                          max_interleaved_blocks=args.max_interleaved_blocks, think=args.think,
-                          max_think_tokens=args.max_think_tokens, seed=args.seed, progress=not args.no_progress,
-                          on_item=on_item, **_image_kw(args), **_text_kw(args))
+    def run():
+        return pipe.interleave(list(args.images) + list(args.prompt), mode=args.mode,
+                               num_images=1 if args.num_images is None else args.num_images,
+                               image_size=args.image_size or pipe.default_image_size,
+                               max_text_length=args.max_text_length, max_interleaved_blocks=args.max_interleaved_blocks,
+                               think=args.think, max_think_tokens=args.max_think_tokens, seed=args.seed,
+                               progress=False, on_item=streaming.item_hook(on_item), **_image_kw(args),
+                               **_text_kw(args))
+
+    res, _ = streamed(run, printer=printer)
     print(tr.path)
     if res.error is not None:
         tr.error(res.error)
@@ -466,9 +513,10 @@ def _chat_turn(args, conv, tr, line: str) -> bool:
     prog = not args.no_progress
     if not line.startswith("/"):
         tr.add("user", "text", line)
-        ans = conv.ask(line, progress=prog)
+        ans, printed = streamed(conv.ask, line, printer=Printer())   # printed as it is decoded
         tr.add("assistant", "text", ans)
-        print(ans)
+        if not printed:
+            print(ans)
         return True
     cmd, _, arg = line.partition(" ")
     arg = arg.strip()
@@ -489,11 +537,12 @@ def _chat_turn(args, conv, tr, line: str) -> bool:
               "with /gen PROMPT", file=sys.stderr)
     else:
         tr.add("user", "text", arg)
-        img = conv.edit(arg, think=args.think, progress=prog) if cmd == "/edit" else \
-            conv.generate_image(arg, think=args.think, progress=prog)
+        img, printed = streamed(conv.edit if cmd == "/edit" else conv.generate_image, arg, think=args.think,
+                                progress=prog, printer=Printer())
         if conv.last_thinking is not None:     # --think: the thinking text came before the image
             tr.add("assistant", "think", conv.last_thinking)
-            print(f"[thinking] {conv.last_thinking}")
+            if not printed:
+                print(f"[thinking] {conv.last_thinking}")
         tr.add("assistant", "image", img)
         print(f"[image {tr.n}]")
     return True

@@ -32,6 +32,7 @@ from PIL import Image
 from .. import layout
 from ..data.images import INFERENCE_VAE, INFERENCE_VIT, ImageTransform
 from . import progress as _progress
+from . import streaming
 from .cfg import ImageParams
 from .context import (Context, ContextError, Engine, GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT)
 from .conversation import (DEFAULT_MAX_TEXT, Conversation, InterleaveResult, as_list, interleave, noise_keys,
@@ -258,14 +259,17 @@ class Pipeline:
             out = generate_images(ctx, hw, ip, keys=noise_keys(seed, B), noise=noise, progress=progress)
             jax.effects_barrier()
         arr = out["image"]
-        return ImageResult([Image.fromarray(a) for a in arr], None, arr)
+        res = ImageResult([Image.fromarray(a) for a in arr], None, arr)
+        streaming.emit_images(res.images)   # streamed calls: each image as soon as it is decoded
+        return res
 
     def _think(self, ctx: Context, max_think_tokens: int, sp: SamplingParams, seed: int, progress: bool,
                draft=None, speculate=4):
         """Thinking text from ``ctx`` (text stream of ``seed``; speculative with ``draft``, see
         :func:`~bagel_jax.inference.speculative.decode_text`) -> (ctx with it added, texts)."""
-        r = decode_text(ctx, max_think_tokens, sp, text_keys(seed, ctx.batch), progress=progress, draft=draft,
-                        speculate=speculate, desc="thinking")
+        with streaming.text_kind("think"):
+            r = decode_text(ctx, max_think_tokens, sp, text_keys(seed, ctx.batch), progress=progress, draft=draft,
+                            speculate=speculate, desc="thinking")
         return ctx.add_generated_text(r.texts), r.texts
 
     def generate_image(self, prompt: Union[str, Sequence[str]], think: bool = False,
@@ -391,3 +395,25 @@ class Pipeline:
         """
         return interleave(self, inputs, mode, num_images, image_size, max_text_length, max_interleaved_blocks,
                           think, max_think_tokens, seed, progress, on_item, **kw)
+
+    # -- streaming (bagel_jax.inference.streaming) ---------------------------------------------------------
+    def stream_understand(self, images, question, chunk: int = streaming.DEFAULT_CHUNK, **kw) -> streaming.Stream:
+        """:meth:`understand` streamed: "text" pieces (``row`` = batch row), then "done" with the answer(s)."""
+        return streaming.stream(self.understand, images, question, chunk=chunk, **kw)
+
+    def stream_generate_image(self, prompt, chunk: int = streaming.DEFAULT_CHUNK, **kw) -> streaming.Stream:
+        """:meth:`generate_image` streamed: "think" pieces (think mode), each "image", "done" (ImageResult)."""
+        return streaming.stream(self.generate_image, prompt, chunk=chunk, **kw)
+
+    def stream_edit_image(self, image, instruction, chunk: int = streaming.DEFAULT_CHUNK, **kw) -> streaming.Stream:
+        """:meth:`edit_image` streamed: "think" pieces (think mode), each "image", "done" (ImageResult)."""
+        return streaming.stream(self.edit_image, image, instruction, chunk=chunk, **kw)
+
+    def stream_interleave(self, inputs, chunk: int = streaming.DEFAULT_CHUNK, on_item=None,
+                          **kw) -> streaming.Stream:
+        """:meth:`interleave` streamed: "text" / "think" pieces as decoded (an explicit-mode prompt segment
+        whole), each "image" as soon as it is decoded, then "done" with the :class:`InterleaveResult`;
+        :func:`streaming.collect_items` of the events equals its ``items``."""
+        def run():
+            return self.interleave(inputs, on_item=streaming.item_hook(on_item), **kw)
+        return streaming.stream(run, chunk=chunk)

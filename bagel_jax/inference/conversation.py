@@ -15,6 +15,7 @@ from typing import Optional
 import jax
 from PIL import Image
 
+from . import streaming
 from .cfg import IMAGE_PARAM_NAMES, ImageParams, check_number
 from .context import Context, seed_key, GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT
 from .decode import SamplingParams
@@ -191,6 +192,14 @@ class Conversation:
                              "or generate one first")
         self.has_input_image = True
         return self.generate_image(instruction, **kw)
+
+    def stream(self, method: str, *args, chunk: int = streaming.DEFAULT_CHUNK, **kw) -> streaming.Stream:
+        """Run one turn streamed (:mod:`~bagel_jax.inference.streaming`): ``method`` is "ask", "reply",
+        "generate_image" or "edit"; events: "text" / "think" pieces, the "image", then "done" with the
+        method's return value. Do not use the conversation until the stream has ended."""
+        if method not in ("ask", "reply", "generate_image", "edit"):
+            raise ValueError(f"stream: method must be 'ask', 'reply', 'generate_image' or 'edit', got {method!r}")
+        return streaming.stream(getattr(self, method), *args, chunk=chunk, **kw)
 
 
 MARKER = "<|vision_start|>"

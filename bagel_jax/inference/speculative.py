@@ -398,6 +398,7 @@ def decode_text(ctx: Context, max_length: int, sampling: SamplingParams, keys, s
     ``draft``, else :func:`speculative_generate` with :func:`make_draft` ``(draft)`` and :func:`as_gamma`
     ``(speculate)``; with ``progress`` a "tokens" bar (speculative: with the acceptance rate)."""
     from . import progress as _progress
+    from . import streaming
     from .decode import generate_text
 
     if draft is not None:
@@ -408,4 +409,9 @@ def decode_text(ctx: Context, max_length: int, sampling: SamplingParams, keys, s
         else:
             r = speculative_generate(ctx, d, g, max_length, sampling, keys, stop_tokens, progress=progress)
         jax.effects_barrier()
+    sink = streaming.active()
+    if draft is not None and sink is not None:   # streamed call: the speculative loop is one compiled call,
+        for row, text in enumerate(r.texts):     # so its text arrives as one piece per row
+            if text:
+                sink.text(row, text)
     return r
