@@ -4,8 +4,9 @@ with the embedded demo model, loaded once in this process and shared with the ch
 
 Generate "a blue square on the right" (the demo checker reads the page's image; it equals the library's);
 ask about an uploaded image (the page's answer equals the library's); a two-turn chat, image in and out
-(the answer and the drawn image equal a library Conversation's given the same turns); bad input (edit with no image, invalid sizes)
-shows its message in the page. Skips with a message only where Chromium, Playwright or Gradio is missing.
+(the answer and the drawn image equal a library Conversation's given the same turns); bad input (edit with
+no image, invalid sizes) shows its message in the page. Skips with a message only where Chromium,
+Playwright or Gradio is missing.
 """
 
 import io
