@@ -36,6 +36,19 @@ class FakePipe:
         streaming.emit_images(imgs)
         return imgs
 
+    def interleave(self, inputs, on_item=None, **kw):
+        """Like the real one: decoded pieces, then the text item; an image; a segment that was not decoded."""
+        from bagel_jax.inference.conversation import InterleaveResult
+
+        img = Image.new("RGB", (32, 32))
+        for piece in ("once ", "upon"):
+            streaming.active().text(0, piece)
+        on_item(("text", "once upon"))
+        streaming.emit_images([img])
+        on_item(("image", img))
+        on_item(("text", "the end"))
+        return InterleaveResult([("text", "once upon"), ("image", img), ("text", "the end")])
+
     def understand(self, image, question, **kw):
         sink = streaming.active()
         while not self.release.is_set():          # decodes "forever" until released or stopped
@@ -82,6 +95,16 @@ def test_batch_yields_each_image():
     out, last = _last(h.batch("a\nb\n", 2, "32", 5, *settings))
     assert [len(o[0]) for o in out if o[1].endswith("images")][-1] == 4 and last[1].startswith("4 images in")
     assert [cap for _, cap in last[0]] == ["a", "a", "b", "b"]
+
+
+def test_interleave_streams_blocks_in_order():
+    h = H.Handlers(FakePipe())
+    settings = [H.image_defaults(False)[k] for k in H.IMAGE_FIELDS]
+    out, last = _last(h.interleave("a story", None, "auto", 1, False, "32x32", 0, 500, *settings))
+    assert [m["content"] for m in out[1][0]] == ["a story", "once "]               # the first piece alone
+    msgs = last[0]
+    assert [m["content"] for m in msgs[:2]] + [m["content"] for m in msgs[3:]] == ["a story", "once upon", "the end"]
+    assert msgs[2]["content"]["path"].endswith(".png") and last[1] == "done: 1 image(s)"
 
 
 def test_bad_input_is_a_status_message():

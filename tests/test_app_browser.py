@@ -3,9 +3,10 @@
 with the embedded demo model, loaded once in this process and shared with the checks below.
 
 Generate "a blue square on the right" (the demo checker reads the page's image; it equals the library's);
-ask about an uploaded image (the page's answer equals the library's); a two-turn chat with an image
-(context kept: both answers equal a library Conversation's); bad input (edit with no image, invalid sizes)
-shows its message in the page. Skips with a message only where Chromium, Playwright or Gradio is missing.
+ask about an uploaded image (the page's answer equals the library's); a two-turn chat, image in and out
+(the answer and the drawn image equal a library Conversation's given the same turns); bad input (edit with
+no image, invalid sizes) shows its message in the page. Skips with a message only where Chromium,
+Playwright or Gradio is missing.
 """
 
 import io
@@ -81,11 +82,14 @@ def _run(page, tab, timeout=300_000) -> str:
     return page.input_value(sel)
 
 
-def _page_image(page, selector) -> np.ndarray:
+def _fetch_image(page, src) -> np.ndarray:
     from PIL import Image
 
-    src = page.get_attribute(f"{selector} img", "src")
     return np.asarray(Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB"))
+
+
+def _page_image(page, selector) -> np.ndarray:
+    return _fetch_image(page, page.get_attribute(f"{selector} img", "src"))
 
 
 def _shape_png(tmp_path, obj=(2, 1, 1)):
@@ -126,20 +130,26 @@ def test_understand_uploaded_image(app, page, tmp_path):
 
 
 def test_two_turn_chat(app, page, tmp_path):
+    """Turn 1: an uploaded image and a question (text out); turn 2: draw (image out) from the whole
+    conversation. Both equal a library Conversation given the same turns (the context is kept)."""
     path = _shape_png(tmp_path)
     _upload(page, "Chat", path, "#chat_attach")
     page.fill("#chat_message textarea", "what colour is the square?")
     assert _run(page, "chat").startswith("done")
-    page.fill("#chat_message textarea", "where is the square?")
+    page.fill("#chat_message textarea", "a red circle on the left")
+    page.get_by_label("image", exact=True).check()
     assert _run(page, "chat").startswith("done")
     conv = app["pipe"].conversation(seed=0)
     conv.add_image(path)
-    first, second = conv.ask("what colour is the square?"), conv.ask("where is the square?")
+    answer = conv.ask("what colour is the square?")
+    drawn = np.asarray(conv.generate_image("a red circle on the left", image_size=(32, 32)))
     shown = page.inner_text("#chat_history")
-    for text in ("what colour is the square?", "where is the square?", first, second):
+    for text in ("what colour is the square?", answer, "a red circle on the left"):
         assert text in shown, (text, shown)
-    assert shown.index(first) < shown.index("where is the square?") < shown.rindex(second)
-    assert page.locator("#chat_history img").count() >= 1        # the uploaded image is in the history
+    assert shown.index(answer) < shown.index("a red circle on the left")
+    imgs = page.locator("#chat_history img")
+    assert imgs.count() == 2                                       # the uploaded image, the drawn one
+    np.testing.assert_array_equal(_fetch_image(page, imgs.nth(1).get_attribute("src")), drawn)
 
 
 def test_bad_input_shows_message(page):

@@ -81,6 +81,10 @@ def test_streamed_interleave_first_text_before_first_image_and_equal(pipe):
     assert [ev.t for ev, _ in got] == sorted(ev.t for ev, _ in got)
     _same_items(streaming.collect_items(ev for ev, _ in got), plain.items)
     _same_items(got[-1][0].value.items, plain.items)
+    # explicit mode: the prompt's segments are not decoded; they are streamed whole, in order
+    explicit = "first <|vision_start|> second"
+    plain = pipe.interleave(explicit, mode="explicit", **IMG)
+    _same_items(streaming.collect_items(pipe.stream_interleave(explicit, mode="explicit", **IMG)), plain.items)
 
 
 def test_stream_think_phase_and_conversation_turns(pipe):

@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                     help="compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU")
     ap.add_argument("--mesh", default=None, metavar="data=D,fsdp=F,tensor=T", help="split the model over devices")
-    ap.add_argument("--chunk", type=int, default=8, help="tokens per compiled decoding call while streaming (default 8)")
+    ap.add_argument("--chunk", type=int, default=8,
+                    help="tokens per compiled decoding call while streaming (default 8)")
     ap.add_argument("--compilation-cache", default=os.path.join(os.path.expanduser("~"), ".cache", "bagel_jax", "jax"),
                     metavar="DIR", help="JAX persistent compilation cache folder ('' to disable)")
     return ap

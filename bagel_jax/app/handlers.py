@@ -66,6 +66,11 @@ def parse_size(text) -> tuple:
         raise ValueError(f"image size must be HxW (e.g. 32x32) or one number, got {text!r}") from None
 
 
+def _copy(msgs: list) -> list:
+    """A snapshot of chat messages (later pieces extend the last message in place)."""
+    return [dict(m) for m in msgs]
+
+
 def _seed(v) -> int:
     return _int("seed", 0 if v is None else v)
 
@@ -201,8 +206,8 @@ class Handlers:
             raise ValueError("enter a prompt")
         inputs = ([image] if image is not None else []) + [prompt]
         msgs = [{"role": "user", "content": prompt}]
-        yield list(msgs), "generating..."
-        result = None
+        yield _copy(msgs), "generating..."
+        result, block = None, {"kind": None}
         for ev in self._events(self.pipe.interleave, inputs, mode=mode, num_images=_int("images", num_images),
                                think=bool(think), image_size=parse_size(size), seed=_seed(seed),
                                max_text_length=_int("max text length", max_text_length),
@@ -210,24 +215,23 @@ class Handlers:
             if ev.kind == "done":
                 result = ev.value
             else:
-                self._add_piece(msgs, ev)
-                yield list(msgs), "generating..."
+                self._add_piece(msgs, ev, block)
+                yield _copy(msgs), "generating..."
         if result is not None and result.error is not None:
             raise result.error
-        yield list(msgs), f"done: {len(result.images) if result else 0} image(s)"
+        yield _copy(msgs), f"done: {len(result.images) if result else 0} image(s)"
 
-    def _add_piece(self, msgs: list, ev) -> None:
-        """Append a streamed event to chat messages: text pieces of one kind extend the last message."""
+    def _add_piece(self, msgs: list, ev, block: dict) -> None:
+        """Append a streamed event to chat messages: the pieces of one text block (``block["kind"]``, the
+        kind of the block being written, None after an image) extend one message."""
         if ev.kind == "image":
             msgs.append({"role": "assistant", "content": {"path": self.save(ev.value)}})
-            return
-        tag = "(thinking) " if ev.kind == "think" else ""
-        last = msgs[-1] if msgs else None
-        if last and last["role"] == "assistant" and isinstance(last["content"], str) and \
-                last.get("metadata", {}).get("kind") == ev.kind:
-            last["content"] += ev.value
+            block["kind"] = None
+        elif block["kind"] == ev.kind:
+            msgs[-1]["content"] += ev.value
         else:
-            msgs.append({"role": "assistant", "content": tag + ev.value, "metadata": {"kind": ev.kind}})
+            msgs.append({"role": "assistant", "content": ("(thinking) " if ev.kind == "think" else "") + ev.value})
+            block["kind"] = ev.kind
 
     # -- chat ----------------------------------------------------------------------------------------------
     def chat(self, message, image, action, history, conv, size, think, seed, *settings):
@@ -257,9 +261,9 @@ class Handlers:
             history.append({"role": "user", "content": {"path": self.save(conv.history[-1][2])}})
         if text:
             history.append({"role": "user", "content": text})
-        yield history, conv, "", None, "working..."
+        yield _copy(history), conv, "", None, "working..."
         if not text:
-            yield history, conv, "", None, "image added"
+            yield _copy(history), conv, "", None, "image added"
             return
         if action == "ask":
             stream = self._events(conv.ask, text, **txt_kw)
@@ -269,11 +273,12 @@ class Handlers:
             if action == "image":
                 kw["image_size"] = parse_size(size)
             stream = self._events(conv.edit if action == "edit" else conv.generate_image, text, **kw)
+        block = {"kind": None}
         for ev in stream:
             if ev.kind != "done":
-                self._add_piece(history, ev)
-                yield history, conv, "", None, "working..."
-        yield history, conv, "", None, "done"
+                self._add_piece(history, ev, block)
+                yield _copy(history), conv, "", None, "working..."
+        yield _copy(history), conv, "", None, "done"
 
     @staticmethod
     def reset():

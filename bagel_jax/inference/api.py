@@ -414,6 +414,4 @@ class Pipeline:
         """:meth:`interleave` streamed: "text" / "think" pieces as decoded (an explicit-mode prompt segment
         whole), each "image" as soon as it is decoded, then "done" with the :class:`InterleaveResult`;
         :func:`streaming.collect_items` of the events equals its ``items``."""
-        def run():
-            return self.interleave(inputs, on_item=streaming.item_hook(on_item), **kw)
-        return streaming.stream(run, chunk=chunk)
+        return streaming.stream(self.interleave, inputs, chunk=chunk, on_item=streaming.item_hook(on_item), **kw)

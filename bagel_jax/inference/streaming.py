@@ -173,10 +173,9 @@ def item_hook(on_item: Optional[Callable] = None) -> Callable:
     """An ``on_item`` for :func:`~bagel_jax.inference.conversation.interleave` under a sink: a text item
     that was not decoded piece by piece (an explicit-mode prompt segment) is streamed whole; then
     ``on_item`` (the caller's) is called."""
-    sink = active()
-
-    def hook(item):
+    def hook(item):   # runs in the streamed call's thread, where the sink is set
         kind, value = item
+        sink = active()
         if sink is not None:
             if kind in ("text", "think") and kind not in sink.pieces_since_item:
                 sink.emit(kind, value)
