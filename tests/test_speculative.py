@@ -4,7 +4,8 @@ Covers: greedy speculative output equals plain greedy token for token with draft
 (the target itself), always wrong, a random small model and prompt lookup; stop tokens inside an accepted
 run; batched rows (different acceptance) equal one at a time; the target cache after rollback equals a
 cache built without speculation; the rejection rule reproduces the target distribution (statistical);
-sampling with top_k=1 equals greedy end to end; a draft whose vocabulary does not fit is refused.
+sampling with top_k=1 equals greedy end to end; a draft whose vocabulary does not fit is refused; adaptive gamma
+moves to the largest / smallest bucket for always-right / always-wrong drafts with plain greedy's output.
 """
 
 import dataclasses

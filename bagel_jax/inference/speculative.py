@@ -17,9 +17,13 @@ and the draft cache hold the context plus ``tokens[:n-1]``. A round
    get overwritten by the next round).
 
 Rows advance independently (per-row ``n``, ``done``); finished rows keep running with their lengths pinned.
-Drafts: :class:`NgramDraft` (prompt lookup, no model) and :class:`ModelDraft` (a second BAGEL context with
-the same tokenizer, built from the same inputs). A draft is a frozen dataclass of static settings plus a
-state pytree made on the host by ``init``; ``propose`` / ``rollback`` are traced inside the loop.
+``gamma`` is fixed, or an :class:`AdaptiveGamma`: one round body per gamma bucket, chosen between rounds by
+``lax.switch`` from the acceptance rate. Drafts: :class:`NgramDraft` (prompt lookup, no model),
+:class:`ModelDraft` (a second BAGEL context with the same tokenizer, built from the same inputs) and
+:class:`~bagel_jax.inference.draft_lm.LMDraft` (a Hugging Face Qwen2 folder). A draft is a frozen dataclass of
+static settings plus a state pytree made on the host by ``init`` (after optional ``bind(target)`` checks and
+``reserve(slots)``); ``propose`` / ``rollback`` are traced inside the loop. :func:`decode_text` is the one
+entry point of the API calls (plain or speculative).
 """
 
 from __future__ import annotations
