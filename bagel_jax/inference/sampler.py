@@ -120,13 +120,18 @@ def _flow_loop(model: Bagel, params, vae, vae_params, cache: KVCache, rope, x0, 
         if step_cache is not None:
             out["branch"] = ys[2]
     if decode:
-        p, C = cfg.latent_patch_size, cfg.vae.z_channels
-        z = unpatchify_latents(x, h, w, p, C)                                        # [B, 2h, 2w, C]
-        img = vae.apply({"params": vae_params}, z, method=flux_vae.AutoEncoder.decode)  # [B, H, W, 3]
-        out["latent"] = z
-        out["decoded"] = img
-        out["image"] = (jnp.clip(img.astype(jnp.float32) * 0.5 + 0.5, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+        out.update(decode_latents(cfg, vae, vae_params, x, h, w))
     return out
+
+
+def decode_latents(cfg, vae, vae_params, x, h: int, w: int) -> dict:
+    """Latent tokens ``x [B, h*w, p*p*C]`` -> ``latent`` ``[B, p*h, p*w, C]``, ``decoded`` ``[B, H, W, 3]`` and the
+    official uint8 ``image`` (inside the caller's jit)."""
+    p, C = cfg.latent_patch_size, cfg.vae.z_channels
+    z = unpatchify_latents(x, h, w, p, C)                                        # [B, 2h, 2w, C]
+    img = vae.apply({"params": vae_params}, z, method=flux_vae.AutoEncoder.decode)  # [B, H, W, 3]
+    return dict(latent=z, decoded=img,
+                image=(jnp.clip(img.astype(jnp.float32) * 0.5 + 0.5, 0.0, 1.0) * 255.0).astype(jnp.uint8))
 
 
 def _taylor_body(model: Bagel, params, cache: KVCache, rope, sigmas, markers, lat_pos, text_scale, img_scale,
