@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 import bagel_jax
-from bagel_jax import layout
 from bagel_jax.data.patch_ar import block_vectors
 from bagel_jax.inference.cfg import ImageParams
 from bagel_jax.inference.patch_ar import generate_images_patch_ar

@@ -26,14 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import layout
-from ..data.patch_ar import block_length, group_count
+from ..data.patch_ar import block_length
 from ..models.bagel import Bagel
 from ..models.qwen2_mot import Routing
 from .blocks import latent_grid
 from .cfg import CfgPlan, ImageParams, cfg_active, make_plan, shifted_schedule
 from .context import Context, ContextError, on_mesh
 from .kv_cache import KVCache, forward_chunk
-from .sampler import decode_latents, initial_noise, stack_branches
+from .sampler import decode_latents, stack_branches, start_noise
 
 __all__ = ["check_mode", "generate_images_patch_ar", "patch_ar_loop"]
 
@@ -158,18 +158,9 @@ def generate_images_patch_ar(ctx: Context, hw, params: Optional[ImageParams] = N
     cfg = eng.cfg
     N = layout.latent_tokens(H, W, cfg.latent_downsample)
     k = check_mode(cfg, group, N)
-    group_count(N, k)
     B = ctx.batch
     ctx.check_room(block_length(N), "patch-AR image generation")
-    if noise is not None:
-        x0 = jnp.asarray(noise, jnp.float32)
-        if x0.shape != (B, N, cfg.patch_latent_dim):
-            raise ValueError(f"noise must have shape {(B, N, cfg.patch_latent_dim)}, got {x0.shape}")
-    else:
-        keys = [jax.random.PRNGKey(i) for i in range(B)] if keys is None else list(keys)
-        if len(keys) != B:
-            raise ValueError(f"got {len(keys)} keys for a batch of {B}")
-        x0 = initial_noise(keys, N, cfg.patch_latent_dim)
+    x0 = start_noise(B, N, cfg.patch_latent_dim, keys, noise)
     sig = shifted_schedule(int(params.num_timesteps), float(params.timestep_shift))
     plan, branches = make_plan(params, ctx.branches)
     extra = 2 + N                      # the markers and the clean groups are written; the noisy copies never
