@@ -39,6 +39,10 @@ DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bagel_jax
 DEMO_PATCH_AR_MODEL = DEMO_MODEL + "-patch-ar"   # the default of --image-mode patch_ar without --model-path
 
 
+class _DefaultPath(str):
+    """--model-path's default (a path not given on the command line)."""
+
+
 class CLIError(Exception):
     pass
 
@@ -71,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("model and run")
-    g.add_argument("--model-path", default=DEMO_MODEL,
+    g.add_argument("--model-path", default=_DefaultPath(DEMO_MODEL),
                    help="official BAGEL model folder (llm_config.json, vit_config.json, ema.safetensors, "
                         "ae.safetensors, tokenizer files). Default: the embedded demo model bagel_jax/assets/demo")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
@@ -224,8 +228,11 @@ def _check_image_mode(args) -> None:
     if args.command != "generate":
         raise CLIError(f"--image-mode patch_ar is available for generate, not {args.command}")
     _at_least("--patch-group", args.patch_group, 1)
-    if os.path.abspath(args.model_path) == DEMO_MODEL:
+    if isinstance(args.model_path, _DefaultPath):
         args.model_path = DEMO_PATCH_AR_MODEL
+        if not os.path.isdir(args.model_path):
+            raise CLIError(f"the patch-AR demo model ({DEMO_PATCH_AR_MODEL}) is not present in this checkout; "
+                           "pass --model-path to a model trained with image_mode: patch_ar")
     _check_model_path(args)
     from bagel_jax.config import ConfigError, load_config
     try:
