@@ -116,3 +116,21 @@ def test_expand_items_and_token_counts(cfg):
     assert patch_ar.expand_items(items, cfg.replace(image_mode="whole"), np.random.default_rng(0)) == items
     with pytest.raises(packing.PackingError, match="divides 16 latent tokens"):
         patch_ar.expand_items(items, cfg.replace(patch_ar_groups=(3,)), np.random.default_rng(0))
+
+
+def test_config_fields_round_trip_and_errors(cfg, tmp_path):
+    import json
+
+    from bagel_jax.config import ConfigError, config_from_folder, write_official_configs
+
+    write_official_configs(cfg, str(tmp_path / "ar"))
+    assert config_from_folder(str(tmp_path / "ar")) == cfg
+    whole = cfg.replace(image_mode="whole", patch_ar_groups=(1,))
+    write_official_configs(whole, str(tmp_path / "whole"))
+    raw = json.loads((tmp_path / "whole" / "bagel_config.json").read_text())
+    assert "image_mode" not in raw and "patch_ar_groups" not in raw     # official folders stay unchanged
+    for field, value, msg in (("image_mode", "rows", "image_mode must be one of whole, patch_ar"),
+                              ("patch_ar_groups", [0], "'patch_ar_groups' must be a non-empty list")):
+        (tmp_path / "whole" / "bagel_config.json").write_text(json.dumps(dict(raw, **{field: value})))
+        with pytest.raises(ConfigError, match=msg):
+            config_from_folder(str(tmp_path / "whole"))
