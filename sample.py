@@ -39,6 +39,11 @@ import sys
 import time
 
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bagel_jax", "assets", "demo")
+DEMO_PATCH_AR_MODEL = DEMO_MODEL + "-patch-ar"   # the default of --image-mode patch_ar without --model-path
+
+
+class _DefaultPath(str):
+    """--model-path's default (a path not given on the command line)."""
 
 
 class CLIError(Exception):
@@ -73,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("model and run")
-    g.add_argument("--model-path", default=DEMO_MODEL,
+    g.add_argument("--model-path", default=_DefaultPath(DEMO_MODEL),
                    help="official BAGEL model folder (llm_config.json, vit_config.json, ema.safetensors, "
                         "ae.safetensors, tokenizer files). Default: the embedded demo model bagel_jax/assets/demo")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
@@ -146,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flow-step caching: taylorseer predicts some steps from earlier ones instead of running the "
                         "decoder (official parameters; about half the decoder passes, a close but not equal image); "
                         "default none")
+    i.add_argument("--image-mode", default=None, choices=("whole", "patch_ar"),
+                   help="generate only: whole (official, default) denoises the image as one block; patch_ar generates "
+                        "it in groups of latent patches one after another (models trained in that mode; without "
+                        "--model-path the shipped patch-AR demo model bagel_jax/assets/demo-patch-ar)")
+    i.add_argument("--patch-group", type=int, default=None, metavar="K",
+                   help="with --image-mode patch_ar: latent patches per step (default: the model's first "
+                        "patch_ar_groups; must divide the image's patch count)")
 
     p = sub.add_parser("understand", parents=[common], help="answer a question about images",
                        description="Answer a question about zero or more images (greedy by default).")
@@ -214,6 +226,33 @@ def _load(args):
     where += ", int8 weights" if args.quantize == "int8" else ""
     print(f"loaded {args.model_path} ({dtype}{where}) in {time.time() - t0:.1f}s", file=sys.stderr)
     return pipe
+
+
+def _check_image_mode(args) -> None:
+    """--image-mode / --patch-group: generate only; patch_ar defaults to the patch-AR demo model and needs a
+    model trained in that mode (its config says so; checked before loading)."""
+    mode = getattr(args, "image_mode", None)
+    if mode in (None, "whole"):
+        if getattr(args, "patch_group", None) is not None:
+            raise CLIError("--patch-group is for --image-mode patch_ar")
+        return
+    if args.command != "generate":
+        raise CLIError(f"--image-mode patch_ar is available for generate, not {args.command}")
+    _at_least("--patch-group", args.patch_group, 1)
+    if isinstance(args.model_path, _DefaultPath):
+        args.model_path = DEMO_PATCH_AR_MODEL
+        if not os.path.isdir(args.model_path):
+            raise CLIError(f"the patch-AR demo model ({DEMO_PATCH_AR_MODEL}) is not present in this checkout; "
+                           "pass --model-path to a model trained with image_mode: patch_ar")
+    _check_model_path(args)
+    from bagel_jax.config import ConfigError, load_config
+    try:
+        have = load_config(args.model_path).image_mode
+    except ConfigError as e:
+        raise CLIError(str(e)) from None
+    if have != "patch_ar":
+        raise CLIError(f"--image-mode patch_ar: the model {args.model_path} was trained in image mode {have!r} "
+                       "(no image_mode: patch_ar in its bagel_config.json)")
 
 
 def _check_model_path(args) -> None:
@@ -382,6 +421,7 @@ def cmd_generate(args, pipe) -> int:
     res = pipe.generate_image(args.prompt if len(args.prompt) > 1 else args.prompt[0], think=args.think,
                               image_size=args.image_size or pipe.default_image_size, seed=args.seed,
                               max_think_tokens=args.max_think_tokens, progress=not args.no_progress,
+                              image_mode=args.image_mode, patch_group=args.patch_group,
                               **_text_kw(args), **_image_kw(args))
     _save_images(args, res, "image")
     return 0
@@ -601,6 +641,7 @@ def main(argv=None) -> int:
         ap.print_help()
         return 2
     try:
+        _check_image_mode(args)
         _check_model_path(args)
         _check_args(args)
         _check_out(args.out)

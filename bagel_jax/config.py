@@ -148,6 +148,12 @@ class BagelConfig:
     connector_act: str = "gelu_pytorch_tanh"
     interpolate_pos: bool = False
     timestep_shift: float = 1.0
+    # how a generated image is laid out (bagel_jax/data/patch_ar.py): "whole" (official: one noised block
+    # denoised at once) or "patch_ar" (groups of latent tokens generated one after another, each appended to
+    # the context as clean tokens); patch_ar_groups: the group sizes k (latent tokens per step) a patch-AR
+    # model is trained with (each training image draws one), the first is the default at inference
+    image_mode: str = "whole"
+    patch_ar_groups: tuple[int, ...] = (1,)
 
     @property
     def latent_downsample(self) -> int:
@@ -175,6 +181,8 @@ class BagelConfig:
             raise ConfigError(f"bagel: connector_act {self.connector_act!r} is not supported")
         if self.latent_patch_size < 1 or self.max_latent_size < 1 or self.vit_max_num_patch_per_side < 1:
             raise ConfigError("bagel: latent_patch_size, max_latent_size and vit_max_num_patch_per_side must be >= 1")
+        if self.image_mode not in IMAGE_MODES:
+            raise ConfigError(f"bagel: image_mode must be one of {', '.join(IMAGE_MODES)}, got {self.image_mode!r}")
 
     # -- serialisation ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -247,7 +255,8 @@ def _build(cls, data: Mapping[str, Any], source: str, renames: Mapping[str, str]
 
 def _bagel_fields(raw: Mapping[str, Any], source: str) -> dict:
     """The top-level BagelConfig fields present in ``raw``, checked."""
-    return {k: check_field(source, k, raw[k], _kind(BagelConfig, k)) for k in BAGEL_FIELDS if k in raw}
+    return {k: check_field(source, k, raw[k], _kind(BagelConfig, k)) for k in BAGEL_FIELDS + IMAGE_MODE_FIELDS
+            if k in raw}
 
 
 def check_keys(cls, d: Mapping[str, Any], section: str, error=None) -> None:
@@ -276,6 +285,10 @@ def read_json(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: expected a JSON object")
     return data
 
+
+IMAGE_MODES = ("whole", "patch_ar")
+# written to bagel_config.json only when the image mode is not the official one (official folders unchanged)
+IMAGE_MODE_FIELDS = ("image_mode", "patch_ar_groups")
 
 BAGEL_FIELDS = ("visual_gen", "visual_und", "latent_patch_size", "max_latent_size",
                 "vit_max_num_patch_per_side", "connector_act", "interpolate_pos", "timestep_shift")
@@ -394,6 +407,8 @@ def write_official_configs(cfg: BagelConfig, folder: str) -> None:
     vit.update(model_type="siglip_vision_model", attention_dropout=0.0)
     vit.pop("rope")
     bagel = {k: getattr(cfg, k) for k in BAGEL_FIELDS}
+    if cfg.image_mode != "whole":
+        bagel.update(image_mode=cfg.image_mode, patch_ar_groups=list(cfg.patch_ar_groups))
     vae = dataclasses.asdict(cfg.vae)
     vae["ch_mult"] = list(cfg.vae.ch_mult)
     bagel["vae_config"] = vae

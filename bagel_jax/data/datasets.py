@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from .. import layout
-from . import packing
+from . import packing, patch_ar
 from .images import ImageTransform, to_rgb, to_tensor
 
 
@@ -110,6 +110,8 @@ def item_tokens(item, vit_patch: int, latent_ds: int) -> int:
     if isinstance(item, packing.VitItem):
         return layout.vit_block(item.image.shape[1], item.image.shape[2], vit_patch).length
     if isinstance(item, packing.VaeItem):
+        if isinstance(item, patch_ar.PatchArItem):   # image_mode "patch_ar": two copies of the latents
+            return patch_ar.block_length(layout.latent_tokens(item.image.shape[1], item.image.shape[2], latent_ds))
         return layout.vae_block(item.image.shape[1], item.image.shape[2], latent_ds, item.loss).length
     return 0
 

@@ -48,9 +48,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import yaml
 
-from .. import layout
 from ..config import check_keys, load_yaml
-from . import packing
+from . import packing, patch_ar
 from .datasets import DATASET_CLASSES, DataConfigError, Dropout, SampleError, plan_to_items, sample_stats
 
 log = logging.getLogger("bagel_jax.data")
@@ -232,7 +231,7 @@ class PackedIterator:
         row = self._row(g, idx)
         rng = np.random.default_rng([self.dcfg.seed, self.names.index(g), idx, self.shard, 1])
         try:
-            items = plan_to_items(self.ds[g].plan(row, rng), rng, self.dropout)
+            items = patch_ar.expand_items(plan_to_items(self.ds[g].plan(row, rng), rng, self.dropout), self.cfg, rng)
         except SampleError as e:
             self.state["skipped"][g] += 1
             self._fail(g, "unreadable or malformed row")
@@ -351,8 +350,8 @@ class PackedIterator:
         lens = [sum(sample_stats(s, self.cfg.vit.patch_size, self.cfg.latent_downsample).tokens for s in p)
                 for p in packs]
         ds = self.cfg.latent_downsample
-        gen = [sum(layout.latent_tokens(it.image.shape[1], it.image.shape[2], ds) for s in p for it in s
-                   if isinstance(it, packing.VaeItem)) for p in packs]
+        gen = [sum(patch_ar.latent_slots(it, ds) for s in p for it in s if isinstance(it, packing.VaeItem))
+               for p in packs]
         row_len, und_tokens, gen_tokens = packing.choose_stream_layout(
             [n - g for n, g in zip(lens, gen)], gen, d.row_buckets, d.und_split_steps)
         hw = [it.image.shape[1:] for p in packs for s in p for it in s if isinstance(it, packing.VaeItem)]

@@ -136,6 +136,7 @@ def _cap(name: str, need: int, cap: Optional[int]) -> int:
 def pack(rows: Sequence[Sequence[Sequence[Item]]], special: SpecialTokens, cfg: BagelConfig,
          caps: Capacities = Capacities()) -> PackedBatch:
     """Pack ``rows[b] = [sample, sample, ...]`` (each sample a list of items) into a :class:`PackedBatch`."""
+    from . import patch_ar   # imports this module
     p_vit, Gv, Gl = cfg.vit.patch_size, cfg.vit_max_num_patch_per_side, cfg.max_latent_size
     ds = cfg.latent_downsample
 
@@ -177,6 +178,15 @@ def pack(rows: Sequence[Sequence[Sequence[Item]]], special: SpecialTokens, cfg: 
                     blk = layout.vae_block(H, W, ds, noised=item.loss)
                     img_idx = len(vae_imgs)
                     vae_imgs.append(np.asarray(item.image, np.float32))
+                    if isinstance(item, patch_ar.PatchArItem):    # image_mode "patch_ar" (data/patch_ar.py)
+                        block, lat = patch_ar.pack_block(item, special, h, w, start, s_idx, n_noise + 1, r)
+                        for acc, add in zip((ids, kind, pos, seg, vis, nblk), block):
+                            acc += add
+                        vae_tok += [(img_idx, rr, cc, rr * Gl + cc, b, start + j, tr, noisy)
+                                    for rr, cc, j, tr, noisy in lat]
+                        n_noise += patch_ar.group_count(h * w, item.group)
+                        r += 1
+                        continue
                     t_raw = float(item.t_raw) if item.loss else -np.inf
                     for rr in range(h):
                         for cc in range(w):

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Optional
 
 import numpy as np
@@ -45,9 +46,10 @@ def _norm(s: str) -> str:
 
 def evaluate(pipe, size: int = 32, num_timesteps: int = 20, seed: int = 0, limit: Optional[int] = None,
              batch: int = 16, save_dir: Optional[str] = None, gen_kw: Optional[dict] = None,
-             edit_kw: Optional[dict] = None) -> dict:
+             edit_kw: Optional[dict] = None, generation_only: bool = False) -> dict:
     """Accuracies on the held-out combinations (see the module doc). ``gen_kw`` / ``edit_kw``: extra sampling
-    arguments of ``generate_image`` / ``edit_image`` (default: the official defaults)."""
+    arguments of ``generate_image`` / ``edit_image`` (default: the official defaults). ``generation_s_per_image``:
+    wall seconds per generated image over the batches after the first (which compiles), None with one batch."""
     gen_kw, edit_kw = dict(gen_kw or {}), dict(edit_kw or {})
     combos = held_out_combinations()[:limit]
     res: dict = {"num_combinations": len(combos)}
@@ -58,9 +60,13 @@ def evaluate(pipe, size: int = 32, num_timesteps: int = 20, seed: int = 0, limit
 
     # -- generation
     gen_c = gen_p = 0
-    for chunk in batches(list(enumerate(combos))):
+    warm_s, warm_n = 0.0, 0
+    for j, chunk in enumerate(batches(list(enumerate(combos)))):
         prompts = [syn.phrase(o) for _, o in chunk]
+        t0 = time.perf_counter()
         out = pipe.generate_image(prompts, image_size=(size, size), num_timesteps=num_timesteps, seed=seed, **gen_kw)
+        if j:
+            warm_s, warm_n = warm_s + time.perf_counter() - t0, warm_n + len(chunk)
         for (i, (c, s, p)), arr in zip(chunk, out.arrays):
             d = detect(arr)
             gen_c += d.colour == syn.COLOURS[c]
@@ -70,6 +76,9 @@ def evaluate(pipe, size: int = 32, num_timesteps: int = 20, seed: int = 0, limit
                 Image.fromarray(arr).save(os.path.join(save_dir, f"gen_{i:03d}.png"))
     res["generation_colour"] = gen_c / len(combos)
     res["generation_position"] = gen_p / len(combos)
+    res["generation_s_per_image"] = warm_s / warm_n if warm_n else None
+    if generation_only:
+        return res
 
     # -- VQA
     items = []
@@ -128,6 +137,10 @@ def main(argv=None) -> int:
                     help="text CFG scale for generation and editing (default: official 4.0)")
     ap.add_argument("--cfg-img-scale", type=float, default=None, help="image CFG scale for editing (default: official 2.0)")
     ap.add_argument("--timestep-shift", type=float, default=None, help="flow schedule shift (default: official 3.0)")
+    ap.add_argument("--image-mode", default=None, choices=("whole", "patch_ar"),
+                    help="generation image mode (default whole; patch_ar for a model trained in that mode)")
+    ap.add_argument("--patch-group", type=int, default=None, help="latent patches per step with --image-mode patch_ar")
+    ap.add_argument("--generation-only", action="store_true", help="skip VQA and editing")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--save-images", default=None, help="write the generated images to this folder")
     args = ap.parse_args(argv)
@@ -151,7 +164,8 @@ def main(argv=None) -> int:
               if v is not None}
     edit_kw = dict(gen_kw, **({"cfg_img_scale": args.cfg_img_scale} if args.cfg_img_scale is not None else {}))
     res = evaluate(pipe, args.size, args.num_timesteps, args.seed, args.limit, args.batch, args.save_images,
-                   gen_kw, edit_kw)
+                   dict(gen_kw, **{k: v for k, v in (("image_mode", args.image_mode), ("patch_group", args.patch_group))
+                                   if v is not None}), edit_kw, args.generation_only)
     for k, v in res.items():
         print(f"{k:<22} {v:.3f}" if isinstance(v, float) else f"{k:<22} {v}")
     if args.json:

@@ -253,8 +253,11 @@ class Pipeline:
         return r.texts if batched else r.texts[0]
 
     # -- image generation ---------------------------------------------------------------------------------
-    def _sample(self, ctx: Context, hw, ip: ImageParams, seed: int, progress: bool, noise=None) -> ImageResult:
+    def _sample(self, ctx: Context, hw, ip: ImageParams, seed: int, progress: bool, noise=None,
+                image_mode: Optional[str] = None, patch_group: Optional[int] = None) -> ImageResult:
         B = ctx.batch
+        if image_mode not in (None, "whole"):
+            return self._sample_patch_ar(ctx, hw, ip, seed, progress, noise, patch_group)
         with _progress.bar("steps", ip.num_timesteps - 1, "denoising", progress):
             out = generate_images(ctx, hw, ip, keys=noise_keys(seed, B), noise=noise, progress=progress)
             jax.effects_barrier()
@@ -262,6 +265,28 @@ class Pipeline:
         res = ImageResult([Image.fromarray(a) for a in arr], None, arr)
         streaming.emit_images(res.images)   # streamed calls: each image as soon as it is decoded
         return res
+
+    def _sample_patch_ar(self, ctx: Context, hw, ip: ImageParams, seed: int, progress: bool, noise,
+                         patch_group: Optional[int]) -> ImageResult:
+        """``image_mode="patch_ar"`` (:mod:`bagel_jax.inference.patch_ar`); the progress bar counts latent patches."""
+        from .patch_ar import generate_images_patch_ar
+        n = layout.latent_tokens(*self.engine.check_output_size(hw), self.engine.cfg.latent_downsample)
+        with _progress.bar("patches", n, "patches", progress):
+            out = generate_images_patch_ar(ctx, hw, ip, patch_group, keys=noise_keys(seed, ctx.batch), noise=noise,
+                                           progress=progress)
+            jax.effects_barrier()
+        arr = out["image"]
+        res = ImageResult([Image.fromarray(a) for a in arr], None, arr)
+        streaming.emit_images(res.images)
+        return res
+
+    def _check_image_mode(self, image_mode: Optional[str]) -> None:
+        """A :class:`ValueError` for an unknown mode or ``"patch_ar"`` on a model not trained for it."""
+        if image_mode not in (None, "whole", "patch_ar"):
+            raise ValueError(f"image_mode must be 'whole' or 'patch_ar', got {image_mode!r}")
+        if image_mode == "patch_ar" and self.engine.cfg.image_mode != "patch_ar":
+            raise ValueError(f"image_mode 'patch_ar' needs a model trained in that mode; this one is "
+                             f"{self.engine.cfg.image_mode!r} (a patch-AR demo: bagel_jax/assets/demo-patch-ar)")
 
     def _think(self, ctx: Context, max_think_tokens: int, sp: SamplingParams, seed: int, progress: bool,
                draft=None, speculate=4):
@@ -280,7 +305,8 @@ class Pipeline:
                        step_cache: Optional[str] = None, seed: int = 0, max_think_tokens: int = DEFAULT_MAX_TEXT,
                        do_sample: bool = False,
                        temperature: float = 0.3, top_k: int = 0, top_p: float = 1.0,
-                       progress: bool = False, draft=None, speculate=4) -> ImageResult:
+                       progress: bool = False, image_mode: Optional[str] = None,
+                       patch_group: Optional[int] = None, draft=None, speculate=4) -> ImageResult:
         """Text-to-image (official recipe, porting reference 8.7). ``prompt`` may be a list: one compiled program
         generates all of them (same ``image_size``).
 
@@ -294,6 +320,9 @@ class Pipeline:
           step_cache: "taylorseer" predicts some flow steps from earlier ones instead of running the decoder
             (porting reference 8.9; about half the decoder passes, a close but not equal image); "none" (default).
           draft / speculate: speculative decoding of the thinking text (as :meth:`understand`).
+          image_mode: "whole" (default, official: the image denoised as one block) or "patch_ar" (groups of
+            ``patch_group`` latent tokens one after another, default the model's first ``patch_ar_groups``;
+            only for a model trained in that mode, :mod:`bagel_jax.inference.patch_ar`).
         """
         prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
         if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -303,8 +332,11 @@ class Pipeline:
                               cfg_renorm_min=cfg_renorm_min, cfg_renorm_type=cfg_renorm_type, cfg_mode=cfg_mode,
                               step_cache=step_cache)
         hw = self.engine.check_output_size(image_size or self.default_image_size)
+        self._check_image_mode(image_mode)
         sp = sampling(do_sample, temperature, top_k, top_p)
         n_img = layout.vae_block(*hw, self.engine.cfg.latent_downsample, noised=True).length   # the generated image
+        if image_mode == "patch_ar":
+            n_img = 2 + layout.latent_tokens(*hw, self.engine.cfg.latent_downsample)
         for p in prompts:
             self._precheck(([GEN_THINK_SYSTEM_PROMPT] if think else []) + [p], [],
                            n_img + (max_think_tokens if think else 0), "generate_image")
@@ -315,7 +347,7 @@ class Pipeline:
         thinking = None
         if think:
             ctx, thinking = self._think(ctx, max_think_tokens, sp, seed, progress, draft, speculate)
-        res = self._sample(ctx, hw, ip, seed, progress)
+        res = self._sample(ctx, hw, ip, seed, progress, image_mode=image_mode, patch_group=patch_group)
         res.thinking = thinking
         return res
 

@@ -120,13 +120,18 @@ def _flow_loop(model: Bagel, params, vae, vae_params, cache: KVCache, rope, x0, 
         if step_cache is not None:
             out["branch"] = ys[2]
     if decode:
-        p, C = cfg.latent_patch_size, cfg.vae.z_channels
-        z = unpatchify_latents(x, h, w, p, C)                                        # [B, 2h, 2w, C]
-        img = vae.apply({"params": vae_params}, z, method=flux_vae.AutoEncoder.decode)  # [B, H, W, 3]
-        out["latent"] = z
-        out["decoded"] = img
-        out["image"] = (jnp.clip(img.astype(jnp.float32) * 0.5 + 0.5, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+        out.update(decode_latents(cfg, vae, vae_params, x, h, w))
     return out
+
+
+def decode_latents(cfg, vae, vae_params, x, h: int, w: int) -> dict:
+    """Latent tokens ``x [B, h*w, p*p*C]`` -> ``latent`` ``[B, p*h, p*w, C]``, ``decoded`` ``[B, H, W, 3]`` and the
+    official uint8 ``image`` (inside the caller's jit)."""
+    p, C = cfg.latent_patch_size, cfg.vae.z_channels
+    z = unpatchify_latents(x, h, w, p, C)                                        # [B, 2h, 2w, C]
+    img = vae.apply({"params": vae_params}, z, method=flux_vae.AutoEncoder.decode)  # [B, H, W, 3]
+    return dict(latent=z, decoded=img,
+                image=(jnp.clip(img.astype(jnp.float32) * 0.5 + 0.5, 0.0, 1.0) * 255.0).astype(jnp.uint8))
 
 
 def _taylor_body(model: Bagel, params, cache: KVCache, rope, sigmas, markers, lat_pos, text_scale, img_scale,
@@ -237,6 +242,20 @@ def initial_noise(keys: Sequence[jax.Array], n_tokens: int, dim: int) -> jax.Arr
     return jnp.stack([jax.random.normal(k, (n_tokens, dim), jnp.float32) for k in keys])
 
 
+def start_noise(B: int, N: int, dim: int, keys: Optional[Sequence] = None, noise=None) -> jax.Array:
+    """The initial noise ``[B, N, dim]`` of a sampling call: ``noise`` (checked) or one draw per row key
+    (default ``PRNGKey(i)`` for row i)."""
+    if noise is not None:
+        x0 = jnp.asarray(noise, jnp.float32)
+        if x0.shape != (B, N, dim):
+            raise ValueError(f"noise must have shape {(B, N, dim)}, got {x0.shape}")
+        return x0
+    keys = [jax.random.PRNGKey(i) for i in range(B)] if keys is None else list(keys)
+    if len(keys) != B:
+        raise ValueError(f"got {len(keys)} keys for a batch of {B}")
+    return initial_noise(keys, N, dim)
+
+
 @on_mesh
 def generate_images(ctx: Context, hw, params: Optional[ImageParams] = None, keys: Optional[Sequence] = None,
                     noise: Optional[np.ndarray] = None, record: bool = False, progress: bool = False,
@@ -260,15 +279,7 @@ def generate_images(ctx: Context, hw, params: Optional[ImageParams] = None, keys
     N = layout.latent_tokens(H, W, cfg.latent_downsample)
     B = ctx.batch
     ctx.check_room(layout.vae_block(H, W, cfg.latent_downsample, noised=True).length, "image generation")
-    if noise is not None:
-        x0 = jnp.asarray(noise, jnp.float32)
-        if x0.shape != (B, N, cfg.patch_latent_dim):
-            raise ValueError(f"noise must have shape {(B, N, cfg.patch_latent_dim)}, got {x0.shape}")
-    else:
-        keys = [jax.random.PRNGKey(i) for i in range(B)] if keys is None else list(keys)
-        if len(keys) != B:
-            raise ValueError(f"got {len(keys)} keys for a batch of {B}")
-        x0 = initial_noise(keys, N, cfg.patch_latent_dim)
+    x0 = start_noise(B, N, cfg.patch_latent_dim, keys, noise)
     sig = shifted_schedule(int(params.num_timesteps), float(params.timestep_shift))
     ts = None
     if params.step_cache == "taylorseer":

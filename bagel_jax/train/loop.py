@@ -88,8 +88,10 @@ def init_params(tc, cfg, model, vae, param_sh, vae_sh):
         if not os.path.isdir(init):
             raise TrainSetupError(f"train.init: model folder not found: {init}")
         bm = load_model(init, dtype=jnp.float32, param_dtype=jnp.float32, shardings=param_sh, vae_shardings=vae_sh)
-        # timestep_shift only shapes the training-time t distribution: a fine-tune may change it
-        if dataclasses.replace(bm.cfg, timestep_shift=cfg.timestep_shift) != cfg:
+        # timestep_shift only shapes the training-time t distribution, the image mode only the layout (same
+        # parameters): a fine-tune may change them
+        if dataclasses.replace(bm.cfg, timestep_shift=cfg.timestep_shift, image_mode=cfg.image_mode,
+                               patch_ar_groups=cfg.patch_ar_groups) != cfg:
             raise TrainSetupError(f"train.init: the folder {init} has a different model config than the YAML "
                                   "model: section (use the folder's shapes)")
         return bm.params, bm.vae_params, bm.tokenizer
