@@ -36,6 +36,8 @@ import sys
 import time
 
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bagel_jax", "assets", "demo")
+# the demo model fine-tuned to decide by itself when to draw: the default of `interleave --mode model`
+DEMO_INTERLEAVE_MODEL = DEMO_MODEL + "-interleave"
 
 
 class CLIError(Exception):
@@ -72,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = common.add_argument_group("model and run")
     g.add_argument("--model-path", default=DEMO_MODEL,
                    help="official BAGEL model folder (llm_config.json, vit_config.json, ema.safetensors, "
-                        "ae.safetensors, tokenizer files). Default: the embedded demo model bagel_jax/assets/demo")
+                        "ae.safetensors, tokenizer files). Default: the embedded demo model bagel_jax/assets/demo "
+                        "(interleave --mode model: bagel_jax/assets/demo-interleave, trained to decide when to draw)")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="compute dtype of the model: bfloat16 as released, float32 for exact parity; "
                         "auto = bfloat16 on GPU/TPU, float32 on CPU (default auto). The VAE always runs in float32")
@@ -253,6 +256,9 @@ def _check_args(args) -> None:
         if args.num_images is not None and args.mode != "auto":
             raise CLIError(f"interleave: --num-images is for --mode auto (the mode is {args.mode})")
         check_interleave(args.prompt, args.mode, 1 if args.num_images is None else args.num_images)
+        if args.mode == "model" and os.path.abspath(args.model_path) == DEMO_MODEL \
+                and os.path.isdir(DEMO_INTERLEAVE_MODEL):
+            args.model_path = DEMO_INTERLEAVE_MODEL
     args.images = [load_image(p) for p in images]   # unreadable images fail here, before any compute
 
 
