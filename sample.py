@@ -24,6 +24,9 @@ defaults (the porting reference 8.8): generate cfg_text_scale 4.0, cfg_img_scale
 renorm global; edit cfg_text_scale 4.0, cfg_img_scale 2.0, cfg_interval 0.0 1.0, renorm text_channel; both
 timestep_shift 3.0, 50 timesteps, renorm_min 0.0; text greedy, at most 1000 tokens. With --think, interleave
 and chat write each image's thinking text before it in the transcript.
+Speculative decoding (every subcommand that decodes text: understand, chat, interleave, and generate / edit
+with --think): --draft ngram (prompt lookup) or --draft-model PATH (a Hugging Face Qwen2 folder with the
+target's tokenizer, or a small BAGEL folder), --speculate GAMMA or auto; greedy output is unchanged.
 JAX's persistent compilation cache is on (--compilation-cache), so later runs skip most compilation.
 Several devices (every subcommand): --mesh fsdp=4,tensor=2 splits the model over 8 devices.
 """
@@ -117,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--temperature", type=float, default=0.3, help="sampling temperature with --do-sample (default 0.3)")
     t.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off, default)")
     t.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off, default)")
+    t.add_argument("--draft", choices=("ngram",), default=None,
+                   help="speculative decoding with prompt lookup (n-gram match against the context, no model)")
+    t.add_argument("--draft-model", default=None, metavar="PATH",
+                   help="speculative decoding with a draft model: a Hugging Face Qwen2 folder (config.json + "
+                        "model.safetensors, same tokenizer) or a small BAGEL folder")
+    t.add_argument("--speculate", default=None, metavar="GAMMA",
+                   help="tokens the draft proposes per target pass (an integer >= 1, or 'auto': adapted between "
+                        "rounds from the acceptance rate; default 4)")
 
     i = common.add_argument_group("image generation (defaults depend on the subcommand, see above)")
     i.add_argument("--image-size", type=_hw, default=None, metavar="HxW",
@@ -259,7 +270,57 @@ def _check_args(args) -> None:
         if args.mode == "model" and os.path.abspath(args.model_path) == DEMO_MODEL \
                 and os.path.isdir(DEMO_INTERLEAVE_MODEL):
             args.model_path = DEMO_INTERLEAVE_MODEL
+    _check_draft(args)
     args.images = [load_image(p) for p in images]   # unreadable images fail here, before any compute
+
+
+def _check_draft(args) -> None:
+    """Speculative decoding flags: one draft, a gamma only with a draft, and a command that decodes text."""
+    if args.draft and args.draft_model:
+        raise CLIError("give either --draft ngram or --draft-model PATH, not both")
+    if not (args.draft or args.draft_model):
+        if args.speculate is not None:
+            raise CLIError("--speculate needs a draft (--draft ngram or --draft-model PATH)")
+        return
+    if args.speculate is not None and args.speculate != "auto":
+        try:
+            args.speculate = int(args.speculate)
+        except ValueError:
+            raise CLIError(f"--speculate must be an integer >= 1 or 'auto', got {args.speculate!r}") from None
+        _at_least("--speculate", args.speculate, 1)
+    decodes = args.command in ("understand", "chat") or args.think or \
+        (args.command == "interleave" and args.mode != "explicit")
+    if not decodes:
+        raise CLIError(f"{args.command}: a draft speeds up text decoding, and this command decodes none "
+                       "without --think")
+    if args.draft_model and not os.path.isdir(args.draft_model):
+        raise CLIError(f"--draft-model: folder not found: {args.draft_model}")
+
+
+def _load_draft(args, pipe) -> dict:
+    """The speculative-decoding keywords of every call: {} without a draft. A draft model is loaded (a
+    Hugging Face Qwen2 folder, or a BAGEL folder) and checked against the target's vocabulary here."""
+    if not (args.draft or args.draft_model):
+        return {}
+    spec = dict(speculate=4 if args.speculate is None else args.speculate)
+    if args.draft:
+        return dict(spec, draft=args.draft)
+    from bagel_jax.inference.draft_lm import load_qwen2_draft
+
+    dtype = _setup_jax(args)
+    if os.path.isfile(os.path.join(args.draft_model, "config.json")):
+        draft = load_qwen2_draft(args.draft_model, dtype=dtype)
+        draft.bind(pipe)                               # vocabulary check (DraftError: exit status 2)
+    else:
+        from bagel_jax.inference.api import load
+
+        draft = load(args.draft_model, dtype=dtype, compilation_cache=None)
+        if draft.engine.cfg.llm.vocab_size != pipe.engine.cfg.llm.vocab_size or \
+                draft.tokenizer.hf.get_vocab() != pipe.tokenizer.hf.get_vocab():
+            raise CLIError(f"--draft-model {args.draft_model}: its vocabulary differs from the target's (a BAGEL "
+                           "draft must share the target's tokenizer)")
+    print(f"draft {args.draft_model} loaded", file=sys.stderr)
+    return dict(spec, draft=draft)
 
 
 def _check_out(out: str) -> None:
@@ -284,7 +345,8 @@ def _image_kw(args) -> dict:
 
 
 def _text_kw(args) -> dict:
-    return dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    return dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                **getattr(args, "spec", {}))
 
 
 def _write(path: str, text: str) -> None:
@@ -375,22 +437,69 @@ class Transcript:
         self.add("error", "text", f"`{type(e).__name__}: {e}`")
 
 
+class Printer:
+    """Prints streamed text as it arrives (``[thinking] `` before thinking text), one line per block."""
+
+    def __init__(self):
+        self.kind = None
+
+    def piece(self, kind: str, text: str) -> None:
+        if kind != self.kind:
+            self.end()
+            print("[thinking] " if kind == "think" else "", end="")
+            self.kind = kind
+        print(text, end="", flush=True)
+
+    def end(self) -> None:
+        if self.kind is not None:
+            print(flush=True)
+        self.kind = None
+
+
+STREAM_CHUNK = 8   # tokens per compiled decoding call while printing text as it arrives
+
+
+def streamed(fn, *a, printer: Printer, **kw):
+    """Run ``fn(*a, **kw)`` streamed (bagel_jax.inference.streaming): text pieces are printed as they are
+    decoded; returns ``(result, printed)`` with ``printed`` whether any text piece came."""
+    from bagel_jax.inference import streaming
+
+    s, printed = streaming.stream(fn, *a, chunk=STREAM_CHUNK, **kw), False
+    for ev in s:
+        if ev.kind in ("text", "think") and ev.row == 0:
+            printer.piece(ev.kind, ev.value)
+            printed = True
+        elif ev.kind == "image":
+            printer.end()
+    printer.end()
+    return s.result, printed
+
+
 def cmd_interleave(args, pipe) -> int:
+    from bagel_jax.inference import streaming
+
     shown = [("user", "input", os.path.abspath(p)) for p in args.image] + \
             ([("user", "text", p) for p in args.prompt] if args.mode != "explicit" else [])
     tr = Transcript(args.out, shown)
+    printer = Printer()
 
-    def on_item(item):
+    def on_item(item):   # text was printed piece by piece; the transcript gets whole items, images at once
         kind, v = item
         tr.add("assistant", kind, v)
-        print({"text": v, "think": f"[thinking] {v}"}.get(kind, f"[image {tr.n}]"), flush=True)
+        if kind == "image":
+            printer.end()
+            print(f"[image {tr.n}]", flush=True)
 
-    res = pipe.interleave(list(args.images) + list(args.prompt), mode=args.mode,
-                          num_images=1 if args.num_images is None else args.num_images,
-                          image_size=args.image_size or pipe.default_image_size, max_text_length=args.max_text_length,
-                          max_interleaved_blocks=args.max_interleaved_blocks, think=args.think,
-                          max_think_tokens=args.max_think_tokens, seed=args.seed, progress=not args.no_progress,
-                          on_item=on_item, **_image_kw(args), **_text_kw(args))
+    def run():
+        return pipe.interleave(list(args.images) + list(args.prompt), mode=args.mode,
+                               num_images=1 if args.num_images is None else args.num_images,
+                               image_size=args.image_size or pipe.default_image_size,
+                               max_text_length=args.max_text_length, max_interleaved_blocks=args.max_interleaved_blocks,
+                               think=args.think, max_think_tokens=args.max_think_tokens, seed=args.seed,
+                               progress=False, on_item=streaming.item_hook(on_item), **_image_kw(args),
+                               **_text_kw(args))
+
+    res, _ = streamed(run, printer=printer)
     print(tr.path)
     if res.error is not None:
         tr.error(res.error)
@@ -410,9 +519,10 @@ def _chat_turn(args, conv, tr, line: str) -> bool:
     prog = not args.no_progress
     if not line.startswith("/"):
         tr.add("user", "text", line)
-        ans = conv.ask(line, progress=prog)
+        ans, printed = streamed(conv.ask, line, printer=Printer())   # printed as it is decoded
         tr.add("assistant", "text", ans)
-        print(ans)
+        if not printed:
+            print(ans)
         return True
     cmd, _, arg = line.partition(" ")
     arg = arg.strip()
@@ -433,11 +543,12 @@ def _chat_turn(args, conv, tr, line: str) -> bool:
               "with /gen PROMPT", file=sys.stderr)
     else:
         tr.add("user", "text", arg)
-        img = conv.edit(arg, think=args.think, progress=prog) if cmd == "/edit" else \
-            conv.generate_image(arg, think=args.think, progress=prog)
+        img, printed = streamed(conv.edit if cmd == "/edit" else conv.generate_image, arg, think=args.think,
+                                progress=prog, printer=Printer())
         if conv.last_thinking is not None:     # --think: the thinking text came before the image
             tr.add("assistant", "think", conv.last_thinking)
-            print(f"[thinking] {conv.last_thinking}")
+            if not printed:
+                print(f"[thinking] {conv.last_thinking}")
         tr.add("assistant", "image", img)
         print(f"[image {tr.n}]")
     return True
@@ -500,6 +611,7 @@ def main(argv=None) -> int:
         _check_args(args)
         _check_out(args.out)
         pipe = _load(args)
+        args.spec = _load_draft(args, pipe)
         return COMMANDS[args.command](args, pipe)
     except CLIError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -149,16 +149,16 @@ def test_interleave_failure_saves_partial(base, monkeypatch, capsys):
 
 
 def _spy_think(monkeypatch):
-    """Record max_length of every thinking decode (Pipeline._think calls api.generate_text)."""
+    """Record max_length of every thinking decode (Pipeline._think calls api.decode_text)."""
     from bagel_jax.inference import api
 
-    seen, real = [], api.generate_text
+    seen, real = [], api.decode_text
 
     def spy(ctx, max_length, *a, **k):
         seen.append(int(max_length))
         return real(ctx, max_length, *a, **k)
 
-    monkeypatch.setattr(api, "generate_text", spy)
+    monkeypatch.setattr(api, "decode_text", spy)
     return seen
 
 

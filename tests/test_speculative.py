@@ -4,7 +4,8 @@ Covers: greedy speculative output equals plain greedy token for token with draft
 (the target itself), always wrong, a random small model and prompt lookup; stop tokens inside an accepted
 run; batched rows (different acceptance) equal one at a time; the target cache after rollback equals a
 cache built without speculation; the rejection rule reproduces the target distribution (statistical);
-sampling with top_k=1 equals greedy end to end; a draft whose vocabulary does not fit is refused.
+sampling with top_k=1 equals greedy end to end; a draft whose vocabulary does not fit is refused; adaptive gamma
+moves to the largest / smallest bucket for always-right / always-wrong drafts with plain greedy's output.
 """
 
 import dataclasses
@@ -19,7 +20,8 @@ from bagel_jax.inference import api
 from bagel_jax.inference.context import Context, Engine
 from bagel_jax.inference.decode import SamplingParams, generate_text
 from bagel_jax.inference.kv_cache import forward_chunk
-from bagel_jax.inference.speculative import ModelDraft, NgramDraft, _accept, filtered_logits, speculative_generate
+from bagel_jax.inference.speculative import (AdaptiveGamma, ModelDraft, NgramDraft, _accept, filtered_logits,
+                                             speculative_generate)
 from bagel_jax.loading import BagelModel, build_modules, param_shapes
 from bagel_jax.models.bagel import Bagel
 from bagel_jax.models.qwen2_mot import Routing
@@ -105,6 +107,25 @@ def test_greedy_equals_plain(engines, kind):
         assert rounds == -(-L // 4) and acc[1] >= 3 * (rounds - 1)
     if kind == "wrong":    # nothing accepted: one token per target pass
         assert np.all(acc == 0) and rounds == L and drafted[1] == 3 * L     # as many passes as plain
+
+
+def test_adaptive_gamma(engines):
+    """Gamma picked between rounds from the acceptance rate: an always-right draft moves to the largest bucket
+    after the first round, an always-wrong one to the smallest; the output stays plain greedy's."""
+    eng, _ = engines
+    ctx = _ctx(eng, PROMPTS)
+    plain = generate_text(ctx, L, stop_tokens=STOPS)
+    ad = AdaptiveGamma((1, 2, 4), start=2, cost=0.0)
+    right = speculative_generate(ctx, ModelDraft(ctx), ad, L, stop_tokens=STOPS)
+    _same(right, plain)
+    rounds = int(right.raw["rounds"])
+    assert list(right.raw["bucket_rounds"]) == [0, 1, rounds - 1] and rounds == 1 + -(-(L - 3) // 5)
+    wrong = speculative_generate(ctx, WrongDraft(ctx), ad, L, stop_tokens=STOPS)
+    _same(wrong, plain)
+    assert list(wrong.raw["bucket_rounds"]) == [L - 1, 1, 0]
+    for bad in (dict(buckets=(4, 2)), dict(buckets=(2, 4), start=3), dict(buckets=(0, 2), start=2)):
+        with pytest.raises(ValueError, match="bucket"):
+            AdaptiveGamma(**bad)
 
 
 def test_batched_equals_one_at_a_time(engines):

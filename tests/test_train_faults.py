@@ -137,6 +137,8 @@ def test_setup_errors_are_one_line_exit_2_before_compute(case, data, tmp_path, c
     make, expect = SETUP_CASES[case]
     kw = dict(data=data, workdir=str(tmp_path / "run"), config=None, extra=[])
     kw.update(make(data, str(tmp_path)))
+    if "--export" not in kw["extra"]:  # a failed run leaves no (empty) export folder behind
+        kw["extra"] = kw["extra"] + ["--export", str(tmp_path / "never-made" / "export")]
     argv = train_cmd(kw["data"], kw["workdir"], 3, *kw["extra"])[2:]
     if kw["config"]:
         argv[argv.index("--config") + 1] = kw["config"]
@@ -146,6 +148,7 @@ def test_setup_errors_are_one_line_exit_2_before_compute(case, data, tmp_path, c
     # nothing was initialised or written: the checks come before any compute
     assert not os.path.exists(os.path.join(kw["workdir"], "ae.safetensors"))
     assert not os.path.exists(os.path.join(kw["workdir"], "checkpoints"))
+    assert not os.path.exists(tmp_path / "never-made")
 
 
 # -- row 18: metrics.jsonl is append-only --------------------------------------------------------------

@@ -95,3 +95,20 @@ def test_init_from_model_folder_checks_shapes_not_training_shift():
     wider = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, intermediate_size=cfg.llm.intermediate_size * 2))
     with pytest.raises(TrainSetupError, match="different model config"):
         init_params(tc, wider, None, None, None, None)
+
+
+def test_init_refuses_an_integer_weight(setup, tmp_path):
+    """An integer tensor where a weight is expected is refused by name, never cast into garbage."""
+    from bagel_jax.convert.safetensors_io import SafeTensorsError, load_file
+
+    d, cfg, _, base = setup
+    os.makedirs(tmp_path / "qwen2")
+    for f in sorted(os.listdir(d / "qwen2")):
+        t = load_file(str(d / "qwen2" / f))
+        if f.startswith("model-00001"):
+            name = sorted(t)[0]
+            t[name] = t[name].astype(np.int32)
+        save_file(t, str(tmp_path / "qwen2" / f))
+    with pytest.raises((InitError, SafeTensorsError), match=f"'{name}' has dtype I32"):
+        init_from_components(dict(qwen2=str(tmp_path / "qwen2")), cfg, base.model, base.vae, None, None, 0,
+                             base=(base.params, base.vae_params))

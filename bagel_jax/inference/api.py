@@ -32,11 +32,13 @@ from PIL import Image
 from .. import layout
 from ..data.images import INFERENCE_VAE, INFERENCE_VIT, ImageTransform
 from . import progress as _progress
+from . import streaming
 from .cfg import ImageParams
 from .context import (Context, ContextError, Engine, GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT)
 from .conversation import (DEFAULT_MAX_TEXT, Conversation, InterleaveResult, as_list, interleave, noise_keys,
                            sampling, text_keys)
-from .decode import SamplingParams, generate_text
+from .decode import SamplingParams
+from .speculative import decode_text
 from .sampler import generate_images
 
 __all__ = ["load", "folder_defaults", "Pipeline", "ImageResult", "Conversation", "InterleaveResult", "ImageParams"]
@@ -204,8 +206,10 @@ class Pipeline:
             question. For a batch (``question`` a list) give one entry per question (each an image or a list).
           think: prepend the official VLM think system prompt (the answer then contains the reasoning).
           max_new_tokens: most fed tokens (official ``max_think_token_n``, default 1000; the start token counts).
-          draft: speculative decoding (:mod:`bagel_jax.inference.speculative`): ``"ngram"`` (prompt lookup) or
-            a draft :class:`Pipeline` with the same tokenizer; ``speculate`` tokens proposed per target pass.
+          draft: speculative decoding (:mod:`bagel_jax.inference.speculative`): ``"ngram"`` (prompt lookup), a
+            draft :class:`Pipeline` with the same tokenizer, or a loaded Hugging Face Qwen2 draft
+            (:func:`bagel_jax.inference.draft_lm.load_qwen2_draft`); ``speculate``: tokens proposed per target
+            pass, or ``"auto"`` (adapted between rounds from the acceptance rate).
         Returns the answer (``str``), or a list for a batch.
         """
         batched = isinstance(question, (list, tuple))
@@ -238,20 +242,14 @@ class Pipeline:
             return ctx.add_text(questions)
 
         ctx = build(self.engine, pre)
-        if draft is not None:
-            from . import speculative
-            if isinstance(draft, Pipeline):
-                dpre = [[draft.engine.preprocess(im, vae=False, vit=True) for im in r] for r in per_row]
-                draft = speculative.ModelDraft(build(draft.engine, dpre))
-            elif draft == "ngram":
-                draft = speculative.NgramDraft()
-            else:
-                raise ValueError(f"understand: draft must be 'ngram' or a Pipeline, got {draft!r}")
-            r = speculative.speculative_generate(ctx, draft, speculate, max_new_tokens, sp, text_keys(seed, B))
-            return r.texts if batched else r.texts[0]
-        with _progress.bar("tokens", max_new_tokens, "decoding", progress):
-            r = generate_text(ctx, max_new_tokens, sp, text_keys(seed, B), progress=progress)
-            jax.effects_barrier()
+        if draft is not None and not isinstance(draft, (str, Pipeline)) and not hasattr(draft, "propose"):
+            raise ValueError(f"understand: draft must be 'ngram', a Pipeline or a loaded draft, got {draft!r}")
+        if isinstance(draft, Pipeline):      # a small BAGEL sees the same (preprocessed by its engine) images
+            dpre = [[draft.engine.preprocess(im, vae=False, vit=True) for im in r] for r in per_row]
+            from .speculative import ModelDraft
+            draft = ModelDraft(build(draft.engine, dpre))
+        r = decode_text(ctx, max_new_tokens, sp, text_keys(seed, B), progress=progress, draft=draft,
+                        speculate=speculate)
         return r.texts if batched else r.texts[0]
 
     # -- image generation ---------------------------------------------------------------------------------
@@ -261,13 +259,17 @@ class Pipeline:
             out = generate_images(ctx, hw, ip, keys=noise_keys(seed, B), noise=noise, progress=progress)
             jax.effects_barrier()
         arr = out["image"]
-        return ImageResult([Image.fromarray(a) for a in arr], None, arr)
+        res = ImageResult([Image.fromarray(a) for a in arr], None, arr)
+        streaming.emit_images(res.images)   # streamed calls: each image as soon as it is decoded
+        return res
 
-    def _think(self, ctx: Context, max_think_tokens: int, sp: SamplingParams, seed: int, progress: bool):
-        """Thinking text from ``ctx`` (text stream of ``seed``) -> (ctx with it added, texts)."""
-        with _progress.bar("tokens", max_think_tokens, "thinking", progress):
-            r = generate_text(ctx, max_think_tokens, sp, text_keys(seed, ctx.batch), progress=progress)
-            jax.effects_barrier()
+    def _think(self, ctx: Context, max_think_tokens: int, sp: SamplingParams, seed: int, progress: bool,
+               draft=None, speculate=4):
+        """Thinking text from ``ctx`` (text stream of ``seed``; speculative with ``draft``, see
+        :func:`~bagel_jax.inference.speculative.decode_text`) -> (ctx with it added, texts)."""
+        with streaming.text_kind("think"):
+            r = decode_text(ctx, max_think_tokens, sp, text_keys(seed, ctx.batch), progress=progress, draft=draft,
+                            speculate=speculate, desc="thinking")
         return ctx.add_generated_text(r.texts), r.texts
 
     def generate_image(self, prompt: Union[str, Sequence[str]], think: bool = False,
@@ -278,7 +280,7 @@ class Pipeline:
                        step_cache: Optional[str] = None, seed: int = 0, max_think_tokens: int = DEFAULT_MAX_TEXT,
                        do_sample: bool = False,
                        temperature: float = 0.3, top_k: int = 0, top_p: float = 1.0,
-                       progress: bool = False) -> ImageResult:
+                       progress: bool = False, draft=None, speculate=4) -> ImageResult:
         """Text-to-image (official recipe, porting reference 8.7). ``prompt`` may be a list: one compiled program
         generates all of them (same ``image_size``).
 
@@ -291,6 +293,7 @@ class Pipeline:
           porting reference 8.5); None takes ``ImageParams.t2i()``'s value (the notebook's).
           step_cache: "taylorseer" predicts some flow steps from earlier ones instead of running the decoder
             (porting reference 8.9; about half the decoder passes, a close but not equal image); "none" (default).
+          draft / speculate: speculative decoding of the thinking text (as :meth:`understand`).
         """
         prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
         if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -311,7 +314,7 @@ class Pipeline:
         ctx = ctx.add_text(prompts)
         thinking = None
         if think:
-            ctx, thinking = self._think(ctx, max_think_tokens, sp, seed, progress)
+            ctx, thinking = self._think(ctx, max_think_tokens, sp, seed, progress, draft, speculate)
         res = self._sample(ctx, hw, ip, seed, progress)
         res.thinking = thinking
         return res
@@ -322,7 +325,8 @@ class Pipeline:
                    cfg_renorm_min: Optional[float] = None, cfg_renorm_type: Optional[str] = None,
                    cfg_mode: Optional[str] = None, step_cache: Optional[str] = None, seed: int = 0,
                    max_think_tokens: int = DEFAULT_MAX_TEXT, do_sample: bool = False, temperature: float = 0.3,
-                   top_k: int = 0, top_p: float = 1.0, progress: bool = False) -> ImageResult:
+                   top_k: int = 0, top_p: float = 1.0, progress: bool = False, draft=None,
+                   speculate=4) -> ImageResult:
         """Image editing (official recipe: [SYS], I_vae, I_vit, instruction [, THINK]); output size = the
         VAE-resized input size. ``image`` / ``instruction`` may be lists of equal length (batch; all
         images must resize to the same size). Image arguments: as :meth:`generate_image`, None takes
@@ -353,7 +357,7 @@ class Pipeline:
         ctx = ctx.add_text(instrs)
         thinking = None
         if think:
-            ctx, thinking = self._think(ctx, max_think_tokens, sp, seed, progress)
+            ctx, thinking = self._think(ctx, max_think_tokens, sp, seed, progress, draft, speculate)
         res = self._sample(ctx, sizes.pop(), ip, seed, progress)
         res.thinking = thinking
         return res
@@ -394,3 +398,23 @@ class Pipeline:
         """
         return interleave(self, inputs, mode, num_images, image_size, max_text_length, max_interleaved_blocks,
                           think, max_think_tokens, seed, progress, on_item, **kw)
+
+    # -- streaming (bagel_jax.inference.streaming) ---------------------------------------------------------
+    def stream_understand(self, images, question, chunk: int = streaming.DEFAULT_CHUNK, **kw) -> streaming.Stream:
+        """:meth:`understand` streamed: "text" pieces (``row`` = batch row), then "done" with the answer(s)."""
+        return streaming.stream(self.understand, images, question, chunk=chunk, **kw)
+
+    def stream_generate_image(self, prompt, chunk: int = streaming.DEFAULT_CHUNK, **kw) -> streaming.Stream:
+        """:meth:`generate_image` streamed: "think" pieces (think mode), each "image", "done" (ImageResult)."""
+        return streaming.stream(self.generate_image, prompt, chunk=chunk, **kw)
+
+    def stream_edit_image(self, image, instruction, chunk: int = streaming.DEFAULT_CHUNK, **kw) -> streaming.Stream:
+        """:meth:`edit_image` streamed: "think" pieces (think mode), each "image", "done" (ImageResult)."""
+        return streaming.stream(self.edit_image, image, instruction, chunk=chunk, **kw)
+
+    def stream_interleave(self, inputs, chunk: int = streaming.DEFAULT_CHUNK, on_item=None,
+                          **kw) -> streaming.Stream:
+        """:meth:`interleave` streamed: "text" / "think" pieces as decoded (an explicit-mode prompt segment
+        whole), each "image" as soon as it is decoded, then "done" with the :class:`InterleaveResult`;
+        :func:`streaming.collect_items` of the events equals its ``items``."""
+        return streaming.stream(self.interleave, inputs, chunk=chunk, on_item=streaming.item_hook(on_item), **kw)

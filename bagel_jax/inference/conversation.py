@@ -15,10 +15,11 @@ from typing import Optional
 import jax
 from PIL import Image
 
-from . import progress as _progress
+from . import streaming
 from .cfg import IMAGE_PARAM_NAMES, ImageParams, check_number
 from .context import Context, seed_key, GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT
-from .decode import SamplingParams, generate_text
+from .decode import SamplingParams
+from .speculative import decode_text
 
 DEFAULT_MAX_TEXT = 1000
 TEXT_STREAM = 1   # fold_in tag of the text-sampling stream (the noise stream is the row key itself)
@@ -108,6 +109,10 @@ class Conversation:
         return sampling(self._d("do_sample", do_sample, False), self._d("temperature", temperature, 0.3),
                         self._d("top_k", top_k, 0), self._d("top_p", top_p, 1.0))
 
+    def _speculation(self, draft=None, speculate=None) -> dict:
+        """Speculative decoding settings of a call over the conversation's defaults (``draft`` None: plain)."""
+        return dict(draft=self._d("draft", draft, None), speculate=self._d("speculate", speculate, 4))
+
     def say(self, text: str) -> "Conversation":
         """Add a user text segment (no generation)."""
         self.ctx = self.ctx.add_text(text, role="user")
@@ -123,14 +128,13 @@ class Conversation:
 
     def reply(self, max_new_tokens: Optional[int] = None, do_sample: Optional[bool] = None,
               temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
-              stop_tokens=None, return_stop: bool = False, progress: bool = False):
-        """Generate the model's text reply from the current context and add it to the context."""
+              stop_tokens=None, return_stop: bool = False, progress: bool = False, draft=None, speculate=None):
+        """Generate the model's text reply from the current context and add it to the context. ``draft`` /
+        ``speculate`` (default: the conversation's): speculative decoding, as :meth:`Pipeline.understand`."""
         n = int(self._d("max_new_tokens", max_new_tokens, DEFAULT_MAX_TEXT))
         sp = self._sampling(do_sample, temperature, top_k, top_p)
-        with _progress.bar("tokens", n, "decoding", progress):
-            r = generate_text(self.ctx, n, sp, text_keys(self._seed(), 1), stop_tokens=stop_tokens,
-                              progress=progress)
-            jax.effects_barrier()
+        r = decode_text(self.ctx, n, sp, text_keys(self._seed(), 1), stop_tokens, progress,
+                        **self._speculation(draft, speculate))
         text = r.texts[0]
         if text:
             self.ctx = self.ctx.add_text(text, role="assistant")
@@ -181,7 +185,7 @@ class Conversation:
         self.last_thinking = None
         if think:
             n = int(self._d("max_think_tokens", max_think_tokens, DEFAULT_MAX_TEXT))
-            ctx, texts = self.pipe._think(ctx, n, self._sampling(), seed, progress)
+            ctx, texts = self.pipe._think(ctx, n, self._sampling(), seed, progress, **self._speculation())
             self.last_thinking = texts[0]
             self.history.append(("assistant", "think", texts[0]))
         img = self.pipe._sample(ctx, hw, ip, seed, progress).image
@@ -202,6 +206,14 @@ class Conversation:
                              "or generate one first")
         self.has_input_image = True
         return self.generate_image(instruction, **kw)
+
+    def stream(self, method: str, *args, chunk: int = streaming.DEFAULT_CHUNK, **kw) -> streaming.Stream:
+        """Run one turn streamed (:mod:`~bagel_jax.inference.streaming`): ``method`` is "ask", "reply",
+        "generate_image" or "edit"; events: "text" / "think" pieces, the "image", then "done" with the
+        method's return value. Do not use the conversation until the stream has ended."""
+        if method not in ("ask", "reply", "generate_image", "edit"):
+            raise ValueError(f"stream: method must be 'ask', 'reply', 'generate_image' or 'edit', got {method!r}")
+        return streaming.stream(getattr(self, method), *args, chunk=chunk, **kw)
 
 
 MARKER = "<|vision_start|>"

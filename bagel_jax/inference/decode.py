@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,7 @@ import numpy as np
 
 from ..models.bagel import Bagel
 from ..models.qwen2_mot import Routing
+from . import streaming
 from .context import Context, on_mesh
 from .kv_cache import KVCache, forward_chunk
 
@@ -107,31 +108,25 @@ def _progress_cb(step, total):
     progress.tick("tokens", int(step), int(total))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_length", "do_sample", "record", "progress"))
-def decode_loop(model: Bagel, params, cache: KVCache, rope, start_id, stop_ids, keys, temperature, top_k, top_p,
-                max_length: int, do_sample: bool = False, record: bool = False, progress: bool = False):
-    """The compiled decoding loop.
-
-    Args:
-      cache: the context's cache (capacity >= length + max_length; it is not modified: JAX arrays are
-        values); rope ``[B]`` int32 next position; start_id scalar; stop_ids ``[S]`` int32;
-      keys: ``[B, 2]`` uint32 one PRNG key per row (step i of row b uses ``fold_in(keys[b], i)``).
-    Returns dict: ``tokens [B, max_length]`` fed ids (start first), ``n [B]`` number of fed tokens,
-    ``stop [B]`` the stop token that ended the row (-1: length limit), and with ``record`` the
-    per-step ``logits [B, max_length, V]`` and ``hidden [B, max_length, D]``.
-    """
-    B = rope.shape[0]
+def _init_state(model: Bagel, cache: KVCache, B: int, start_id, keys, max_length: int, record: bool) -> DecodeState:
     V = model.cfg.llm.vocab_size
     D = model.cfg.llm.hidden_size
-    state = DecodeState(
+    return DecodeState(
         i=jnp.int32(0), cache=cache, cur=jnp.full((B,), start_id, jnp.int32),
         tokens=jnp.zeros((B, max_length), jnp.int32).at[:, 0].set(start_id),
         n=jnp.ones((B,), jnp.int32), done=jnp.zeros((B,), bool), stop=jnp.full((B,), -1, jnp.int32), key=keys,
         logits=jnp.zeros((B, max_length, V), jnp.float32) if record else None,
         hidden=jnp.zeros((B, max_length, D), jnp.float32) if record else None)
 
+
+def _run_steps(model: Bagel, params, state: DecodeState, rope, stop_ids, temperature, top_k, top_p, until,
+               max_length: int, do_sample: bool, record: bool, progress: bool) -> DecodeState:
+    """Advance ``state`` until step ``until`` (<= ``max_length``) or until every row is done: the one
+    ``lax.while_loop`` of plain and streamed decoding (step ``i`` always draws with ``fold_in(key, i)``)."""
+    B = rope.shape[0]
+
     def cond(s: DecodeState):
-        return (s.i < max_length) & ~jnp.all(s.done)
+        return (s.i < until) & ~jnp.all(s.done)
 
     def body(s: DecodeState) -> DecodeState:
         i = s.i
@@ -159,11 +154,54 @@ def decode_loop(model: Bagel, params, cache: KVCache, rope, start_id, stop_ids, 
             logits=s.logits.at[:, i].set(logits.astype(jnp.float32)) if record else None,
             hidden=s.hidden.at[:, i].set(h[:, 0].astype(jnp.float32)) if record else None)
 
-    s = jax.lax.while_loop(cond, body, state)
+    return jax.lax.while_loop(cond, body, state)
+
+
+def _result(s: DecodeState, record: bool) -> dict:
     res = dict(tokens=s.tokens, n=s.n, stop=s.stop, steps=s.i)
     if record:
         res["logits"], res["hidden"] = s.logits, s.hidden
     return res
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_length", "do_sample", "record", "progress"))
+def decode_loop(model: Bagel, params, cache: KVCache, rope, start_id, stop_ids, keys, temperature, top_k, top_p,
+                max_length: int, do_sample: bool = False, record: bool = False, progress: bool = False):
+    """The compiled decoding loop in one call.
+
+    Args:
+      cache: the context's cache (capacity >= length + max_length; it is not modified: JAX arrays are
+        values); rope ``[B]`` int32 next position; start_id scalar; stop_ids ``[S]`` int32;
+      keys: ``[B, 2]`` uint32 one PRNG key per row (step i of row b uses ``fold_in(keys[b], i)``).
+    Returns dict: ``tokens [B, max_length]`` fed ids (start first), ``n [B]`` number of fed tokens,
+    ``stop [B]`` the stop token that ended the row (-1: length limit), and with ``record`` the
+    per-step ``logits [B, max_length, V]`` and ``hidden [B, max_length, D]``.
+    """
+    s = _init_state(model, cache, rope.shape[0], start_id, keys, max_length, record)
+    s = _run_steps(model, params, s, rope, stop_ids, temperature, top_k, top_p, max_length, max_length, do_sample,
+                   record, progress)
+    return _result(s, record)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_length", "record"))
+def decode_start(model: Bagel, cache: KVCache, rope, start_id, keys, max_length: int, record: bool = False):
+    """The initial :class:`DecodeState` of a decode over ``cache`` (copied: :func:`decode_chunk` donates its
+    state, and the context keeps its own cache)."""
+    cache = jax.tree_util.tree_map(jnp.copy, cache)
+    return _init_state(model, cache, rope.shape[0], start_id, keys, max_length, record)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_length", "do_sample", "record", "progress"),
+                   donate_argnames=("state",))
+def decode_chunk(model: Bagel, params, state: DecodeState, rope, stop_ids, temperature, top_k, top_p, chunk,
+                 max_length: int, do_sample: bool = False, record: bool = False, progress: bool = False):
+    """Run at most ``chunk`` (a traced int32: one compiled program for every chunk size) more steps of the
+    decoding loop from ``state`` -> the new state. Calling it until every row is done gives exactly
+    :func:`decode_loop`'s tokens (same loop body, same per-step keys); with ``chunk >= max_length`` it is one call.
+    Arguments as :func:`decode_loop`."""
+    until = jnp.minimum(state.i + chunk, max_length)
+    return _run_steps(model, params, state, rope, stop_ids, temperature, top_k, top_p, until, max_length, do_sample,
+                      record, progress)
 
 
 @dataclasses.dataclass
@@ -183,10 +221,34 @@ def official_text(tokenizer, ids: Sequence[int]) -> str:
     return parts[1] if len(parts) > 1 else parts[0]
 
 
+class TextPieces:
+    """Host-side text streaming: after each chunk, the new part of every row's text (official
+    post-processing of the ids fed so far). A decoded prefix can end inside a multi-byte character
+    (shown as U+FFFD); that tail is held back until the next chunk completes it, so the pieces of a row
+    concatenate to exactly its final text."""
+
+    def __init__(self, tokenizer, batch: int):
+        self.tok = tokenizer
+        self.sent = [""] * batch
+
+    def update(self, tokens: np.ndarray, n: np.ndarray, final: bool = False) -> list:
+        """``tokens [B, L]`` / ``n [B]`` of the state -> the new piece of each row ('' when none)."""
+        out = []
+        for b, prev in enumerate(self.sent):
+            text = official_text(self.tok, tokens[b, :n[b]])
+            if not final:
+                text = text.rstrip("\ufffd")
+            piece = text[len(prev):] if text.startswith(prev) else ""
+            self.sent[b] = prev + piece
+            out.append(piece)
+        return out
+
+
 @on_mesh
 def generate_text(ctx: Context, max_length: int = 1000, sampling: SamplingParams = SamplingParams(),
                   keys: Optional[Sequence] = None, stop_tokens: Optional[Sequence[int]] = None,
-                  record: bool = False, progress: bool = False) -> TextResult:
+                  record: bool = False, progress: bool = False, chunk: Optional[int] = None,
+                  on_text: Optional[Callable[[int, str], None]] = None) -> TextResult:
     """Generate text from the ``gen`` branch of ``ctx`` (``ctx`` itself is unchanged; porting reference 8.4).
 
     Args:
@@ -194,10 +256,20 @@ def generate_text(ctx: Context, max_length: int = 1000, sampling: SamplingParams
       sampling: see :class:`SamplingParams`. keys: one PRNG key per row for sampling (default
         ``PRNGKey(i)`` for row i; a row's draws depend only on its key).
       stop_tokens: ids that end a row (default ``[<|im_end|>]``; add ``<|vision_start|>`` to interleave).
+      chunk: streaming: run the compiled loop for at most ``chunk`` tokens per call (one host round-trip per
+        chunk) and call ``on_text(row, piece)`` with each row's new text after each call (:class:`TextPieces`).
+        Default: the active :mod:`~bagel_jax.inference.streaming` sink's chunk and its text callback, else one
+        call. The tokens do not depend on ``chunk`` (same loop, same per-step keys).
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
     sampling.validate()
+    sink = streaming.active()
+    if sink is not None:
+        chunk = chunk or sink.chunk
+        on_text = on_text or sink.text
     eng = ctx.engine
     ctx.check_room(max_length, "text generation")
     gen = ctx.gen.reserve(eng, max_length)
@@ -206,11 +278,23 @@ def generate_text(ctx: Context, max_length: int = 1000, sampling: SamplingParams
     if len(keys) != gen.batch:
         raise ValueError(f"got {len(keys)} keys for a batch of {gen.batch}")
     keys = jnp.stack([jnp.asarray(k, jnp.uint32).reshape(2) for k in keys])
-    res = decode_loop(eng.model, eng.params, gen.cache, jnp.asarray(gen.rope, jnp.int32), eng.sp.bos,
-                      jnp.asarray(stops, jnp.int32), keys, jnp.float32(sampling.temperature),
-                      jnp.int32(sampling.top_k), jnp.float32(sampling.top_p), max_length=int(max_length),
-                      do_sample=bool(sampling.do_sample), record=record, progress=progress)
-    res = jax.device_get(res)
+    rope = jnp.asarray(gen.rope, jnp.int32)
+    state = decode_start(eng.model, gen.cache, rope, eng.sp.bos, keys, max_length=int(max_length), record=record)
+    args = (jnp.asarray(stops, jnp.int32), jnp.float32(sampling.temperature), jnp.int32(sampling.top_k),
+            jnp.float32(sampling.top_p), jnp.int32(min(chunk or max_length, max_length)))
+    pieces = TextPieces(eng.tok, gen.batch) if on_text is not None else None
+    while True:
+        state = decode_chunk(eng.model, eng.params, state, rope, *args, max_length=int(max_length),
+                             do_sample=bool(sampling.do_sample), record=record, progress=progress)
+        i, done, tokens, n = jax.device_get((state.i, state.done, state.tokens, state.n))   # one round-trip
+        finished = bool(done.all()) or int(i) >= max_length
+        if pieces is not None:
+            for b, piece in enumerate(pieces.update(tokens, n, final=finished)):
+                if piece:
+                    on_text(b, piece)
+        if finished:
+            break
+    res = jax.device_get(_result(state, record))
     ids = [res["tokens"][b, :res["n"][b]] for b in range(gen.batch)]
     texts = [official_text(eng.tok, x) for x in ids]
     stop = [int(s) if s >= 0 else None for s in res["stop"]]

@@ -32,12 +32,16 @@ def bar(kind: str, total: int, desc: str, enabled: bool = True):
         b.close()
 
 
-def tick(kind: str, step: int, total: int) -> None:
+def tick(kind: str, step: int, total: int, postfix: str = "") -> None:
+    """Advance the open bar of ``kind`` to ``step`` of ``total``; ``postfix`` (e.g. speculative decoding's
+    acceptance rate) is shown after the counts."""
     with _lock:
         b = _bars.get(kind)
         if b is None:
             return
         if b.total != total:
             b.total = total
+        if postfix:
+            b.set_postfix_str(postfix, refresh=False)
         if step > b.n:
             b.update(step - b.n)

@@ -17,9 +17,13 @@ and the draft cache hold the context plus ``tokens[:n-1]``. A round
    get overwritten by the next round).
 
 Rows advance independently (per-row ``n``, ``done``); finished rows keep running with their lengths pinned.
-Drafts: :class:`NgramDraft` (prompt lookup, no model) and :class:`ModelDraft` (a second BAGEL context with
-the same tokenizer, built from the same inputs). A draft is a frozen dataclass of static settings plus a
-state pytree made on the host by ``init``; ``propose`` / ``rollback`` are traced inside the loop.
+``gamma`` is fixed, or an :class:`AdaptiveGamma`: one round body per gamma bucket, chosen between rounds by
+``lax.switch`` from the acceptance rate. Drafts: :class:`NgramDraft` (prompt lookup, no model),
+:class:`ModelDraft` (a second BAGEL context with the same tokenizer, built from the same inputs) and
+:class:`~bagel_jax.inference.draft_lm.LMDraft` (a Hugging Face Qwen2 folder). A draft is a frozen dataclass of
+static settings plus a state pytree made on the host by ``init`` (after optional ``bind(target)`` checks and
+``reserve(slots)``); ``propose`` / ``rollback`` are traced inside the loop. :func:`decode_text` is the one
+entry point of the API calls (plain or speculative).
 """
 
 from __future__ import annotations
@@ -87,6 +91,30 @@ class NgramDraft:
         return state
 
 
+def lm_propose(step, state, cur, n, key, gamma: int, sampling):
+    """Proposals of a model draft with its own cache ``state["cache"]`` (rolled back to hold the context and
+    ``tokens[:n-1]``) and RoPE start ``state["rope"] [B]``: ``gamma + 1`` cached feeds ``cur, d1..dg`` (the last
+    only writes ``dg``, so a full accept keeps the invariant). ``step(state, cache, tok, pos)`` -> (logits
+    ``[B, V]``, cache). Returns ``(proposals [B, gamma], q [B, gamma, V] or None (greedy), state)``."""
+    B = cur.shape[0]
+
+    def one(carry, j):
+        cache, tok = carry
+        logits, cache = step(state, cache, tok, state["rope"] + n - 1 + j)
+        if sampling is None:
+            return (cache, jnp.argmax(logits, -1).astype(jnp.int32)), (tok, jnp.zeros((B, 0)))
+        f = filtered_logits(logits, *sampling)
+        nxt = _draw(jax.vmap(lambda k: jax.random.fold_in(k, j))(key), f)
+        return (cache, nxt), (nxt, jax.nn.softmax(f, axis=-1))
+
+    (cache, _), (outs, q) = jax.lax.scan(one, (state["cache"], cur), jnp.arange(gamma + 1))
+    if sampling is None:
+        prop, q = outs[1:].T, None                                 # greedy: feed j's input is d_j
+    else:
+        prop, q = outs[:gamma].T, jnp.swapaxes(q[:gamma], 0, 1)
+    return prop, q, dict(state, cache=cache)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelDraft:
     """A second BAGEL (same tokenizer, any size) decoding on its own context ``ctx`` (built from the same
@@ -98,7 +126,8 @@ class ModelDraft:
     def __post_init__(self):
         object.__setattr__(self, "model", self.ctx.engine.model)
 
-    def check(self, target: Context) -> None:
+    def bind(self, target: Context) -> "ModelDraft":
+        """Refuse a draft whose vocabulary, tokenizer or batch does not fit ``target``; else itself."""
         de, te = self.ctx.engine, target.engine
         if de.cfg.llm.vocab_size != te.cfg.llm.vocab_size:
             raise ValueError(f"draft vocabulary size {de.cfg.llm.vocab_size} does not fit the target's "
@@ -107,6 +136,7 @@ class ModelDraft:
             raise ValueError("draft tokenizer does not match the target's (special ids or size differ)")
         if self.ctx.batch != target.batch:
             raise ValueError(f"draft context batch {self.ctx.batch} != target batch {target.batch}")
+        return self
 
     def init(self, ctx: Context, prompt_ids, gamma: int) -> dict:
         de = self.ctx.engine
@@ -119,31 +149,16 @@ class ModelDraft:
         return dataclasses.replace(self, ctx=dataclasses.replace(self.ctx, gen=self.ctx.gen.reserve(self.ctx.engine,
                                                                                                   extra)))
 
-    def propose(self, state, cur, tokens, n, key, gamma, sampling):
+    def step(self, state, cache, tok, pos):
+        """One cached draft token ``tok [B]`` at RoPE ``pos [B]`` -> (next-token logits ``[B, V]``, cache)."""
         model, params = self.model, state["params"]
-        B = cur.shape[0]
+        x = model.apply({"params": params}, tok[:, None], method=Bagel.embed_text)
+        h, cache, _ = forward_chunk(model, params, cache, x, pos[:, None], jnp.ones_like(tok), True, Routing.und(),
+                                    True)
+        return model.apply({"params": params}, h[:, 0], method=Bagel.lm_logits), cache
 
-        def step(carry, j):
-            cache, tok = carry
-            x = model.apply({"params": params}, tok[:, None], method=Bagel.embed_text)
-            pos = (state["rope"] + n - 1 + j)[:, None]
-            h, cache, _ = forward_chunk(model, params, cache, x, pos, jnp.ones((B,), jnp.int32), True,
-                                        Routing.und(), True)
-            logits = model.apply({"params": params}, h[:, 0], method=Bagel.lm_logits)
-            if sampling is None:
-                return (cache, jnp.argmax(logits, -1).astype(jnp.int32)), (tok, jnp.zeros((B, 0)))
-            f = filtered_logits(logits, *sampling)
-            ks = jax.vmap(lambda k: jax.random.fold_in(k, j))(key)
-            nxt = _draw(ks, f)
-            return (cache, nxt), (nxt, jax.nn.softmax(f, axis=-1))
-
-        # gamma + 1 feeds (cur, d1..dg): the last one only writes dg so a full accept keeps the invariant
-        (cache, _), (outs, q) = jax.lax.scan(step, (state["cache"], cur), jnp.arange(gamma + 1))
-        if sampling is None:
-            prop, q = outs[1:].T, None                            # greedy: feed j's input is d_j
-        else:
-            prop, q = outs[:gamma].T, jnp.swapaxes(q[:gamma], 0, 1)
-        return prop, q, dict(state, cache=cache)
+    def propose(self, state, cur, tokens, n, key, gamma, sampling):
+        return lm_propose(self.step, state, cur, n, key, gamma, sampling)
 
     def rollback(self, state, n):
         c = state["cache"]
@@ -179,22 +194,67 @@ def _accept(logits, prop, q, key, sampling):
     return a, emit
 
 
-@functools.partial(jax.jit, static_argnames=("model", "draft", "gamma", "max_length", "do_sample"))
+@dataclasses.dataclass(frozen=True)
+class AdaptiveGamma:
+    """Gamma chosen between rounds from the acceptance rate (one compiled round per bucket, picked by
+    ``lax.switch`` inside the one ``while_loop``).
+
+    The acceptance rate ``alpha`` is estimated from decayed counts over the live rows (accepted proposals /
+    proposals checked: a round with ``a < gamma`` accepted checked ``a + 1``); the next round uses the bucket
+    with the most expected tokens per cost, ``(1 - alpha^(g+1)) / (1 - alpha) / (1 + cost * g)``, where
+    ``cost`` is one proposal's cost relative to a target pass (a draft model's relative size; small for
+    prompt lookup). The first round uses ``start``."""
+
+    buckets: tuple = (2, 4, 8)
+    start: int = 4
+    cost: float = 0.1
+    decay: float = 0.5
+
+    def __post_init__(self):
+        b = tuple(int(g) for g in self.buckets)
+        if not b or any(g < 1 for g in b) or list(b) != sorted(set(b)):
+            raise ValueError(f"gamma buckets must be increasing integers >= 1, got {self.buckets!r}")
+        if self.start not in b:
+            raise ValueError(f"start gamma {self.start} is not one of the buckets {b}")
+        if not (self.cost >= 0 and 0 <= self.decay < 1):
+            raise ValueError(f"cost must be >= 0 and decay in [0, 1), got {self.cost}, {self.decay}")
+        object.__setattr__(self, "buckets", b)
+
+    def pick(self, acc, trials):
+        """Bucket index for decayed counts ``acc`` / ``trials`` (scalars, traced)."""
+        alpha = jnp.clip(acc / jnp.maximum(trials, 1e-6), 0.0, 0.999)
+        g = jnp.asarray(self.buckets, jnp.float32)
+        return jnp.argmax((1 - alpha ** (g + 1)) / (1 - alpha) / (1 + self.cost * g)).astype(jnp.int32)
+
+
+def _buckets(gamma) -> tuple:
+    return gamma.buckets if isinstance(gamma, AdaptiveGamma) else (gamma,)
+
+
+def _progress_cb(n, total, accepted, drafted):
+    from . import progress
+    progress.tick("tokens", int(n), int(total), f"accept {accepted / max(drafted, 1):.2f}")
+
+
+@functools.partial(jax.jit, static_argnames=("model", "draft", "gamma", "max_length", "do_sample", "progress"))
 def spec_loop(model: Bagel, params, cache, rope, draft, dstate, start_id, stop_ids, keys, sampling_args,
-              gamma: int, max_length: int, do_sample: bool = False):
-    """The compiled speculative loop. ``cache``: the target context's cache with room for
-    ``max_length + gamma + 1`` more slots; ``rope [B]``; ``keys [B, 2]``; ``sampling_args`` =
-    (temperature, top_k, top_p). Returns tokens / n / stop like ``decode_loop`` plus ``rounds`` (loop
-    iterations), ``accepted`` and ``drafted`` per row, and the final target ``cache``."""
-    B, m, G = rope.shape[0], max_length, gamma
+              gamma, max_length: int, do_sample: bool = False, progress: bool = False):
+    """The compiled speculative loop. ``gamma``: an int (fixed) or an :class:`AdaptiveGamma`. ``cache``: the
+    target context's cache with room for ``max_length + max gamma + 1`` more slots; ``rope [B]``; ``keys
+    [B, 2]``; ``sampling_args`` = (temperature, top_k, top_p). Returns tokens / n / stop like ``decode_loop``
+    plus ``rounds`` (loop iterations = target passes), ``accepted`` and ``drafted`` per row, ``bucket_rounds``
+    (rounds per gamma bucket) and the final target ``cache``."""
+    B, m, Gs = rope.shape[0], max_length, _buckets(gamma)
     sampling = sampling_args if do_sample else None
     base = cache.length
     st = dict(i=jnp.int32(0), cache=cache, dstate=dstate, cur=jnp.full((B,), start_id, jnp.int32),
               tokens=jnp.zeros((B, m), jnp.int32).at[:, 0].set(start_id), n=jnp.ones((B,), jnp.int32),
               done=jnp.zeros((B,), bool), stop=jnp.full((B,), -1, jnp.int32),
-              accepted=jnp.zeros((B,), jnp.int32), drafted=jnp.zeros((B,), jnp.int32))
+              accepted=jnp.zeros((B,), jnp.int32), drafted=jnp.zeros((B,), jnp.int32),
+              gi=jnp.int32(Gs.index(gamma.start) if isinstance(gamma, AdaptiveGamma) else 0),
+              ema=jnp.zeros((2,), jnp.float32), bucket_rounds=jnp.zeros((len(Gs),), jnp.int32))
 
-    def body(s):
+    def one_round(s, G):
         ks = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, s["i"])))(keys)    # [B, 2, 2]
         prop, q, ds = draft.propose(s["dstate"], s["cur"], s["tokens"], s["n"], ks[:, 0], G, sampling)
         chunk = jnp.concatenate([s["cur"][:, None], prop], axis=1)                        # [B, G + 1]
@@ -218,15 +278,27 @@ def spec_loop(model: Bagel, params, cache, rope, draft, dstate, start_id, stop_i
         done = s["done"] | (live & (has_stop | (c0 + a + 1 >= m)))
         cur = jnp.take_along_axis(emit, jnp.clip(a, 0, G)[:, None], axis=1)[:, 0]
         stop_tok = jnp.take_along_axis(emit, jnp.clip(first, 0, G)[:, None], axis=1)[:, 0]
-        return dict(i=s["i"] + 1, cache=c.replace(length=base + n_new - 1), dstate=draft.rollback(ds, n_new),
-                    cur=jnp.where(live, cur, s["cur"]), tokens=tokens, n=n_new, done=done,
-                    stop=jnp.where(live & has_stop, stop_tok, s["stop"]),
-                    accepted=s["accepted"] + jnp.where(live, jnp.minimum(a, k), 0),
-                    drafted=s["drafted"] + jnp.where(live, G, 0))
+        checked = jnp.where(live, a + (a < G), 0)                    # proposals checked (to the first miss)
+        ema = s["ema"] * (gamma.decay if isinstance(gamma, AdaptiveGamma) else 0.0) + jnp.stack(
+            [jnp.sum(jnp.where(live, a, 0)), jnp.sum(checked)]).astype(jnp.float32)
+        gi = gamma.pick(ema[0], ema[1]) if isinstance(gamma, AdaptiveGamma) else s["gi"]
+        out = dict(i=s["i"] + 1, cache=c.replace(length=base + n_new - 1), dstate=draft.rollback(ds, n_new),
+                   cur=jnp.where(live, cur, s["cur"]), tokens=tokens, n=n_new, done=done,
+                   stop=jnp.where(live & has_stop, stop_tok, s["stop"]),
+                   accepted=s["accepted"] + jnp.where(live, jnp.minimum(a, k), 0),
+                   drafted=s["drafted"] + jnp.where(live, G, 0), gi=gi, ema=ema,
+                   bucket_rounds=s["bucket_rounds"].at[Gs.index(G)].add(1))
+        if progress:
+            every = max(1, m // 200)
+            jax.lax.cond(out["i"] % every == 0, lambda: jax.debug.callback(
+                _progress_cb, jnp.max(n_new), m, jnp.sum(out["accepted"]), jnp.sum(out["drafted"])), lambda: None)
+        return out
 
+    rounds = [functools.partial(one_round, G=g) for g in Gs]
+    body = rounds[0] if len(Gs) == 1 else (lambda s: jax.lax.switch(s["gi"], rounds, s))
     s = jax.lax.while_loop(lambda s: (s["i"] < m) & ~jnp.all(s["done"]), body, st)
     return dict(tokens=s["tokens"], n=s["n"], stop=s["stop"], rounds=s["i"], accepted=s["accepted"],
-                drafted=s["drafted"], cache=s["cache"])
+                drafted=s["drafted"], bucket_rounds=s["bucket_rounds"], cache=s["cache"])
 
 
 def _prompt_ids(ctx: Context) -> list:
@@ -240,40 +312,110 @@ def _prompt_ids(ctx: Context) -> list:
 
 
 @on_mesh
-def speculative_generate(ctx: Context, draft, gamma: int = 4, max_length: int = 1000,
+def speculative_generate(ctx: Context, draft, gamma=4, max_length: int = 1000,
                          sampling: SamplingParams = SamplingParams(), keys: Optional[Sequence] = None,
                          stop_tokens: Optional[Sequence[int]] = None,
-                         prompt_ids: Optional[Sequence[Sequence[int]]] = None) -> TextResult:
-    """:func:`bagel_jax.inference.decode.generate_text` with a draft (:class:`NgramDraft` or
-    :class:`ModelDraft`) proposing ``gamma`` tokens per target pass. Greedy output equals plain greedy
-    decoding token for token; sampled output has plain sampling's distribution (not its exact draws).
-    ``raw`` adds ``rounds`` (target passes), ``accepted`` / ``drafted`` per row and the final ``cache``.
-    ``prompt_ids``: what prompt lookup searches (default: the context's text, re-tokenised)."""
+                         prompt_ids: Optional[Sequence[Sequence[int]]] = None, progress: bool = False) -> TextResult:
+    """:func:`bagel_jax.inference.decode.generate_text` with a draft (:class:`NgramDraft`, :class:`ModelDraft`
+    or :class:`~bagel_jax.inference.draft_lm.LMDraft`) proposing ``gamma`` tokens per target pass (an int, or
+    an :class:`AdaptiveGamma`). Greedy output equals plain greedy decoding token for token; sampled output has
+    plain sampling's distribution (not its exact draws). ``raw`` adds ``rounds`` (target passes),
+    ``accepted`` / ``drafted`` per row, ``bucket_rounds`` and the final ``cache``. ``prompt_ids``: what prompt
+    lookup and a text-only draft read (default: the context's text, re-tokenised). ``progress``: ticks the
+    open "tokens" bar (:mod:`bagel_jax.inference.progress`) with the acceptance rate."""
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
-    if not isinstance(gamma, int) or gamma < 1:
-        raise ValueError(f"gamma must be an integer >= 1, got {gamma!r}")
+    if not isinstance(gamma, AdaptiveGamma) and (isinstance(gamma, bool) or not isinstance(gamma, int)
+                                                 or gamma < 1):
+        raise ValueError(f"gamma must be an integer >= 1 or an AdaptiveGamma, got {gamma!r}")
     sampling.validate()
     eng = ctx.engine
-    extra = max_length + gamma + 1
+    extra = max_length + max(_buckets(gamma)) + 1
     ctx.check_room(extra, "speculative text generation")
     gen = ctx.gen.reserve(eng, extra)
-    if isinstance(draft, ModelDraft):
-        draft.check(ctx)
+    if hasattr(draft, "bind"):
+        draft = draft.bind(ctx)
+    if hasattr(draft, "reserve"):
         draft = draft.reserve(extra)
     stops = list(stop_tokens) if stop_tokens is not None else [eng.sp.eos]
     keys = [jax.random.PRNGKey(i) for i in range(gen.batch)] if keys is None else list(keys)
     if len(keys) != gen.batch:
         raise ValueError(f"got {len(keys)} keys for a batch of {gen.batch}")
     keys = jnp.stack([jnp.asarray(k, jnp.uint32).reshape(2) for k in keys])
-    dstate = draft.init(ctx, _prompt_ids(ctx) if prompt_ids is None else prompt_ids, gamma)
+    dstate = draft.init(ctx, _prompt_ids(ctx) if prompt_ids is None else prompt_ids, max(_buckets(gamma)))
     args = (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
     res = spec_loop(eng.model, eng.params, gen.cache, jnp.asarray(gen.rope, jnp.int32), draft, dstate,
                     eng.sp.bos, jnp.asarray(stops, jnp.int32), keys, args, gamma=gamma,
-                    max_length=int(max_length), do_sample=bool(sampling.do_sample))
+                    max_length=int(max_length), do_sample=bool(sampling.do_sample), progress=bool(progress))
     cache = res.pop("cache")
     res = jax.device_get(res)
     res["cache"] = cache
     ids = [res["tokens"][b, :res["n"][b]] for b in range(gen.batch)]
     stop = [int(s) if s >= 0 else None for s in res["stop"]]
     return TextResult([official_text(eng.tok, x) for x in ids], ids, stop, res)
+
+
+def replay(ctx: Context, engine) -> Context:
+    """A draft BAGEL's context built from ``ctx``'s history on ``engine`` (understanding branch only):
+    every text segment, and every image as a ViT block when the draft can see images (else left out)."""
+    out = Context.new(engine, ctx.batch, track_cfg=False)
+    for kind, role, values in ctx.history:
+        if kind == "text":
+            out = out.add_text(list(values), role=role)
+        elif engine.cfg.visual_und:
+            out = out.add_image(list(values), vae=False, vit=True, role=role)
+    return out
+
+
+def make_draft(draft, ctx: Context):
+    """The draft for one call on ``ctx``: ``"ngram"`` -> :class:`NgramDraft`; a draft :class:`Pipeline` or
+    :class:`~bagel_jax.inference.context.Engine` (a small BAGEL) -> :class:`ModelDraft` on :func:`replay`;
+    an :class:`NgramDraft`, :class:`ModelDraft` or :class:`~bagel_jax.inference.draft_lm.LMDraft` as given."""
+    from .context import Engine
+    from .draft_lm import LMDraft
+
+    if isinstance(draft, str) and draft == "ngram":
+        return NgramDraft()
+    if isinstance(draft, (NgramDraft, ModelDraft, LMDraft)):
+        return draft
+    engine = draft if isinstance(draft, Engine) else getattr(draft, "engine", None)
+    if isinstance(engine, Engine):
+        return ModelDraft(replay(ctx, engine))
+    raise ValueError(f"draft must be 'ngram', a draft Pipeline / Engine or a loaded draft, got {draft!r}")
+
+
+def as_gamma(speculate):
+    """``speculate``: an integer >= 1 (fixed gamma), ``"auto"`` (:class:`AdaptiveGamma` defaults) or an
+    :class:`AdaptiveGamma`."""
+    if isinstance(speculate, AdaptiveGamma):
+        return speculate
+    if speculate == "auto":
+        return AdaptiveGamma()
+    if isinstance(speculate, bool) or not isinstance(speculate, (int, np.integer)) or speculate < 1:
+        raise ValueError(f"speculate must be an integer >= 1 or 'auto', got {speculate!r}")
+    return int(speculate)
+
+
+def decode_text(ctx: Context, max_length: int, sampling: SamplingParams, keys, stop_tokens=None,
+                progress: bool = False, draft=None, speculate=4, desc: str = "decoding") -> TextResult:
+    """Text decoding as every API call does it: plain :func:`~bagel_jax.inference.decode.generate_text` without
+    ``draft``, else :func:`speculative_generate` with :func:`make_draft` ``(draft)`` and :func:`as_gamma`
+    ``(speculate)``; with ``progress`` a "tokens" bar (speculative: with the acceptance rate)."""
+    from . import progress as _progress
+    from . import streaming
+    from .decode import generate_text
+
+    if draft is not None:
+        d, g = make_draft(draft, ctx), as_gamma(speculate)
+    with _progress.bar("tokens", max_length, desc, progress):
+        if draft is None:
+            r = generate_text(ctx, max_length, sampling, keys, stop_tokens=stop_tokens, progress=progress)
+        else:
+            r = speculative_generate(ctx, d, g, max_length, sampling, keys, stop_tokens, progress=progress)
+        jax.effects_barrier()
+    sink = streaming.active()
+    if draft is not None and sink is not None:   # streamed call: the speculative loop is one compiled call,
+        for row, text in enumerate(r.texts):     # so its text arrives as one piece per row
+            if text:
+                sink.text(row, text)
+    return r

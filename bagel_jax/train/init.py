@@ -83,6 +83,10 @@ def _load(view: _View, entries, expected, shardings) -> dict:
     wanted = set(keymap.group_by_leaf(entries))
     expected = conv._unflatten({p: v for p, v in flat_exp.items() if p in wanted})
     conv.check_file(view, entries, expected, view.path)
+    for e in entries:   # weights are floats: an integer tensor would be cast into garbage
+        if e.official in view.where:
+            f, k = view.where[e.official]
+            f.require_float(k)
     flat_sh = conv._flatten(shardings) if shardings is not None else {}
     out = {}
     for p, es in keymap.group_by_leaf(entries).items():

@@ -149,7 +149,7 @@ def build_setup(args: argparse.Namespace) -> RunSetup:
         raise TrainSetupError(f"data.packs_per_step={dc.packs_per_step} must be divisible by data*fsdp={nshard}")
     check_writable_dir(args.workdir, "--workdir")
     if args.export:
-        check_writable_dir(args.export, "--export")
+        check_writable_dir(args.export, "--export", keep=False)
     model, vae = build_modules(cfg, dtype=O.DTYPES[tc.compute_dtype], param_dtype=jnp.float32,
                                remat_policy=tc.remat_policy, attention_impl=tc.attention_impl)
     shapes = param_shapes(model)

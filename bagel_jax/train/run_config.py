@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 
 import yaml
@@ -27,15 +28,24 @@ def yaml_error(path: str, e: yaml.YAMLError) -> str:
     return f"{path}: not valid YAML{where}: {what}"
 
 
-def check_writable_dir(path: str, what: str) -> None:
+def check_writable_dir(path: str, what: str, keep: bool = True) -> None:
     """Create ``path`` if needed and write / delete a probe file in it: TrainSetupError naming ``what``
-    (e.g. ``--workdir``) if that fails (read-only folder or file system, a file in the way, no space)."""
+    (e.g. ``--workdir``) if that fails (read-only folder or file system, a file in the way, no space).
+    ``keep=False``: folders this check had to create are removed again (``--export`` is written only at the end,
+    so a run that fails before then leaves no empty export folder behind)."""
+    top = os.path.abspath(path)
+    while not os.path.exists(os.path.dirname(top)) and os.path.dirname(top) != top:
+        top = os.path.dirname(top)  # the outermost folder this call would create
+    created = not os.path.exists(top)
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
     except OSError as e:
         raise TrainSetupError(f"{what} {path} is not a writable folder ({e.strerror or e})") from None
+    finally:
+        if created and not keep and os.path.isdir(top):
+            shutil.rmtree(top, ignore_errors=True)
 
 
 def parse_value(v: str):
