@@ -41,6 +41,9 @@ import time
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bagel_jax", "assets", "demo")
 DEMO_PATCH_AR_MODEL = DEMO_MODEL + "-patch-ar"   # the default of --image-mode patch_ar without --model-path
 
+# the demo model fine-tuned to decide by itself when to draw: the default of `interleave --mode model`
+DEMO_INTERLEAVE_MODEL = DEMO_MODEL + "-interleave"
+
 
 class _DefaultPath(str):
     """--model-path's default (a path not given on the command line)."""
@@ -80,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = common.add_argument_group("model and run")
     g.add_argument("--model-path", default=_DefaultPath(DEMO_MODEL),
                    help="official BAGEL model folder (llm_config.json, vit_config.json, ema.safetensors, "
-                        "ae.safetensors, tokenizer files). Default: the embedded demo model bagel_jax/assets/demo")
+                        "ae.safetensors, tokenizer files). Default: the embedded demo model bagel_jax/assets/demo "
+                        "(interleave --mode model: bagel_jax/assets/demo-interleave, trained to decide when to draw)")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="compute dtype of the model: bfloat16 as released, float32 for exact parity; "
                         "auto = bfloat16 on GPU/TPU, float32 on CPU (default auto). The VAE always runs in float32")
@@ -303,6 +307,9 @@ def _check_args(args) -> None:
         if args.num_images is not None and args.mode != "auto":
             raise CLIError(f"interleave: --num-images is for --mode auto (the mode is {args.mode})")
         check_interleave(args.prompt, args.mode, 1 if args.num_images is None else args.num_images)
+        if args.mode == "model" and isinstance(args.model_path, _DefaultPath) \
+                and os.path.isdir(DEMO_INTERLEAVE_MODEL):   # an explicit --model-path is kept
+            args.model_path = DEMO_INTERLEAVE_MODEL
     _check_draft(args)
     args.images = [load_image(p) for p in images]   # unreadable images fail here, before any compute
 

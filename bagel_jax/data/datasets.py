@@ -54,6 +54,8 @@ class PlanEntry:
     loss: bool = False
     text: Optional[list[int]] = None
     image: Optional[np.ndarray] = None   # [3, H, W] in [-1, 1]
+    special_token_loss: bool = False     # text: CE on its closing <|im_end|> position ...
+    special_token_label: Optional[int] = None   # ... with this label id (porting reference 9.3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +88,9 @@ def plan_to_items(plan: Sequence[PlanEntry], rng: np.random.Generator, dropout: 
         if e.type == "text":
             if e.enable_cfg and rng.random() < dropout.text:
                 continue  # dropped text does not advance the RoPE counter
-            items.append(packing.TextItem(list(e.text), loss=bool(e.loss)))
+            items.append(packing.TextItem(list(e.text), loss=bool(e.loss),
+                                          special_token_loss=bool(e.special_token_loss),
+                                          special_token_label=e.special_token_label))
         elif e.type == "vit_image":
             if e.enable_cfg and rng.random() < dropout.vit:
                 items.append(packing.PositionGap(1))
@@ -127,8 +131,8 @@ class SampleStats:
 def sample_stats(items, vit_patch: int, latent_ds: int) -> SampleStats:
     vae = [it.image.shape[1:] for it in items if isinstance(it, packing.VaeItem)]
     hw = (max([h for h, _ in vae], default=0), max([w for _, w in vae], default=0))
-    loss = any((isinstance(it, packing.TextItem) and it.loss) or (isinstance(it, packing.VaeItem) and it.loss)
-               for it in items)
+    loss = any((isinstance(it, packing.TextItem) and (it.loss or it.special_token_loss))
+               or (isinstance(it, packing.VaeItem) and it.loss) for it in items)
     return SampleStats(sum(item_tokens(it, vit_patch, latent_ds) for it in items), len(vae), hw, loss)
 
 
@@ -363,7 +367,10 @@ class InterleavedDataset:
                       {"type": "vit_image", "image": "a.png", "enable_cfg": 1}, ...]}
 
     Image paths are relative to ``data_dir``; VAE images use ``image_transform_args``, ViT images
-    ``vit_image_transform_args``. Items are processed exactly like the official plan entries.
+    ``vit_image_transform_args``. Items are processed exactly like the official plan entries. A text item
+    may carry the official ``"special_token_loss": 1`` with ``"special_token_label"``: one of the four
+    special tokens by name (``"<|vision_start|>"``) or an id; its closing ``<|im_end|>`` position then
+    learns that label (e.g. ``<|vision_start|>`` before a generated image, ``<|im_end|>`` at the end).
     """
 
     group = "interleaved"
@@ -387,7 +394,10 @@ class InterleavedDataset:
             t = e.get("type")
             cfg_, loss = bool(e.get("enable_cfg", False)), bool(e.get("loss", False))
             if t == "text":
-                plan.append(PlanEntry("text", enable_cfg=cfg_, loss=loss, text=self.tok.encode(str(e.get("text", "")))))
+                special = bool(e.get("special_token_loss", False))
+                plan.append(PlanEntry("text", enable_cfg=cfg_, loss=loss, text=self.tok.encode(str(e.get("text", ""))),
+                                      special_token_loss=special,
+                                      special_token_label=self._label(e.get("special_token_label")) if special else None))
             elif t in ("vit_image", "vae_image"):
                 img = _read_rgb(os.path.join(self.dir, str(e.get("image", ""))))
                 tf = self.vae_tf if t == "vae_image" else self.vit_tf
@@ -395,6 +405,17 @@ class InterleavedDataset:
             else:
                 raise SampleError(f"unknown sequence item type {t!r}")
         return plan
+
+
+    def _label(self, label) -> int:
+        """A ``special_token_label``: one of the four special tokens by name, or a token id."""
+        names = {"<|im_start|>": "bos", "<|im_end|>": "eos", "<|vision_start|>": "start_of_image",
+                 "<|vision_end|>": "end_of_image"}
+        if isinstance(label, str) and label in names:
+            return int(getattr(self.tok.special, names[label]))
+        if isinstance(label, int) and not isinstance(label, bool) and label >= 0:
+            return label
+        raise SampleError(f"special_token_label must be one of {sorted(names)} or a token id, got {label!r}")
 
 
 DATASET_CLASSES = {c.group: c for c in (T2IDataset, EditDataset, VLMDataset, InterleavedDataset)}

@@ -5,7 +5,10 @@ packed rows; each sample gets its own segment id so samples never attend to each
 becomes one block of :mod:`bagel_jax.layout` (text; ViT image; VAE image, clean for conditioning or
 noised with ``loss=True`` as an MSE target), which gives its tokens, markers, RoPE positions, RoPE
 advance and the mask vectors of :mod:`bagel_jax.nn.attention`. CE (if ``loss``) sits at
-``<|im_start|>`` + ids of a text block with labels ``ids + [<|im_end|>]``.
+``<|im_start|>`` + ids of a text block with labels ``ids + [<|im_end|>]``; with ``special_token_loss``
+the ``<|im_end|>`` position gets one more CE entry with label ``special_token_label`` (the official plan
+fields, porting reference 9.3: e.g. ``<|vision_start|>`` when a generated image follows), flagged in
+``ce_special`` so that ``train.special_token_weights`` scales exactly these entries.
 
 Static shapes: the row length ``L`` and the capacities (ViT tokens, latent tokens, VAE images and
 their padded size, CE tokens) are arguments; padding entries point at the dump index ``B*L`` (scatter
@@ -43,6 +46,8 @@ class SpecialTokens:
 class TextItem:
     ids: Sequence[int]
     loss: bool = False
+    special_token_loss: bool = False         # CE on the closing <|im_end|> position ...
+    special_token_label: Optional[int] = None  # ... with this label (official plan fields)
 
 
 @dataclasses.dataclass
@@ -93,6 +98,7 @@ class PackedBatch:
     ce_label: np.ndarray      # [Nce] int32
     ce_valid: np.ndarray      # [Nce] float32 1 = real CE token, 0 = padding
     ce_reweight: np.ndarray   # [Nce] float32 1/sqrt(text segment length) (official ce_loss_reweighting)
+    ce_special: np.ndarray    # [Nce] float32 1 = a special-token label (special_token_loss), 0 otherwise
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -160,7 +166,12 @@ def pack(rows: Sequence[Sequence[Sequence[Item]]], special: SpecialTokens, cfg: 
                         labels = list(item.ids) + [special.eos]
                         w = 1.0 / np.sqrt(len(labels))
                         for j, lab in enumerate(labels):
-                            ce.append((b, start + j, lab, w))
+                            ce.append((b, start + j, lab, w, 0.0))
+                    if item.special_token_loss:
+                        if item.special_token_label is None:
+                            raise PackingError("a text item with special_token_loss needs a special_token_label")
+                        # the <|im_end|> position, a one-token segment for the reweighting
+                        ce.append((b, start + blk.length - 1, int(item.special_token_label), 1.0, 1.0))
                 elif isinstance(item, VitItem):
                     tokens, pids = patchify(np.asarray(item.image, np.float32), p_vit, Gv)
                     blk = layout.vit_block(item.image.shape[1], item.image.shape[2], p_vit)
@@ -253,8 +264,9 @@ def pack(rows: Sequence[Sequence[Sequence[Item]]], special: SpecialTokens, cfg: 
     ce_label = np.zeros((Nce,), np.int32)
     ce_valid = np.zeros((Nce,), np.float32)
     ce_reweight = np.zeros((Nce,), np.float32)
-    for j, (b, l, lab, w) in enumerate(ce):
-        ce_index[j], ce_label[j], ce_valid[j], ce_reweight[j] = b * L + l, lab, 1.0, w
+    ce_special = np.zeros((Nce,), np.float32)
+    for j, (b, l, lab, w, sp) in enumerate(ce):
+        ce_index[j], ce_label[j], ce_valid[j], ce_reweight[j], ce_special[j] = b * L + l, lab, 1.0, w, sp
 
     out = PackedBatch(
         token_ids=row_arr(0, np.int32), kind=row_arr(1, np.int8), positions=row_arr(2, np.int32),
@@ -262,7 +274,8 @@ def pack(rows: Sequence[Sequence[Sequence[Item]]], special: SpecialTokens, cfg: 
         vit_patches=vit_patches, vit_pos=vit_pos, vit_seg=vit_seg, vit_dest=vit_dest,
         vae_images=vae_images, vae_src=vae_src, vae_pos=vae_pos, vae_dest=vae_dest,
         vae_t_raw=vae_t_raw, vae_mse=vae_mse,
-        ce_index=ce_index, ce_label=ce_label, ce_valid=ce_valid, ce_reweight=ce_reweight)
+        ce_index=ce_index, ce_label=ce_label, ce_valid=ce_valid, ce_reweight=ce_reweight,
+        ce_special=ce_special)
     if caps.und_tokens is not None:
         out, _ = to_expert_streams(out, caps.und_tokens, caps.gen_tokens)
     return out

@@ -12,6 +12,11 @@
 
 Besides the totals, the result has ``vqa_colour`` / ``vqa_where`` / ``vqa_count`` (per question type) and
 ``edit_recolour`` / ``edit_move`` (per edit type).
+
+``--interleave`` evaluates model-driven interleaving instead (:func:`evaluate_interleave`): the held-out
+requests of :func:`bagel_jax.demo.interleave_data.eval_cases` ("Draw ..." vs "Describe ... in words.")
+through ``interleave(mode="model")``: precision and recall of "starts an image" against the request, the
+checker's colour / position accuracy of the first image drawn for a drawing request, and exact words answers.
 """
 
 from __future__ import annotations
@@ -123,6 +128,40 @@ def evaluate(pipe, size: int = 32, num_timesteps: int = 20, seed: int = 0, limit
     return res
 
 
+def evaluate_interleave(pipe, size: int = 32, num_timesteps: int = 20, seed: int = 0,
+                        limit: Optional[int] = None, max_text_length: int = 48) -> dict:
+    """Model-mode interleaving on the held-out requests (see the module doc); ``limit``: the first N cases
+    (alternately drawing and words requests). ``cases`` lists per case what happened."""
+    from .interleave_data import eval_cases
+
+    cases = eval_cases()[:limit]
+    tp = fp = fn = col = pos = exact = 0
+    rows = []
+    for case in cases:
+        out = pipe.interleave(case["prompt"], mode="model", image_size=(size, size), num_timesteps=num_timesteps,
+                              seed=seed, max_text_length=max_text_length, max_interleaved_blocks=4)
+        if not out.ok:
+            raise RuntimeError(f"interleave failed on {case['prompt']!r}: {out.error}")
+        drew = bool(out.images)
+        row = dict(prompt=case["prompt"], draws=case["draws"], drew=drew, texts=out.texts)
+        tp += drew and case["draws"]
+        fp += drew and not case["draws"]
+        fn += case["draws"] and not drew
+        if drew and case["draws"]:
+            d = detect(np.asarray(out.images[0].convert("RGB")))
+            row.update(colour=d.colour, position=d.position)
+            col += d.colour == case["colour"]
+            pos += d.position == case["position"]
+        if not case["draws"]:
+            exact += bool(out.texts) and _norm(out.texts[0]) == _norm(case["answer"])
+        rows.append(row)
+    n_draw = sum(c["draws"] for c in cases)
+    return dict(num_cases=len(cases), num_draw_requests=n_draw,
+                starts_image_precision=tp / max(tp + fp, 1), starts_image_recall=tp / max(n_draw, 1),
+                starts_image_false=fp, drawn_colour=col / max(tp, 1), drawn_position=pos / max(tp, 1),
+                words_exact=exact / max(len(cases) - n_draw, 1), cases=rows)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bagel_jax.demo.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,6 +182,8 @@ def main(argv=None) -> int:
     ap.add_argument("--generation-only", action="store_true", help="skip VQA and editing")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--save-images", default=None, help="write the generated images to this folder")
+    ap.add_argument("--interleave", action="store_true",
+                    help="evaluate model-driven interleaving (draw or answer in words) instead")
     args = ap.parse_args(argv)
     from ..inference.api import load
 
@@ -163,10 +204,16 @@ def main(argv=None) -> int:
     gen_kw = {k: v for k, v in (("cfg_text_scale", args.cfg_text_scale), ("timestep_shift", args.timestep_shift))
               if v is not None}
     edit_kw = dict(gen_kw, **({"cfg_img_scale": args.cfg_img_scale} if args.cfg_img_scale is not None else {}))
-    res = evaluate(pipe, args.size, args.num_timesteps, args.seed, args.limit, args.batch, args.save_images,
-                   dict(gen_kw, **{k: v for k, v in (("image_mode", args.image_mode), ("patch_group", args.patch_group))
-                                   if v is not None}), edit_kw, args.generation_only)
+    if args.interleave:
+        res = evaluate_interleave(pipe, args.size, args.num_timesteps, args.seed, args.limit)
+    else:
+        res = evaluate(pipe, args.size, args.num_timesteps, args.seed, args.limit, args.batch, args.save_images,
+                       dict(gen_kw, **{k: v for k, v in (("image_mode", args.image_mode),
+                                                         ("patch_group", args.patch_group)) if v is not None}),
+                       edit_kw, args.generation_only)
     for k, v in res.items():
+        if k == "cases":
+            continue
         print(f"{k:<22} {v:.3f}" if isinstance(v, float) else f"{k:<22} {v}")
     if args.json:
         with open(args.json, "w") as f:

@@ -10,6 +10,8 @@
     DIR/eval/prompts.jsonl            {"prompt", "colour", "shape", "position"} per held-out combination
     DIR/tokenizer/                    a tiny Qwen2-format byte-level BPE over all texts
     DIR/dataset.yaml                  the dataset groups (t2i_pretrain, unified_edit, vlm_sft)
+    DIR/interleave/train.jsonl + images/, DIR/eval/interleave.jsonl   with --interleave N: the
+                                      ``interleaved`` group (:mod:`bagel_jax.demo.interleave_data`)
 
 Every picture shows one to three shapes ({circle, square, triangle, star}) in distinct colours at
 distinct positions ({left, right, top, bottom, center}) on a plain background. A (colour, shape,
@@ -169,10 +171,11 @@ def all_texts(rng: np.random.Generator, n: int = 3000) -> list[str]:
 
 
 def write(out: str, num: int = 256, seed: int = 0, size: int = 64, vocab_size: int = 560,
-          bad: int = 0, edit_move_share: float = 0.5) -> dict:
+          bad: int = 0, edit_move_share: float = 0.5, interleave: int = 0) -> dict:
     """Write the dataset (``num`` rows per training split); ``bad`` extra rows with unreadable images are
     appended to each split (for tests of the bad-sample path); ``edit_move_share``: the share of moves
-    among the edit steps (the rest recolour). Returns a summary dict."""
+    among the edit steps (the rest recolour); ``interleave``: rows of the interleaved group (0: none; its
+    own random stream, so the other splits and the tokenizer do not depend on it). Returns a summary dict."""
     if not 0.0 <= edit_move_share <= 1.0:
         raise ValueError(f"edit_move_share must be in [0, 1], got {edit_move_share}")
     import pyarrow as pa
@@ -269,10 +272,16 @@ def write(out: str, num: int = 256, seed: int = 0, size: int = 64, vocab_size: i
     }
     import yaml
 
+    from . import interleave_data
+
+    extra = {}
+    if interleave > 0:
+        extra = interleave_data.write(out, interleave, seed, size)
+        groups["interleaved"] = interleave_data.group(size)
     with open(os.path.join(out, "dataset.yaml"), "w") as f:
         yaml.safe_dump(groups, f, sort_keys=False)
     summary = dict(out=out, t2i=num + bad, edit=num + bad, vlm=num + bad, eval=len(prompts), seed=seed, size=size,
-                   edit_move_share=edit_move_share)
+                   edit_move_share=edit_move_share, **extra)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
@@ -290,8 +299,10 @@ def main(argv=None) -> None:
     ap.add_argument("--bad", type=int, default=0, help="append this many rows with unreadable images per split")
     ap.add_argument("--edit-move-share", type=float, default=0.5,
                     help="share of moves among the edit steps, the rest recolour (0..1)")
+    ap.add_argument("--interleave", type=int, default=0,
+                    help="rows of the interleaved group (the text decides whether an image follows; 0 = none)")
     a = ap.parse_args(argv)
-    print(json.dumps(write(a.out, a.num, a.seed, a.size, a.vocab_size, a.bad, a.edit_move_share)))
+    print(json.dumps(write(a.out, a.num, a.seed, a.size, a.vocab_size, a.bad, a.edit_move_share, a.interleave)))
 
 
 if __name__ == "__main__":

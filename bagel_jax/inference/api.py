@@ -411,8 +411,11 @@ class Pipeline:
 
         Args:
           inputs: a prompt string, or a list of strings and images (the user turn, in order).
-          mode: "model"    decode text; each ``<|vision_start|>`` the model emits starts an image of
-                           ``image_size``; continue until ``<|im_end|>``, ``max_text_length`` tokens in a
+          mode: "model"    decode text; each ``<|vision_start|>`` the model emits (inside a text, or
+                           right after the ``<|im_end|>`` closing it, where special-token training puts
+                           it: :meth:`Conversation.next_is_image`) starts an image of ``image_size``;
+                           continue until the turn ends (``<|im_end|>`` not followed by
+                           ``<|vision_start|>``, or an empty text), ``max_text_length`` tokens in a
                            block, or ``max_interleaved_blocks`` blocks (text or image);
                 "explicit" every ``<|vision_start|>`` marker in the prompt strings gets an image at that point;
                 "auto"     ``num_images`` rounds of text -> image, then a closing text.

@@ -141,6 +141,20 @@ class Conversation:
             self.history.append(("assistant", "text", text))
         return (text, r.stop[0]) if return_stop else text
 
+    def next_is_image(self) -> bool:
+        """Model mode's decision after a text: whether the model, at the ``<|im_end|>`` that closes the
+        context's last text, emits ``<|vision_start|>`` next (greedy). That position is where training
+        with the official ``special_token_loss`` puts the label (porting reference 9.3): ``<|vision_start|>``
+        when a generated image follows, ``<|im_end|>`` when the turn ends. False when the context does
+        not end with a text."""
+        ctx = self.ctx
+        if not ctx.history or ctx.history[-1][0] != "text" or ctx.last_hidden is None:
+            return False
+        end = len(ctx.text_ids(list(ctx.history[-1][2]))[0]) - 1   # the closing <|im_end|>
+        eng = self.pipe.engine
+        logits = eng.model.apply({"params": eng.params}, ctx.last_hidden[:, end], method=type(eng.model).lm_logits)
+        return int(jax.numpy.argmax(logits[0])) == eng.sp.start_of_image
+
     def ask(self, question: str, **kw) -> str:
         """Add a question and return the reply."""
         self.say(question)
@@ -279,7 +293,9 @@ def interleave(pipe, inputs, mode: str = "model", num_images: int = 1, image_siz
                 if text:
                     emit("text", text)
                     n_blocks += 1
-                if stop != sp.start_of_image or n_blocks >= max_interleaved_blocks:
+                # an image starts when the model emits <|vision_start|>: in the text, or after its <|im_end|>
+                draws = stop == sp.start_of_image or (stop == sp.eos and bool(text) and conv.next_is_image())
+                if not draws or n_blocks >= max_interleaved_blocks:
                     break
                 image()
                 n_blocks += 1

@@ -60,7 +60,9 @@ class TrainConfig:
     # CE tokens per chunk of the LM head + log-softmax inside the step (only one chunk's [chunk, vocab]
     # float32 logits live at a time, forward and backward; 1024 x 152064 x 4 B = 0.6 GiB at BAGEL-7B)
     ce_chunk_tokens: int = 1024
-    special_token_weights: dict = dataclasses.field(default_factory=dict)  # {"<|vision_start|>": 2.0}
+    # CE weight of special-token labels (text items with special_token_loss, packing's ce_special), by
+    # token: {"<|vision_start|>": 2.0}; other CE entries with the same label keep weight 1
+    special_token_weights: dict = dataclasses.field(default_factory=dict)
     seed: int = 4396
     save_every: int = 100
     keep_checkpoints: int = 3

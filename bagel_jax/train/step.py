@@ -89,10 +89,11 @@ def make_loss_fn(model, vae, tc: TrainConfig, mask, special_weights: Mapping[int
         def one(b, k):
             noise = draw_noise(k, b, cfg)
             tw = None
-            if special_weights:
+            if special_weights:   # only the special-token labels (packing's ce_special), porting reference 9.3
                 tw = jnp.ones(b["ce_label"].shape, jnp.float32)
+                special = b["ce_special"] > 0 if "ce_special" in b else jnp.zeros(b["ce_label"].shape, bool)
                 for tid, w in special_weights.items():
-                    tw = jnp.where(b["ce_label"] == tid, w, tw)
+                    tw = jnp.where(special & (b["ce_label"] == tid), w, tw)
             _, aux = train_forward(model, p, vae, vae_params, b, noise, ce_weight=tc.ce_weight,
                                    mse_weight=tc.mse_weight, ce_loss_reweighting=tc.ce_loss_reweighting,
                                    token_loss_weights=tw, expert_split=expert_split,
