@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "decoder (official parameters; about half the decoder passes, a close but not equal image); "
                         "default none")
     i.add_argument("--image-mode", default=None, choices=("whole", "patch_ar"),
-                   help="generate only: whole (official, default) denoises the image as one block; patch_ar generates "
+                   help="generate, interleave, chat: whole (official, default) denoises the image as one block; patch_ar generates "
                         "it in groups of latent patches one after another (models trained in that mode; without "
                         "--model-path the shipped patch-AR demo model bagel_jax/assets/demo-patch-ar)")
     i.add_argument("--patch-group", type=int, default=None, metavar="K",
@@ -233,15 +233,15 @@ def _load(args):
 
 
 def _check_image_mode(args) -> None:
-    """--image-mode / --patch-group: generate only; patch_ar defaults to the patch-AR demo model and needs a
+    """--image-mode / --patch-group: generate, interleave and chat; patch_ar defaults to the patch-AR demo model and needs a
     model trained in that mode (its config says so; checked before loading)."""
     mode = getattr(args, "image_mode", None)
     if mode in (None, "whole"):
         if getattr(args, "patch_group", None) is not None:
             raise CLIError("--patch-group is for --image-mode patch_ar")
         return
-    if args.command != "generate":
-        raise CLIError(f"--image-mode patch_ar is available for generate, not {args.command}")
+    if args.command not in ("generate", "interleave", "chat"):
+        raise CLIError(f"--image-mode patch_ar is available for generate, interleave and chat, not {args.command}")
     _at_least("--patch-group", args.patch_group, 1)
     if isinstance(args.model_path, _DefaultPath):
         args.model_path = DEMO_PATCH_AR_MODEL
@@ -373,6 +373,12 @@ def _check_out(out: str) -> None:
         os.remove(probe)
     except OSError as e:
         raise CLIError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
+def _mode_kw(args) -> dict:
+    """--image-mode / --patch-group for interleave and chat (only what was given)."""
+    kw = dict(image_mode=args.image_mode, patch_group=args.patch_group)
+    return {k: v for k, v in kw.items() if v is not None}
 
 
 def _image_kw(args) -> dict:
@@ -538,6 +544,7 @@ def cmd_interleave(args, pipe) -> int:
                                max_text_length=args.max_text_length, max_interleaved_blocks=args.max_interleaved_blocks,
                                think=args.think, max_think_tokens=args.max_think_tokens, seed=args.seed,
                                progress=False, on_item=streaming.item_hook(on_item), **_image_kw(args),
+                               **_mode_kw(args),
                                **_text_kw(args))
 
     res, _ = streamed(run, printer=printer)
@@ -597,7 +604,7 @@ def _chat_turn(args, conv, tr, line: str) -> bool:
 
 def cmd_chat(args, pipe) -> int:
     defaults = dict(max_new_tokens=args.max_new_tokens, max_think_tokens=args.max_think_tokens, **_text_kw(args))
-    defaults.update(_image_kw(args))
+    defaults.update(_image_kw(args), **_mode_kw(args))
     if args.image_size:
         defaults["image_size"] = args.image_size
     conv = pipe.conversation(think="gen" if args.think else None, seed=args.seed, **defaults)

@@ -161,13 +161,16 @@ class Conversation:
         return self.reply(**kw)
 
     def generate_image(self, prompt: Optional[str] = None, think: bool = False, image_size=None,
-                       max_think_tokens: Optional[int] = None, progress: bool = False, **kw) -> Image.Image:
+                       max_think_tokens: Optional[int] = None, progress: bool = False,
+                       image_mode: Optional[str] = None, patch_group: Optional[int] = None, **kw) -> Image.Image:
         """Add ``prompt`` (if given) and generate an image from the whole conversation; the image is then
         added to the context (VAE + ViT) so later turns can refer to / edit it. ``kw``: fields of
         :class:`~bagel_jax.inference.cfg.ImageParams`, over the conversation's defaults, over the editing
         defaults when the conversation holds an input image and the text-to-image ones otherwise. With
         ``think`` the model first writes its thinking text (at most ``max_think_tokens`` fed tokens),
-        which conditions the image and is kept in ``last_thinking`` and ``history``."""
+        which conditions the image and is kept in ``last_thinking`` and ``history``. ``image_mode`` /
+        ``patch_group`` (default: the conversation's): as :meth:`Pipeline.generate_image`; a patch-AR image
+        joins the context like a whole one (VAE + ViT blocks), so text decoding continues after it."""
         unknown = set(kw) - set(IMAGE_PARAM_NAMES)
         if unknown:
             raise TypeError(f"generate_image: unknown arguments {sorted(unknown)}")
@@ -180,6 +183,8 @@ class Conversation:
         if image_size is None:
             image_size = self.ctx.image_hw[0] if (edit and self.ctx.image_hw) else self.pipe.default_image_size
         hw = self.pipe.engine.check_output_size(image_size)
+        image_mode = self._d("image_mode", image_mode, None)
+        self.pipe._check_image_mode(image_mode)
         seed = self._seed()
         ctx = self.ctx
         self.last_thinking = None
@@ -188,7 +193,8 @@ class Conversation:
             ctx, texts = self.pipe._think(ctx, n, self._sampling(), seed, progress, **self._speculation())
             self.last_thinking = texts[0]
             self.history.append(("assistant", "think", texts[0]))
-        img = self.pipe._sample(ctx, hw, ip, seed, progress).image
+        img = self.pipe._sample(ctx, hw, ip, seed, progress, image_mode=image_mode,
+                                patch_group=self._d("patch_group", patch_group, None)).image
         self.ctx = ctx.add_image(img, role="assistant")
         self.history.append(("assistant", "image", img))
         return img
