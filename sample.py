@@ -376,7 +376,7 @@ def _check_out(out: str) -> None:
 
 
 def _mode_kw(args) -> dict:
-    """--image-mode / --patch-group for interleave and chat (only what was given)."""
+    """--image-mode / --patch-group (only what was given)."""
     kw = dict(image_mode=args.image_mode, patch_group=args.patch_group)
     return {k: v for k, v in kw.items() if v is not None}
 
@@ -434,8 +434,7 @@ def cmd_generate(args, pipe) -> int:
     res = pipe.generate_image(args.prompt if len(args.prompt) > 1 else args.prompt[0], think=args.think,
                               image_size=args.image_size or pipe.default_image_size, seed=args.seed,
                               max_think_tokens=args.max_think_tokens, progress=not args.no_progress,
-                              image_mode=args.image_mode, patch_group=args.patch_group,
-                              **_text_kw(args), **_image_kw(args))
+                              **_mode_kw(args), **_text_kw(args), **_image_kw(args))
     _save_images(args, res, "image")
     return 0
 
