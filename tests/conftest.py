@@ -1,6 +1,14 @@
 import os
 
+import jax
 import pytest
+
+# No persistent compilation cache inside the pytest process. Tests call sample.main / train.py's main / load()
+# in this process with different cache folders, and XLA aborted the whole run (SIGABRT, no test report)
+# deserializing an executable from such a cache in two CI runs. JAX decides once per process whether the
+# cache is used, so it is switched off here, before anything compiles; the subprocess runs keep theirs. The
+# in-memory compilation caches still reuse every program within the session.
+jax.config.update("jax_enable_compilation_cache", False)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_A = os.path.join(REPO, "..", "shared", "reference", "fixtures", "tiny-a")

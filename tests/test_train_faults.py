@@ -38,22 +38,10 @@ def _model_cfg():
 
 
 def _main(argv, capsys):
-    """train.py's main in this process, without the persistent compilation cache: writing an executable to it
-    from the pytest process (after the earlier test files' programs) aborted XLA in the merged CI run; the
-    subprocess runs keep the cache."""
-    import jax
-
+    """train.py's main in this process (the pytest process has no persistent compilation cache: conftest)."""
     from bagel_jax.train.cli import main
 
-    if "--compile-cache" in argv:
-        i = argv.index("--compile-cache")
-        argv = argv[:i] + argv[i + 2:]
-    was = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    try:
-        rc = main(argv)
-    finally:
-        jax.config.update("jax_enable_compilation_cache", was)
+    rc = main(argv)
     return rc, capsys.readouterr()
 
 
