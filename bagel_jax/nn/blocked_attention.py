@@ -23,12 +23,12 @@ _NEG = -1e30  # finite "minus infinity": fully masked rows stay NaN-free
 _BIG = np.iinfo(np.int32).max
 
 
-# The cache is read in blocks of ``_cache_block(capacity, min(512, capacity // 2))`` slots up to the last
-# full block below the longest row's length, then the rest in blocks of this many slots, so the slots read
-# follow the data (a 17-slot prompt reads 32 slots, not a whole 256-slot block; a 130-slot one 160). Chunks of
-# fewer than CACHE_TAIL_MIN_QUERIES queries (decoding) read the rest in big blocks too: for one query a loop
-# trip costs more than the slots it saves (bench/bench_inference_ops.py attention: one query against 130
-# valid slots, 5 trips of 32 were 1.3x slower than one of 256; 258 queries against 17, 3x faster).
+# The cache is read in blocks of ``_cache_block(capacity)`` slots up to the last full block below the
+# longest row's length, then the rest in blocks of this many slots, so the slots read follow the data
+# (a 17-slot prompt reads 32 slots, not a whole 256-slot block; a 130-slot one 160). Chunks of fewer than
+# CACHE_TAIL_MIN_QUERIES queries (decoding) read the rest in whole blocks too: for one query a loop trip
+# costs more than the slots it saves (bench/bench_inference_ops.py attention: one query against 130 valid
+# slots, 5 trips of 32 were 1.3x slower than one of 256; 258 queries against 17, 3x faster).
 CACHE_TAIL_BLOCK = 32
 CACHE_TAIL_MIN_QUERIES = 8
 
@@ -167,10 +167,7 @@ def _forward(q, k, v, q_vec, k_vec, bq, bk, cache=None, bc=None):
     _, ids, count = block_plan(q_vec, k_vec, bq, bk)
     if cache is not None:
         cap = cache.k.shape[2]
-        # a big block is at most half the capacity: a block that is the whole cache has a slice that does not
-        # depend on the loop trip, and XLA hoists its scores out of the loop and computes them even when
-        # n_big is 0 (a 258-query flow step against a 17-slot prompt scored all 256 slots in every layer)
-        bc = bc or _cache_block(cap, max(min(512, cap // 2), 1))
+        bc = bc or _cache_block(cap)
         if cap % bc:
             raise ValueError(f"cache capacity {cap} is not a multiple of the cache block size {bc}")
         bt = _cache_block(cap, min(CACHE_TAIL_BLOCK, bc)) if Lq >= CACHE_TAIL_MIN_QUERIES else bc
@@ -301,7 +298,7 @@ def blocked_attention(q, k, v, q_vec: MaskVectors, k_vec: MaskVectors, *, cache:
     :func:`_cached_block`; a sequence shorter than the block is one block, longer ones are padded to a
     multiple internally). Differentiable (custom VJP) without a cache; with
     a cache, forward only: the cache is read in blocks of ``block_cache`` slots (default: the largest power of
-    two <= min(512, capacity / 2) dividing its capacity) up to the last full block below the longest row's valid length, then
+    two <= 512 dividing its capacity) up to the last full block below the longest row's valid length, then
     in blocks of :data:`CACHE_TAIL_BLOCK` slots up to that length (whole blocks for fewer than
     :data:`CACHE_TAIL_MIN_QUERIES` queries). ``return_visited`` (tests, no cache gradient) also
     returns the number of key blocks computed (cache blocks included).
