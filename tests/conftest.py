@@ -3,11 +3,11 @@ import os
 import jax
 import pytest
 
-# No persistent compilation cache inside the pytest process. Tests call sample.main / train.py's main / load()
-# in this process with different cache folders, and XLA aborted the whole run (SIGABRT, no test report)
-# deserializing an executable from such a cache in two CI runs. JAX decides once per process whether the
-# cache is used, so it is switched off here, before anything compiles; the subprocess runs keep theirs. The
-# in-memory compilation caches still reuse every program within the session.
+# No persistent compilation cache inside the pytest process: tests call sample.main / train.py's main / load()
+# here with different cache folders (and load()'s default, ~/.cache), and the results must not depend on what
+# earlier runs left there. JAX decides once per process whether the cache is used, so it is switched off here,
+# before anything compiles; the subprocess runs keep theirs. (The CI crashes first blamed on the cache were
+# the mapping limit: see _release_compiled_programs.)
 jax.config.update("jax_enable_compilation_cache", False)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -38,9 +38,16 @@ def _model_cfg():
 
 
 def _main(argv, capsys):
-    """train.py's main in this process (the pytest process has no persistent compilation cache: conftest)."""
+    """train.py's main in this process (the pytest process has no persistent compilation cache: conftest).
+    Garbage of earlier tests is collected and its output dropped first: orbax's failed write tasks of an earlier
+    run log "Task exception was never retrieved" tracebacks when collected, which must not land in this run's
+    captured stderr."""
+    import gc
+
     from bagel_jax.train.cli import main
 
+    gc.collect()
+    capsys.readouterr()
     rc = main(argv)
     return rc, capsys.readouterr()
 
@@ -338,10 +345,6 @@ def test_full_disk_save_failure_stops_at_once(data, small_disk, capsys):
     ck = os.path.join(wd, "checkpoints")
     assert os.listdir(ck) == ["3"]                      # partial step directories were removed
     _finite_state(wd, 3)                                # the last good checkpoint is intact
-    # orbax's failed write tasks log "Task exception was never retrieved" when collected: collect them here,
-    # not during the next test (whose captured stderr must hold no traceback)
-    import gc
-    gc.collect()
 
 
 def test_failing_save_stops_at_once_without_root(data, tmp_path, capsys, monkeypatch):

@@ -12,8 +12,8 @@ import tempfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "train-tiny.yaml")
 # One XLA compilation cache for all training tests of this test session: identical programs compile once.
-# It is private to the session (removed at exit): a cache shared in /tmp by concurrent or killed runs of other
-# checkouts can hold a partly written executable, and XLA aborts the whole pytest process on reading it.
+# It is private to the session (removed at exit), so that runs of other checkouts, concurrent or killed, never
+# share its entries.
 COMPILE_CACHE = tempfile.mkdtemp(prefix="bagel_jax_test_compile_cache-")
 atexit.register(shutil.rmtree, COMPILE_CACHE, True)
 # The same overrides in every single-device test so that they share compiled programs.
