@@ -97,3 +97,25 @@ def test_cached_attention_fully_masked_row_is_zero(impl):
     view = CacheView(jnp.ones((1, B, cap, K, dh)), jnp.ones((1, B, cap, K, dh)), jnp.zeros((B,), jnp.int32), 0)
     out = attention(z, z[:, :, :K], z[:, :, :K], vec, vec, impl, cache=view)
     np.testing.assert_array_equal(np.asarray(out), 0.0)
+
+
+def test_flow_query_never_scores_the_whole_cache_buffer():
+    """A 258-query chunk against a 256-slot cache holding 17 valid slots reads one 32-slot tail block. A big
+    block as large as the capacity made XLA hoist that block's scores out of its (zero-trip) loop, so every
+    layer scored all 256 slots anyway: no compiled op may produce a [258 x 256] score array."""
+    import re
+
+    B, cap, H, K, dh, Lq = 1, 256, 4, 2, 16, 258
+    f = lambda *s: jnp.zeros(s, jnp.float32)
+    vec = chunk_vectors(jnp.full((B,), Lq, jnp.int32), Lq, False)
+
+    def run(q, k, v, ck, cv, n):
+        return blocked_attention(q, k, v, vec, vec, cache=CacheView(ck, cv, n, 0))
+
+    args = (f(B, Lq, H, dh), f(B, Lq, K, dh), f(B, Lq, K, dh), f(1, B, cap, K, dh), f(1, B, cap, K, dh),
+            jnp.full((B,), 17, jnp.int32))
+    hlo = jax.jit(run).lower(*args).compile().as_text()
+    shapes = re.findall(r"= f32\[([0-9,]+)\]", hlo)
+    scores = [s for s in shapes if {"256", str(Lq)} <= set(s.split(",")) or
+              {"256", str(Lq * H // K)} <= set(s.split(","))]
+    assert not scores, scores

@@ -172,8 +172,12 @@ def _forward(q, k, v, q_vec, k_vec, bq, bk, cache=None, bc=None):
             raise ValueError(f"cache capacity {cap} is not a multiple of the cache block size {bc}")
         bt = _cache_block(cap, min(CACHE_TAIL_BLOCK, bc)) if Lq >= CACHE_TAIL_MIN_QUERIES else bc
         longest = jnp.minimum(jnp.max(cache.length), cap)
-        n_big = longest // bc                                 # full big blocks, then the rest in tail blocks
-        n_tail = (longest - n_big * bc + bt - 1) // bt       # (ends <= capacity: capacity % bt == 0)
+        # A big block that is the whole cache has a slice that does not depend on the loop trip: XLA hoists its
+        # scores out of the (nearly always zero-trip) loop and computes them on every call (a 258-query flow
+        # step against a 17-slot prompt scored all 256 slots in every layer). Such a cache is read in tail
+        # blocks only (the same blocks as before for every cache that is not full, so results are unchanged).
+        n_big = longest // bc if bc < cap else None           # full big blocks, then the rest in tail blocks
+        n_tail = (longest - (0 if n_big is None else n_big * bc) + bt - 1) // bt   # (ends <= capacity)
 
     def q_block(visited, xs):
         qb, qv, ids_i, n_i = xs
@@ -191,8 +195,11 @@ def _forward(q, k, v, q_vec, k_vec, bq, bk, cache=None, bc=None):
                     ok = ((start + jnp.arange(size))[None, :] < cache.length[:, None])[:, None, :]   # [B, 1, size]
                     return _online_update(state, qb, kb.astype(k.dtype), vb.astype(v.dtype), ok, scale), n + 1
                 return cache_body
-            carry, visited = jax.lax.fori_loop(0, n_big, cache_reader(bc, 0), (carry, visited))
-            carry, visited = jax.lax.fori_loop(0, n_tail, cache_reader(bt, n_big * bc), (carry, visited))
+            first = 0
+            if n_big is not None:
+                carry, visited = jax.lax.fori_loop(0, n_big, cache_reader(bc, 0), (carry, visited))
+                first = n_big * bc
+            carry, visited = jax.lax.fori_loop(0, n_tail, cache_reader(bt, first), (carry, visited))
 
         def body(t, c):
             state, n = c
