@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention implementation of the decoder and the ViT: auto ('blocked' when reading the KV "
                         "cache and for long sequences, 'xla' for short ones; default), xla (dense reference), blocked "
                         "(flash-style, any backend), pallas (GPU/TPU kernel), cudnn (NVIDIA GPU, bfloat16)")
+    g.add_argument("--layer-loop", default="auto", choices=("auto", "scan", "unrolled"),
+                   help="how the decoder and ViT layers run: auto ('unrolled' on one CPU device, else 'scan'; default), "
+                        "scan (weights stacked over layers, one compiled layer body: smaller program, faster compile), "
+                        "unrolled (per-layer weights, a loop unrolled at compile time: no per-layer weight copies on "
+                        "XLA:CPU, e.g. 1.6x faster greedy decoding there)")
     g.add_argument("--mesh", default=None, metavar="data=D,fsdp=F,tensor=T",
                    help="run on several devices: mesh sizes whose product is the device count (one may be -1 = the "
                         "rest), e.g. fsdp=4,tensor=2. fsdp and tensor split the weights, data replicates them; KV "
@@ -225,7 +230,7 @@ def _load(args):
         mesh = shd.make_mesh(**shd.parse_mesh(args.mesh))   # MeshError (a ValueError): exit status 2
     pipe = load(args.model_path, dtype=dtype, vae_transform=tf(args.vae_transform),
                 vit_transform=tf(args.vit_transform), max_context=args.max_context, attention_impl=args.attention,
-                mesh=mesh, quantize=args.quantize, compilation_cache=None)
+                mesh=mesh, quantize=args.quantize, layer_loop=args.layer_loop, compilation_cache=None)
     where = f", mesh {dict(mesh.shape)}" if mesh is not None else ""
     where += ", int8 weights" if args.quantize == "int8" else ""
     print(f"loaded {args.model_path} ({dtype}{where}) in {time.time() - t0:.1f}s", file=sys.stderr)

@@ -109,7 +109,8 @@ def use_compilation_cache(path: Optional[str] = DEFAULT_COMPILATION_CACHE, force
 def load(folder: str, dtype="bfloat16", param_dtype=None, shardings=None, vae_shardings=None,
          vae_transform: Optional[ImageTransform] = None, vit_transform: Optional[ImageTransform] = None,
          max_context: Optional[int] = None, attention_impl: str = "auto", mesh=None, quantize: str = "none",
-         quantize_vit: bool = False, compilation_cache: Optional[str] = DEFAULT_COMPILATION_CACHE) -> "Pipeline":
+         quantize_vit: bool = False, layer_loop: str = "auto",
+         compilation_cache: Optional[str] = DEFAULT_COMPILATION_CACHE) -> "Pipeline":
     """Load an official BAGEL folder for inference.
 
     Args:
@@ -134,6 +135,9 @@ def load(folder: str, dtype="bfloat16", param_dtype=None, shardings=None, vae_sh
       quantize: "none" or "int8": int8 weight-only decoder layers (per-output-channel scales; the README's
         int8 section gives bytes, error and speed); ``quantize_vit`` also the ViT's (see
         :func:`bagel_jax.loading.load_model`).
+      layer_loop: how the decoder and ViT layer stacks run (:mod:`bagel_jax.nn.layer_loop`): "auto" (default:
+        "unrolled", per-layer weight arrays, on one CPU device, where the scan's per-layer weight copies cost
+        up to half of a decode step; "scan" elsewhere), "scan" or "unrolled".
       compilation_cache: JAX persistent compilation cache folder, used unless JAX already has one
         (:func:`use_compilation_cache`; default ``~/.cache/bagel_jax/jax``, as ``sample.py``; None: off).
     """
@@ -151,7 +155,8 @@ def load(folder: str, dtype="bfloat16", param_dtype=None, shardings=None, vae_sh
     fd = folder_defaults(folder)
     vae_transform = vae_transform or fd.get("vae_transform", INFERENCE_VAE)
     vit_transform = vit_transform or fd.get("vit_transform", INFERENCE_VIT)
-    pipe = Pipeline(Engine(bm, vae_transform, vit_transform, max_context, mesh=mesh))
+    pipe = Pipeline(Engine(bm, vae_transform, vit_transform, max_context, mesh=mesh, layer_loop=layer_loop,
+                           consume_params=True))    # bm is ours: its stacked layer arrays are freed as split
     pipe.default_image_size = fd.get("image_size", DEFAULT_IMAGE_SIZE)
     return pipe
 

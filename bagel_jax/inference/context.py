@@ -37,6 +37,7 @@ from .. import sharding as shd
 from ..data.images import INFERENCE_VAE, INFERENCE_VIT, ImageError, ImageTransform, load_image
 from ..loading import BagelModel
 from ..models.siglip_navit import patchify
+from ..nn import layer_loop as layer_loop_lib
 from . import blocks
 from .cfg import BRANCH_RULES
 from .kv_cache import KVCache
@@ -122,11 +123,16 @@ class Engine:
         they are spread over several devices, else None = one device). KV caches are created on it and
         every device call runs under it; params not already on it are split over it by the rules of
         :mod:`bagel_jax.sharding` (the VAE replicated).
+      layer_loop: how the decoder and ViT layer stacks run (:mod:`bagel_jax.nn.layer_loop`): "auto"
+        (default: "unrolled" on one CPU device, else "scan"), "scan" or "unrolled". When it differs from
+        ``bm``'s layout the engine holds its own copy of the layer weights in its layout (``self.bm`` /
+        ``self.params`` / ``self.model``); ``bm`` keeps its own unless ``consume_params``, which frees
+        ``bm``'s stacked layer arrays as they are split (``bm.params`` is unusable afterwards).
     """
 
     def __init__(self, bm: BagelModel, vae_transform: ImageTransform = INFERENCE_VAE,
                  vit_transform: ImageTransform = INFERENCE_VIT, max_context: Optional[int] = None,
-                 cache_dtype=None, mesh=None):
+                 cache_dtype=None, mesh=None, layer_loop: str = "auto", consume_params: bool = False):
         if bm.tokenizer is None:
             raise ContextError("the engine needs a tokenizer (load the model with with_tokenizer=True)")
         self.bm = bm
@@ -149,6 +155,13 @@ class Engine:
             self.vae_params = jax.device_put(bm.vae_params, shd.replicated(mesh))
         mesh = on if mesh is None else mesh
         self.mesh = mesh if mesh is not None and mesh.size > 1 else None
+        loop = layer_loop_lib.resolve(layer_loop, self.mesh)
+        if loop != bm.model.opts.layer_loop:
+            # the engine's own layout of the layer weights (nn/layer_loop.py): unrolled on one CPU device
+            convert = layer_loop_lib.unstack if loop == "unrolled" else layer_loop_lib.stack
+            self.params = convert(self.params, consume_params) if loop == "unrolled" else convert(self.params)
+            self.model = bm.model.clone(opts=dataclasses.replace(bm.model.opts, layer_loop=loop))
+            self.bm = dataclasses.replace(bm, model=self.model, params=self.params)
 
     def empty_cache(self, batch: int, capacity: int = CACHE_MIN) -> KVCache:
         return KVCache.empty(self.cfg.llm, batch, capacity, self.cache_dtype, self.mesh)

@@ -189,7 +189,8 @@ class _ScanBody(nn.Module):
         cos, sin, mask, is_gen, cache = bcast
         layer = self.opts.remat(MoTLayer)(self.cfg, self.routing, self.opts, name="layer")
         x, kv = layer(x, cos, sin, mask, is_gen, cache, index)
-        self.sow(COLLECTION, "hidden", x)
+        if self.opts.layer_loop == "scan":        # unrolled: the stack sows all layers' outputs at once
+            self.sow(COLLECTION, "hidden", x)
         return x, kv
 
 
@@ -215,6 +216,14 @@ class LayerStack(nn.Module):
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.opts.dtype)
         if is_gen is None:
             is_gen = jnp.zeros(x.shape[:2], bool)
+        if self.opts.layer_loop == "unrolled":     # per-layer parameter arrays (nn/layer_loop.py)
+            hidden, ks, vs = [], [], []
+            for i in range(self.cfg.num_hidden_layers):
+                x, (k, v) = _ScanBody(self.cfg, routing, self.opts, name=f"layers_{i}")(
+                    x, (cos, sin, mask, is_gen, cache), i)
+                hidden.append(x), ks.append(k), vs.append(v)
+            self.sow(COLLECTION, "hidden", jnp.stack(hidden))
+            return x, (jnp.stack(ks), jnp.stack(vs))
         scan = nn.scan(
             _ScanBody,
             variable_axes={"params": 0, "intermediates": 0},

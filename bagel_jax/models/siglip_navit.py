@@ -112,7 +112,8 @@ class SiglipEncoderLayer(nn.Module):
         m = _layer_norm(cfg, o.param_dtype, "layer_norm2")(h).astype(o.dtype)
         h = h + SiglipMLP(cfg, o, name="mlp")(m)
         h = shd.constrain(h, ("batch", "res_length", "embed"))
-        self.sow(COLLECTION, "vit_layers", h)
+        if o.layer_loop == "scan":                 # unrolled: the encoder sows all layers' outputs at once
+            self.sow(COLLECTION, "vit_layers", h)
         return h, None
 
 
@@ -125,6 +126,13 @@ class SiglipEncoder(nn.Module):
     @nn.compact
     def __call__(self, h: jax.Array, vec: MaskVectors) -> jax.Array:
         """h ``[B, N, D]``, vec mask vectors ``[B, N]`` -> h ``[B, N, D]``."""
+        if self.opts.layer_loop == "unrolled":     # per-layer parameter arrays (nn/layer_loop.py)
+            outs = []
+            for i in range(self.cfg.num_hidden_layers):
+                h = self.opts.remat(SiglipEncoderLayer)(self.cfg, self.opts, name=f"layers_{i}")(h, vec)[0]
+                outs.append(h)
+            self.sow(COLLECTION, "vit_layers", jnp.stack(outs))
+            return h
         scanned = nn.scan(self.opts.remat(SiglipEncoderLayer), variable_axes={"params": 0, COLLECTION: 0},
                           split_rngs={"params": True}, in_axes=nn.broadcast, length=self.cfg.num_hidden_layers)
         return scanned(self.cfg, self.opts, name="layers")(h, vec)[0]

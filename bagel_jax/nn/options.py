@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from ..quantize import validate_mode
 from .attention import validate_implementation
+from .layer_loop import LAYER_LOOPS
 from .layers import QuantDense
 
 # name -> jax.checkpoint policy (None: no remat). One table for every scanned layer stack.
@@ -45,6 +46,8 @@ class ModelOptions:
       remat_policy: a key of :data:`REMAT_POLICIES`, applied to every decoder and ViT layer.
       attention_impl: ``"auto"`` or an implementation of :func:`bagel_jax.nn.attention.attention`
         (decoder and ViT).
+      layer_loop: ``"scan"`` (parameters stacked over layers, one scanned body) or ``"unrolled"`` (per-layer
+        parameter arrays, a Python loop; single-device CPU inference): :mod:`bagel_jax.nn.layer_loop`.
       quantize: ``"none"`` or ``"int8"`` (:mod:`bagel_jax.quantize`): with ``"int8"`` every dense layer is a
         :class:`~bagel_jax.nn.layers.QuantDense`, which runs an int8 kernel where the params tree holds one
         (the layers :func:`bagel_jax.quantize.quantize_params` converted) and the float kernel elsewhere.
@@ -56,6 +59,7 @@ class ModelOptions:
     remat_policy: str = "none"
     attention_impl: str = "auto"
     quantize: str = "none"
+    layer_loop: str = "scan"
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
@@ -63,6 +67,8 @@ class ModelOptions:
         object.__setattr__(self, "attention_impl", validate_implementation(self.attention_impl))
         validate_remat_policy(self.remat_policy)
         validate_mode(self.quantize)
+        if self.layer_loop not in LAYER_LOOPS:
+            raise ValueError(f"unknown layer loop {self.layer_loop!r}; choose one of {', '.join(LAYER_LOOPS)}")
 
     def dense(self, features: int, use_bias: bool = True, name: str | None = None) -> nn.Dense:
         """An ``nn.Dense`` in these dtypes (a :class:`~bagel_jax.nn.layers.QuantDense` when quantized)."""

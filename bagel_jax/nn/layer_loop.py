@@ -1,0 +1,110 @@
+"""How a layer stack runs: one ``nn.scan`` over stacked parameters, or an unrolled Python loop over
+per-layer parameter arrays.
+
+``"scan"`` (training, sharded inference, accelerators): the parameters of all layers are stacked on a
+leading axis under ``.../layers/...`` and one compiled layer body runs them in turn. On XLA:CPU each trip
+copies its layer's weights out of the stacked arrays (a ``dynamic-slice`` fusion the matmul cannot read
+through): measured on the 2-core CPU with the perf harness's small model, 58% of the op time of greedy
+decoding and 19% of a flow step were those copies.
+
+``"unrolled"`` (single-device CPU inference): every layer has its own parameter arrays, under
+``.../layers_0/...``, ``.../layers_1/...``, and the stack is a Python loop, so a matmul reads its weights
+where they lie. The compiled program is larger (compile time grows with the layer count); the results are
+the same computation. :func:`unstack` / :func:`stack` convert a params tree between the two layouts (only
+the subtrees named ``layers``; everything else is shared, not copied).
+
+``"auto"`` (:func:`resolve`): ``"unrolled"`` on a single CPU device, else ``"scan"``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+LAYER_LOOPS = ("scan", "unrolled")
+SCANNED = "layers"                      # the name of every scanned layer stack's parameter subtree
+_UNROLLED = re.compile(r"^layers_(\d+)$")
+
+
+def validate(name: str) -> str:
+    if name not in LAYER_LOOPS + ("auto",):
+        raise ValueError(f"unknown layer loop {name!r}; choose one of auto, {', '.join(LAYER_LOOPS)}")
+    return name
+
+
+def resolve(name: str, mesh: Optional[Any] = None) -> str:
+    """``"auto"`` -> ``"unrolled"`` on one CPU device (``mesh`` None or of size 1), else ``"scan"``."""
+    validate(name)
+    if name != "auto":
+        return name
+    one_device = mesh is None or getattr(mesh, "size", 1) == 1
+    return "unrolled" if one_device and jax.default_backend() == "cpu" else "scan"
+
+
+def unstack(params: Any, consume: bool = False) -> Any:
+    """Scan layout -> unrolled layout: every ``layers`` subtree (leaves ``[n, ...]``) becomes
+    ``layers_0 .. layers_{n-1}`` (leaves ``[...]``). Other subtrees are returned as they are.
+    ``consume``: delete each stacked array once it is split (the peak is then the tree plus one array;
+    the input tree is unusable afterwards)."""
+    if not hasattr(params, "items"):
+        return params
+    out = {}
+    for k, v in params.items():
+        if k == SCANNED and hasattr(v, "items"):
+            flat, treedef = jax.tree_util.tree_flatten(v)
+            n = flat[0].shape[0]
+            per_layer = [[] for _ in range(n)]
+            for a in flat:
+                if a.shape[:1] != (n,):
+                    raise ValueError(f"a scanned layer stack's arrays must share the leading axis {n}: {a.shape}")
+                for i, part in enumerate(_split(a, n)):
+                    per_layer[i].append(part)
+                if consume and isinstance(a, jax.Array):
+                    a.delete()
+            for i in range(n):
+                out[f"{SCANNED}_{i}"] = jax.tree_util.tree_unflatten(treedef, per_layer[i])
+        else:
+            out[k] = unstack(v, consume)
+    return out
+
+
+def _split(a, n):
+    if isinstance(a, jax.Array):
+        return [jax.lax.index_in_dim(a, i, keepdims=False) for i in range(n)]
+    return [a[i] for i in range(n)]
+
+
+def stack(params: Any) -> Any:
+    """Unrolled layout -> scan layout (the inverse of :func:`unstack`)."""
+    if not hasattr(params, "items"):
+        return params
+    out, layers = {}, {}
+    for k, v in params.items():
+        m = _UNROLLED.match(k)
+        if m and hasattr(v, "items"):
+            layers[int(m.group(1))] = v
+        else:
+            out[k] = stack(v)
+    if layers:
+        if sorted(layers) != list(range(len(layers))):
+            raise ValueError(f"unrolled layers are not numbered 0..{len(layers) - 1}: {sorted(layers)}")
+        out[SCANNED] = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[layers[i] for i in range(len(layers))])
+    return out
+
+
+def layout_of(params: Any) -> Optional[str]:
+    """"scan" or "unrolled" by the names in ``params`` (None when it has no layer stack)."""
+    if not hasattr(params, "items"):
+        return None
+    for k, v in params.items():
+        if k == SCANNED and hasattr(v, "items"):
+            return "scan"
+        if _UNROLLED.match(k):
+            return "unrolled"
+        found = layout_of(v)
+        if found:
+            return found
+    return None

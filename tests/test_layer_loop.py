@@ -1,0 +1,119 @@
+"""The two layouts of the layer stacks (bagel_jax/nn/layer_loop.py): scanned over stacked weights, or an
+unrolled loop over per-layer weights. Same model, same numbers; conversion both ways; the engine's choice."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bagel_jax.data.images import ImageTransform
+from bagel_jax.inference import api, blocks
+from bagel_jax.inference.context import Context
+from bagel_jax.inference.sampler import ImageParams, generate_images
+from bagel_jax.loading import load_model
+from bagel_jax.models.siglip_navit import patchify
+from bagel_jax.nn import layer_loop
+from bagel_jax.nn.options import ModelOptions
+
+SMALL_VAE = ImageTransform(256, 32, 16)
+SMALL_VIT = ImageTransform(256, 28, 14)
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_a):
+    kw = dict(dtype="float32", vae_transform=SMALL_VAE, vit_transform=SMALL_VIT)
+    return {loop: api.load(tiny_a, layer_loop=loop, **kw) for loop in ("scan", "unrolled")}
+
+
+def test_convert_both_ways(tiny_a):
+    p = load_model(tiny_a, dtype=jnp.float32).params
+    n = p["language_model"]["model"]["layers"]["layer"]["q_proj"]["kernel"].shape[0]
+    u = layer_loop.unstack(p)
+    assert layer_loop.layout_of(p) == "scan" and layer_loop.layout_of(u) == "unrolled"
+    lm = u["language_model"]["model"]
+    assert "layers" not in lm and sorted(k for k in lm if k.startswith("layers_")) == [f"layers_{i}" for i in range(n)]
+    np.testing.assert_array_equal(lm["layers_1"]["layer"]["q_proj"]["kernel"],
+                                  p["language_model"]["model"]["layers"]["layer"]["q_proj"]["kernel"][1])
+    assert (u["language_model"]["embed_tokens"]["embedding"] is
+            p["language_model"]["embed_tokens"]["embedding"])      # arrays outside the stacks are shared, not copied
+    back = layer_loop.stack(u)
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(p)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, back, p)
+
+
+def test_consume_frees_the_stacked_arrays(tiny_a):
+    p = load_model(tiny_a, dtype=jnp.float32).params
+    k = p["language_model"]["model"]["layers"]["layer"]["q_proj"]["kernel"]
+    want = np.asarray(k[0])
+    u = layer_loop.unstack(p, consume=True)
+    assert k.is_deleted()
+    np.testing.assert_array_equal(u["language_model"]["model"]["layers_0"]["layer"]["q_proj"]["kernel"], want)
+
+
+def test_choice_and_errors():
+    assert layer_loop.resolve("auto") == ("unrolled" if jax.default_backend() == "cpu" else "scan")
+    assert layer_loop.resolve("scan") == "scan"
+    with pytest.raises(ValueError, match="layer loop"):
+        layer_loop.resolve("python")
+    with pytest.raises(ValueError, match="layer loop"):
+        ModelOptions(layer_loop="unroll")
+    with pytest.raises(ValueError, match="numbered"):
+        layer_loop.stack({"layers_0": {"w": jnp.zeros(2)}, "layers_2": {"w": jnp.zeros(2)}})
+
+
+def test_engine_layouts(pipes):
+    scan, unr = pipes["scan"].engine, pipes["unrolled"].engine
+    assert scan.model.opts.layer_loop == "scan" and layer_loop.layout_of(scan.params) == "scan"
+    assert unr.model.opts.layer_loop == "unrolled" and layer_loop.layout_of(unr.params) == "unrolled"
+    assert unr.bm.params is unr.params and unr.bm.model is unr.model
+
+
+def _img(seed=0):
+    return (np.random.RandomState(seed).rand(40, 48, 3) * 255).astype(np.uint8)
+
+
+def test_same_numbers_in_both_layouts(pipes):
+    """ViT + text prefill (with every layer's output), a flow velocity and a short sampling run: the unrolled
+    loop computes what the scan does (float32, 1e-5 of scale: XLA may fuse the two programs differently)."""
+    out = {}
+    for loop, pipe in pipes.items():
+        eng = pipe.engine
+        ctx = Context.new(eng, 1).add_image(_img(), vae=True, vit=True).add_text("What is this?")
+        br = ctx.gen
+        pre = eng.preprocess(_img(1), vae=False, vit=True)
+        ids = jnp.asarray([eng.tok.encode("a cat")], jnp.int32)
+        pos = br.rope[:, None] + jnp.arange(ids.shape[1])[None]
+        h, _, inter = blocks.text_chunk(eng.model, eng.params, br.cache, ids, pos, jnp.asarray([ids.shape[1]]),
+                                        update=False, collect=True)
+        img = generate_images(Context.new(eng, 1).add_text("a red cat"), (32, 32),
+                              ImageParams(num_timesteps=3), keys=[jax.random.PRNGKey(0)], decode=False)
+        out[loop] = dict(cache=np.asarray(br.cache.k[:, :, :int(br.length[0])]), h=np.asarray(h),
+                         hidden=np.asarray(inter["hidden"]), lat=np.asarray(img["latent_tokens"]))
+        assert pre["vit"].ndim == 3
+    for key in out["scan"]:
+        a, b = out["scan"][key], out["unrolled"][key]
+        assert a.shape == b.shape, key
+        np.testing.assert_allclose(b, a, atol=1e-5 * max(1.0, float(np.abs(a).max())), rtol=0, err_msg=key)
+    n = pipes["scan"].engine.cfg.llm.num_hidden_layers
+    assert out["unrolled"]["hidden"].shape[0] == n
+
+
+def test_vit_layers_sown_in_both_layouts(pipes):
+    from bagel_jax.nn import intermediates
+
+    res = {}
+    for loop, pipe in pipes.items():
+        eng = pipe.engine
+        pre = eng.preprocess(_img(), vae=False, vit=True)
+        vcfg = eng.cfg.vit
+        tok, pos = patchify(pre["vit"], vcfg.patch_size, eng.cfg.vit_max_num_patch_per_side)
+        patches, pos = jnp.asarray(tok)[None], jnp.asarray(pos, jnp.int32)[None]
+        n = patches.shape[1]
+        from bagel_jax.models.bagel import Bagel
+
+        _, inter = intermediates.apply(eng.model, {"params": eng.params}, patches, pos,
+                                       jnp.ones((1, n), jnp.int32), method=Bagel.embed_vit)
+        res[loop] = np.asarray(inter["vit_layers"])
+    assert res["scan"].shape == res["unrolled"].shape
+    assert res["scan"].shape[0] == pipes["scan"].engine.cfg.vit.num_hidden_layers
+    np.testing.assert_allclose(res["unrolled"], res["scan"], atol=1e-5 * max(1.0, float(np.abs(res["scan"]).max())))
