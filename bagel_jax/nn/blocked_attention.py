@@ -133,7 +133,9 @@ def _online_update(carry, qb, kb, vb, allowed, scale):
     s = _scores(qb, kb, allowed, scale)
     m_new = jnp.maximum(m, s.max(-1))
     corr = jnp.exp(m - m_new)
-    p = jnp.where(allowed[:, None, None], jnp.exp(s - m_new[..., None]), 0.0)
+    # masked scores are _NEG: exp(_NEG - m) is exactly 0 once a row has seen an allowed key; a row that has
+    # not (m_new == _NEG) subtracts 0 instead, so its masked entries are exp(_NEG) = 0 too (no second select)
+    p = jnp.exp(s - jnp.where(m_new > 0.5 * _NEG, m_new, 0.0)[..., None])
     pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
     return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
 
