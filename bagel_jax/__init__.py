@@ -4,6 +4,10 @@
 (understand / generate_image / edit_image / conversation / interleave). Heavy modules are imported lazily.
 """
 
+from . import _xla_cpu
+
+_xla_cpu.apply()   # XLA:CPU convolution tuning, before JAX starts its CPU backend (see bagel_jax/_xla_cpu.py)
+
 _LAZY = {
     "load": ("bagel_jax.inference.api", "load"),
     "Pipeline": ("bagel_jax.inference.api", "Pipeline"),
