@@ -307,7 +307,8 @@ def blocked_attention(q, k, v, q_vec: MaskVectors, k_vec: MaskVectors, *, cache:
     :func:`_cached_block`; a sequence shorter than the block is one block, longer ones are padded to a
     multiple internally). Differentiable (custom VJP) without a cache; with
     a cache, forward only: the cache is read in blocks of ``block_cache`` slots (default: the largest power of
-    two <= 512 dividing its capacity) up to the last full block below the longest row's valid length, then
+    two <= 512 dividing its capacity; none when that is the whole capacity) up to the last full block below
+    the longest row's valid length, then
     in blocks of :data:`CACHE_TAIL_BLOCK` slots up to that length (whole blocks for fewer than
     :data:`CACHE_TAIL_MIN_QUERIES` queries). ``return_visited`` (tests, no cache gradient) also
     returns the number of key blocks computed (cache blocks included).
