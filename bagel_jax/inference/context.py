@@ -156,11 +156,13 @@ class Engine:
         mesh = on if mesh is None else mesh
         self.mesh = mesh if mesh is not None and mesh.size > 1 else None
         loop = layer_loop_lib.resolve(layer_loop, self.mesh)
-        if loop != bm.model.opts.layer_loop:
+        opts = getattr(bm.model, "opts", None)
+        # (an engine over stand-in modules or params without a layer stack keeps them as they are)
+        if opts is not None and loop != opts.layer_loop and layer_loop_lib.layout_of(bm.params) == opts.layer_loop:
             # the engine's own layout of the layer weights (nn/layer_loop.py): unrolled on one CPU device
             convert = layer_loop_lib.unstack if loop == "unrolled" else layer_loop_lib.stack
             self.params = convert(self.params, consume_params) if loop == "unrolled" else convert(self.params)
-            self.model = bm.model.clone(opts=dataclasses.replace(bm.model.opts, layer_loop=loop))
+            self.model = bm.model.clone(opts=dataclasses.replace(opts, layer_loop=loop))
             self.bm = dataclasses.replace(bm, model=self.model, params=self.params)
 
     def empty_cache(self, batch: int, capacity: int = CACHE_MIN) -> KVCache:
