@@ -160,8 +160,10 @@ class Engine:
         # (an engine over stand-in modules or params without a layer stack keeps them as they are)
         if opts is not None and loop != opts.layer_loop and layer_loop_lib.layout_of(bm.params) == opts.layer_loop:
             # the engine's own layout of the layer weights (nn/layer_loop.py): unrolled on one CPU device
-            convert = layer_loop_lib.unstack if loop == "unrolled" else layer_loop_lib.stack
-            self.params = convert(self.params, consume_params) if loop == "unrolled" else convert(self.params)
+            if loop == "unrolled":
+                self.params = layer_loop_lib.unstack(self.params, consume_params)
+            else:
+                self.params = layer_loop_lib.stack(self.params)
             self.model = bm.model.clone(opts=dataclasses.replace(opts, layer_loop=loop))
             self.bm = dataclasses.replace(bm, model=self.model, params=self.params)
 

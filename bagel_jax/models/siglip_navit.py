@@ -126,14 +126,15 @@ class SiglipEncoder(nn.Module):
     @nn.compact
     def __call__(self, h: jax.Array, vec: MaskVectors) -> jax.Array:
         """h ``[B, N, D]``, vec mask vectors ``[B, N]`` -> h ``[B, N, D]``."""
+        layer = self.opts.remat(SiglipEncoderLayer)
         if self.opts.layer_loop == "unrolled":     # per-layer parameter arrays (nn/layer_loop.py)
             outs = []
             for i in range(self.cfg.num_hidden_layers):
-                h = self.opts.remat(SiglipEncoderLayer)(self.cfg, self.opts, name=f"layers_{i}")(h, vec)[0]
+                h = layer(self.cfg, self.opts, name=f"layers_{i}")(h, vec)[0]
                 outs.append(h)
             self.sow(COLLECTION, "vit_layers", jnp.stack(outs))
             return h
-        scanned = nn.scan(self.opts.remat(SiglipEncoderLayer), variable_axes={"params": 0, COLLECTION: 0},
+        scanned = nn.scan(layer, variable_axes={"params": 0, COLLECTION: 0},
                           split_rngs={"params": True}, in_axes=nn.broadcast, length=self.cfg.num_hidden_layers)
         return scanned(self.cfg, self.opts, name="layers")(h, vec)[0]
 

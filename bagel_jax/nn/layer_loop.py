@@ -29,9 +29,11 @@ SCANNED = "layers"                      # the name of every scanned layer stack'
 _UNROLLED = re.compile(r"^layers_(\d+)$")
 
 
-def validate(name: str) -> str:
-    if name not in LAYER_LOOPS + ("auto",):
-        raise ValueError(f"unknown layer loop {name!r}; choose one of auto, {', '.join(LAYER_LOOPS)}")
+def validate(name: str, auto: bool = True) -> str:
+    """``name`` if it is a layer loop (or ``"auto"`` when ``auto``), else a ValueError naming the choices."""
+    choices = (("auto",) if auto else ()) + LAYER_LOOPS
+    if name not in choices:
+        raise ValueError(f"unknown layer loop {name!r}; choose one of {', '.join(choices)}")
     return name
 
 
@@ -60,8 +62,8 @@ def unstack(params: Any, consume: bool = False) -> Any:
             for a in flat:
                 if a.shape[:1] != (n,):
                     raise ValueError(f"a scanned layer stack's arrays must share the leading axis {n}: {a.shape}")
-                for i, part in enumerate(_split(a, n)):
-                    per_layer[i].append(part)
+                for i in range(n):
+                    per_layer[i].append(a[i])
                 if consume and isinstance(a, jax.Array):
                     a.delete()
             for i in range(n):
@@ -69,12 +71,6 @@ def unstack(params: Any, consume: bool = False) -> Any:
         else:
             out[k] = unstack(v, consume)
     return out
-
-
-def _split(a, n):
-    if isinstance(a, jax.Array):
-        return [jax.lax.index_in_dim(a, i, keepdims=False) for i in range(n)]
-    return [a[i] for i in range(n)]
 
 
 def stack(params: Any) -> Any:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from ..quantize import validate_mode
 from .attention import validate_implementation
-from .layer_loop import LAYER_LOOPS
+from .layer_loop import validate as validate_layer_loop
 from .layers import QuantDense
 
 # name -> jax.checkpoint policy (None: no remat). One table for every scanned layer stack.
@@ -67,8 +67,7 @@ class ModelOptions:
         object.__setattr__(self, "attention_impl", validate_implementation(self.attention_impl))
         validate_remat_policy(self.remat_policy)
         validate_mode(self.quantize)
-        if self.layer_loop not in LAYER_LOOPS:
-            raise ValueError(f"unknown layer loop {self.layer_loop!r}; choose one of {', '.join(LAYER_LOOPS)}")
+        validate_layer_loop(self.layer_loop, auto=False)
 
     def dense(self, features: int, use_bias: bool = True, name: str | None = None) -> nn.Dense:
         """An ``nn.Dense`` in these dtypes (a :class:`~bagel_jax.nn.layers.QuantDense` when quantized)."""
