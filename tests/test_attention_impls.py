@@ -190,6 +190,9 @@ def test_resolve_and_errors():
     assert resolve_implementation(None, 100_000) == "blocked"
     assert resolve_implementation("auto", 8, cached=True) == "blocked"
     assert resolve_implementation("xla", 100_000) == "xla"
+    assert resolve_implementation("auto", 1024, auto_min_len=1024) == "xla"       # the inference engine's limit
+    assert resolve_implementation("auto", 1025, auto_min_len=1024) == "blocked"
+    assert resolve_implementation("auto", 8, cached=True, auto_min_len=1024) == "blocked"
     with pytest.raises(ValueError, match="expected one of: auto, xla, blocked, pallas, cudnn"):
         resolve_implementation("flash", 10)
     vec = chunk_vectors(jnp.asarray([3]), 4, True)

@@ -348,3 +348,32 @@ def test_noise_and_text_streams_differ():
     assert np.array_equal(n[1], np.asarray(jax.random.PRNGKey(6)))       # row i: PRNGKey(seed + i)
     assert np.array_equal(t, np.asarray(text_keys(6, 1) + text_keys(5, 1))[::-1])   # batched == one at a time
     assert not any(np.array_equal(a, b) for a in n for b in t)
+
+
+def test_image_prefill_without_hidden_writes_the_same_cache(pipe):
+    """add_image keeps no final hidden states unless asked (XLA then drops the last layer's work that only
+    they need); the KV cache it writes is the same either way, and ``keep_hidden`` returns them."""
+    img = _img(40, 56)
+    base = Context.new(pipe.engine, 1)
+    lean = base.add_image(img)
+    full = base.add_image(img, keep_hidden=True)
+    assert "h" not in lean.last_hidden["vit"] and "h" not in lean.last_hidden["vae"]
+    D = pipe.engine.cfg.llm.hidden_size
+    assert full.last_hidden["vit"]["h"].shape[-1] == D and full.last_hidden["vae"]["h"].shape[-1] == D
+    n = int(lean.gen.length[0])
+    assert n == int(full.gen.length[0])
+    np.testing.assert_array_equal(np.asarray(lean.gen.cache.k[:, :, :n]), np.asarray(full.gen.cache.k[:, :, :n]))
+    np.testing.assert_array_equal(np.asarray(lean.gen.cache.v[:, :, :n]), np.asarray(full.gen.cache.v[:, :, :n]))
+
+
+def test_engine_model_uses_the_inference_attention_switch(pipe, tiny_a):
+    """The engine's model keeps "auto" but stays dense longer without a cache (forward only, measured);
+    a model built with its own switch keeps it."""
+    from bagel_jax.nn.attention import AUTO_BLOCKED_MIN_LEN, INFERENCE_AUTO_BLOCKED_MIN_LEN
+    eng = pipe.engine
+    assert eng.model.opts.attention_impl == "auto"
+    assert eng.model.opts.auto_blocked_min_len == INFERENCE_AUTO_BLOCKED_MIN_LEN
+    assert eng.bm.model.opts.auto_blocked_min_len == INFERENCE_AUTO_BLOCKED_MIN_LEN
+    own = dataclasses.replace(eng.bm, model=eng.bm.model.clone(
+        opts=dataclasses.replace(eng.bm.model.opts, auto_blocked_min_len=AUTO_BLOCKED_MIN_LEN + 1)))
+    assert Engine(own, SMALL_VAE, SMALL_VIT).model.opts.auto_blocked_min_len == AUTO_BLOCKED_MIN_LEN + 1

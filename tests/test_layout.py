@@ -105,11 +105,11 @@ def _record_device_calls(monkeypatch, calls):
         _, H, W, _ = image.shape
         return jnp.zeros((1, (H // 16) * (W // 16), 8), jnp.float32)     # tiny-a: 16 px per latent token
 
-    def latent_prefill(model, params, cache, x0, lat_pos, n_tokens, rope, markers):
+    def latent_prefill(model, params, cache, x0, lat_pos, n_tokens, rope, markers, hidden=True):
         calls.append(("vae", np.asarray(n_tokens), np.asarray(rope), np.asarray(markers)))
         return None, grown(cache, np.asarray(n_tokens) + 2)
 
-    def vit_chunk(model, params, cache, patches, vit_pos, n_tokens, rope, markers, collect=False):
+    def vit_chunk(model, params, cache, patches, vit_pos, n_tokens, rope, markers, collect=False, hidden=True):
         calls.append(("vit", np.asarray(n_tokens), np.asarray(rope), np.asarray(markers)))
         return None, grown(cache, np.asarray(n_tokens) + 2), {}
 

@@ -26,6 +26,9 @@ def test_options_validate_and_normalise():
         ModelOptions(remat_policy="dots_everything")
     with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
         ModelOptions(attention_impl="flash")
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="auto_blocked_min_len must be an integer >= 0"):
+            ModelOptions(auto_blocked_min_len=bad)
 
 
 def test_train_config_validates_remat_with_the_one_table():

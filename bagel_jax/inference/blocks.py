@@ -35,14 +35,17 @@ def text_chunk(model: Bagel, params, cache: KVCache, ids, positions, q_len, upda
     return forward_chunk(model, params, cache, x, positions, q_len, True, Routing.und(), update, collect=collect)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "collect"))
+@functools.partial(jax.jit, static_argnames=("model", "collect", "hidden"))
 def vit_chunk(model: Bagel, params, cache: KVCache, patches, vit_pos, n_tokens, rope, markers,
-              collect: bool = False):
+              collect: bool = False, hidden: bool = True):
     """Prefill one ViT image per row.
 
     Args: patches ``[B, N, p*p*3]`` (padded), vit_pos ``[B, N]``, n_tokens ``[B]`` real patches per row,
     rope ``[B]`` position of the block, markers ``[2]`` ids of <|vision_start|>, <|vision_end|>.
-    Returns ``(h, cache, intermediates)`` with the chunk in official order ``[start, tokens..., end]``.
+    Returns ``(h, cache, intermediates)`` with the chunk in official order ``[start, tokens..., end]``;
+    ``h`` is None unless ``hidden`` (static): the cache needs only each layer's keys and values, so without
+    ``h`` XLA drops the last layer's attention, output projection and MLP (about 1/num_layers of the
+    prefill; with the unrolled layer loop, :mod:`bagel_jax.nn.layer_loop`).
     """
     B, N, _ = patches.shape
     seg = (jnp.arange(N)[None] < n_tokens[:, None]).astype(jnp.int32)
@@ -57,7 +60,7 @@ def vit_chunk(model: Bagel, params, cache: KVCache, patches, vit_pos, n_tokens, 
     positions = jnp.broadcast_to(rope[:, None], (B, layout.block_len(N)))
     h, cache, inter = forward_chunk(model, params, cache, x, positions, layout.block_len(n_tokens), False,
                                     Routing.und(), True, collect=collect)
-    return h, cache, {**vit_inter, **inter}
+    return (h if hidden else None), cache, {**vit_inter, **inter}
 
 
 def _latent_chunk(model: Bagel, params, x_t, t, lat_pos, rope, markers, collect: bool = False):
@@ -128,11 +131,12 @@ def vae_encode_tokens(vae: flux_vae.AutoEncoder, vae_params, image, eps, p: int)
     return tok.reshape(tok.shape[0], -1, tok.shape[-1])
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def latent_prefill(model: Bagel, params, cache: KVCache, x0, lat_pos, n_tokens, rope, markers):
+@functools.partial(jax.jit, static_argnames=("model", "hidden"))
+def latent_prefill(model: Bagel, params, cache: KVCache, x0, lat_pos, n_tokens, rope, markers, hidden: bool = True):
     """Prefill clean latent tokens ``x0 [B, N, p*p*C]`` (t = 0, padded per row to N) as a full-attention
-    image block ``[start, end, latents...]``. Returns ``(h, cache)``."""
+    image block ``[start, end, latents...]``. Returns ``(h, cache)``; ``h`` None unless ``hidden`` (as
+    :func:`vit_chunk`)."""
     x, positions, _ = _latent_chunk(model, params, x0, jnp.zeros(x0.shape[:1]), lat_pos, rope, markers)
     h, cache, _ = forward_chunk(model, params, cache, x, positions, layout.block_len(n_tokens), False,
                                 Routing.split(layout.LATENT_CHUNK_BODY), True)
-    return h, cache
+    return (h if hidden else None), cache

@@ -38,6 +38,7 @@ from ..data.images import INFERENCE_VAE, INFERENCE_VIT, ImageError, ImageTransfo
 from ..loading import BagelModel
 from ..models.siglip_navit import patchify
 from ..nn import layer_loop as layer_loop_lib
+from ..nn.attention import AUTO_BLOCKED_MIN_LEN, INFERENCE_AUTO_BLOCKED_MIN_LEN
 from . import blocks
 from .cfg import BRANCH_RULES
 from .kv_cache import KVCache
@@ -128,6 +129,10 @@ class Engine:
         ``bm``'s layout the engine holds its own copy of the layer weights in its layout (``self.bm`` /
         ``self.params`` / ``self.model``); ``bm`` keeps its own unless ``consume_params``, which frees
         ``bm``'s stacked layer arrays as they are split (``bm.params`` is unusable afterwards).
+
+    The engine's model runs forward only: with ``attention_impl="auto"`` and the default
+    ``ModelOptions.auto_blocked_min_len``, attention without a cache (the ViT) stays dense up to
+    :data:`~bagel_jax.nn.attention.INFERENCE_AUTO_BLOCKED_MIN_LEN` keys (``self.model`` is a clone with it).
     """
 
     def __init__(self, bm: BagelModel, vae_transform: ImageTransform = INFERENCE_VAE,
@@ -158,14 +163,22 @@ class Engine:
         loop = layer_loop_lib.resolve(layer_loop, self.mesh)
         opts = getattr(bm.model, "opts", None)
         # (an engine over stand-in modules or params without a layer stack keeps them as they are)
-        if opts is not None and loop != opts.layer_loop and layer_loop_lib.layout_of(bm.params) == opts.layer_loop:
-            # the engine's own layout of the layer weights (nn/layer_loop.py): unrolled on one CPU device
-            if loop == "unrolled":
-                self.params = layer_loop_lib.unstack(self.params, consume_params)
-            else:
-                self.params = layer_loop_lib.stack(self.params)
-            self.model = bm.model.clone(opts=dataclasses.replace(opts, layer_loop=loop))
-            self.bm = dataclasses.replace(bm, model=self.model, params=self.params)
+        if opts is not None:
+            # forward-only attention: "auto" stays dense longer (INFERENCE_AUTO_BLOCKED_MIN_LEN, measured);
+            # a model built with its own auto_blocked_min_len keeps it
+            new = opts
+            if opts.auto_blocked_min_len == AUTO_BLOCKED_MIN_LEN:
+                new = dataclasses.replace(opts, auto_blocked_min_len=INFERENCE_AUTO_BLOCKED_MIN_LEN)
+            if loop != opts.layer_loop and layer_loop_lib.layout_of(bm.params) == opts.layer_loop:
+                # the engine's own layout of the layer weights (nn/layer_loop.py): unrolled on one CPU device
+                if loop == "unrolled":
+                    self.params = layer_loop_lib.unstack(self.params, consume_params)
+                else:
+                    self.params = layer_loop_lib.stack(self.params)
+                new = dataclasses.replace(new, layer_loop=loop)
+            if new != opts:
+                self.model = bm.model.clone(opts=new)
+                self.bm = dataclasses.replace(bm, model=self.model, params=self.params)
 
     def empty_cache(self, batch: int, capacity: int = CACHE_MIN) -> KVCache:
         return KVCache.empty(self.cfg.llm, batch, capacity, self.cache_dtype, self.mesh)
@@ -371,13 +384,16 @@ class Context:
     # -- images -------------------------------------------------------------------------------------------
     @on_mesh
     def add_image(self, images, vae: bool = True, vit: bool = True, role: str = "user",
-                  vae_eps: Optional[Sequence[np.ndarray]] = None, preprocessed: Optional[list] = None) -> "Context":
+                  vae_eps: Optional[Sequence[np.ndarray]] = None, preprocessed: Optional[list] = None,
+                  keep_hidden: bool = False) -> "Context":
         """Add an image (one, or one per row): gen += VAE block (if ``vae``) then ViT block (if ``vit``);
         the guidance branches follow the "image" rules (official: cfg_text <- gen after; cfg_img unchanged).
 
         ``vae_eps``: per row posterior noise ``[H/8, W/8, C]`` (NHWC) for the VAE encoding (the official
         encode samples the posterior); drawn from the row's key when None (row i of a context made with
         ``seed=s`` starts from ``PRNGKey(s + i)``, so a batched context equals single ones with seeds s + i).
+        ``keep_hidden``: also keep each block's final hidden states in ``last_hidden[kind]["h"]`` (the parity
+        checks read them); off by default, which lets XLA skip the last layer's work that only they need.
         """
         if not (vae or vit):
             raise ContextError("add_image: at least one of vae / vit must be True")
@@ -393,14 +409,14 @@ class Context:
         key = self.key
         infos = {}
         if vae:
-            gen, key, infos["vae"] = self._vae_block(gen, pre, vae_eps)
+            gen, key, infos["vae"] = self._vae_block(gen, pre, vae_eps, keep_hidden)
         if vit:
-            gen, infos["vit"] = self._vit_block(gen, pre)
+            gen, infos["vit"] = self._vit_block(gen, pre, keep_hidden)
         return dataclasses.replace(self, gen=gen, guides=self._follow("image", gen), key=key, last_hidden=infos,
                                    image_hw=tuple(p["hw"] for p in pre),
                                    history=self.history + (("image", role, tuple(p["pil"] for p in pre)),))
 
-    def _vae_block(self, br: Branch, pre: list, vae_eps):
+    def _vae_block(self, br: Branch, pre: list, vae_eps, keep_hidden: bool = False):
         eng, cfg = self.engine, self.engine.cfg
         ds, p, C, Gl = cfg.latent_downsample, cfg.latent_patch_size, cfg.vae.z_channels, cfg.max_latent_size
         ns = [layout.latent_tokens(*q["hw"], ds) for q in pre]
@@ -424,15 +440,17 @@ class Context:
         x0j = jnp.stack([jnp.pad(t, ((0, N - t.shape[0]), (0, 0))) for t in toks]).astype(jnp.float32)
         n = np.asarray(ns, np.int64)
         h, cache = blocks.latent_prefill(eng.model, eng.params, br.cache, x0j, jnp.asarray(lat_pos),
-                                         jnp.asarray(n, jnp.int32), jnp.asarray(br.rope, jnp.int32), eng.markers)
-        return br.after(cache, layout.VAE, n), key, dict(h=h, latent_tokens=toks, lat_pos=lat_pos, n=n)
+                                         jnp.asarray(n, jnp.int32), jnp.asarray(br.rope, jnp.int32), eng.markers,
+                                         hidden=keep_hidden)
+        info = dict(latent_tokens=toks, lat_pos=lat_pos, n=n, **(dict(h=h) if keep_hidden else {}))
+        return br.after(cache, layout.VAE, n), key, info
 
     @staticmethod
     def _replace_key(key):
         k1, k2 = jax.random.split(jnp.asarray(key, jnp.uint32))
         return np.asarray(k1), k2
 
-    def _vit_block(self, br: Branch, pre: list):
+    def _vit_block(self, br: Branch, pre: list, keep_hidden: bool = False):
         eng, cfg = self.engine, self.engine.cfg
         pt = [patchify(q["vit"], cfg.vit.patch_size, cfg.vit_max_num_patch_per_side) for q in pre]
         ns = np.array([t.shape[0] for t, _ in pt], np.int64)
@@ -444,8 +462,10 @@ class Context:
             patches[i, :len(t)] = t
             pos[i, :len(t)] = ps
         h, cache, _ = blocks.vit_chunk(eng.model, eng.params, br.cache, jnp.asarray(patches), jnp.asarray(pos),
-                                       jnp.asarray(ns, jnp.int32), jnp.asarray(br.rope, jnp.int32), eng.markers)
-        return br.after(cache, layout.VIT, ns), dict(h=h, n=ns, pos=[ps for _, ps in pt])
+                                       jnp.asarray(ns, jnp.int32), jnp.asarray(br.rope, jnp.int32), eng.markers,
+                                       hidden=keep_hidden)
+        info = dict(n=ns, pos=[ps for _, ps in pt], **(dict(h=h) if keep_hidden else {}))
+        return br.after(cache, layout.VIT, ns), info
 
     # -- helpers ------------------------------------------------------------------------------------------
     def select_rows(self, rows: Sequence[int]) -> "Context":

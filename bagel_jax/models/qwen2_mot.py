@@ -167,7 +167,8 @@ class MoTLayer(nn.Module):
         k = shd.constrain(k, ("batch", "length", "kv_heads", "head_dim"))
         v = shd.constrain(v, ("batch", "length", "kv_heads", "head_dim"))
         view = None if cache is None else CacheView(cache[0], cache[1], cache[2], layer)
-        o = attention(q, k, v, mask, mask, self.opts.attention_impl, cache=view)  # [batch, seq, heads, head_dim]
+        o = attention(q, k, v, mask, mask, self.opts.attention_impl, cache=view,   # [batch, seq, heads, head_dim]
+                      auto_min_len=self.opts.auto_blocked_min_len)
         o = shd.constrain(o, ("batch", "length", "heads", "head_dim"))
         x = x + self._apply(self.attn, o.reshape(B, L, H * dh), is_gen, "o")
         x = shd.constrain(x, ("batch", "res_length", "embed"))

@@ -77,7 +77,8 @@ class SiglipAttention(nn.Module):
         q = heads(proj("q_proj")(x))  # [batch, seq, heads, head_dim]
         k = heads(proj("k_proj")(x))
         v = heads(proj("v_proj")(x))
-        o = attention(q, k, v, vec, vec, self.opts.attention_impl)  # scale 1/sqrt(head_dim)
+        o = attention(q, k, v, vec, vec, self.opts.attention_impl,   # scale 1/sqrt(head_dim)
+                      auto_min_len=self.opts.auto_blocked_min_len)
         o = shd.constrain(o, ("batch", "length", "heads", "head_dim"))
         return proj("out_proj")(o.reshape(B, N, cfg.hidden_size))
 

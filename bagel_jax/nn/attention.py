@@ -26,7 +26,8 @@ implementation name (the porting reference, section 5 for the decoder and 6.3 fo
   none of the first two, so the dense mask is passed as cuDNN's bias (O(L^2) mask memory, fused
   kernel). With a cache, the ``"blocked"`` cached path runs.
 * ``"auto"`` (see :func:`resolve_implementation`): ``"blocked"`` above :data:`AUTO_BLOCKED_MIN_LEN` keys
-  and whenever a cache is read, ``"xla"`` below.
+  (training; the inference engine uses :data:`INFERENCE_AUTO_BLOCKED_MIN_LEN`) and whenever a cache is read,
+  ``"xla"`` below.
 
 Every implementation returns exactly 0 (and passes 0 gradient) for a query with no allowed key and
 no visible cache slot.
@@ -45,6 +46,14 @@ IMPLEMENTATIONS = ("xla", "blocked", "pallas", "cudnn")
 # one attention at a small model's shape (bench/bench_attention.py, numbers in its docstring): on par up
 # to 256 keys, "blocked" 1.2-2.8x faster at 512, 13x at 4096. Not measured on GPU / TPU.
 AUTO_BLOCKED_MIN_LEN = 256
+
+# The same switch for forward-only attention without a cache (in inference: the ViT's image blocks, one image
+# per row, nothing for "blocked" to skip). Measured on the 2-core CPU (AMD EPYC, AVX2; one full-attention
+# segment, float32, medians of 20): 4 heads x 64 (the perf harness's ViT) xla / blocked 3.1 / 5.6 ms at 336
+# keys, 7.4 / 9.3 at 576, 12.0 / 24.7 at 784, 35 / 35 at 1024, 110 / 86 at 1600; 16 heads x 72 (SigLIP-so400m)
+# 11.7 / 29.3 ms at 336, 90 / 100 at 784, 176 / 192 at 1024. Above it the dense [heads, L, L] scores also grow
+# large (16 heads at 4,900 patches: 1.5 GB). :class:`bagel_jax.inference.context.Engine` sets it.
+INFERENCE_AUTO_BLOCKED_MIN_LEN = 1024
 
 # Default block sizes of "blocked": 64 x 64 measured best on CPU (bench/bench_attention.py: at 2048 / 4096
 # tokens 64 x 64 beat 32 x 32, 128 x 128 and 256 x 256); on GPU / TPU larger blocks amortise the per-iteration
@@ -110,21 +119,24 @@ def validate_implementation(name: Optional[str]) -> str:
     return name
 
 
-def resolve_implementation(name: Optional[str], seq_len: int, cached: bool = False) -> str:
+def resolve_implementation(name: Optional[str], seq_len: int, cached: bool = False,
+                           auto_min_len: Optional[int] = None) -> str:
     """The implementation that runs for ``name`` at ``seq_len`` keys.
 
     ``"auto"`` (or None) gives ``"blocked"`` when a cache is read (its cost then follows the valid history,
-    not the buffer's capacity) or when ``seq_len > AUTO_BLOCKED_MIN_LEN``, else ``"xla"``. Other names are
-    returned unchanged (after validation).
+    not the buffer's capacity) or when ``seq_len > auto_min_len`` (default :data:`AUTO_BLOCKED_MIN_LEN`),
+    else ``"xla"``. Other names are returned unchanged (after validation).
     """
     name = validate_implementation(name)
     if name != "auto":
         return name
-    return "blocked" if cached or seq_len > AUTO_BLOCKED_MIN_LEN else "xla"
+    limit = AUTO_BLOCKED_MIN_LEN if auto_min_len is None else auto_min_len
+    return "blocked" if cached or seq_len > limit else "xla"
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_vec: MaskVectors, k_vec: MaskVectors,
-              implementation: Optional[str] = "xla", *, cache: Optional[CacheView] = None) -> jax.Array:
+              implementation: Optional[str] = "xla", *, cache: Optional[CacheView] = None,
+              auto_min_len: Optional[int] = None) -> jax.Array:
     """Multi-head / grouped-query attention under BAGEL's mask rule.
 
     Args:
@@ -135,6 +147,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_vec: MaskVectors, k_ve
       cache: optional :class:`CacheView`; its valid slots are visible to every query, in addition to
         the keys allowed by the vectors. Never written. ``"pallas"`` and ``"cudnn"`` use the
         ``"blocked"`` cached path when a cache is given; with a cache only ``"xla"`` is differentiable.
+      auto_min_len: the key count above which ``"auto"`` picks ``"blocked"`` (:func:`resolve_implementation`).
     Returns:
       ``[B, Lq, H, dh]`` in ``q.dtype``. Softmax scale ``1/sqrt(dh)``, softmax in float32. A query with no
       allowed key (and no visible cache slot) gives exactly 0.
@@ -142,7 +155,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_vec: MaskVectors, k_ve
     if not (isinstance(q_vec, MaskVectors) and isinstance(k_vec, MaskVectors)):
         raise TypeError(f"attention takes MaskVectors for the queries and keys (seg, vis, nblk), got "
                         f"{type(q_vec).__name__} and {type(k_vec).__name__} (a dense mask is no longer accepted)")
-    impl = resolve_implementation(implementation, k.shape[1], cached=cache is not None)
+    impl = resolve_implementation(implementation, k.shape[1], cached=cache is not None, auto_min_len=auto_min_len)
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"attention: {q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads")
     if impl == "xla":

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from ..quantize import validate_mode
-from .attention import validate_implementation
+from .attention import AUTO_BLOCKED_MIN_LEN, validate_implementation
 from .layer_loop import validate as validate_layer_loop
 from .layers import QuantDense
 
@@ -46,6 +46,10 @@ class ModelOptions:
       remat_policy: a key of :data:`REMAT_POLICIES`, applied to every decoder and ViT layer.
       attention_impl: ``"auto"`` or an implementation of :func:`bagel_jax.nn.attention.attention`
         (decoder and ViT).
+      auto_blocked_min_len: with ``"auto"``, attention without a cache over more keys than this runs
+        ``"blocked"``, else ``"xla"`` (:func:`bagel_jax.nn.attention.resolve_implementation`). The default,
+        :data:`~bagel_jax.nn.attention.AUTO_BLOCKED_MIN_LEN`, is measured for training (forward + backward);
+        the inference engine raises it to :data:`~bagel_jax.nn.attention.INFERENCE_AUTO_BLOCKED_MIN_LEN`.
       layer_loop: ``"scan"`` (parameters stacked over layers, one scanned body) or ``"unrolled"`` (per-layer
         parameter arrays, a Python loop; single-device CPU inference): :mod:`bagel_jax.nn.layer_loop`.
       quantize: ``"none"`` or ``"int8"`` (:mod:`bagel_jax.quantize`): with ``"int8"`` every dense layer is a
@@ -60,6 +64,7 @@ class ModelOptions:
     attention_impl: str = "auto"
     quantize: str = "none"
     layer_loop: str = "scan"
+    auto_blocked_min_len: int = AUTO_BLOCKED_MIN_LEN
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
@@ -68,6 +73,9 @@ class ModelOptions:
         validate_remat_policy(self.remat_policy)
         validate_mode(self.quantize)
         validate_layer_loop(self.layer_loop, auto=False)
+        n = self.auto_blocked_min_len
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"auto_blocked_min_len must be an integer >= 0, got {n!r}")
 
     def dense(self, features: int, use_bias: bool = True, name: str | None = None) -> nn.Dense:
         """An ``nn.Dense`` in these dtypes (a :class:`~bagel_jax.nn.layers.QuantDense` when quantized)."""

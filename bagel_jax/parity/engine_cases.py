@@ -31,7 +31,7 @@ def run_understanding(fx: Fixture, meta: dict, arr: dict) -> dict:
     if bool(P.get("do_sample", False)):
         raise CaseError("understanding: do_sample=True cannot be compared (random draws are not recorded)")
     out = {}
-    c1 = Context.new(eng, 1, track_cfg=True).add_image(arr["image_uint8"], vae=False, vit=True)
+    c1 = Context.new(eng, 1, track_cfg=True).add_image(arr["image_uint8"], vae=False, vit=True, keep_hidden=True)
     vi = c1.last_hidden["vit"]
     n = int(vi["n"][0])
     out.update(image_layout("ctx0_vit", "vit", n, 0, 0, vi["pos"][0], sp))
