@@ -366,7 +366,7 @@ def test_image_prefill_without_hidden_writes_the_same_cache(pipe):
     np.testing.assert_array_equal(np.asarray(lean.gen.cache.v[:, :, :n]), np.asarray(full.gen.cache.v[:, :, :n]))
 
 
-def test_engine_model_uses_the_inference_attention_switch(pipe, tiny_a):
+def test_engine_model_uses_the_inference_attention_switch(pipe):
     """The engine's model keeps "auto" but stays dense longer without a cache (forward only, measured);
     a model built with its own switch keeps it."""
     from bagel_jax.nn.attention import AUTO_BLOCKED_MIN_LEN, INFERENCE_AUTO_BLOCKED_MIN_LEN

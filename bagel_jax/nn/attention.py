@@ -155,7 +155,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_vec: MaskVectors, k_ve
     if not (isinstance(q_vec, MaskVectors) and isinstance(k_vec, MaskVectors)):
         raise TypeError(f"attention takes MaskVectors for the queries and keys (seg, vis, nblk), got "
                         f"{type(q_vec).__name__} and {type(k_vec).__name__} (a dense mask is no longer accepted)")
-    impl = resolve_implementation(implementation, k.shape[1], cached=cache is not None, auto_min_len=auto_min_len)
+    impl = resolve_implementation(implementation, k.shape[1], cached=cache is not None,
+                                  auto_min_len=auto_min_len)
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"attention: {q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads")
     if impl == "xla":
