@@ -86,9 +86,10 @@ def load_model(folder: str, dtype=jnp.float32, param_dtype=None, shardings=None,
       mesh: a ``jax.sharding.Mesh``: with no ``shardings``, the params are split over it by the rules of
         :mod:`bagel_jax.sharding` (``tree_shardings``).
       quantize: "none" or "int8": per-output-channel int8 weight-only quantization of the decoder layers'
-        q/k/v/o and MLP kernels (both experts; :mod:`bagel_jax.quantize`) after loading them in
-        ``param_dtype``, one kernel at a time, each float kernel freed once quantized (the load's peak is the
-        float tree); ``quantize_vit`` also quantizes the ViT layers' linears. The embeddings, LM head, norms
+        q/k/v/o and MLP kernels (both experts; :mod:`bagel_jax.quantize`) while loading: each kernel stack is
+        read in ``param_dtype``, quantized and freed before the next tensor is read, so the load's peak is
+        the quantized tree plus one float kernel stack (not the float tree); ``quantize_vit`` also
+        quantizes the ViT layers' linears. The embeddings, LM head, norms
         and biases keep ``param_dtype``.
     """
     quant.validate_mode(quantize)
@@ -107,8 +108,8 @@ def load_model(folder: str, dtype=jnp.float32, param_dtype=None, shardings=None,
     if vae_shardings is None:
         vae_shardings = follow_shardings(vshapes, shardings)
     params = official.load_params(os.path.join(folder, "ema.safetensors"), key_map(cfg), shapes,
-                                    dtype=param_dtype, shardings=shardings)
-    params = quant.quantize_params(params, quantize, vit=quantize_vit, consume=True)
+                                    dtype=param_dtype, shardings=shardings,
+                                    leaf_fn=quant.leaf_quantizer(quantize, vit=quantize_vit))
     vae_params = official.load_params(os.path.join(folder, "ae.safetensors"), flux_vae.key_map(cfg.vae),
                                         vshapes, dtype=jnp.float32, shardings=vae_shardings)
     tok = load_tokenizer(folder) if with_tokenizer else None

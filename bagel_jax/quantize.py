@@ -17,7 +17,7 @@ error is not averaged over a reduction).
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -62,12 +62,39 @@ def _targets(vit: bool) -> list:
     return [re.compile(DECODER_TARGETS)] + ([re.compile(VIT_TARGETS)] if vit else [])
 
 
+def _is_target(path: str, v, rules) -> bool:
+    """Whether the leaf at ``/``-joined ``path`` is a float kernel the rules quantize."""
+    return path.rsplit("/", 1)[-1] == "kernel" and v.dtype != jnp.int8 and any(r.search(path) for r in rules)
+
+
+def leaf_quantizer(mode: str = "int8", vit: bool = False) -> Optional[Callable[[tuple, Any], dict]]:
+    """The per-leaf form of :func:`quantize_params` for loaders (``official.load_params(..., leaf_fn=)``):
+    ``(path, array) -> {path: leaf}``; a target float kernel (by the ``/``-joined path, as
+    :func:`quantize_params`) becomes ``{path: int8 kernel, path[:-1] + ("scale",): scale}`` and the float
+    array is deleted once the int8 copy is computed, so a load holds at most one float kernel stack
+    beyond the tree built so far. None for mode "none"."""
+    if validate_mode(mode) == "none":
+        return None
+    rules = _targets(vit)
+
+    def fn(path: tuple, v) -> dict:
+        if not _is_target("/".join(str(k) for k in path), v, rules):
+            return {path: v}
+        q, scale = jax.block_until_ready(_quantize_jit(v))
+        if isinstance(v, jax.Array):
+            v.delete()
+        return {path: q, path[:-1] + ("scale",): scale}
+
+    return fn
+
+
 def quantize_params(params: Mapping, mode: str = "int8", vit: bool = False, consume: bool = False) -> dict:
     """A copy of the params tree with the target kernels (:data:`DECODER_TARGETS`, plus :data:`VIT_TARGETS`
     when ``vit``) replaced by int8 kernels and float32 per-output-channel ``scale`` leaves beside them; every
     other leaf is the same object. ``mode`` "none" returns ``params`` unchanged. Kernels already int8 are
-    left as they are. ``consume``: delete each float kernel once quantized (the loader's own tree), so the
-    peak memory is the float tree plus one layer stack's int8 copy. Works on ``jax.ShapeDtypeStruct`` trees
+    left as they are. ``consume``: delete each float kernel once quantized (a tree nobody else holds), so
+    the peak memory is the float tree plus one layer stack's int8 copy (:func:`bagel_jax.loading.load_model`
+    quantizes while it loads instead, :func:`leaf_quantizer`). Works on ``jax.ShapeDtypeStruct`` trees
     under ``jax.eval_shape``. Each kernel is quantized where it lives (a sharded kernel stays sharded)."""
     if validate_mode(mode) == "none":
         return params
@@ -79,7 +106,7 @@ def quantize_params(params: Mapping, mode: str = "int8", vit: bool = False, cons
             p = f"{path}/{k}" if path else str(k)
             if isinstance(v, Mapping):
                 out[k] = walk(v, p)
-            elif k == "kernel" and v.dtype != jnp.int8 and any(r.search(p) for r in rules):
+            elif _is_target(p, v, rules):
                 out["kernel"], out["scale"] = _quantize_jit(v)
                 if consume and isinstance(v, jax.Array):
                     v.delete()

@@ -176,3 +176,43 @@ def test_flow_step_runs_with_int8_weights(tiny_a, loaded):
         ref = arr[f"t2i.v_{name}"].astype(np.float64)
         err = np.abs(np.asarray(v[0]) - ref).max() / np.abs(ref).max()
         assert 1e-4 < err <= 3e-2, (name, err)
+
+
+def test_int8_load_quantizes_while_loading(tiny_a, loaded, monkeypatch):
+    """``load_model(..., quantize="int8")`` quantizes each kernel stack as soon as it is read: the result is
+    the float load run through ``quantize_params`` (bit for bit), and no more than one float kernel stack is
+    ever alive beside the tree built so far (new device arrays sampled after every tensor read), so the
+    peak stays below the float tree's bytes."""
+    f32, q8 = loaded
+    want = quant.quantize_params(f32.params, "int8")
+    a, b = _kernels(want), _kernels(q8.params)
+    assert a.keys() == b.keys()
+    for p in a:
+        assert a[p].dtype == b[p].dtype
+        np.testing.assert_array_equal(np.asarray(a[p]), np.asarray(b[p]))
+
+    from bagel_jax.convert import official
+    before = {id(x) for x in jax.live_arrays()}
+    peak, loading = [0], []
+    real_read, real_load = official.jax.make_array_from_callback, official.load_params
+
+    def counting(*args, **kw):
+        out = real_read(*args, **kw)
+        if loading:            # the decoder / ViT file only (the VAE file is loaded after it, in float32)
+            live = sum(x.nbytes for x in jax.live_arrays() if id(x) not in before and not x.is_deleted())
+            peak[0] = max(peak[0], live)
+        return out
+
+    def load_params(path, *args, **kw):
+        loading[:] = [True] if str(path).endswith("ema.safetensors") else []
+        try:
+            return real_load(path, *args, **kw)
+        finally:
+            loading.clear()
+
+    monkeypatch.setattr(official.jax, "make_array_from_callback", counting)
+    monkeypatch.setattr(official, "load_params", load_params)
+    m = load_model(tiny_a, dtype=jnp.float32, quantize="int8", with_tokenizer=False)
+    float_targets = [quant.param_bytes(v) for p, v in _kernels(f32.params).items() if b[p].dtype == jnp.int8]
+    assert peak[0] <= quant.param_bytes(m.params) + max(float_targets), (peak[0], quant.param_bytes(m.params))
+    assert peak[0] < quant.param_bytes(f32.params), (peak[0], quant.param_bytes(f32.params))

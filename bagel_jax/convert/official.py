@@ -95,7 +95,8 @@ def check_file(f: SafeTensorsFile, entries: list[keymap.Entry], expected: Mappin
 
 
 def load_params(path: str, entries: list[keymap.Entry], expected: Mapping, dtype=None,
-                shardings: Optional[Mapping] = None) -> dict:
+                shardings: Optional[Mapping] = None,
+                leaf_fn: Optional[Callable[[tuple, jax.Array], Mapping[tuple, Any]]] = None) -> dict:
     """Load and check one safetensors file into a params tree.
 
     Args:
@@ -104,6 +105,9 @@ def load_params(path: str, entries: list[keymap.Entry], expected: Mapping, dtype
       expected: params tree of ``jax.ShapeDtypeStruct`` (``jax.eval_shape`` of init).
       dtype: storage dtype of the result (default: the expected dtype of each leaf).
       shardings: optional tree (same structure) of ``jax.sharding.Sharding``; default: the first device.
+      leaf_fn: optional ``(path, array) -> {path: leaf}`` applied to each leaf as soon as it is built, before
+        the next one is read (e.g. :func:`bagel_jax.quantize.leaf_quantizer`: the float kernel is replaced by
+        its int8 form and freed, so the load's peak stays near the final tree plus one float leaf).
     """
     f = SafeTensorsFile(path)
     check_file(f, entries, expected, path)
@@ -117,7 +121,8 @@ def load_params(path: str, entries: list[keymap.Entry], expected: Mapping, dtype
         leaf = flat_exp[p]
         dt = np.dtype(dtype if dtype is not None else leaf.dtype)
         sharding = flat_shard.get(p, default)
-        out[p] = jax.make_array_from_callback(tuple(leaf.shape), sharding, _leaf_reader(f, es, dt))
+        arr = jax.make_array_from_callback(tuple(leaf.shape), sharding, _leaf_reader(f, es, dt))
+        out.update(leaf_fn(p, arr) if leaf_fn is not None else {p: arr})
     return _unflatten(out)
 
 
