@@ -35,16 +35,18 @@ class BagelModel:
 
 
 def build_modules(cfg: BagelConfig, dtype=jnp.float32, param_dtype=jnp.float32, remat_policy: str = "none",
-                  attention_impl: Optional[str] = "auto", vae_dtype=jnp.float32, quantize: str = "none"):
+                  attention_impl: Optional[str] = "auto", vae_dtype=jnp.float32, quantize: str = "none",
+                  freeze_und: bool = False):
     """The Bagel and AutoEncoder modules for ``cfg``. The five run options become one
     :class:`~bagel_jax.nn.options.ModelOptions` (validated here: a bad remat policy or attention name
     fails with the list of choices), given to the Bagel module, which passes it to every submodule.
     ``attention_impl`` selects the attention of the decoder and the ViT ("auto", "xla", "blocked",
     "pallas", "cudnn"; see :mod:`bagel_jax.nn.attention`). The VAE runs in ``vae_dtype`` (float32 by
     default, as the official app does). ``quantize``: "none" or "int8" (dense layers that run the int8
-    kernels of a :func:`bagel_jax.quantize.quantize_params` tree)."""
+    kernels of a :func:`bagel_jax.quantize.quantize_params` tree). ``freeze_und``: detach the und-token
+    activations in training (:class:`~bagel_jax.nn.options.ModelOptions`)."""
     opts = ModelOptions(dtype, param_dtype, remat_policy, "auto" if attention_impl is None else attention_impl,
-                        quantize)
+                        quantize, freeze_und=freeze_und)
     return Bagel(cfg, opts), flux_vae.AutoEncoder(cfg.vae, dtype=vae_dtype)
 
 

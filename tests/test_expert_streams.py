@@ -430,3 +430,70 @@ def test_train_step_lays_out_a_logical_batch_as_streams(bm):
         np.testing.assert_array_equal(m0[k], m1[k], err_msg=k)
     for a, b in zip(jax.tree_util.tree_leaves(p0), jax.tree_util.tree_leaves(p1)):
         np.testing.assert_array_equal(a, b)
+
+
+# -------------------------------------------------------------------------------------------------
+# freeze_und: und activations detached, as the official trainer does (porting reference 9.5)
+# -------------------------------------------------------------------------------------------------
+
+def _grads_of(bm, batch, noise, expert_split=None):
+    """``(losses, grads)``: the CE and MSE losses and the gradient of each alone w.r.t. every parameter (no
+    freezing mask), ``{"ce": {path: grad}, "mse": {...}}``."""
+    arrays = {k: jnp.asarray(v) for k, v in batch.arrays().items()}
+
+    def f(params, arrays, noise):
+        _, aux = train_forward(bm.model, params, bm.vae, bm.vae_params, arrays, noise, expert_split=expert_split)
+        return jnp.stack([aux["ce"], aux["mse"]])
+
+    fn = jax.jit(lambda *a: (f(*a), jax.jacrev(f)(*a)))
+    vals, g = fn(bm.params, arrays, noise)
+    flat = [("/".join(k.key for k in p), np.asarray(v)) for p, v in jax.tree_util.tree_leaves_with_path(g)]
+    return np.asarray(vals), {name: {p: v[i] for p, v in flat} for i, name in enumerate(("ce", "mse"))}
+
+
+def _is_und(path):
+    """Parameters only und tokens use: the und expert of the decoder (not the LM head), the ViT, the connector."""
+    if path.startswith(("vit_model/", "connector/")):
+        return True
+    return path.startswith("language_model/") and "_moe_gen" not in path and not path.startswith("language_model/lm_head")
+
+
+def test_freeze_und_detaches_the_und_activations(bm):
+    """With ``ModelOptions.freeze_und`` no gradient flows through und tokens: every und-only parameter gets
+    exactly zero gradient from both losses (even without the optimiser's freezing mask), the CE loss reaches
+    the LM head only, the MSE loss still trains the gen expert; losses are unchanged, and the stream layout
+    (``Routing.split``) and the logical one (``Routing.select``) agree. Without the option the und expert gets
+    gradients from both losses (gen tokens attend to und tokens, text attends to clean VAE images)."""
+    import dataclasses
+
+    frozen = dataclasses.replace(bm, model=bm.model.clone(opts=dataclasses.replace(bm.model.opts, freeze_und=True)))
+    logical = stream_test_batch(bm, False)
+    B, L = logical.shape
+    U = int(packing.expert_counts(logical)[0].max())
+    s, _ = packing.to_expert_streams(logical, U, L - U)
+    noise = draw_noise(jax.random.PRNGKey(5), logical.arrays(), bm.cfg)
+    vals_f, g = _grads_of(frozen, s, noise, (U, L - U))
+    vals_0, g0 = _grads_of(bm, s, noise, (U, L - U))
+    np.testing.assert_allclose(vals_f, vals_0, rtol=1e-6)
+    g_ce, g_mse, g_ce0, g_mse0 = g["ce"], g["mse"], g0["ce"], g0["mse"]
+    top = max(np.abs(v).max() for v in g_mse0.values())
+    for p in g_ce:
+        if p.startswith(("language_model/lm_head", "language_model/embed_tokens")) and not _is_und(p):
+            continue
+        assert not np.any(g_ce[p]), f"CE gradient reaches {p} through und tokens"
+        if _is_und(p):
+            assert not np.any(g_mse[p]), f"MSE gradient reaches und-only {p}"
+    assert any(np.any(g_ce[p]) for p in g_ce if p.startswith("language_model/lm_head"))
+    gen = [p for p in g_mse if "_moe_gen" in p and p.endswith("kernel")]
+    assert gen and all(np.abs(g_mse[p]).max() > 1e-6 * top for p in gen), "the gen expert must still train"
+    # without freeze_und both losses reach the und expert, and the CE reaches the gen expert through clean VAE images
+    und = [p for p in g_ce0 if _is_und(p) and p.startswith("language_model/model/") and p.endswith("kernel")]
+    assert und and all(np.any(g_ce0[p]) and np.any(g_mse0[p]) for p in und)
+    assert any(np.any(g_ce0[p]) for p in gen)
+    # the logical layout (both experts on every token, Routing.select) detaches the same rows
+    _, g_sel = _grads_of(frozen, logical, noise)
+    for which in ("ce", "mse"):
+        for p, a in g[which].items():
+            b = g_sel[which][p]
+            assert np.any(a) == np.any(b), (which, p)
+            np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * max(np.abs(a).max(), 1e-3 * top), err_msg=p)

@@ -60,6 +60,11 @@ class Routing:
         return Routing("select")
 
 
+def _detach_und(x: jax.Array, routing: Routing, is_gen: Optional[jax.Array]) -> jax.Array:
+    """``x`` (``[batch, seq, ...]``) with the und tokens' rows under ``stop_gradient`` (``freeze_und``)."""
+    return _route(jax.lax.stop_gradient, lambda t: t, x, routing, is_gen)
+
+
 def _route(und_fn, gen_fn, x: jax.Array, routing: Routing, is_gen: Optional[jax.Array]) -> jax.Array:
     """Apply the und or gen version of an op per token. ``x`` is ``[batch, seq, ...]``."""
     if gen_fn is None or routing.kind == "und":
@@ -135,6 +140,12 @@ class MoTLayer(nn.Module):
             gen = table["_moe_gen"] if key is None else table["_moe_gen"][key]
         return _route(und, gen, x, self.routing, is_gen)
 
+    def _frozen_und(self, x, is_gen):
+        """``x`` with the und rows detached when ``opts.freeze_und`` (and there is a gen expert), else ``x``."""
+        if self.opts.freeze_und and self.cfg.use_moe:
+            return _detach_und(x, self.routing, is_gen)
+        return x
+
     def __call__(self, x, cos, sin, mask, is_gen, cache=None, layer=None):
         """
         Args:
@@ -161,6 +172,7 @@ class MoTLayer(nn.Module):
         if cfg.qk_norm:
             q = self._apply(self.attn, q, is_gen, "q_norm")
             k = self._apply(self.attn, k, is_gen, "k_norm")
+        q, k, v = (self._frozen_und(t, is_gen) for t in (q, k, v))     # freeze_und: after the norms, as official
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         q = shd.constrain(q, ("batch", "length", "heads", "head_dim"))
@@ -170,9 +182,9 @@ class MoTLayer(nn.Module):
         o = attention(q, k, v, mask, mask, self.opts.attention_impl, cache=view,   # [batch, seq, heads, head_dim]
                       auto_min_len=self.opts.auto_blocked_min_len)
         o = shd.constrain(o, ("batch", "length", "heads", "head_dim"))
-        x = x + self._apply(self.attn, o.reshape(B, L, H * dh), is_gen, "o")
+        x = x + self._frozen_und(self._apply(self.attn, o.reshape(B, L, H * dh), is_gen, "o"), is_gen)
         x = shd.constrain(x, ("batch", "res_length", "embed"))
-        x = x + self._apply(self.mlps, self._apply(self.post_norms, x, is_gen), is_gen)
+        x = x + self._frozen_und(self._apply(self.mlps, self._apply(self.post_norms, x, is_gen), is_gen), is_gen)
         x = shd.constrain(x, ("batch", "res_length", "embed"))
         return x, (k, v)
 
@@ -265,8 +277,14 @@ class Qwen2MoT(nn.Module):
         last layer's output before the final norms when ``final_norm`` is False)."""
         if is_gen is None:
             is_gen = jnp.zeros(x.shape[:2], bool)
+        frozen = self.opts.freeze_und and self.cfg.use_moe
+        if frozen:                       # freeze_und: und input embeddings and final-norm outputs detached
+            x = _detach_und(x, routing, is_gen)
         x, kv = self.stack(x, positions, mask, routing, is_gen, cache)
-        return (self.final_norm(x, routing, is_gen) if final_norm else x), kv
+        if not final_norm:
+            return x, kv
+        h = self.final_norm(x, routing, is_gen)
+        return (_detach_und(h, routing, is_gen) if frozen else h), kv
 
     def final_norm(self, x, routing: Routing, is_gen=None):
         """The per-expert final RMSNorm (``norm`` / ``norm_moe_gen``) routed like the layers."""

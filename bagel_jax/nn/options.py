@@ -55,6 +55,10 @@ class ModelOptions:
       quantize: ``"none"`` or ``"int8"`` (:mod:`bagel_jax.quantize`): with ``"int8"`` every dense layer is a
         :class:`~bagel_jax.nn.layers.QuantDense`, which runs an int8 kernel where the params tree holds one
         (the layers :func:`bagel_jax.quantize.quantize_params` converted) and the float kernel elsewhere.
+      freeze_und: training with the understanding expert frozen as the official code does it (the porting
+        reference 9.5): the decoder's und-token activations are detached everywhere (input embeddings, q/k
+        after their norms, v, attention and MLP outputs, the final norm), so no gradient flows through und
+        tokens and only gen-expert tokens (and the heads) carry gradients. No effect on values.
     Names are checked at construction, so a bad value fails where it is given, not at model build.
     """
 
@@ -65,6 +69,7 @@ class ModelOptions:
     quantize: str = "none"
     layer_loop: str = "scan"
     auto_blocked_min_len: int = AUTO_BLOCKED_MIN_LEN
+    freeze_und: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
@@ -76,6 +81,8 @@ class ModelOptions:
         n = self.auto_blocked_min_len
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"auto_blocked_min_len must be an integer >= 0, got {n!r}")
+        if not isinstance(self.freeze_und, bool):
+            raise ValueError(f"freeze_und must be True or False, got {self.freeze_und!r}")
 
     def dense(self, features: int, use_bias: bool = True, name: str | None = None) -> nn.Dense:
         """An ``nn.Dense`` in these dtypes (a :class:`~bagel_jax.nn.layers.QuantDense` when quantized)."""

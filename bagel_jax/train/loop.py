@@ -153,7 +153,8 @@ def build_setup(args: argparse.Namespace) -> RunSetup:
     if args.export:
         check_writable_dir(args.export, "--export", keep=False)
     model, vae = build_modules(cfg, dtype=O.DTYPES[tc.compute_dtype], param_dtype=jnp.float32,
-                               remat_policy=tc.remat_policy, attention_impl=tc.attention_impl)
+                               remat_policy=tc.remat_policy, attention_impl=tc.attention_impl,
+                               freeze_und=tc.freeze_und)
     shapes = param_shapes(model)
     mask = O.trainable_mask(shapes, tc)
     opt = O.make_optimizer(tc, mask, args.steps)

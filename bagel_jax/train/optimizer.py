@@ -8,9 +8,10 @@ Freezing: frozen parameters get ``stop_gradient`` in the forward and ``optax.set
 state). The VAE is never trained (its params are not in the train state). The two fixed sin-cos
 position tables (``vit_pos_embed``, ``latent_pos_embed``) are never trained.
 ``freeze_und`` freezes the understanding expert (embedding, und projections / norms / MLPs, final
-``norm``), the ViT and the connector; the gen expert, ``lm_head`` and the generation heads train.
-(The official code detaches the und *activations*, which additionally blocks gradients that reach gen
-parameters through und tokens; here only the parameters are frozen.)
+``norm``), the ViT and the connector; the gen expert, ``lm_head`` and the generation heads train. As in the
+official code, the und *activations* are detached too (``ModelOptions.freeze_und``, which ``train.py``
+sets from this flag), so no gradient reaches gen parameters through und tokens: the CE loss then trains
+``lm_head`` only.
 ``trainable: connector`` trains the connector only (alignment stage).
 """
 
