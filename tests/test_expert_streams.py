@@ -455,7 +455,8 @@ def _is_und(path):
     """Parameters only und tokens use: the und expert of the decoder (not the LM head), the ViT, the connector."""
     if path.startswith(("vit_model/", "connector/")):
         return True
-    return path.startswith("language_model/") and "_moe_gen" not in path and not path.startswith("language_model/lm_head")
+    return (path.startswith("language_model/") and "_moe_gen" not in path
+            and not path.startswith("language_model/lm_head"))
 
 
 def test_freeze_und_detaches_the_und_activations(bm):

@@ -124,3 +124,34 @@ def test_stream_errors_and_cancel(pipe):
     assert not s._thread.is_alive() and s.sink.cancelled.is_set()
     with pytest.raises(streaming.Cancelled):
         s.sink.emit("text", "late")
+
+
+@pytest.mark.parametrize("step_cache", ["none", "taylorseer"])
+def test_cancel_stops_an_image_between_flow_steps(pipe, monkeypatch, step_cache):
+    """Cancelling a streamed image generation stops it at the next flow step: the compiled sampler asks the
+    host before every step (``streaming.stop_requested``) and, once cancelled, runs no further step (the
+    per-step progress callback sits inside the step) and no VAE decode; the call ends with ``Cancelled`` and
+    no image. Here the cancel arrives at the third step's check."""
+    import jax
+
+    from bagel_jax.inference import progress, streaming
+
+    ticks, asked = [], []
+    monkeypatch.setattr(progress, "tick", lambda kind, step, total, postfix="": ticks.append(int(step)))
+    real = streaming.stop_requested
+
+    def stop(token):
+        asked.append(int(token))
+        if len(asked) == 3:
+            streaming._live[int(token)].cancelled.set()
+        return real(token)
+
+    monkeypatch.setattr(streaming, "stop_requested", stop)
+    s = pipe.stream_generate_image("a red circle", num_timesteps=12, step_cache=step_cache, progress=True)
+    with pytest.raises(streaming.Cancelled):
+        for ev in s:
+            assert ev.kind != "image"
+    jax.effects_barrier()
+    assert ticks == [1, 2]                       # steps 1 and 2 ran, steps 3..11 were skipped
+    assert len(asked) == 11 + 1 and len(set(asked)) == 1     # one check per step, one before the decode
+    assert not streaming.stop_requested(asked[0] + 10_000)   # an unknown sink is not cancelled

@@ -3,7 +3,7 @@ testable without a browser (``tests/test_app.py`` calls them directly).
 
 Every handler yields tuples of its outputs as results stream in (text pieces, each image when decoded), its
 last output being a status line. Any failure becomes a status line ``Error: ...`` (the page stays alive);
-:meth:`Handlers.stop` ends the running call at its next chunk or image (status ``Stopped.``). Image settings
+:meth:`Handlers.stop` ends the running call at its next chunk or flow step (status ``Stopped.``). Image settings
 arrive in the order of :data:`IMAGE_FIELDS` (:class:`~bagel_jax.inference.cfg.ImageParams`'s fields, the one
 place of their defaults) and text settings in the order of :data:`TEXT_FIELDS`.
 """
@@ -101,7 +101,7 @@ class Handlers:
                 self._active.discard(s)
 
     def stop(self) -> str:
-        """End every running call at its next chunk or image boundary (without waiting)."""
+        """End every running call at its next chunk or flow step (without waiting)."""
         with self._lock:
             active = list(self._active)
         for s in active:

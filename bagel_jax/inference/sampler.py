@@ -20,11 +20,12 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
 from .. import layout
 from ..models import flux_vae
 from ..models.bagel import Bagel, unpatchify_latents
-from . import blocks, taylorseer
+from . import blocks, streaming, taylorseer
 from .cfg import CfgPlan, ImageParams, cfg_active, make_plan, shifted_schedule
 from .context import Branch, Context, on_mesh
 from .kv_cache import KVCache
@@ -35,6 +36,26 @@ __all__ = ["ImageParams", "branch_plan", "flow_loop", "generate_images", "initia
 def _progress_cb(step, total):
     from . import progress
     progress.tick("steps", int(step), int(total))
+
+
+def _stop_cb(token, _after):
+    return streaming.stop_requested(token)     # looked up per call: one compiled loop serves every stream
+
+
+def _stop_requested(token, after: jax.Array) -> jax.Array:
+    """Whether the streamed call of sink ``token`` was cancelled, asked from inside the compiled loop once
+    ``after`` is computed (one element of it is passed along: without a data dependency XLA may run the
+    unordered callback early, e.g. the check before the decode ahead of the whole loop)."""
+    return io_callback(_stop_cb, jax.ShapeDtypeStruct((), jnp.bool_), token, after.reshape(-1)[:1], ordered=False)
+
+
+def _stoppable(body, token):
+    """A scan body that first asks :func:`_stop_requested` and, once cancelled, leaves the carry as it is
+    (the remaining steps cost a host check each). Needs a body that emits nothing per step (no ``record``)."""
+    def wrapped(carry, k):
+        x = carry[0] if isinstance(carry, tuple) else carry
+        return jax.lax.cond(_stop_requested(token, x), lambda: (carry, None), lambda: body(carry, k))
+    return wrapped
 
 
 def _velocity(model: Bagel, params, cache: KVCache, x, t, lat_pos, rope, markers):
@@ -50,12 +71,17 @@ def _first_rows(cache: KVCache, r: int) -> KVCache:
 @functools.partial(jax.jit, static_argnames=("model", "vae", "hw", "plan", "cfg_off", "record", "progress",
                                              "decode", "step_cache"))
 def _flow_loop(model: Bagel, params, vae, vae_params, cache: KVCache, rope, x0, sigmas, markers,
-              text_scale, img_scale, interval, renorm_min, *, hw: tuple, plan: CfgPlan, cfg_off: str = "cond",
-              record: bool = False, progress: bool = False, decode: bool = True,
+              text_scale, img_scale, interval, renorm_min, stop_token=None, *, hw: tuple, plan: CfgPlan,
+              cfg_off: str = "cond", record: bool = False, progress: bool = False, decode: bool = True,
               step_cache: Optional[taylorseer.TaylorSeer] = None):
     """The compiled sampler. With ``step_cache`` (a :class:`~bagel_jax.inference.taylorseer.TaylorSeer`)
     each branch keeps its TaylorSeer state in the scan carry (``cfg_off`` does not apply: every step
     runs the decoder on exactly the branches that need a full step).
+
+    ``stop_token`` (an int32 scalar, or None): the :class:`~bagel_jax.inference.streaming.Sink` number of a
+    streamed call; before every step the loop asks the host whether that call was cancelled and, once it
+    was, skips the remaining steps and the VAE decode (the outputs are then meaningless; the caller raises
+    :class:`~bagel_jax.inference.streaming.Cancelled`). Not with ``record``.
 
     Args:
       cache: the plan's distinct branches stacked on the batch axis, ``[layers, plan.n_rows*B, cap, K, dh]``;
@@ -105,22 +131,30 @@ def _flow_loop(model: Bagel, params, vae, vae_params, cache: KVCache, rope, x0, 
             jax.debug.callback(_progress_cb, k + 1, steps)
         return x_new, ((x, v) if record else None)
 
+    if stop_token is not None and record:
+        raise ValueError("a stoppable sampling call (stop_token) cannot record its steps")
+    guard = (lambda b: b) if stop_token is None else (lambda b: _stoppable(b, stop_token))
     if step_cache is None:
-        x, ys = jax.lax.scan(body, x0.astype(jnp.float32), jnp.arange(steps))
+        x, ys = jax.lax.scan(guard(body), x0.astype(jnp.float32), jnp.arange(steps))
     else:
         cached = _taylor_body(model, params, cache, rope, sigmas, markers, lat_pos, text_scale, img_scale,
                               interval, renorm_min, plan, step_cache, record, progress)
         n, Lq, D = plan.n_rows, layout.block_len(N), model.cfg.llm.hidden_size
         feat = ((model.cfg.llm.num_hidden_layers,) if step_cache.all_layers else ()) + (B, Lq, D)
         st0 = taylorseer.init(step_cache, n, feat, model.opts.dtype)
-        (x, _), ys = jax.lax.scan(cached, (x0.astype(jnp.float32), st0), jnp.arange(steps))
+        (x, _), ys = jax.lax.scan(guard(cached), (x0.astype(jnp.float32), st0), jnp.arange(steps))
     out = dict(latent_tokens=x)
     if record:
         out["x_t"], out["v"] = ys[:2]
         if step_cache is not None:
             out["branch"] = ys[2]
     if decode:
-        out.update(decode_latents(cfg, vae, vae_params, x, h, w))
+        dec = lambda: decode_latents(cfg, vae, vae_params, x, h, w)
+        if stop_token is not None:     # a cancelled call skips the decode too
+            shapes = jax.eval_shape(dec)
+            dec = functools.partial(jax.lax.cond, _stop_requested(stop_token, x),
+                                    lambda: jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes), dec)
+        out.update(dec())
     return out
 
 
@@ -290,12 +324,16 @@ def generate_images(ctx: Context, hw, params: Optional[ImageParams] = None, keys
     plan, branches = make_plan(params, ctx.branches, dedup=ts is None or bool(lo < float(sig[0]) <= hi))
     # the query chunk is never written, but forward_chunk concatenates [cache ; chunk]: no room needed
     cache, rope = stack_branches(branches)
+    sink = None if record else streaming.active()     # a streamed call: stoppable between flow steps
+    token = None if sink is None else jnp.int32(sink.token)
     out = flow_loop(eng.model, eng.params, eng.vae, eng.vae_params, cache, jnp.asarray(rope, jnp.int32), x0, sig,
                     eng.markers, jnp.float32(params.cfg_text_scale), jnp.float32(params.cfg_img_scale),
-                    jnp.asarray(params.cfg_interval, jnp.float32), jnp.float32(params.cfg_renorm_min),
+                    jnp.asarray(params.cfg_interval, jnp.float32), jnp.float32(params.cfg_renorm_min), token,
                     hw=(H, W), plan=plan, cfg_off=cfg_off, record=record, progress=progress, decode=decode,
                     step_cache=ts)
     out = jax.device_get(out)
+    if sink is not None:
+        sink.check()     # cancelled during sampling: the outputs are incomplete, never handed on
     out["sigmas"] = np.asarray(sig)
     out["n_branches"] = plan.n_rows
     out["plan"] = plan

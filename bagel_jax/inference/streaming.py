@@ -15,8 +15,9 @@ call returns exactly what the plain call returns (same tokens, same per-step key
 
 Text pieces are ``"text"`` (answers, interleaved text) or ``"think"`` (thinking text before an image);
 consecutive pieces of one kind and row form one text block. Closing the iterator early (``break``,
-garbage collection, a cancelled web request) or :meth:`Stream.cancel` stops the call at the next chunk or
-image boundary (:class:`Cancelled` inside the worker) and waits for the worker to end.
+garbage collection, a cancelled web request) or :meth:`Stream.cancel` stops the call at the next chunk, flow
+step or image boundary (:class:`Cancelled` inside the worker) and waits for the worker to end: an image being
+sampled skips its remaining steps and its VAE decode (:func:`stop_requested`).
 """
 
 from __future__ import annotations
@@ -24,10 +25,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import itertools
 import queue
 import threading
 import time
+import weakref
 from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
 
 KINDS = ("text", "think", "image", "done")
 DEFAULT_CHUNK = 16
@@ -46,11 +51,17 @@ class StreamEvent:
 
 
 class Cancelled(Exception):
-    """Raised inside a streamed call once its consumer cancelled it (at the next chunk or image)."""
+    """Raised inside a streamed call once its consumer cancelled it (at the next chunk, flow step or image)."""
+
+
+_tokens = itertools.count(1)
+_live: "weakref.WeakValueDictionary[int, Sink]" = weakref.WeakValueDictionary()
 
 
 class Sink:
-    """Where a streamed call's pieces go: ``chunk`` tokens per decoding call, events to ``put``."""
+    """Where a streamed call's pieces go: ``chunk`` tokens per decoding call, events to ``put``.
+    ``token``: the sink's number, which compiled loops pass to :func:`stop_requested` to see a cancel
+    between their steps."""
 
     def __init__(self, chunk: int, put: Callable[[StreamEvent], None]):
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
@@ -59,10 +70,16 @@ class Sink:
         self._put = put
         self.cancelled = threading.Event()
         self.pieces_since_item: set = set()   # text kinds streamed since the last interleave item (row 0)
+        self.token = next(_tokens)
+        _live[self.token] = self
 
-    def emit(self, kind: str, value, row: int = 0) -> None:
+    def check(self) -> None:
+        """Raise :class:`Cancelled` if the consumer cancelled the call."""
         if self.cancelled.is_set():
             raise Cancelled("stopped by the consumer")
+
+    def emit(self, kind: str, value, row: int = 0) -> None:
+        self.check()
         if kind in ("text", "think") and row == 0:
             self.pieces_since_item.add(kind)
         self._put(StreamEvent(kind, value, row))
@@ -82,6 +99,14 @@ _text_kind: contextvars.ContextVar[str] = contextvars.ContextVar("bagel_jax_stre
 def active() -> Optional[Sink]:
     """The sink of the streamed call running in this thread, or None."""
     return _sink.get()
+
+
+def stop_requested(token) -> np.ndarray:
+    """Whether the streamed call of sink number ``token`` was cancelled (a bool array; False for a sink that
+    is gone). The image sampler's compiled loop asks this before every flow step of a streamed call
+    (``jax.experimental.io_callback``) and skips the remaining steps once it is True."""
+    sink = _live.get(int(token))
+    return np.asarray(sink is not None and sink.cancelled.is_set())
 
 
 @contextlib.contextmanager
@@ -141,7 +166,7 @@ class Stream:
             self.cancel()
 
     def cancel(self) -> None:
-        """Stop the call at its next chunk or image boundary and wait for the worker to end."""
+        """Stop the call at its next chunk, flow step or image boundary and wait for the worker to end."""
         self.sink.cancelled.set()
         if self._thread is not threading.current_thread():
             self._thread.join()
