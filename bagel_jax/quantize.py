@@ -67,6 +67,16 @@ def _is_target(path: str, v, rules) -> bool:
     return path.rsplit("/", 1)[-1] == "kernel" and v.dtype != jnp.int8 and any(r.search(path) for r in rules)
 
 
+def _quantize_kernel(v, consume: bool):
+    """``(int8 kernel, scale)`` of a float kernel; with ``consume`` the float array is deleted once the int8
+    copy exists (arrays only: under ``jax.eval_shape`` nothing is deleted)."""
+    q, scale = _quantize_jit(v)
+    if consume and isinstance(v, jax.Array):
+        jax.block_until_ready((q, scale))
+        v.delete()
+    return q, scale
+
+
 def leaf_quantizer(mode: str = "int8", vit: bool = False) -> Optional[Callable[[tuple, Any], dict]]:
     """The per-leaf form of :func:`quantize_params` for loaders (``official.load_params(..., leaf_fn=)``):
     ``(path, array) -> {path: leaf}``; a target float kernel (by the ``/``-joined path, as
@@ -80,9 +90,7 @@ def leaf_quantizer(mode: str = "int8", vit: bool = False) -> Optional[Callable[[
     def fn(path: tuple, v) -> dict:
         if not _is_target("/".join(str(k) for k in path), v, rules):
             return {path: v}
-        q, scale = jax.block_until_ready(_quantize_jit(v))
-        if isinstance(v, jax.Array):
-            v.delete()
+        q, scale = _quantize_kernel(v, consume=True)
         return {path: q, path[:-1] + ("scale",): scale}
 
     return fn
@@ -107,9 +115,7 @@ def quantize_params(params: Mapping, mode: str = "int8", vit: bool = False, cons
             if isinstance(v, Mapping):
                 out[k] = walk(v, p)
             elif _is_target(p, v, rules):
-                out["kernel"], out["scale"] = _quantize_jit(v)
-                if consume and isinstance(v, jax.Array):
-                    v.delete()
+                out["kernel"], out["scale"] = _quantize_kernel(v, consume)
             else:
                 out[k] = v
         return out

@@ -150,11 +150,11 @@ def _flow_loop(model: Bagel, params, vae, vae_params, cache: KVCache, rope, x0, 
             out["branch"] = ys[2]
     if decode:
         dec = lambda: decode_latents(cfg, vae, vae_params, x, h, w)
-        if stop_token is not None:     # a cancelled call skips the decode too
-            shapes = jax.eval_shape(dec)
-            dec = functools.partial(jax.lax.cond, _stop_requested(stop_token, x),
-                                    lambda: jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes), dec)
-        out.update(dec())
+        if stop_token is None:
+            out.update(dec())
+        else:                          # a cancelled call skips the decode too (zeros, never handed on)
+            zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(dec))
+            out.update(jax.lax.cond(_stop_requested(stop_token, x), lambda: zeros, dec))
     return out
 
 
