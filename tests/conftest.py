@@ -11,25 +11,30 @@ import pytest
 jax.config.update("jax_enable_compilation_cache", False)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_A = os.path.join(REPO, "..", "shared", "reference", "fixtures", "tiny-a")
-TINY_A_TAYLORSEER = os.path.join(REPO, "..", "shared", "reference", "fixtures", "tiny-a-taylorseer")
+# The official-output fixtures live in the repository (tests/fixtures/README.md says where they come from), so
+# every clone runs every parity test; a missing folder is an error, never a skip.
+FIXTURES = os.path.join(REPO, "tests", "fixtures")
+TINY_A = os.path.join(FIXTURES, "tiny-a")
+TINY_A_TAYLORSEER = os.path.join(FIXTURES, "tiny-a-taylorseer")
+
+
+def _fixture_folder(path: str) -> str:
+    if not os.path.isfile(os.path.join(path, "manifest.json")):
+        raise FileNotFoundError(f"fixture folder {path} has no manifest.json (it is part of the repository: "
+                                "restore it with git checkout tests/fixtures)")
+    return path
 
 
 @pytest.fixture(scope="session")
 def tiny_a() -> str:
-    """Path of the shared tiny-a fixture folder (skips the test when it is absent)."""
-    if not os.path.isfile(os.path.join(TINY_A, "manifest.json")):
-        pytest.skip(f"shared fixture folder not found at {os.path.normpath(TINY_A)} "
-                    "(the parity tests need ../shared/reference/fixtures/tiny-a beside the checkout)")
-    return os.path.normpath(TINY_A)
+    """Path of the tiny-a fixture: a tiny official-format checkpoint with golden outputs of the official code."""
+    return _fixture_folder(TINY_A)
 
 
 @pytest.fixture(scope="session")
 def tiny_a_taylorseer() -> str:
-    """Path of the shared tiny-a-taylorseer fixture folder (the official TaylorSeer run; skips when absent)."""
-    if not os.path.isfile(os.path.join(TINY_A_TAYLORSEER, "manifest.json")):
-        pytest.skip(f"shared fixture folder not found at {os.path.normpath(TINY_A_TAYLORSEER)}")
-    return os.path.normpath(TINY_A_TAYLORSEER)
+    """Path of the tiny-a-taylorseer fixture (the official TaylorSeer run on the tiny-a weights)."""
+    return _fixture_folder(TINY_A_TAYLORSEER)
 
 
 def _process_state() -> str:

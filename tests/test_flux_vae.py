@@ -17,12 +17,12 @@ from bagel_jax.models import flux_vae
 from bagel_jax.models.flux_vae import AutoEncoder, key_map, latent_from_moments, sample_latent
 from bagel_jax.nn import intermediates
 
-FIXTURE = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "fixtures" / "tiny-a"
+FIXTURE = pathlib.Path(__file__).resolve().parent / "fixtures" / "tiny-a"
 
 
 def _fixture_dir() -> pathlib.Path:
     if not (FIXTURE / "ae.safetensors").is_file():
-        pytest.skip(f"golden fixture tiny-a not found at {FIXTURE} (expected <repo>/../shared/reference/fixtures/tiny-a)")
+        raise FileNotFoundError(f"golden fixture tiny-a not found at {FIXTURE} (part of the repository)")
     return FIXTURE
 
 

@@ -16,14 +16,14 @@ from bagel_jax.models.siglip_navit import SiglipNavit, key_map, patchify
 from bagel_jax.nn import intermediates
 from bagel_jax.nn.options import REMAT_POLICIES, ModelOptions
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "fixtures", "tiny-a")
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tiny-a")
 PREFIX = "vit_model.vision_model."
 MAX_SIDE = 70  # vit_max_num_patch_per_side of tiny-a (and of BAGEL-7B-MoT)
 
 
 def _need_fixture():
     if not os.path.isfile(os.path.join(FIXTURE, "ema.safetensors")):
-        pytest.skip(f"tiny-a fixtures not found at {os.path.abspath(FIXTURE)}")
+        raise FileNotFoundError(f"tiny-a fixtures not found at {os.path.abspath(FIXTURE)} (part of the repository)")
 
 
 def _vit_cfg() -> ViTConfig:
