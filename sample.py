@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quantize", default="none", choices=("none", "int8"),
                    help="weight storage of the decoder layers: none (as --dtype) or int8 (per-output-channel int8 "
                         "q/k/v/o and MLP weights of both experts, dequantized inside each matmul: about half the "
-                        "bfloat16 bytes; embeddings and LM head unchanged; see the README's int8 section)")
+                        "bfloat16 bytes; embeddings and LM head unchanged; see docs/int8.md)")
 
     t = common.add_argument_group("text generation")
     t.add_argument("--think", action="store_true",

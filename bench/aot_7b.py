@@ -8,7 +8,7 @@ Slow: minutes per configuration at 7B (the compile, not the run) - a script, not
 
     python bench/aot_7b.py                                   # fsdp 8, 4096 tokens per pack, full remat
     python bench/aot_7b.py --mesh data=1,fsdp=8,tensor=1 --mesh data=1,fsdp=4,tensor=2 \\
-        --tokens 8192,16384,32768,36864 --out aot_7b.jsonl  # the README table (issue 12: <= 64 GiB at 36,864)
+        --tokens 8192,16384,32768,36864 --out aot_7b.jsonl  # the table in docs/performance.md (<= 64 GiB at 36,864)
 
 The batch is the real packing code's output (:func:`bagel_jax.data.packing.pack`) at the capacities the
 training loader uses for a row of ``--tokens`` (ViT, latent and CE capacity = the row length, ``--vae-images``

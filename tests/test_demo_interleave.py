@@ -68,7 +68,7 @@ def test_sample_cli_default_model(prompt, draws, tmp_path):
     transcript = open(tmp_path / "transcript.md").read()
     if not draws:
         assert images == [], transcript
-        # the words answer names the shape and position (its colour is right less often: README)
+        # the words answer names the shape and position (its colour is right less often: docs/demo-models.md)
         assert "**assistant:** a star" in transcript and "on the top" in transcript
         return
     assert len(images) >= 1, transcript

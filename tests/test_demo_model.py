@@ -13,7 +13,7 @@ from tests.train_helpers import REPO, env
 
 DEMO = os.path.join(REPO, "bagel_jax", "assets", "demo")
 RECORDED = os.path.join(REPO, "docs", "demo_train_metrics.jsonl")
-# The recipe of the README ("Demo model"): data, ViT pre-training, init seed and config (the autoencoder is
+# The recipe in docs/demo-models.md: data, ViT pre-training, init seed and config (the autoencoder is
 # the shipped one, which is the frozen autoencoder the recipe trained first).
 DATA_NUM, DATA_SEED, DATA_SIZE, DATA_MOVE_SHARE, INIT_SEED = 12000, 0, 32, 0.75, 4396
 VIT_STEPS, VIT_SEED = 600, 0

@@ -15,7 +15,7 @@ import sample  # noqa: E402
 DEMO_PATCH_AR = os.path.join(REPO, "bagel_jax", "assets", "demo-patch-ar")
 # First 8 held-out combinations, seed 0, 20 flow steps per group (python -m bagel_jax.demo.evaluate
 # --model-path bagel_jax/assets/demo-patch-ar --image-mode patch_ar --patch-group K --limit 8 --batch 8
-# --generation-only). Measured when the model was made (README "Patch-autoregressive image mode"); each
+# --generation-only). Measured when the model was made (docs/patch-ar.md); each
 # threshold is one item below the measurement (float rounding differs across CPUs).
 SUBSET = 8
 THRESHOLDS = {1: dict(generation_colour=7 / 8, generation_position=7 / 8),

@@ -171,7 +171,7 @@ def test_branch_dedup_and_cfg_off_match_explicit_branches(pipe):
     assert b["n_branches"] == 3
     np.testing.assert_allclose(a["latent_tokens"], b["latent_tokens"], atol=2e-5)
     w = generate_images(c, HW, ip, decode=False, cfg_off="where")
-    # CFG-off steps on the gen rows alone == all rows then select: bitwise on CPU (the README's claim)
+    # CFG-off steps on the gen rows alone == all rows then select: bitwise on CPU (docs/inference.md's claim)
     np.testing.assert_array_equal(a["latent_tokens"], w["latent_tokens"])
 
 

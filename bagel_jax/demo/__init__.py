@@ -2,5 +2,5 @@
 
 The synthetic shapes world and its data writer (:mod:`.synthetic`, :mod:`.tokenizer_build`), the
 stages before BAGEL training (:mod:`.vae_train`, :mod:`.vit_pretrain`, :mod:`.init_folder`), and the
-evaluation of the result (:mod:`.checker`, :mod:`.evaluate`, :mod:`.plot_curve`). Recipe: README "Demo model".
+evaluation of the result (:mod:`.checker`, :mod:`.evaluate`, :mod:`.plot_curve`). Recipe: docs/demo-models.md.
 """

@@ -132,8 +132,8 @@ def load(folder: str, dtype="bfloat16", param_dtype=None, shardings=None, vae_sh
       attention_impl: attention implementation of the decoder and the ViT: "auto" (default: "blocked" for
         cached inference and long sequences, "xla" for short ones), "xla", "blocked", "pallas" or "cudnn"
         (see :mod:`bagel_jax.nn.attention`).
-      quantize: "none" or "int8": int8 weight-only decoder layers (per-output-channel scales; the README's
-        int8 section gives bytes, error and speed); ``quantize_vit`` also the ViT's (see
+      quantize: "none" or "int8": int8 weight-only decoder layers (per-output-channel scales; docs/int8.md
+        gives bytes, error and speed); ``quantize_vit`` also the ViT's (see
         :func:`bagel_jax.loading.load_model`).
       layer_loop: how the decoder and ViT layer stacks run (:mod:`bagel_jax.nn.layer_loop`): "auto" (default:
         "unrolled", per-layer weight arrays, on one CPU device, where the scan's per-layer weight copies cost

@@ -53,7 +53,7 @@ class TrainConfig:
     remat_policy: str = "none"
     attention_impl: str = "auto"           # auto | xla | blocked | pallas | cudnn (decoder and ViT)
     # split the residual stream's sequence over the mesh's tensor axis (Megatron sequence parallelism);
-    # what fits 36,864-token packs of BAGEL-7B in 64 GiB on 8 devices (fsdp 4 x tensor 2, README)
+    # what fits 36,864-token packs of BAGEL-7B in 64 GiB on 8 devices (fsdp 4 x tensor 2, docs/performance.md)
     seq_parallel: bool = False
     ce_weight: float = 1.0
     mse_weight: float = 1.0

@@ -201,7 +201,7 @@ def jit_train_step(step_fn, state_sh, mesh, vae_sh, seq_parallel: bool = False):
     (:func:`streams_from_logical`: a device-to-host copy of the batch per call; the training loader
     delivers stream batches and pays nothing). ``seq_parallel``: split the residual stream's sequence
     over the ``tensor`` axis (``sharding.activation_rules(res_length="tensor")``; Megatron-style
-    sequence parallelism, which is what fits 36,864-token packs of BAGEL-7B on 8 devices, see README).
+    sequence parallelism, which is what fits 36,864-token packs of BAGEL-7B on 8 devices, see docs/performance.md).
     """
     rep = shd.replicated(mesh)
 
