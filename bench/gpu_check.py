@@ -69,7 +69,8 @@ _XLA_OP = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z0-9_-]+)*$")     # XLA:CPU op nam
 
 def trace_top_ops(fn, label: str, per: int = 1, top: int = 10) -> dict:
     """Run ``fn()`` (which blocks until done) under ``jax.profiler`` and sum the traced op durations by name:
-    the device's ops where the trace has a device (GPU kernels, TPU ops), else the host's XLA ops (CPU).
+    the device's ops where the trace has a device (GPU kernels on its stream lines, TPU ops), else the host's
+    XLA ops (CPU; there a loop's time also contains its body's ops).
     ``per``: the number of steps the call makes (the times are also given per step)."""
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
@@ -84,13 +85,22 @@ def trace_top_ops(fn, label: str, per: int = 1, top: int = 10) -> dict:
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     procs = {e["pid"]: e.get("args", {}).get("name", "") for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e.get("tid")): e.get("args", {}).get("name", "") for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
     device = {p for p, n in procs.items() if "/device:" in n}
+    # the op-level lines of a device: GPU kernels on its "Stream" lines, TPU ops on "XLA Ops"; module and step
+    # lines span their ops and would count them twice
+    lines = {k for k, n in threads.items() if k[0] in device and "Stream" in n}
+    lines = lines or {k for k, n in threads.items() if k[0] in device and n == "XLA Ops"}
     totals, counts = collections.Counter(), collections.Counter()
     for e in events:
         if e.get("ph") != "X":
             continue
         name = e.get("name", "")
-        if device:
+        if lines:
+            if (e.get("pid"), e.get("tid")) not in lines:
+                continue
+        elif device:
             if e.get("pid") not in device:
                 continue
         elif not _XLA_OP.match(name):
