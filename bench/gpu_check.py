@@ -317,6 +317,16 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def git_commit():
+    """The checkout's commit, or None (a copy of the tree without ``.git``, no git)."""
+    try:
+        out = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def _gib(b) -> str:
     return f"{b / 2 ** 30:.1f} GiB" if b else "n/a"
 
@@ -343,10 +353,10 @@ def main(argv=None) -> int:
         ap.error(f"unknown parts {sorted(unknown)} (choose from {', '.join(PARTS)})")
     start = os.path.getsize(args.jsonl) if os.path.exists(args.jsonl) else 0
     print(f"gpu_check: jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}, "
-          f"parts {parts}, limits {limits}", flush=True)
+          f"commit {git_commit()}, parts {parts}, limits {limits}", flush=True)
     emit(dict(what="environment", jax=jax.__version__, backend=jax.default_backend(),
-              device=jax.devices()[0].device_kind, tiny=args.tiny, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())),
-         args.jsonl)
+              device=jax.devices()[0].device_kind, tiny=args.tiny, commit=git_commit(),
+              date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())), args.jsonl)
     part_rows = {p: run_part(p, args, limits[p]) for p in parts}
     with open(args.jsonl) as f:
         f.seek(start)

@@ -102,8 +102,11 @@ def emit(rows: list[dict], row: dict, args) -> None:
 
 def run_mode(cfg: BagelConfig, quantize: str, args, rows: list[dict]) -> None:
     bm = random_model(cfg, jax.random.PRNGKey(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    if args.attention != "auto":
+        bm = dataclasses.replace(bm, model=bm.model.clone(
+            opts=dataclasses.replace(bm.model.opts, attention_impl=args.attention)))
     if quantize != "none":     # the loader's path: int8 kernels + scales in the tree, QuantDense layers
-        model, _ = build_modules(cfg, jnp.bfloat16, jnp.bfloat16, quantize=quantize)
+        model, _ = build_modules(cfg, jnp.bfloat16, jnp.bfloat16, quantize=quantize, attention_impl=args.attention)
         bm = dataclasses.replace(bm, model=model, params=quantize_params(bm.params, quantize, consume=True))
     bm.tokenizer = load_tokenizer(os.path.join(REPO, "bagel_jax", "assets", "demo"))
     eng = Engine(bm, max_context=context_slots(cfg, bm.tokenizer, args.size, args.decode_tokens))
@@ -114,8 +117,8 @@ def run_mode(cfg: BagelConfig, quantize: str, args, rows: list[dict]) -> None:
         ip = ImageParams(num_timesteps=args.steps, step_cache=cache)
         image = lambda: generate_images(ctx, (args.size, args.size), ip)
         first, med = timed(image, args.rounds)
-        emit(rows, dict(what="t2i", quantize=quantize, step_cache=cache, size=args.size, steps=args.steps,
-                        s_per_image=med, compile_s=first - med, peak_bytes=peak_bytes(),
+        emit(rows, dict(what="t2i", quantize=quantize, attention=args.attention, step_cache=cache, size=args.size,
+                        steps=args.steps, s_per_image=med, compile_s=first - med, peak_bytes=peak_bytes(),
                         max_context=eng.max_context), args)
         if args.profile and cache == caches[0]:    # where one image's time goes, per flow step (reruns the program)
             emit(rows, trace_top_ops(image, f"flow step {args.size}px quantize={quantize} step_cache={cache}",
@@ -124,8 +127,8 @@ def run_mode(cfg: BagelConfig, quantize: str, args, rows: list[dict]) -> None:
     n = args.decode_tokens
     decode = lambda: generate_text(ctx, max_length=n, stop_tokens=[]).texts
     first, med = timed(decode, args.rounds)
-    emit(rows, dict(what="decode", quantize=quantize, tokens=n, tokens_per_s=n / med, compile_s=first - med,
-                    decoder_param_bytes=lm_bytes, peak_bytes=peak_bytes()), args)
+    emit(rows, dict(what="decode", quantize=quantize, attention=args.attention, tokens=n, tokens_per_s=n / med,
+                    compile_s=first - med, decoder_param_bytes=lm_bytes, peak_bytes=peak_bytes()), args)
     if args.profile:
         emit(rows, trace_top_ops(decode, f"decode step quantize={quantize}", per=n), args)
         print(format_top_ops(rows[-1]), file=sys.stderr, flush=True)
@@ -140,6 +143,9 @@ def main(argv=None):
     ap.add_argument("--decode-tokens", type=int, default=256, help="greedy tokens to decode (default 256)")
     ap.add_argument("--quantize", default="none,int8", help="comma-separated modes to run (default none,int8)")
     ap.add_argument("--rounds", type=int, default=2, help="timed calls after the compile call (default 2)")
+    ap.add_argument("--attention", default="auto",
+                    help="attention implementation of the model (default auto; with a KV cache, 'xla' is the dense "
+                         "path over the whole cache buffer, every other name the 'blocked' cached path)")
     ap.add_argument("--step-cache", default="none,taylorseer", help="comma-separated ImageParams.step_cache values")
     ap.add_argument("--profile", action="store_true",
                     help="also trace one more image (the first --step-cache) and one more decode and print their "
