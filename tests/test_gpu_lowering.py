@@ -1,7 +1,7 @@
 """Every attention implementation lowers ahead of time, from CPU, for each accelerator backend it claims, at
 BAGEL's real shapes (docs/gpu.md has the table of what runs where).
 
-Shapes: the ViT (SigLIP so400m: 16 heads of 72, not a power of two; 2,560 patches), the 1.5B-class decoder
+Shapes: the ViT (SigLIP so400m: 16 heads of 72, not a power of two; 2,560 and 2,555 patches), the 1.5B-class decoder
 (12 / 2 heads of 128) and BAGEL-7B's decoder (28 / 4 heads of 128) at 8k and 32k tokens per pack. Each program
 is the train step's: ``vmap`` (the data-parallel group axis of ``bagel_jax/train/step.py``) of the gradient of a
 bf16 attention (the forward runs inside). Lowering stops before the device compiler (Triton, Mosaic, cuDNN
@@ -26,6 +26,7 @@ from bagel_jax.nn.pallas_attention import flash_attention
 # name: (tokens, query heads, kv heads, head_dim)
 SHAPES = {
     "vit-so400m": (2560, 16, 16, 72),
+    "vit-so400m-odd": (2555, 16, 16, 72),        # a pack of images whose patches add up to no multiple of a block
     "decoder-1.5b-8k": (8192, 12, 2, 128),
     "decoder-7b-8k": (8192, 28, 4, 128),
     "decoder-1.5b-32k": (32768, 12, 2, 128),
