@@ -74,16 +74,19 @@ def trace_top_ops(fn, label: str, per: int = 1, top: int = 10) -> dict:
     the device's ops where the trace has a device (GPU kernels on its stream lines, TPU ops), else the host's
     XLA ops (CPU; there a loop's time also contains its body's ops).
     ``per``: the number of steps the call makes (the times are also given per step)."""
-    with tempfile.TemporaryDirectory() as d:
-        t = time.perf_counter()
-        with jax.profiler.trace(d, create_perfetto_trace=True):
-            fn()
-        wall = time.perf_counter() - t
-        paths = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
-        if not paths:
-            return dict(what="profile", of=label, error="no perfetto trace written")
-        with gzip.open(paths[0]) as f:
-            trace = json.load(f)
+    try:                          # a profiler that cannot start (no CUPTI, say) must not end the measurements
+        with tempfile.TemporaryDirectory() as d:
+            t = time.perf_counter()
+            with jax.profiler.trace(d, create_perfetto_trace=True):
+                fn()
+            wall = time.perf_counter() - t
+            paths = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
+            if not paths:
+                return dict(what="profile", of=label, error="no perfetto trace written")
+            with gzip.open(paths[0]) as f:
+                trace = json.load(f)
+    except Exception as e:        # noqa: BLE001
+        return dict(what="profile", of=label, error=f"{type(e).__name__}: {str(e).strip()[:300]}")
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     procs = {e["pid"]: e.get("args", {}).get("name", "") for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
