@@ -252,7 +252,7 @@ def cudnn_packed(q, k, v, q_vec, k_vec, sdpa_impl: str = "cudnn"):
     q, q_vec = pad(q, Lqp), MaskVectors(*(pad(x.astype(jnp.int32), Lqp) for x in q_vec))
     k, v, k_vec = pad(k, Lkp), pad(v, Lkp), MaskVectors(*(pad(x.astype(jnp.int32), Lkp) for x in k_vec))
     out = _packed_sdpa(sdpa_impl)(q, k, v, *q_vec, *k_vec)
-    seen = dense_mask(q_vec, k_vec).any(-1)                                  # [B, Lq] (fused with the bias)
+    seen = dense_mask(q_vec, k_vec).any(-1)                                  # [B, Lq]: rows with a visible key
     return jnp.where(seen[:, :, None, None], out, 0).astype(q.dtype)[:, :Lq]
 
 
