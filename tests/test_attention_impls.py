@@ -205,6 +205,39 @@ def test_resolve_and_errors():
             attention(x, x, x, vec, vec, "pallas")
 
 
+def test_cudnn_wrapper_under_vmap_and_remat_equals_xla(packed):
+    """The "cudnn" wrapper's shape logic (odd lengths padded to even, the mapped axis of the train step's vmap
+    folded into the batch by its custom_vmap rules, gradients through its custom VJP, GQA with head_dim 72) run
+    with jax's dense implementation in place of cuDNN: same loss and gradients as "xla" under
+    vmap(value_and_grad(checkpoint)). bf16 on both sides with the same dense math; the tolerance is one bf16
+    rounding of the outputs (2^-8 relative) times 2. The lowering with cuDNN itself: tests/test_gpu_lowering.py."""
+    from bagel_jax.nn.attention import cudnn_packed
+
+    B, L = packed.seg.shape
+    assert L % 2 == 1                                            # exercises the padding to an even length
+    kvec = packed._replace(seg=packed.seg.at[1].set(jnp.where(packed.seg[1] == 2, 0, packed.seg[1])))
+    stack = lambda *xs: jnp.stack([jnp.asarray(x) for x in xs])
+    group_q = MaskVectors(*(stack(a, a) for a in packed))       # a group of 2 (the train step's vmap axis)
+    group_k = MaskVectors(*(stack(a, b) for a, b in zip(packed, kvec)))
+    q, k, v, _ = _qkv(2 * B, L, L, 4, 2, 72, seed=3)
+    q, k, v = (x.astype(jnp.bfloat16).reshape((2, B) + x.shape[1:]) for x in (q, k, v))
+
+    def run(fn):
+        def one(q, k, v, qv, kv):
+            out = jax.checkpoint(lambda q, k, v: fn(q, k, v, qv, kv))(q, k, v)
+            return jnp.sum(jnp.sin(out.astype(jnp.float32)))
+        return jax.jit(jax.vmap(jax.value_and_grad(one, argnums=(0, 1, 2))))(q, k, v, group_q, group_k)
+
+    got = run(lambda *a: cudnn_packed(*a, sdpa_impl="xla"))
+    want = run(lambda *a: attention(*a, "xla"))
+    for name, a, b in zip(("loss", "dq", "dk", "dv"), jax.tree.leaves(got), jax.tree.leaves(want)):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        err, scale = float(np.abs(a - b).max()), float(np.abs(b).max())
+        assert err <= 2 * 2 ** -8 * scale, f"{name}: max abs error {err:.3e} vs scale {scale:.3e}"
+    empty = ~np.asarray(dense_mask(packed, kvec)).any(-1)        # fully masked queries of the second group
+    assert empty.any() and not np.asarray(got[1][0][1].astype(jnp.float32))[empty].any()
+
+
 # -------------------------------------------------------------------------------------------------
 # the training forward on tiny-a with every implementation
 # -------------------------------------------------------------------------------------------------

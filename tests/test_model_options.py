@@ -27,7 +27,7 @@ def test_options_validate_and_normalise():
     with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
         ModelOptions(attention_impl="flash")
     for bad in (-1, 2.5, True):
-        with pytest.raises(ValueError, match="auto_blocked_min_len must be an integer >= 0"):
+        with pytest.raises(ValueError, match="auto_blocked_min_len must be None or an integer >= 0"):
             ModelOptions(auto_blocked_min_len=bad)
 
 

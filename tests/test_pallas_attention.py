@@ -1,5 +1,7 @@
 """Pallas flash attention (interpret mode on CPU) against the dense reference on masks from the real packing code.
 
+Ahead-of-time lowering for GPU and TPU at the real shapes: tests/test_gpu_lowering.py.
+
 Interpret-mode kernels take ~10-20 s to compile on CPU, so every test jits one function that returns the output
 and all three gradients, and cases share shapes where they can (the poison cases reuse one compiled program).
 """
@@ -91,10 +93,11 @@ def packed(cfg):
     return b
 
 
-def test_gqa_head_dim_64_self_attention_equals_dense(packed):
+def test_gqa_head_dim_72_self_attention_equals_dense(packed):
+    """head_dim 72 (SigLIP's) is no power of two: the kernels run on zero-padded heads of 128."""
     vec = vectors(packed)
     B, L = packed.shape
-    q, k, v, do = random_qkvo(0, B, L, L, 4, 2, 64)
+    q, k, v, do = random_qkvo(0, B, L, L, 4, 2, 72)
     got = out_and_grads(flash(32, 64))(q, k, v, vec, vec, do)
     want = out_and_grads(reference)(q, k, v, vec, vec, do)
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
@@ -177,24 +180,6 @@ def test_rejects_bad_shapes():
         flash_attention(q, jnp.zeros((B, L + 1, 1, 64)), jnp.zeros((B, L + 1, 1, 64)), vec, vec)
     with pytest.raises(ValueError, match="block_k"):
         flash_attention(q, jnp.zeros((B, L, 1, 64)), jnp.zeros((B, L, 1, 64)), vec, vec, block_k=20)
-
-
-@pytest.mark.parametrize("platform, kernel_call", [("cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu_custom_call")])
-def test_lowers_for_gpu_and_tpu_from_cpu(platform, kernel_call):
-    """Ahead-of-time lowering (Pallas -> Triton IR / Mosaic MLIR; the device compilers themselves need the
-    hardware): forward and backward of a bf16 GQA call whose length is not a multiple of the blocks."""
-    B, L, H, K, dh = 1, 300, 4, 2, 128
-    q = jax.ShapeDtypeStruct((B, L, H, dh), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((B, L, K, dh), jnp.bfloat16)
-    vec = MaskVectors(*(jax.ShapeDtypeStruct((B, L), jnp.int32),) * 3)
-    loss = lambda q, k, v, a, b: flash_attention(q, k, v, a, b, interpret=False).astype(jnp.float32).sum()
-    # Mosaic reads the TPU generation from the (abstract) device it lowers for
-    tpu = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=tpu)):
-        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, vec, vec).lower(
-            lowering_platforms=(platform,)).as_text()
-    # forward (recomputed inside grad), dq and dk/dv kernels
-    assert text.count(f"custom_call @{kernel_call}(") == 3
 
 
 def test_tpu_interpreter_equals_dense(poison_layout):

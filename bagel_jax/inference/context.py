@@ -38,7 +38,7 @@ from ..data.images import INFERENCE_VAE, INFERENCE_VIT, ImageError, ImageTransfo
 from ..loading import BagelModel
 from ..models.siglip_navit import patchify
 from ..nn import layer_loop as layer_loop_lib
-from ..nn.attention import AUTO_BLOCKED_MIN_LEN, INFERENCE_AUTO_BLOCKED_MIN_LEN
+from ..nn.attention import default_auto_min_len
 from . import blocks
 from .cfg import BRANCH_RULES
 from .kv_cache import KVCache
@@ -132,7 +132,8 @@ class Engine:
 
     The engine's model runs forward only: with ``attention_impl="auto"`` and the default
     ``ModelOptions.auto_blocked_min_len``, attention without a cache (the ViT) stays dense up to
-    :data:`~bagel_jax.nn.attention.INFERENCE_AUTO_BLOCKED_MIN_LEN` keys (``self.model`` is a clone with it).
+    ``default_auto_min_len(inference=True)`` keys of :mod:`bagel_jax.nn.attention` (``self.model`` is a clone
+    with it).
     """
 
     def __init__(self, bm: BagelModel, vae_transform: ImageTransform = INFERENCE_VAE,
@@ -164,11 +165,11 @@ class Engine:
         opts = getattr(bm.model, "opts", None)
         # (an engine over stand-in modules or params without a layer stack keeps them as they are)
         if opts is not None:
-            # forward-only attention: "auto" stays dense longer (INFERENCE_AUTO_BLOCKED_MIN_LEN, measured);
-            # a model built with its own auto_blocked_min_len keeps it
+            # forward-only attention: "auto" switches at the backend's inference length (default_auto_min_len,
+            # measured); a model built with its own auto_blocked_min_len keeps it
             new = opts
-            if opts.auto_blocked_min_len == AUTO_BLOCKED_MIN_LEN:
-                new = dataclasses.replace(opts, auto_blocked_min_len=INFERENCE_AUTO_BLOCKED_MIN_LEN)
+            if opts.auto_blocked_min_len is None:
+                new = dataclasses.replace(opts, auto_blocked_min_len=default_auto_min_len(inference=True))
             if loop != opts.layer_loop and layer_loop_lib.layout_of(bm.params) == opts.layer_loop:
                 # the engine's own layout of the layer weights (nn/layer_loop.py): unrolled on one CPU device
                 if loop == "unrolled":

@@ -21,13 +21,13 @@ implementation name (the porting reference, section 5 for the decoder and 6.3 fo
   attention (reads only the cache blocks that hold valid slots).
 * ``"pallas"``: the Pallas flash kernel of :mod:`bagel_jax.nn.pallas_attention` (GPU / TPU; interpret
   mode on CPU). With a cache, the ``"blocked"`` cached path runs.
-* ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU, bf16/fp16). jax's API
+* ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (NVIDIA GPU, bf16/fp16). jax's API
   offers cuDNN only causal, padding (sequence lengths) and a dense mask/bias; packed BAGEL masks are
-  none of the first two, so the dense mask is passed as cuDNN's bias (O(L^2) mask memory, fused
-  kernel). With a cache, the ``"blocked"`` cached path runs.
-* ``"auto"`` (see :func:`resolve_implementation`): ``"blocked"`` above :data:`AUTO_BLOCKED_MIN_LEN` keys
-  (training; the inference engine uses :data:`INFERENCE_AUTO_BLOCKED_MIN_LEN`) and whenever a cache is read,
-  ``"xla"`` below.
+  none of the first two, so the dense ``[B, 1, Lq, Lk]`` mask is passed as cuDNN's bias (O(L^2) mask
+  memory, fused kernel), and more than :data:`CUDNN_MAX_KEYS` keys are refused. With a cache, the
+  ``"blocked"`` cached path runs.
+* ``"auto"`` (see :func:`resolve_implementation`): ``"blocked"`` whenever a cache is read and above
+  :func:`default_auto_min_len` keys (per backend and for training / inference), ``"xla"`` below.
 
 Every implementation returns exactly 0 (and passes 0 gradient) for a query with no allowed key and
 no visible cache slot.
@@ -35,25 +35,48 @@ no visible cache slot.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from jax import custom_batching
 
 IMPLEMENTATIONS = ("xla", "blocked", "pallas", "cudnn")
 
-# Above this many keys "auto" picks "blocked". Measured on this project's 2-core CPU, forward + backward of
-# one attention at a small model's shape (bench/bench_attention.py, numbers in its docstring): on par up
-# to 256 keys, "blocked" 1.2-2.8x faster at 512, 13x at 4096. Not measured on GPU / TPU.
+# Above this many keys "auto" picks "blocked" (XLA:CPU, training). Measured on this project's 2-core CPU, forward +
+# backward of one attention at a small model's shape (bench/bench_attention.py, numbers in its docstring): on par
+# up to 256 keys, "blocked" 1.2-2.8x faster at 512, 13x at 4096.
 AUTO_BLOCKED_MIN_LEN = 256
 
-# The same switch for forward-only attention without a cache (in inference: the ViT's image blocks, one image
-# per row, nothing for "blocked" to skip). Measured on the 2-core CPU (AMD EPYC, AVX2; one full-attention
+# The same switch for forward-only attention without a cache on XLA:CPU (in inference: the ViT's image blocks, one
+# image per row, nothing for "blocked" to skip). Measured on the 2-core CPU (AMD EPYC, AVX2; one full-attention
 # segment, float32, medians of 20): 4 heads x 64 (the perf harness's ViT) xla / blocked 3.1 / 5.6 ms at 336
 # keys, 7.4 / 9.3 at 576, 12.0 / 24.7 at 784, 35 / 35 at 1024, 110 / 86 at 1600; 16 heads x 72 (SigLIP-so400m)
 # 11.7 / 29.3 ms at 336, 90 / 100 at 784, 176 / 192 at 1024. Above it the dense [heads, L, L] scores also grow
-# large (16 heads at 4,900 patches: 1.5 GB). :class:`bagel_jax.inference.context.Engine` sets it.
+# large (16 heads at 4,900 patches: 1.5 GB). :class:`bagel_jax.inference.context.Engine` sets it on CPU.
 INFERENCE_AUTO_BLOCKED_MIN_LEN = 1024
+
+# The switch on GPU / TPU (training and inference). The one measurement on an accelerator (one H200, the
+# 1.5B-class MoT train step at 8,192 tokens per pack, bench/gpu_train.py, docs/gpu.md): "xla" 0.876 s/step,
+# "blocked" 0.982 s; "pallas" and "cudnn" did not run then. So dense stays the choice up to 8,192 keys and
+# "blocked" (O(L) memory, no [L, L] tensor) runs above, e.g. at 32k tokens per pack where the dense scores alone
+# would take 12 heads x 32k x 32k x 4 bytes = 48 GiB per layer. To be re-measured per device (bench/gpu_check.py).
+ACCELERATOR_AUTO_BLOCKED_MIN_LEN = 8192
+
+# cuDNN reads the packed mask as a dense [B, 1, Lq, Lk] bias: above this many keys (32k tokens: 2 GiB of bf16
+# bias per call, saved for the backward of every layer) "cudnn" refuses and "pallas" or "blocked" should run.
+CUDNN_MAX_KEYS = 16384
+
+
+def default_auto_min_len(backend: Optional[str] = None, inference: bool = False) -> int:
+    """The key count above which ``"auto"`` picks ``"blocked"`` on ``backend`` (default: jax's default backend):
+    :data:`AUTO_BLOCKED_MIN_LEN` (training) / :data:`INFERENCE_AUTO_BLOCKED_MIN_LEN` (forward-only inference) on
+    CPU, :data:`ACCELERATOR_AUTO_BLOCKED_MIN_LEN` on GPU and TPU."""
+    backend = jax.default_backend() if backend is None else backend
+    if backend == "cpu":
+        return INFERENCE_AUTO_BLOCKED_MIN_LEN if inference else AUTO_BLOCKED_MIN_LEN
+    return ACCELERATOR_AUTO_BLOCKED_MIN_LEN
 
 # Default block sizes of "blocked": 64 x 64 measured best on CPU (bench/bench_attention.py: at 2048 / 4096
 # tokens 64 x 64 beat 32 x 32, 128 x 128 and 256 x 256); on GPU / TPU larger blocks amortise the per-iteration
@@ -124,13 +147,13 @@ def resolve_implementation(name: Optional[str], seq_len: int, cached: bool = Fal
     """The implementation that runs for ``name`` at ``seq_len`` keys.
 
     ``"auto"`` (or None) gives ``"blocked"`` when a cache is read (its cost then follows the valid history,
-    not the buffer's capacity) or when ``seq_len > auto_min_len`` (default :data:`AUTO_BLOCKED_MIN_LEN`),
-    else ``"xla"``. Other names are returned unchanged (after validation).
+    not the buffer's capacity) or when ``seq_len > auto_min_len`` (None: :func:`default_auto_min_len` of the
+    default backend, training), else ``"xla"``. Other names are returned unchanged (after validation).
     """
     name = validate_implementation(name)
     if name != "auto":
         return name
-    limit = AUTO_BLOCKED_MIN_LEN if auto_min_len is None else auto_min_len
+    limit = default_auto_min_len() if auto_min_len is None else auto_min_len
     return "blocked" if cached or seq_len > limit else "xla"
 
 
@@ -207,14 +230,90 @@ def _cudnn_attention(q, k, v, q_vec, k_vec):
     if jax.default_backend() != "gpu":
         raise ValueError(f"attention implementation 'cudnn' needs an NVIDIA GPU (backend is "
                          f"{jax.default_backend()!r}); use 'blocked' (any backend), 'pallas' or 'xla'")
+    return cudnn_packed(q, k, v, q_vec, k_vec)
+
+
+def cudnn_packed(q, k, v, q_vec, k_vec, sdpa_impl: str = "cudnn"):
+    """``"cudnn"`` without the backend check: BAGEL's packed mask as cuDNN's dense bias, fully masked rows 0.
+
+    ``sdpa_impl`` is the ``implementation`` handed to ``jax.nn.dot_product_attention``; tests run this wrapper's
+    shape logic (padding, the batch merge under ``vmap``, gradients) with ``"xla"`` on CPU and lower it with
+    ``"cudnn"`` for CUDA ahead of time."""
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"attention implementation 'cudnn' needs bfloat16 or float16 inputs, got {q.dtype}; "
                          "use 'blocked' or 'xla' for float32")
-    # jax's cuDNN entry knows causal, padding lengths and a dense mask (applied as a bias); BAGEL's packed
-    # masks (several samples, full-attention blocks inside causal text, noised blocks) need the dense mask.
-    mask = dense_mask(q_vec, k_vec)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :], implementation="cudnn")
-    return jnp.where(mask.any(-1)[:, :, None, None], out, 0).astype(q.dtype)
+    Lq, Lk = q.shape[1], k.shape[1]
+    if Lk > CUDNN_MAX_KEYS:
+        raise ValueError(f"attention implementation 'cudnn' builds a dense [{Lq}, {Lk}] mask; above "
+                         f"{CUDNN_MAX_KEYS} keys use 'pallas' or 'blocked' (no [L, L] tensor)")
+    # cuDNN's bias path with a backward needs even lengths: padded keys get seg 0, padded queries are dropped
+    Lqp, Lkp = Lq + Lq % 2, Lk + Lk % 2
+    pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+    q, q_vec = pad(q, Lqp), MaskVectors(*(pad(x.astype(jnp.int32), Lqp) for x in q_vec))
+    k, v, k_vec = pad(k, Lkp), pad(v, Lkp), MaskVectors(*(pad(x.astype(jnp.int32), Lkp) for x in k_vec))
+    out = _packed_sdpa(sdpa_impl)(q, k, v, *q_vec, *k_vec)
+    seen = dense_mask(q_vec, k_vec).any(-1)                                  # [B, Lq]: rows with a visible key
+    return jnp.where(seen[:, :, None, None], out, 0).astype(q.dtype)[:, :Lq]
+
+
+def _merge_batch(axis_size, in_batched, args):
+    """custom_vmap helper: every argument with the mapped axis folded into its batch axis (``[V, B, ...] ->
+    [V * B, ...]``; unmapped arguments are broadcast first)."""
+    merged = []
+    for x, batched in zip(args, in_batched):
+        x = x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
+        merged.append(x.reshape((-1,) + x.shape[2:]))
+    return merged
+
+
+@functools.lru_cache(maxsize=None)
+def _packed_sdpa(sdpa_impl: str):
+    """``(q, k, v, q_seg, q_vis, q_nblk, k_seg, k_vis, k_nblk) -> out`` through ``jax.nn.dot_product_attention``
+    with the dense mask of the vectors, safe under ``vmap``.
+
+    jax's cuDNN primitive cannot be batched with a bias of one head: its batching rule reshapes the mapped bias
+    ``[V, B, 1, Lq, Lk]`` to ``[V * B, heads, Lq, Lk]`` and fails (the train step maps the model over its
+    data-parallel group). Here the forward and the backward are each a ``custom_vmap`` whose rule folds the mapped
+    axis into the batch (a plain reshape of q, k, v and the vectors) and calls itself again, so the primitive
+    never sees ``vmap``; a ``custom_vjp`` ties them (``custom_vmap`` alone has no reverse mode). The backward
+    recomputes the forward once (cuDNN's forward statistics stay inside ``jax.vjp``): about 2 of the 7 attention
+    matmuls of a step more."""
+    def sdpa(q, k, v, *vecs):
+        mask = dense_mask(MaskVectors(*vecs[:3]), MaskVectors(*vecs[3:]))
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=sdpa_impl)
+
+    @custom_batching.custom_vmap
+    def forward(q, k, v, *vecs):
+        return sdpa(q, k, v, *vecs)
+
+    @forward.def_vmap
+    def _forward_vmap(axis_size, in_batched, *args):
+        out = forward(*_merge_batch(axis_size, in_batched, args))
+        return out.reshape((axis_size, -1) + out.shape[1:]), True
+
+    @custom_batching.custom_vmap
+    def backward(q, k, v, *rest):
+        *vecs, g = rest
+        return jax.vjp(lambda q, k, v: sdpa(q, k, v, *vecs), q, k, v)[1](g)
+
+    @backward.def_vmap
+    def _backward_vmap(axis_size, in_batched, *args):
+        grads = backward(*_merge_batch(axis_size, in_batched, args))
+        return tuple(x.reshape((axis_size, -1) + x.shape[1:]) for x in grads), (True,) * 3
+
+    @jax.custom_vjp
+    def packed(q, k, v, *vecs):
+        return forward(q, k, v, *vecs)
+
+    def packed_fwd(q, k, v, *vecs):
+        return forward(q, k, v, *vecs), (q, k, v, vecs)
+
+    def packed_bwd(res, g):
+        q, k, v, vecs = res
+        return (*backward(q, k, v, *vecs, g), *(None for _ in vecs))
+
+    packed.defvjp(packed_fwd, packed_bwd)
+    return packed
 
 
 # "blocked" lives in its own module; imported last because it builds on the types above.

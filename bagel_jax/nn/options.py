@@ -9,14 +9,14 @@ one table of remat policies (decoder layers and ViT layers).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from ..quantize import validate_mode
-from .attention import AUTO_BLOCKED_MIN_LEN, validate_implementation
+from .attention import validate_implementation
 from .layer_loop import validate as validate_layer_loop
 from .layers import QuantDense
 
@@ -47,9 +47,9 @@ class ModelOptions:
       attention_impl: ``"auto"`` or an implementation of :func:`bagel_jax.nn.attention.attention`
         (decoder and ViT).
       auto_blocked_min_len: with ``"auto"``, attention without a cache over more keys than this runs
-        ``"blocked"``, else ``"xla"`` (:func:`bagel_jax.nn.attention.resolve_implementation`). The default,
-        :data:`~bagel_jax.nn.attention.AUTO_BLOCKED_MIN_LEN`, is measured for training (forward + backward);
-        the inference engine raises it to :data:`~bagel_jax.nn.attention.INFERENCE_AUTO_BLOCKED_MIN_LEN`.
+        ``"blocked"``, else ``"xla"`` (:func:`bagel_jax.nn.attention.resolve_implementation`). None (the
+        default): the backend's value, :func:`bagel_jax.nn.attention.default_auto_min_len` (training); the
+        inference engine sets that function's inference value.
       layer_loop: ``"scan"`` (parameters stacked over layers, one scanned body) or ``"unrolled"`` (per-layer
         parameter arrays, a Python loop; single-device CPU inference): :mod:`bagel_jax.nn.layer_loop`.
       quantize: ``"none"`` or ``"int8"`` (:mod:`bagel_jax.quantize`): with ``"int8"`` every dense layer is a
@@ -68,7 +68,7 @@ class ModelOptions:
     attention_impl: str = "auto"
     quantize: str = "none"
     layer_loop: str = "scan"
-    auto_blocked_min_len: int = AUTO_BLOCKED_MIN_LEN
+    auto_blocked_min_len: Optional[int] = None
     freeze_und: bool = False
 
     def __post_init__(self):
@@ -79,8 +79,8 @@ class ModelOptions:
         validate_mode(self.quantize)
         validate_layer_loop(self.layer_loop, auto=False)
         n = self.auto_blocked_min_len
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"auto_blocked_min_len must be an integer >= 0, got {n!r}")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise ValueError(f"auto_blocked_min_len must be None or an integer >= 0, got {n!r}")
         if not isinstance(self.freeze_und, bool):
             raise ValueError(f"freeze_und must be True or False, got {self.freeze_und!r}")
 

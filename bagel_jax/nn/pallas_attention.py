@@ -19,7 +19,14 @@ Kernels (all plain ``pl.pallas_call`` with a grid and BlockSpecs, no backend-spe
 
 Block sizes are powers of two (Triton tensors) of at least 16 (Triton ``dot``); a length shorter than the
 block shrinks the block to the next power of two, so the padded length then equals the block (a "full
-dimension" block, which TPU tiling also accepts).
+dimension" block, which TPU tiling also accepts). Lengths are padded to the blocks (padded keys get seg 0) and
+a head_dim that is no power of two (SigLIP's 72) is zero-padded to the next one (128 for 72: the scores and
+outputs are unchanged, the ViT's attention matmuls cost 128/72 of the unpadded ones). Float32 operands are
+multiplied at full float32 precision (``Precision.HIGHEST``: IEEE in Triton, which otherwise uses TF32).
+
+GPU lowering goes through the Pallas Triton backend, deprecated in jax 0.11 (docs/gpu.md): while the installed
+jax has it, "pallas" lowers for CUDA / ROCm; once it is gone, the GPU branch raises NotImplementedError naming
+the alternatives ("cudnn", "blocked"), and the TPU (Mosaic) and interpret paths are unaffected.
 
 Caveats (checked on CPU only: interpret mode, plus ahead-of-time lowering to Triton IR and Mosaic MLIR; the
 device compilers never ran):
@@ -44,7 +51,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as pltriton
+
+try:    # deprecated in jax 0.11 (docs/gpu.md): without it "pallas" has no GPU lowering and says so
+    from jax.experimental.pallas import triton as pltriton
+except ImportError:
+    pltriton = None
 
 from .attention import MaskVectors
 
@@ -75,13 +86,19 @@ def _may_attend(qs, qv, qn, ks, kv, kn):
     return seg & order & noise
 
 
+def _precision(a, b):
+    """Full float32 products for float32 operands: Triton's float32 ``dot`` otherwise rounds its inputs to TF32
+    (10-bit mantissa; about 1e-3 relative error on the scores). Low-precision operands keep the default."""
+    return lax.Precision.HIGHEST if a.dtype == _F32 and b.dtype == _F32 else None
+
+
 def _dot_nt(a, b):
     """``a @ b.T`` with float32 accumulation: ``[m, d] x [n, d] -> [m, n]``."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_precision(a, b), preferred_element_type=_F32)
 
 
 def _dot(a, b):
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=_F32)
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_precision(a, b), preferred_element_type=_F32)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -189,17 +206,23 @@ def _pallas(kernel, *, grid, in_specs, out_specs, out_shape, interpret, name):
 
     if interpret:
         return functools.partial(call, None)
-    triton = functools.partial(call, pltriton.CompilerParams())
+    triton = functools.partial(call, pltriton.CompilerParams()) if pltriton is not None else _no_triton
     tpu = functools.partial(call, pltpu.CompilerParams(dimension_semantics=("parallel",) * len(grid)))
     return lambda *args: lax.platform_dependent(*args, cuda=triton, rocm=triton, tpu=tpu,
                                                 default=functools.partial(call, None))
+
+
+def _no_triton(*args):
+    raise NotImplementedError("attention implementation 'pallas' needs the Pallas Triton backend "
+                              "(jax.experimental.pallas.triton), which this jax no longer has; on GPU use 'cudnn' "
+                              "up to 16k keys or 'blocked' (docs/gpu.md)")
 
 
 def _block(requested: int, length: int) -> int:
     return min(requested, max(16, pl.next_power_of_2(length)))
 
 
-def _pad_len(x, length, axis):
+def _pad_to(x, length, axis):
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, length - x.shape[axis])
     return jnp.pad(x, pad)
@@ -215,31 +238,38 @@ class _Layout:
         self.bq, self.bk = _block(block_q, Lq), _block(block_k, Lk)
         self.Lqp = pl.cdiv(Lq, self.bq) * self.bq
         self.Lkp = pl.cdiv(Lk, self.bk) * self.bk
-        self.q = _pad_len(q.transpose(0, 2, 1, 3), self.Lqp, 2)    # [B, H, Lqp, dh]
-        self.k = _pad_len(k.transpose(0, 2, 1, 3), self.Lkp, 2)    # [B, K, Lkp, dh]
-        self.v = _pad_len(v.transpose(0, 2, 1, 3), self.Lkp, 2)
+        # Triton tensors have power-of-two sizes: a head_dim such as SigLIP's 72 is padded with zeros (q.k and
+        # p @ v are unchanged, the padded output columns are sliced off); the softmax scale keeps the real dh.
+        self.dhp = pl.next_power_of_2(dh)
+        self.q = self.pad_heads(q, self.Lqp)                       # [B, H, Lqp, dhp]
+        self.k = self.pad_heads(k, self.Lkp)                       # [B, K, Lkp, dhp]
+        self.v = self.pad_heads(v, self.Lkp)
         # padded keys get seg 0 (never visible); padded query rows see nothing and are sliced off
-        qv = [_pad_len(x.astype(jnp.int32), self.Lqp, 1) for x in q_vec]   # 3 x [B, Lqp]
-        kv = [_pad_len(x.astype(jnp.int32), self.Lkp, 1) for x in k_vec]   # 3 x [B, Lkp]
+        qv = [_pad_to(x.astype(jnp.int32), self.Lqp, 1) for x in q_vec]   # 3 x [B, Lqp]
+        kv = [_pad_to(x.astype(jnp.int32), self.Lkp, 1) for x in k_vec]   # 3 x [B, Lkp]
         self.q_cols = [x[:, :, None] for x in qv]                  # [B, Lqp, 1]
         self.q_rows = [x[:, None, :] for x in qv]                  # [B, 1, Lqp]
         self.k_cols = [x[:, :, None] for x in kv]                  # [B, Lkp, 1]
         self.k_rows = [x[:, None, :] for x in kv]                  # [B, 1, Lkp]
 
+    def pad_heads(self, x, length):
+        """``[B, L, heads, dh] -> [B, heads, length, dhp]`` with zeros in the padding."""
+        return _pad_to(_pad_to(x.transpose(0, 2, 1, 3), length, 2), self.dhp, 3)
+
     def heads_out(self, x, length):
-        """``[B, heads, padded, dh] -> [B, length, heads, dh]``."""
-        return x[:, :, :length].transpose(0, 2, 1, 3)
+        """``[B, heads, padded, dhp] -> [B, length, heads, dh]``."""
+        return x[:, :, :length, :self.dh].transpose(0, 2, 1, 3)
 
 
 def _forward(t: _Layout, interpret):
-    G, bq, bk, dh = t.G, t.bq, t.bk, t.dh
+    G, bq, bk, dh = t.G, t.bq, t.bk, t.dhp
     grid = (t.B, t.H, t.Lqp // bq)
     qcol = pl.BlockSpec((None, bq, 1), lambda b, h, i: (b, i, 0))
     krow = pl.BlockSpec((None, 1, t.Lkp), lambda b, h, i: (b, 0, 0))
     qblk = pl.BlockSpec((None, None, bq, dh), lambda b, h, i: (b, h, i, 0))
     kall = pl.BlockSpec((None, None, t.Lkp, dh), lambda b, h, i: (b, h // G, 0, 0))
     lse_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, i: (b, h, i, 0))
-    kernel = functools.partial(_fwd_kernel, scale=dh ** -0.5, block_k=bk, num_k=t.Lkp // bk)
+    kernel = functools.partial(_fwd_kernel, scale=t.dh ** -0.5, block_k=bk, num_k=t.Lkp // bk)
     o, lse = _pallas(
         kernel, grid=grid,
         in_specs=[qcol] * 3 + [krow] * 3 + [qblk, kall, kall],
@@ -252,8 +282,8 @@ def _forward(t: _Layout, interpret):
 
 
 def _backward(t: _Layout, o, lse, do, interpret):
-    G, bq, bk, dh, B, H, K = t.G, t.bq, t.bk, t.dh, t.B, t.H, t.K
-    scale = dh ** -0.5
+    G, bq, bk, dh, B, H, K = t.G, t.bq, t.bk, t.dhp, t.B, t.H, t.K
+    scale = t.dh ** -0.5
     delta = jnp.sum(o.astype(_F32) * do.astype(_F32), axis=-1, keepdims=True)   # [B, H, Lqp, 1]
 
     qcol = pl.BlockSpec((None, bq, 1), lambda b, h, i: (b, i, 0))
@@ -302,7 +332,7 @@ def _flash_fwd(q, k, v, q_vec, k_vec, block_q, block_k, interpret):
 def _flash_bwd(block_q, block_k, interpret, res, g):
     q, k, v, q_vec, k_vec, o, lse = res
     t = _Layout(q, k, v, q_vec, k_vec, block_q, block_k)
-    do = _pad_len(g.astype(q.dtype).transpose(0, 2, 1, 3), t.Lqp, 2)   # [B, H, Lqp, dh]
+    do = t.pad_heads(g.astype(q.dtype), t.Lqp)                     # [B, H, Lqp, dhp]
     dq, dk, dv = _backward(t, o, lse, do, interpret)
     return t.heads_out(dq, t.Lq), t.heads_out(dk, t.Lk), t.heads_out(dv, t.Lk), None, None
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..convert.safetensors_io import load_file, save_file
-from ..nn.attention import AUTO_BLOCKED_MIN_LEN, IMPLEMENTATIONS
+from ..nn.attention import ACCELERATOR_AUTO_BLOCKED_MIN_LEN, AUTO_BLOCKED_MIN_LEN, IMPLEMENTATIONS
 from . import encoders, engine_cases, gen_step, train_case
 from .common import Fixture
 from .compare import ShapeMismatch, compare
@@ -41,7 +41,8 @@ def parser() -> argparse.ArgumentParser:
                     help="compute dtype of the Bagel model (bfloat16 reports errors without gating)")
     ap.add_argument("--attention", default="auto", choices=("auto",) + IMPLEMENTATIONS,
                     help="attention implementation of the decoder and the ViT (default auto: 'blocked' with a KV "
-                         "cache or above %d keys, else 'xla')" % AUTO_BLOCKED_MIN_LEN)
+                         "cache or above %d keys on CPU, %d on GPU / TPU, else 'xla')"
+                         % (AUTO_BLOCKED_MIN_LEN, ACCELERATOR_AUTO_BLOCKED_MIN_LEN))
     return ap
 
 
