@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The tests (README "Install and the two commands", command 2; .ci/run runs this same line): install the test
 # dependencies, install Debian's Chromium for the browser tests where it is missing and we may (root or
-# passwordless sudo), then run pytest. Where Chromium cannot be installed the browser tests skip with a message.
+# passwordless sudo), then run pytest (docs/testing.md).
+# Where Chromium cannot be installed the browser tests skip with a message.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -e ".[app]" -r requirements-test.txt
@@ -14,4 +15,8 @@ if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/
       >/dev/null 2>&1 || echo "scripts/test.sh: could not install chromium; the browser tests will skip" >&2
   fi
 fi
-python -m pytest -q "$@"
+# One pytest-xdist worker per core, at most 4 (each holds a few GiB of compiled programs); whole files per worker
+# (module fixtures build once), longest files first (tests/conftest.py). BAGEL_JAX_TEST_WORKERS=0 runs in one
+# process.
+WORKERS="${BAGEL_JAX_TEST_WORKERS:-$(python -c 'import os; print(min(4, len(os.sched_getaffinity(0))))')}"
+python -m pytest -q -n "$WORKERS" --dist loadfile --no-loadscope-reorder "$@"

@@ -1,14 +1,31 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import jax
 import pytest
 
-# No persistent compilation cache inside the pytest process: tests call sample.main / train.py's main / load()
-# here with different cache folders (and load()'s default, ~/.cache), and the results must not depend on what
-# earlier runs left there. JAX decides once per process whether the cache is used, so it is switched off here,
-# before anything compiles; the subprocess runs keep theirs. (The CI crashes first blamed on the cache were
-# the mapping limit: see _release_compiled_programs.)
-jax.config.update("jax_enable_compilation_cache", False)
+# One persistent compilation cache for the whole test session, in a fresh temporary folder (removed at exit):
+# the same program compiled by two test files, by a test and a train.py / sample.py subprocess, or by the two
+# pytest-xdist workers, compiles once; nothing from an earlier run is read. BAGEL_JAX_TEST_COMPILE_CACHE=DIR
+# names a folder to keep and reuse instead (a developer's warm reruns). The first process to import this file
+# (pytest's main process) creates the folder; xdist workers and subprocesses inherit it through the
+# environment. A size limit turns on JAX's file lock, so one process never reads an entry another is still
+# writing. The cache is set up here, before anything compiles: JAX fixes the folder at the first compilation,
+# so the in-process sample.main / train main / load() calls that name other folders keep this one.
+COMPILE_CACHE = os.environ.get("BAGEL_JAX_TEST_COMPILE_CACHE")
+if not COMPILE_CACHE:
+    COMPILE_CACHE = tempfile.mkdtemp(prefix="bagel_jax_test_compile_cache-")
+    os.environ["BAGEL_JAX_TEST_COMPILE_CACHE"] = COMPILE_CACHE
+    atexit.register(shutil.rmtree, COMPILE_CACHE, True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = COMPILE_CACHE        # train.py's --compile-cache default, subprocesses
+os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 << 30)
+jax.config.update("jax_enable_compilation_cache", True)
+jax.config.update("jax_compilation_cache_dir", COMPILE_CACHE)
+jax.config.update("jax_compilation_cache_max_size", 16 << 30)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+jax.jit(lambda x: x + 1)(0)   # the first compilation fixes the cache folder for this process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The official-output fixtures live in the repository (tests/fixtures/README.md says where they come from), so
@@ -66,3 +83,22 @@ def _release_compiled_programs(request):
     if log:
         with open(log, "a") as f:
             f.write(f"{request.module.__name__}: before {before} | after {_process_state()}\n")
+
+
+# Seconds each file took in one process on 2 cores (tests/ at commit c4d9c90, 2026-12-04, docs/testing.md);
+# files not listed count as short. The collection is ordered longest first, so that pytest-xdist
+# (`--dist loadfile`, scripts/test.sh) starts the long files first and no worker is left with one at the end.
+FILE_SECONDS = {
+    "test_train_faults.py": 447, "test_train_learn.py": 171, "test_expert_streams.py": 147,
+    "test_speculative_paths.py": 117, "test_engine.py": 116, "test_train_mesh.py": 107,
+    "test_demo_interleave.py": 105, "test_verify_cli.py": 105, "test_train_resume.py": 89,
+    "test_attention_impls.py": 70, "test_demo_patch_ar.py": 67, "test_app_browser.py": 63,
+    "test_patch_ar_sampler.py": 62, "test_train_freeze.py": 62, "test_speculative.py": 59,
+    "test_sample_cli.py": 58, "test_streaming.py": 57, "test_special_tokens.py": 56, "test_taylorseer.py": 49,
+    "test_demo_model.py": 46, "test_packing_and_model.py": 45, "test_train_init.py": 41,
+    "test_gpu_check.py": 30, "test_gpu_lowering.py": 14,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: -FILE_SECONDS.get(os.path.basename(str(item.fspath)), 0))  # stable within a file

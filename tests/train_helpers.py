@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "train-tiny.yaml")
-# One XLA compilation cache for all training tests of this test session: identical programs compile once.
-# It is private to the session (removed at exit), so that runs of other checkouts, concurrent or killed, never
-# share its entries.
-COMPILE_CACHE = tempfile.mkdtemp(prefix="bagel_jax_test_compile_cache-")
-atexit.register(shutil.rmtree, COMPILE_CACHE, True)
+# The test session's XLA compilation cache (tests/conftest.py: a fresh folder per session, removed at exit):
+# identical programs of the training tests, in-process or in train.py subprocesses, compile once.
+COMPILE_CACHE = os.environ["BAGEL_JAX_TEST_COMPILE_CACHE"]
 # The same overrides in every single-device test so that they share compiled programs.
 COMMON = ["data.packs_per_step=4", "train.save_every=3"]
 
