@@ -419,17 +419,20 @@ def test_train_step_lays_out_a_logical_batch_as_streams(bm):
 
     results = []
     _, ssh = S.init_state(bm.params, opt, 0, mesh)
-    fn = S.jit_train_step(step, ssh, mesh, None)   # one program serves both calls (same shapes and split)
-    for batch, explicit in ((arrays, None), (by_hand, split)):
+    fn = S.jit_train_step(step, ssh, mesh, None)   # one program serves every call (same shapes and split)
+    # logical batch; streams with the split given; streams carrying their expert_split array (the loader's
+    # batches), which the step reads on the host
+    for batch, explicit in ((arrays, None), (by_hand, split), (host, None)):
         state, _ = S.init_state(bm.params, opt, 0, mesh)
         state, m = fn(state, shd.put_batch(batch, mesh), vae, explicit)
         results.append((jax.device_get(m), jax.device_get(state["params"])))
     assert [k[1] for k in fn.cache] == [split]
-    (m0, p0), (m1, p1) = results
-    for k in ("loss", "loss_ce", "loss_mse", "grad_norm"):
-        np.testing.assert_array_equal(m0[k], m1[k], err_msg=k)
-    for a, b in zip(jax.tree_util.tree_leaves(p0), jax.tree_util.tree_leaves(p1)):
-        np.testing.assert_array_equal(a, b)
+    (m0, p0), *others = results
+    for m1, p1 in others:
+        for k in ("loss", "loss_ce", "loss_mse", "grad_norm"):
+            np.testing.assert_array_equal(m0[k], m1[k], err_msg=k)
+        for a, b in zip(jax.tree_util.tree_leaves(p0), jax.tree_util.tree_leaves(p1)):
+            np.testing.assert_array_equal(a, b)
 
 
 # -------------------------------------------------------------------------------------------------

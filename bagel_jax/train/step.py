@@ -213,7 +213,7 @@ def jit_train_step(step_fn, state_sh, mesh, vae_sh, seq_parallel: bool = False):
     def call(state, batch, vae_params, expert_split=None):
         if expert_split is None:
             if "expert_split" in batch:
-                expert_split = batch_expert_split(jax.device_get(batch["expert_split"]))
+                expert_split = batch_expert_split({"expert_split": jax.device_get(batch["expert_split"])})
             else:
                 host, expert_split = streams_from_logical(batch)
                 batch = shd.put_batch(host, mesh)
