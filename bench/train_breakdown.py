@@ -290,7 +290,7 @@ def main():
                 eff = f"{100 * f / by_part[p] / 1e9 / pr:6.0f}" if f else "      "
                 print(f"   {p:24s} {by_part[p]:7.3f} {100 * by_part[p] / tot:5.1f}% {f / 1e9:7.2f} {eff}")
             print(f"   {'total':24s} {tot:7.3f}")
-            print(f"   slowest ops:")
+            print("   slowest ops:")
             for (name, opcode, part, op_name), dt in by_op.most_common(args.top):
                 print(f"   {dt * 1e3:8.1f} ms  {name:28s} {opcode:12s} {part:20s} {op_name[-100:]}")
             if args.save:
