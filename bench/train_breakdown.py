@@ -21,17 +21,20 @@ FLOPs / time / probe GFLOP/s.
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
 import dataclasses
 import glob
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
 
 DUMP = tempfile.mkdtemp(prefix="train_breakdown_hlo_")
+atexit.register(shutil.rmtree, DUMP, True)     # XLA:CPU also dumps LLVM IR and objects: hundreds of MB
 # the optimised HLO of the step (instruction name -> metadata) maps profiler events to parts
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={DUMP} --xla_dump_hlo_as_text"
                            " --xla_dump_hlo_module_re=.*train_step.*").strip()
@@ -193,6 +196,7 @@ def profile_step(v: Variant, steps: int, module_text: str):
     """Per-part op time (s per step) of ``steps`` runs of ``v``'s compiled step, from a profiler trace."""
     idx = hlo_index(module_text)
     d = tempfile.mkdtemp(prefix="train_breakdown_trace_")
+    atexit.register(shutil.rmtree, d, True)
     jax.profiler.start_trace(d)
     for _ in range(steps):
         v.run()
