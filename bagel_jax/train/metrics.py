@@ -57,8 +57,17 @@ def step_flops(cfg, batch: dict) -> float:
       connector on real ViT tokens, ``vae2llm`` / ``llm2vae`` on real latent tokens.
 
     Not counted: the frozen VAE encoder, norms, RoPE, softmax and the timestep embedder (all small
-    next to the matmuls at BAGEL sizes).
+    next to the matmuls at BAGEL sizes). :func:`step_flops_by_part` gives the same sum by part.
     """
+    parts = step_flops_by_part(cfg, batch)
+    return sum(parts.values())
+
+
+def step_flops_by_part(cfg, batch: dict, vae_encode_flops: float = 0.0) -> dict[str, float]:
+    """:func:`step_flops` by part: ``decoder matmuls``, ``attention``, ``ViT`` (with the connector),
+    ``CE (LM head)``, ``latent heads`` (each 3x its forward) and ``VAE encode`` (the frozen encoder's
+    forward, once: ``vae_encode_flops``, which the caller measures, e.g. from XLA's cost analysis; 0 here
+    leaves it out as :func:`step_flops` does)."""
     llm, vit = cfg.llm, cfg.vit
     D, F, nl = llm.hidden_size, llm.intermediate_size, llm.num_hidden_layers
     H, K, dh = llm.num_attention_heads, llm.num_key_value_heads, llm.head_dim
@@ -79,8 +88,12 @@ def step_flops(cfg, batch: dict) -> float:
     flat = int(np.prod(seg.shape[-2:]))
     n_lat = float((vae_dest < flat).sum())
     lat_fwd = n_lat * 2 * 2 * cfg.patch_latent_dim * D
-    fwd = tokens * nl * per_tok_layer + attn + n_ce * 2 * D * llm.vocab_size + vit_fwd + lat_fwd
-    return 3.0 * fwd
+    parts = {"decoder matmuls": 3.0 * tokens * nl * per_tok_layer, "attention": 3.0 * attn,
+             "ViT": 3.0 * vit_fwd, "CE (LM head)": 3.0 * n_ce * 2 * D * llm.vocab_size,
+             "latent heads": 3.0 * lat_fwd}
+    if vae_encode_flops:
+        parts["VAE encode"] = float(vae_encode_flops)
+    return parts
 
 
 def step_record(step: int, m: dict, ntok: int, dt: float, flops: float, peak: float, compiled: bool,

@@ -28,6 +28,7 @@ import optax
 from ..config import ConfigError, check_keys
 from ..data.loader import check_numbers
 from ..nn.attention import IMPLEMENTATIONS
+from ..nn.layer_loop import LAYER_LOOPS
 from ..nn.options import REMAT_POLICIES
 
 
@@ -52,6 +53,12 @@ class TrainConfig:
     compute_dtype: str = "bfloat16"        # bfloat16 | float32 (master weights are always float32)
     remat_policy: str = "none"
     attention_impl: str = "auto"           # auto | xla | blocked | pallas | cudnn (decoder and ViT)
+    # how the step runs the layer stacks (bagel_jax/nn/layer_loop.py); the train state always holds them
+    # stacked ("scan" layout), so checkpoints do not depend on it. "unrolled": the step slices the stacked
+    # params per layer and runs a Python loop (no per-layer dynamic slices of weights and residuals;
+    # compiles ~1.3x longer; on the 2-core CPU not measurably faster at 1k tokens, see
+    # docs/train_performance.md); "auto": unrolled on a single CPU device, else scan
+    layer_loop: str = "scan"
     # split the residual stream's sequence over the mesh's tensor axis (Megatron sequence parallelism);
     # what fits 36,864-token packs of BAGEL-7B in 64 GiB on 8 devices (fsdp 4 x tensor 2, docs/performance.md)
     seq_parallel: bool = False
@@ -102,6 +109,8 @@ class TrainConfig:
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"train: remat_policy must be one of {', '.join(REMAT_POLICIES)}; "
                               f"got {self.remat_policy!r}")
+        if self.layer_loop not in ("auto",) + LAYER_LOOPS:
+            raise ConfigError(f"train: layer_loop must be one of auto, {', '.join(LAYER_LOOPS)}; got {self.layer_loop!r}")
         if self.attention_impl != "auto" and self.attention_impl not in IMPLEMENTATIONS:
             raise ConfigError(f"train: attention_impl must be one of auto, {', '.join(IMPLEMENTATIONS)}; "
                               f"got {self.attention_impl!r}")

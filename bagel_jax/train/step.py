@@ -11,7 +11,7 @@ State (a plain dict pytree, so orbax saves it as is)::
 A step consumes a batch with arrays ``[accum, packs, ...]`` (one packed row per pack). Each pack goes
 through :func:`bagel_jax.train.forward.train_forward` (the code path the parity verifier checks) under
 ``jax.vmap``; losses are re-normalised by the *global* token counts of the micro-batch (official
-normalisation, porting reference 9.2.7), micro-batches are accumulated with ``lax.scan`` (loss / accum).
+normalisation, porting reference 9.2.7), micro-batches are accumulated with ``lax.scan`` (loss / accum; a single micro-batch runs without the loop).
 The noise of pack ``g`` of micro-batch ``a`` comes from ``fold_in(fold_in(fold_in(rng, step), a), g)``,
 so results do not depend on the device layout.
 
@@ -36,6 +36,7 @@ import optax
 
 from .. import sharding as shd
 from ..data import packing
+from ..nn import layer_loop
 from .forward import draw_noise, train_forward
 from .optimizer import TrainConfig, ema_update, freeze
 
@@ -78,11 +79,48 @@ def special_weights_by_id(tc: TrainConfig, tokenizer) -> dict[int, float]:
     return out
 
 
-def make_loss_fn(model, vae, tc: TrainConfig, mask, special_weights: Mapping[int, float]):
+@jax.custom_vjp
+def unstack_layers(params):
+    """:func:`bagel_jax.nn.layer_loop.unstack` (stacked ``layers`` subtrees -> ``layers_0 ..``) whose
+    gradient is one ``stack`` of the per-layer cotangents (differentiating the slices instead would add
+    one zero-padded full-size array per layer)."""
+    return layer_loop.unstack(params)
+
+
+def _unstack_fwd(params):
+    return layer_loop.unstack(params), None
+
+
+def _unstack_bwd(_, ct):
+    return (layer_loop.stack(ct),)
+
+
+unstack_layers.defvjp(_unstack_fwd, _unstack_bwd)
+
+
+def resolve_layer_loop(tc: TrainConfig, param_shardings=None) -> str:
+    """The layer loop the step runs: ``tc.layer_loop``, with "auto" resolved by
+    :func:`bagel_jax.nn.layer_loop.resolve` on the mesh of ``param_shardings`` (None: one device)."""
+    mesh = None
+    if param_shardings is not None:
+        leaves = jax.tree_util.tree_leaves(param_shardings)
+        mesh = getattr(leaves[0], "mesh", None) if leaves else None
+    return layer_loop.resolve(tc.layer_loop, mesh)
+
+
+def make_loss_fn(model, vae, tc: TrainConfig, mask, special_weights: Mapping[int, float], loop: str = "scan"):
+    """The loss of one micro-batch. ``loop``: "unrolled" runs ``model`` with per-layer parameter arrays
+    sliced from the (stacked) params inside the step (:func:`unstack_layers`); the params and their
+    gradients stay stacked."""
     cfg = model.cfg
+    unrolled = loop == "unrolled" and model.opts.layer_loop == "scan"
+    if unrolled:
+        model = model.clone(opts=dataclasses.replace(model.opts, layer_loop="unrolled"))
 
     def loss_fn(params, vae_params, micro, key, expert_split=None):
         p = freeze(params, mask)
+        if unrolled:
+            p = unstack_layers(p)
         G = micro["token_ids"].shape[0]
         keys = jax.vmap(lambda g: jax.random.fold_in(key, g))(jnp.arange(G))
 
@@ -115,15 +153,16 @@ def make_train_step(model, vae, tc: TrainConfig, mask, optimizer, schedule, spec
                     param_shardings=None):
     """``step(state, batch, vae_params, expert_split=None) -> (state, metrics)`` (pure; jit it with
     :func:`jit_train_step`). ``expert_split`` (static ``(und_tokens, gen_tokens)``): the batch's
-    expert-stream layout; None = a logical-order batch run with ``Routing.select`` (test oracle only)."""
-    loss_fn = make_loss_fn(model, vae, tc, mask, special_weights or {})
+    expert-stream layout; None = a logical-order batch run with ``Routing.select`` (test oracle only).
+    The layer stacks run as ``tc.layer_loop`` says (:func:`resolve_layer_loop`; "auto" on the mesh of
+    ``param_shardings``)."""
+    loss_fn = make_loss_fn(model, vae, tc, mask, special_weights or {}, resolve_layer_loop(tc, param_shardings))
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state, batch, vae_params, expert_split=None):
         A = batch["token_ids"].shape[0]
         key = jax.random.fold_in(state["rng"], state["step"])
         params = state["params"]
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
 
         def micro(acc, xs):
             mb, i = xs
@@ -133,18 +172,31 @@ def make_train_step(model, vae, tc: TrainConfig, mask, optimizer, schedule, spec
                 acc = jax.lax.with_sharding_constraint(acc, param_shardings)
             return acc, aux
 
-        grads, auxs = jax.lax.scan(micro, zeros, (batch, jnp.arange(A)))
+        if A == 1:
+            # one micro-batch: no loop. Under a while loop XLA copies every (donated) parameter array
+            # before the loop, a full pass over the params each step (65 copies on the perf model)
+            (_, aux), grads = grad_fn(params, vae_params, jax.tree_util.tree_map(lambda x: x[0], batch),
+                                      jax.random.fold_in(key, 0), expert_split)
+            if param_shardings is not None:
+                grads = jax.lax.with_sharding_constraint(grads, param_shardings)
+            auxs = jax.tree_util.tree_map(lambda x: x[None], aux)
+        else:
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+            grads, auxs = jax.lax.scan(micro, zeros, (batch, jnp.arange(A)))
         gnorm = optax.global_norm(grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
-        ema = ema_update(state["ema"], new_params, mask, tc.ema_decay)
         loss = auxs["loss"].mean()
         # a non-finite step never reaches the weights: params, optimiser state and EMA stay as they were
         # (the loop then stops or skips, train.on_nonfinite); only the step counter moves on
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm) & jnp.isfinite(optax.global_norm(updates))
-        new_params, opt_state, ema = jax.tree_util.tree_map(
-            lambda n, o: jnp.where(finite, n, o), (new_params, opt_state, ema),
-            (params, state["opt_state"], state["ema"]))
+        keep = lambda n, o: jnp.where(finite, n, o)
+        new_params = jax.tree_util.tree_map(keep, optax.apply_updates(params, updates), params)
+        opt_state = jax.tree_util.tree_map(keep, opt_state, state["opt_state"])
+        # the new params exist once, before the EMA reads them: otherwise XLA recomputes ``params +
+        # updates`` inside the EMA's fusion, the old params are read after their (donated) buffer is
+        # overwritten, and XLA copies every parameter array first (a full extra pass over the params)
+        new_params = jax.lax.optimization_barrier(new_params)
+        ema = jax.tree_util.tree_map(keep, ema_update(state["ema"], new_params, mask, tc.ema_decay), state["ema"])
         metrics = dict(loss=loss, loss_ce=auxs["ce"].mean(), loss_mse=auxs["mse"].mean(),
                        grad_norm=gnorm, lr=schedule(state["step"]), n_ce=auxs["n_ce"].sum(),
                        n_mse=auxs["n_mse"].sum(), finite=finite)
@@ -213,7 +265,7 @@ def jit_train_step(step_fn, state_sh, mesh, vae_sh, seq_parallel: bool = False):
     def call(state, batch, vae_params, expert_split=None):
         if expert_split is None:
             if "expert_split" in batch:
-                expert_split = batch_expert_split(jax.device_get(batch["expert_split"]))
+                expert_split = batch_expert_split({"expert_split": jax.device_get(batch["expert_split"])})
             else:
                 host, expert_split = streams_from_logical(batch)
                 batch = shd.put_batch(host, mesh)
