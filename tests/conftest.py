@@ -6,6 +6,8 @@ import tempfile
 import jax
 import pytest
 
+from bagel_jax import _xla_cpu
+
 # One persistent compilation cache for the whole test session, in a fresh temporary folder (removed at exit):
 # the same program compiled by two test files, by a test and a train.py / sample.py subprocess, or by the two
 # pytest-xdist workers, compiles once; nothing from an earlier run is read. BAGEL_JAX_TEST_COMPILE_CACHE=DIR
@@ -21,6 +23,17 @@ if not COMPILE_CACHE:
     atexit.register(shutil.rmtree, COMPILE_CACHE, True)
 os.environ["JAX_COMPILATION_CACHE_DIR"] = COMPILE_CACHE        # train.py's --compile-cache default, subprocesses
 os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 << 30)
+# XLA:CPU's LLVM backend at optimisation level 0 for the tests (BAGEL_JAX_TEST_XLA_OPT=2 keeps XLA's default):
+# the tiny test programs spend far longer compiling than running (the tiny train step: 23 s to compile at the
+# default level, 9 s at level 0, 0.8 s to run), and the matmuls and convolutions run in precompiled library
+# kernels either way. HLO optimisation is unchanged; float results may differ in rounding only, and every
+# comparison in the suite is against the official outputs (with tolerances) or between runs under these same
+# flags (train_helpers.env passes them to subprocesses). Set before JAX starts its CPU backend, with the
+# XLA:CPU tuning the command-line programs apply (bagel_jax._xla_cpu).
+_opt = os.environ.get("BAGEL_JAX_TEST_XLA_OPT", "0")
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "") and _opt != "2":
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_backend_optimization_level={_opt}").strip()
+_xla_cpu.apply()
 jax.config.update("jax_enable_compilation_cache", True)
 jax.config.update("jax_compilation_cache_dir", COMPILE_CACHE)
 jax.config.update("jax_compilation_cache_max_size", 16 << 30)

@@ -26,7 +26,9 @@ def make_data(path: str, num: int = 24, bad: int = 1, seed: int = 0) -> str:
 def env(devices: int = 1) -> dict:
     e = dict(os.environ)
     e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
-    e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    # the test process's XLA flags (tests/conftest.py) and this device count
+    flags = [f for f in e.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    e["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
     e["JAX_PLATFORMS"] = "cpu"
     return e
 
