@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_jax(args):
     import jax
 
-    from bagel_jax.inference.api import use_compilation_cache
+    from bagel_jax.runtime import use_compilation_cache
 
     use_compilation_cache(args.compilation_cache, force=True)
     if args.dtype == "auto":
@@ -653,6 +653,9 @@ COMMANDS = {"understand": cmd_understand, "generate": cmd_generate, "edit": cmd_
 
 
 def main(argv=None) -> int:
+    from bagel_jax.runtime import tune_xla_cpu   # (--help must not wait for jax)
+
+    tune_xla_cpu()   # before JAX's first computation (a no-op after it: see bagel_jax/runtime.py)
     ap = build_parser()
     args = ap.parse_args(argv)
     if not args.command:

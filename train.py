@@ -8,6 +8,7 @@ import os
 import sys
 import threading
 
+from bagel_jax.runtime import tune_xla_cpu
 from bagel_jax.train.cli import main
 
 
@@ -33,6 +34,7 @@ def _quiet_closed_loop_hooks() -> None:
 
 
 if __name__ == "__main__":
+    tune_xla_cpu()   # before JAX's first computation (see bagel_jax/runtime.py)
     _quiet_closed_loop_hooks()
     code = main()
     if code == 2:

@@ -2,11 +2,9 @@
 
 ``bagel_jax.load(folder)`` returns an inference :class:`~bagel_jax.inference.api.Pipeline`
 (understand / generate_image / edit_image / conversation / interleave). Heavy modules are imported lazily.
+Importing the package changes no global state: the programs switch on the XLA:CPU tuning and the persistent
+compilation cache themselves (:mod:`bagel_jax.runtime`).
 """
-
-from . import _xla_cpu
-
-_xla_cpu.apply()   # XLA:CPU convolution tuning, before JAX starts its CPU backend (see bagel_jax/_xla_cpu.py)
 
 _LAZY = {
     "load": ("bagel_jax.inference.api", "load"),
@@ -16,6 +14,8 @@ _LAZY = {
     "InterleaveResult": ("bagel_jax.inference.api", "InterleaveResult"),
     "Context": ("bagel_jax.inference.context", "Context"),
     "Engine": ("bagel_jax.inference.context", "Engine"),
+    "tune_xla_cpu": ("bagel_jax.runtime", "tune_xla_cpu"),
+    "use_compilation_cache": ("bagel_jax.runtime", "use_compilation_cache"),
 }
 
 __all__ = list(_LAZY)

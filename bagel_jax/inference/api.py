@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from .. import layout
+from ..runtime import use_compilation_cache
 from ..data.images import INFERENCE_VAE, INFERENCE_VIT, ImageTransform
 from . import progress as _progress
 from . import streaming
@@ -86,31 +87,11 @@ def folder_defaults(folder: str) -> dict:
     return out
 
 
-DEFAULT_COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "bagel_jax", "jax")
-
-
-def use_compilation_cache(path: Optional[str] = DEFAULT_COMPILATION_CACHE, force: bool = False) -> None:
-    """Turn on JAX's persistent compilation cache in ``path`` (created), so that a later process skips most
-    compilation. Without ``force`` a cache JAX already has (``JAX_COMPILATION_CACHE_DIR``, or set by the
-    caller) is kept; ``path`` None or "" does nothing. A folder that cannot be created only warns."""
-    if not path or (jax.config.jax_compilation_cache_dir and not force):
-        return
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        import warnings
-
-        warnings.warn(f"compilation cache {path} not used ({e})")
-        return
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
 def load(folder: str, dtype="bfloat16", param_dtype=None, shardings=None, vae_shardings=None,
          vae_transform: Optional[ImageTransform] = None, vit_transform: Optional[ImageTransform] = None,
          max_context: Optional[int] = None, attention_impl: str = "auto", mesh=None, quantize: str = "none",
          quantize_vit: bool = False, layer_loop: str = "auto",
-         compilation_cache: Optional[str] = DEFAULT_COMPILATION_CACHE) -> "Pipeline":
+         compilation_cache: Optional[str] = None) -> "Pipeline":
     """Load an official BAGEL folder for inference.
 
     Args:
@@ -138,8 +119,9 @@ def load(folder: str, dtype="bfloat16", param_dtype=None, shardings=None, vae_sh
       layer_loop: how the decoder and ViT layer stacks run (:mod:`bagel_jax.nn.layer_loop`): "auto" (default:
         "unrolled", per-layer weight arrays, on one CPU device, where the scan's per-layer weight copies cost
         up to half of a decode step; "scan" elsewhere), "scan" or "unrolled".
-      compilation_cache: JAX persistent compilation cache folder, used unless JAX already has one
-        (:func:`use_compilation_cache`; default ``~/.cache/bagel_jax/jax``, as ``sample.py``; None: off).
+      compilation_cache: a folder for JAX's persistent compilation cache, used unless JAX already has one
+        (:func:`bagel_jax.runtime.use_compilation_cache`, a process-wide setting: ``sample.py`` and the app
+        pass ``~/.cache/bagel_jax/jax``); default None leaves JAX's configuration as it is.
     """
     from ..loading import load_model
 
