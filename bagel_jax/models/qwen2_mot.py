@@ -108,7 +108,7 @@ class MLP(nn.Module):
     def __call__(self, x):
         dense = lambda n, name: self.opts.dense(n, False, name)
         h = nn.silu(dense(self.width, "gate_proj")(x)) * dense(self.width, "up_proj")(x)
-        h = shd.constrain(h, ("batch", "length", "mlp"))      # [batch, seq, mlp]
+        h = shd.constrain(h, ("batch", "length", "mlp"), self.opts.activation_rules)      # [batch, seq, mlp]
         return dense(self.hidden, "down_proj")(h)
 
 
@@ -164,7 +164,7 @@ class MoTLayer(nn.Module):
         B, L, _ = x.shape
         H, K, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         x = x.astype(self.opts.dtype)
-        x = shd.constrain(x, ("batch", "res_length", "embed"))
+        x = shd.constrain(x, ("batch", "res_length", "embed"), self.opts.activation_rules)
         h = self._apply(self.in_norms, x, is_gen)
         q = self._apply(self.attn, h, is_gen, "q").reshape(B, L, H, dh)
         k = self._apply(self.attn, h, is_gen, "k").reshape(B, L, K, dh)
@@ -175,17 +175,17 @@ class MoTLayer(nn.Module):
         q, k, v = (self._frozen_und(t, is_gen) for t in (q, k, v))     # freeze_und: after the norms, as official
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        q = shd.constrain(q, ("batch", "length", "heads", "head_dim"))
-        k = shd.constrain(k, ("batch", "length", "kv_heads", "head_dim"))
-        v = shd.constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+        q = shd.constrain(q, ("batch", "length", "heads", "head_dim"), self.opts.activation_rules)
+        k = shd.constrain(k, ("batch", "length", "kv_heads", "head_dim"), self.opts.activation_rules)
+        v = shd.constrain(v, ("batch", "length", "kv_heads", "head_dim"), self.opts.activation_rules)
         view = None if cache is None else CacheView(cache[0], cache[1], cache[2], layer)
         o = attention(q, k, v, mask, mask, self.opts.attention_impl, cache=view,   # [batch, seq, heads, head_dim]
                       auto_min_len=self.opts.auto_blocked_min_len)
-        o = shd.constrain(o, ("batch", "length", "heads", "head_dim"))
+        o = shd.constrain(o, ("batch", "length", "heads", "head_dim"), self.opts.activation_rules)
         x = x + self._frozen_und(self._apply(self.attn, o.reshape(B, L, H * dh), is_gen, "o"), is_gen)
-        x = shd.constrain(x, ("batch", "res_length", "embed"))
+        x = shd.constrain(x, ("batch", "res_length", "embed"), self.opts.activation_rules)
         x = x + self._frozen_und(self._apply(self.mlps, self._apply(self.post_norms, x, is_gen), is_gen), is_gen)
-        x = shd.constrain(x, ("batch", "res_length", "embed"))
+        x = shd.constrain(x, ("batch", "res_length", "embed"), self.opts.activation_rules)
         return x, (k, v)
 
 

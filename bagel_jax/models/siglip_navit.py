@@ -71,7 +71,7 @@ class SiglipAttention(nn.Module):
 
         def heads(t):
             t = t.reshape(B, N, cfg.num_attention_heads, cfg.head_dim)
-            return shd.constrain(t, ("batch", "length", "heads", "head_dim"))
+            return shd.constrain(t, ("batch", "length", "heads", "head_dim"), self.opts.activation_rules)
 
         proj = lambda name: self.opts.dense(cfg.hidden_size, name=name)
         q = heads(proj("q_proj")(x))  # [batch, seq, heads, head_dim]
@@ -79,7 +79,7 @@ class SiglipAttention(nn.Module):
         v = heads(proj("v_proj")(x))
         o = attention(q, k, v, vec, vec, self.opts.attention_impl,   # scale 1/sqrt(head_dim)
                       auto_min_len=self.opts.auto_blocked_min_len)
-        o = shd.constrain(o, ("batch", "length", "heads", "head_dim"))
+        o = shd.constrain(o, ("batch", "length", "heads", "head_dim"), self.opts.activation_rules)
         return proj("out_proj")(o.reshape(B, N, cfg.hidden_size))
 
 
@@ -92,7 +92,7 @@ class SiglipMLP(nn.Module):
         cfg = self.cfg
         h = self.opts.dense(cfg.intermediate_size, name="fc1")(x)
         h = jax.nn.gelu(h, approximate=True)  # gelu_pytorch_tanh
-        h = shd.constrain(h, ("batch", "length", "mlp"))
+        h = shd.constrain(h, ("batch", "length", "mlp"), self.opts.activation_rules)
         return self.opts.dense(cfg.hidden_size, name="fc2")(h)
 
 
@@ -106,13 +106,13 @@ class SiglipEncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, h: jax.Array, vec: MaskVectors):
         cfg, o = self.cfg, self.opts
-        h = shd.constrain(h, ("batch", "res_length", "embed"))
+        h = shd.constrain(h, ("batch", "res_length", "embed"), self.opts.activation_rules)
         a = _layer_norm(cfg, o.param_dtype, "layer_norm1")(h).astype(o.dtype)
         h = h + SiglipAttention(cfg, o, name="self_attn")(a, vec)
-        h = shd.constrain(h, ("batch", "res_length", "embed"))
+        h = shd.constrain(h, ("batch", "res_length", "embed"), self.opts.activation_rules)
         m = _layer_norm(cfg, o.param_dtype, "layer_norm2")(h).astype(o.dtype)
         h = h + SiglipMLP(cfg, o, name="mlp")(m)
-        h = shd.constrain(h, ("batch", "res_length", "embed"))
+        h = shd.constrain(h, ("batch", "res_length", "embed"), self.opts.activation_rules)
         if o.layer_loop == "scan":                 # unrolled: the encoder sows all layers' outputs at once
             self.sow(COLLECTION, "vit_layers", h)
         return h, None
