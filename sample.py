@@ -20,8 +20,8 @@ another mode; --mode explicit needs a <|vision_start|> marker in a prompt. In ch
 session goes on.
 
 Image flags left out take ImageParams.t2i() / .edit() (bagel_jax/inference/cfg.py), the official notebook's
-defaults (the porting reference 8.8): generate cfg_text_scale 4.0, cfg_img_scale 1.0, cfg_interval 0.4 1.0,
-renorm global; edit cfg_text_scale 4.0, cfg_img_scale 2.0, cfg_interval 0.0 1.0, renorm text_channel; both
+defaults (docs/architecture.md#default-hyperparameters): generate cfg_text_scale 4.0, cfg_img_scale 1.0, cfg_interval
+0.4 1.0, renorm global; edit cfg_text_scale 4.0, cfg_img_scale 2.0, cfg_interval 0.0 1.0, renorm text_channel; both
 timestep_shift 3.0, 50 timesteps, renorm_min 0.0; text greedy, at most 1000 tokens. With --think, interleave
 and chat write each image's thinking text before it in the transcript.
 Speculative decoding (every subcommand that decodes text: understand, chat, interleave, and generate / edit

@@ -1,4 +1,5 @@
-"""Tokenizer: the Qwen2 byte-level BPE of a model folder, plus BAGEL's special-token ids (porting reference 6.1)."""
+"""Tokenizer: the Qwen2 byte-level BPE of a model folder, plus BAGEL's special-token ids
+(docs/architecture.md#special-tokens)."""
 
 from __future__ import annotations
 

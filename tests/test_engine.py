@@ -176,7 +176,7 @@ def test_branch_dedup_and_cfg_off_match_explicit_branches(pipe):
 
 
 def test_mode_recipes(pipe):
-    """porting reference 8.7: edit and think contexts, positions and lengths per branch."""
+    """docs/architecture.md#inference-contexts-and-cfg-branches: edit and think contexts, positions and lengths per branch."""
     eng = pipe.engine
     ids = eng.tok.encode("Make the sky blue.")
     n = len(ids)

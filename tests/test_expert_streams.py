@@ -433,7 +433,7 @@ def test_train_step_lays_out_a_logical_batch_as_streams(bm):
 
 
 # -------------------------------------------------------------------------------------------------
-# freeze_und: und activations detached, as the official trainer does (porting reference 9.5)
+# freeze_und: und activations detached, as the official trainer does (docs/architecture.md#training-optimisation-and-freezing)
 # -------------------------------------------------------------------------------------------------
 
 def _grads_of(bm, batch, noise, expert_split=None):

@@ -1,6 +1,6 @@
-"""Issue 17, inference side: hostile input gets a clear one-line error (exit status 2 on the CLI, before the
-model is loaded) or correct behaviour. One test per row of the issue's table (or per group of rows sharing a
-mechanism); the CLI tests stub the model load, so they cost no compute."""
+"""Hostile input, inference side: it gets a clear one-line error (exit status 2 on the CLI, before the model is
+loaded) or correct behaviour. One test per kind of bad input (or per group sharing a mechanism); the CLI tests
+stub the model load, so they cost no compute."""
 
 import io
 import json

@@ -1,4 +1,4 @@
-"""Streaming (issue 18): chunked decoding equals one call; a streamed interleave yields its first text before
+"""Streaming: chunked decoding equals one call; a streamed interleave yields its first text before
 its first image is finished and equals the plain result; conversation turns and the think phase stream;
 errors reach the consumer; closing a stream stops the call. Embedded demo model, 32x32 images, few steps."""
 

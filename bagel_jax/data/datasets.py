@@ -1,4 +1,4 @@
-"""Readers for the official BAGEL training formats and their sequence plans (porting reference 9.3).
+"""Readers for the official BAGEL training formats and their sequence plans (docs/architecture.md#training-packing).
 
 Each dataset maps a *row index* to one sample: a list of plan entries (text / vit_image / vae_image
 with the official ``enable_cfg`` / ``loss`` flags). :func:`plan_to_items` turns a plan into packing
@@ -55,7 +55,7 @@ class PlanEntry:
     text: Optional[list[int]] = None
     image: Optional[np.ndarray] = None   # [3, H, W] in [-1, 1]
     special_token_loss: bool = False     # text: CE on its closing <|im_end|> position ...
-    special_token_label: Optional[int] = None   # ... with this label id (porting reference 9.3)
+    special_token_label: Optional[int] = None   # ... with this label id (official ``pack_sequence``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +82,8 @@ def _read_rgb(source, name: Optional[str] = None) -> Image.Image:
 
 
 def plan_to_items(plan: Sequence[PlanEntry], rng: np.random.Generator, dropout: Dropout) -> list:
-    """Official ``to_tensor`` semantics: conditional dropout and raw timesteps (porting reference 9.3)."""
+    """Official ``to_tensor`` semantics: conditional dropout and raw timesteps
+    (docs/architecture.md#training-packing)."""
     items = []
     for e in plan:
         if e.type == "text":
@@ -360,7 +361,8 @@ class VLMDataset:
 
 
 class InterleavedDataset:
-    """Generic interleaved sequences (our JSONL form of an official sequence plan, porting reference 9.3)::
+    """Generic interleaved sequences (our JSONL form of an official sequence plan,
+    docs/architecture.md#training-packing)::
 
         {"sequence": [{"type": "text", "text": "...", "loss": 0, "enable_cfg": 1},
                       {"type": "vae_image", "image": "a.png", "loss": 1},

@@ -1,4 +1,4 @@
-"""Image preprocessing with the official resize rule (porting reference 6.6).
+"""Image preprocessing with the official resize rule (docs/architecture.md#image-preprocessing).
 
 ``MaxLongEdgeMinShortEdgeResize``: scale the long side down to ``max_size`` (never up), then up so
 the short side reaches ``min_size``; round each side (Python half-to-even) and snap to a multiple of

@@ -1,4 +1,5 @@
-"""Host-side packing of multimodal samples into one static-shape batch (the porting reference sections 6, 7, 9).
+"""Host-side packing of multimodal samples into one static-shape batch (docs/architecture.md: sequence layout,
+attention mask, training packing).
 
 A *sample* is a list of items (text, ViT image, VAE image, RoPE gap). Samples are concatenated into
 packed rows; each sample gets its own segment id so samples never attend to each other. Each item
@@ -7,7 +8,7 @@ noised with ``loss=True`` as an MSE target), which gives its tokens, markers, Ro
 advance and the mask vectors of :mod:`bagel_jax.nn.attention`. CE (if ``loss``) sits at
 ``<|im_start|>`` + ids of a text block with labels ``ids + [<|im_end|>]``; with ``special_token_loss``
 the ``<|im_end|>`` position gets one more CE entry with label ``special_token_label`` (the official plan
-fields, porting reference 9.3: e.g. ``<|vision_start|>`` when a generated image follows), flagged in
+fields of the official ``pack_sequence``: e.g. ``<|vision_start|>`` when a generated image follows), flagged in
 ``ce_special`` so that ``train.special_token_weights`` scales exactly these entries.
 
 Static shapes: the row length ``L`` and the capacities (ViT tokens, latent tokens, VAE images and
@@ -65,7 +66,7 @@ class VaeItem:
 @dataclasses.dataclass
 class PositionGap:
     """No tokens; advances the sample's RoPE counter by ``n`` (an image dropped by conditional dropout
-    still consumes one position in the official trainer, porting reference 9.3)."""
+    still consumes one position in the official trainer, docs/architecture.md#sequence-layout)."""
     n: int = 1
 
 

@@ -1,4 +1,4 @@
-"""The patch-autoregressive image layout (``image_mode: "patch_ar"``, issue 15; not in the official BAGEL).
+"""The patch-autoregressive image layout (``image_mode: "patch_ar"``, docs/patch-ar.md; not in the official BAGEL).
 
 The official (``"whole"``) mode denoises a generated image as one block. In patch-AR mode the latent tokens
 of a generated image, in raster order, are cut into ``G = N / k`` groups of ``k`` tokens; group ``g`` is
@@ -27,7 +27,7 @@ so nothing but a noisy group itself sees a noisy group. Choices (the whole-image
   clean copies have t = 0.
 * Experts: markers are und tokens, latents (both copies) gen tokens; ``<|vision_start|>`` and
   ``<|vision_end|>`` carry no CE label here, as a VAE image block in today's packing (a special-token label
-  on them belongs to the text item before / after, issue 15 part 1).
+  on them belongs to the text item before / after).
 
 At inference (:mod:`bagel_jax.inference.patch_ar`) the same layout is built chunk by chunk on the KV cache:
 soi is prefilled as a causal token, each group's flow queries run against the cache and are never

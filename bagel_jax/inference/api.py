@@ -9,9 +9,9 @@
     pipe.interleave("Tell a story in pictures.", num_images=3)       # -> InterleaveResult
 
 Image arguments default to None and are filled from :class:`~bagel_jax.inference.cfg.ImageParams`, the one
-place of their defaults (the official notebook's, porting reference 8.8): text-to-image ``ImageParams.t2i()``,
-1024x1024; editing ``ImageParams.edit()``, output size = the VAE-resized input size. Understanding and
-thinking are greedy with at most 1000 fed tokens (``temperature=0.3`` when ``do_sample``).
+place of their defaults (the official notebook's, docs/architecture.md#default-hyperparameters): text-to-image
+``ImageParams.t2i()``, 1024x1024; editing ``ImageParams.edit()``, output size = the VAE-resized input size.
+Understanding and thinking are greedy with at most 1000 fed tokens (``temperature=0.3`` when ``do_sample``).
 
 Seeds: row ``i`` of a batched call with ``seed=s`` draws its initial noise from ``PRNGKey(s + i)`` and samples
 text from ``fold_in(PRNGKey(s + i), TEXT_STREAM)`` (:mod:`bagel_jax.inference.conversation`); the same
@@ -294,8 +294,8 @@ class Pipeline:
                        temperature: float = 0.3, top_k: int = 0, top_p: float = 1.0,
                        progress: bool = False, image_mode: Optional[str] = None,
                        patch_group: Optional[int] = None, draft=None, speculate=4) -> ImageResult:
-        """Text-to-image (official recipe, porting reference 8.7). ``prompt`` may be a list: one compiled program
-        generates all of them (same ``image_size``).
+        """Text-to-image (official recipe, docs/architecture.md#inference-contexts-and-cfg-branches). ``prompt`` may
+        be a list: one compiled program generates all of them (same ``image_size``).
 
         Args:
           image_size: output (H, W), multiples of 16 (official default 1024x1024; app ratios 1024x1024,
@@ -303,9 +303,10 @@ class Pipeline:
           think: official GEN think system prompt, then thinking text (greedy unless ``do_sample``; at most
             ``max_think_tokens`` fed tokens) re-encoded into the conditional context before the image.
           The CFG / schedule arguments are the fields of :class:`~bagel_jax.inference.cfg.ImageParams` (the
-          porting reference 8.5); None takes ``ImageParams.t2i()``'s value (the notebook's).
+          docs/architecture.md#flow-sampling); None takes ``ImageParams.t2i()``'s value (the notebook's).
           step_cache: "taylorseer" predicts some flow steps from earlier ones instead of running the decoder
-            (porting reference 8.9; about half the decoder passes, a close but not equal image); "none" (default).
+            (docs/architecture.md#taylorseer; about half the decoder passes, a close but not equal image); "none"
+            (default).
           draft / speculate: speculative decoding of the thinking text (as :meth:`understand`).
           image_mode: "whole" (default, official: the image denoised as one block) or "patch_ar" (groups of
             ``patch_group`` latent tokens one after another, default the model's first ``patch_ar_groups``;
@@ -393,7 +394,7 @@ class Pipeline:
                    max_text_length: int = 500, max_interleaved_blocks: int = 8, think: bool = False,
                    max_think_tokens: Optional[int] = None, seed: int = 0, progress: bool = False,
                    on_item=None, **kw) -> InterleaveResult:
-        """Interleaved text and image generation (issue 3 item 6). Never raises for a failure midway:
+        """Interleaved text and image generation. Never raises for a failure midway:
         everything produced so far is returned with the error.
 
         Args:

@@ -1,4 +1,5 @@
-"""Classifier-free guidance as data (the porting reference, sections 8.1, 8.5 step 6, 8.7, 8.8).
+"""Classifier-free guidance as data (docs/architecture.md: inference contexts and CFG branches, flow sampling,
+default hyperparameters).
 
 Everything about CFG lives here:
 
@@ -26,7 +27,8 @@ import jax.numpy as jnp
 RENORM_TYPES = ("global", "channel", "text_channel")
 STEP_CACHES = ("none", "taylorseer")     # the sampler's step caches (bagel_jax.inference.taylorseer)
 
-# Guidance branches by name, and what each does on a context event (porting reference 8.7):
+# Guidance branches by name, and what each does on a context event
+# (docs/architecture.md#inference-contexts-and-cfg-branches):
 #   events: "text" (a user or system text), "think" (generated thinking text), "image" (an input image);
 #   actions: "keep" (unchanged), "extend" (gets the event's tokens too), "gen_before" / "gen_after"
 #   (becomes a snapshot of gen taken before / after the event).
@@ -104,14 +106,15 @@ def _text_img_combine(v: Mapping[str, jax.Array], st, si, renorm_type: str, reno
     return combine_cfg(v["gen"], v["cfg_text"], v.get("cfg_img"), st, si, renorm_type, renorm_min)
 
 
-# "text_img": the official guidance (text CFG, then image CFG on top of it; porting reference 8.5 step 6).
+# "text_img": the official guidance (text CFG, then image CFG on top of it; docs/architecture.md#flow-sampling).
 CFG_MODES: dict[str, CfgMode] = {"text_img": CfgMode(_text_img_needs, _text_img_combine)}
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageParams:
     """Image sampling hyperparameters: the one place their defaults live. Defaults: the official
-    notebook's text-to-image settings (porting reference 8.8); :meth:`edit` gives its editing settings."""
+    notebook's text-to-image settings (docs/architecture.md#default-hyperparameters); :meth:`edit` gives its editing
+    settings."""
 
     cfg_text_scale: float = 4.0
     cfg_img_scale: float = 1.0
@@ -121,7 +124,7 @@ class ImageParams:
     cfg_renorm_min: float = 0.0
     cfg_renorm_type: str = "global"
     cfg_mode: str = "text_img"
-    step_cache: str = "none"      # "taylorseer": TaylorSeer step caching (porting reference 8.9)
+    step_cache: str = "none"      # "taylorseer": TaylorSeer step caching (docs/architecture.md#taylorseer)
 
     @staticmethod
     def t2i(**kw) -> "ImageParams":

@@ -1,4 +1,4 @@
-"""Immutable inference contexts (porting reference 8.1-8.3, 8.7).
+"""Immutable inference contexts (docs/architecture.md#inference-contexts-and-cfg-branches).
 
 A :class:`Context` holds a batch of conversations. Its conditional branch ``gen`` holds everything; for
 image generation it also keeps the named guidance branches of :data:`bagel_jax.inference.cfg.BRANCH_RULES`
@@ -117,7 +117,8 @@ class Engine:
 
     Args:
       bm: the loaded model (:func:`bagel_jax.loading.load_model`).
-      vae_transform / vit_transform: image resize rules (official inference defaults, porting reference 6.6).
+      vae_transform / vit_transform: image resize rules (official inference defaults,
+        docs/architecture.md#image-preprocessing).
       max_context: most KV slots a row may hold (default ``max_position_embeddings``).
       cache_dtype: dtype of KV caches (default: the model's compute dtype).
       mesh: the ``jax.sharding.Mesh`` to run on (default: the mesh of the params' ``NamedSharding`` if
@@ -363,8 +364,9 @@ class Context:
     @on_mesh
     def add_text(self, texts: Union[str, Sequence[str]], role: str = "user") -> "Context":
         """Add a text segment (one string, or one per row): gen += text, the guidance branches follow the
-        "text" rules (official: cfg_text <- gen before the text, cfg_img += text; the porting reference 8.7).
-        ``role`` is kept in the history only (no chat template)."""
+        "text" rules (official: cfg_text <- gen before the text, cfg_img += text;
+        docs/architecture.md#inference-contexts-and-cfg-branches). ``role`` is kept in the history only (no chat
+        template)."""
         return self._add_text(texts, role, "text", "add_text")
 
     @on_mesh

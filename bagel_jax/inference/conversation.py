@@ -144,9 +144,9 @@ class Conversation:
     def next_is_image(self) -> bool:
         """Model mode's decision after a text: whether the model, at the ``<|im_end|>`` that closes the
         context's last text, emits ``<|vision_start|>`` next (greedy). That position is where training
-        with the official ``special_token_loss`` puts the label (porting reference 9.3): ``<|vision_start|>``
-        when a generated image follows, ``<|im_end|>`` when the turn ends. False when the context does
-        not end with a text."""
+        with the official ``special_token_loss`` puts the label (docs/architecture.md#training-packing):
+        ``<|vision_start|>`` when a generated image follows, ``<|im_end|>`` when the turn ends. False when the
+        context does not end with a text."""
         ctx = self.ctx
         if not ctx.history or ctx.history[-1][0] != "text" or ctx.last_hidden is None:
             return False

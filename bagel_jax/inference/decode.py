@@ -1,4 +1,4 @@
-"""Text generation as one ``lax.while_loop`` (porting reference 8.4).
+"""Text generation as one ``lax.while_loop`` (docs/architecture.md#text-decoding).
 
 Official semantics, per row: the fed sequence starts with ``<|im_start|>`` at the context's RoPE
 counter; each step feeds the current token (und expert, causal, written to a copy of the cache),
@@ -249,7 +249,8 @@ def generate_text(ctx: Context, max_length: int = 1000, sampling: SamplingParams
                   keys: Optional[Sequence] = None, stop_tokens: Optional[Sequence[int]] = None,
                   record: bool = False, progress: bool = False, chunk: Optional[int] = None,
                   on_text: Optional[Callable[[int, str], None]] = None) -> TextResult:
-    """Generate text from the ``gen`` branch of ``ctx`` (``ctx`` itself is unchanged; porting reference 8.4).
+    """Generate text from the ``gen`` branch of ``ctx`` (``ctx`` itself is unchanged;
+    docs/architecture.md#text-decoding).
 
     Args:
       max_length: most fed tokens per row (official ``max_think_token_n``; the start token counts).

@@ -9,7 +9,7 @@ group to the cache as clean (t = 0) tokens, a full-attention chunk; after the la
 gives the logits of the next text token). Every cache row (the CFG branches stacked on the batch axis, as
 the whole-image sampler's :class:`~bagel_jax.inference.cfg.CfgPlan`) receives the same clean tokens.
 
-CFG as the whole-image mode (porting reference 8.5): the plan's branches, ``cfg_interval`` on the
+CFG as the whole-image mode (docs/architecture.md#flow-sampling): the plan's branches, ``cfg_interval`` on the
 shifted sigma (``lax.cond`` between the stacked call and the ``gen`` rows alone) and the renorm, whose
 norms are taken over the current group's tokens (the velocity of a step is the group's). RoPE: every token
 of the image at the context's next position (as a whole image); the counter then advances by 1.

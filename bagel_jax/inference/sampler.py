@@ -1,5 +1,5 @@
 """Flow-matching image sampler: one ``lax.scan`` over timesteps, then unpatchify, VAE decode and the
-official uint8 conversion, all in one jit (porting reference 8.5, 8.6).
+official uint8 conversion, all in one jit (docs/architecture.md#flow-sampling).
 
 Which branches run and how they combine is the :class:`~bagel_jax.inference.cfg.CfgPlan` of the call
 (:func:`~bagel_jax.inference.cfg.make_plan`): its distinct branches are stacked on the batch axis (one

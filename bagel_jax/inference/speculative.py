@@ -1,6 +1,6 @@
 """Speculative text decoding: a draft proposes ``gamma`` tokens, BAGEL verifies them in one causal chunk.
 
-Same output contract as :func:`bagel_jax.inference.decode.generate_text` (porting reference 8.4: the fed
+Same output contract as :func:`bagel_jax.inference.decode.generate_text` (docs/architecture.md#text-decoding: the fed
 ids start with ``<|im_start|>``; a picked stop token ends the row and is not appended; at most
 ``max_length`` fed tokens). The whole decode is one ``lax.while_loop`` over rounds on static-shape caches.
 

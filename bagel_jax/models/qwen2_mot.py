@@ -1,4 +1,4 @@
-"""Qwen2 Mixture-of-Transformer-experts decoder (the porting reference, section 5).
+"""Qwen2 Mixture-of-Transformer-experts decoder (docs/architecture.md#mot-decoder).
 
 Every layer holds two full parameter sets: the understanding ("und") expert with the original Qwen2
 names and the generation ("gen") expert with the ``_moe_gen`` suffix. Attention is computed jointly

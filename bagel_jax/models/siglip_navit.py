@@ -1,12 +1,13 @@
-"""SigLIP NaViT vision encoder (porting reference 4.6): the understanding-path ViT.
+"""SigLIP NaViT vision encoder (docs/architecture.md#model): the understanding-path ViT.
 
 Several images of different sizes are packed along the token axis of one row; each token carries
 a segment id (its image, >= 1; 0 = padding) and a position id into the learned position table
-(``row * vit_max_num_patch_per_side + col``, porting reference 6.3/6.5). Attention is bidirectional inside
+(``row * vit_max_num_patch_per_side + col``, docs/architecture.md#rope). Attention is bidirectional inside
 an image and never crosses images, so a packed row gives the same per-image outputs as running
 each image alone.
 
-Differences from a stock SigLIP vision tower, all from BAGEL's loader (porting reference 2.2, 12.1-12.3):
+Differences from a stock SigLIP vision tower, all from BAGEL's loader (official ``app.py``,
+``modeling/bagel/siglip_navit.py``):
   * ``ViTConfig.num_hidden_layers`` is the number of layers *used* (official json value minus one),
     and ``post_layernorm`` is still applied to the last used layer;
   * the patch embedding is a ``Linear`` over patches flattened in (row, col, channel) order;
@@ -193,7 +194,7 @@ def key_map(cfg: ViTConfig) -> list[keymap.Entry]:
 
 
 def patchify(image_chw: np.ndarray, patch_size: int, max_patches_per_side: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split a normalised ``(C, H, W)`` image into ViT tokens (porting reference 6.3).
+    """Split a normalised ``(C, H, W)`` image into ViT tokens (docs/architecture.md#sequence-layout).
 
     Returns:
       tokens ``[n, p*p*C]`` float32, row-major over the patch grid, each patch ordered

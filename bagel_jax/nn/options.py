@@ -56,10 +56,11 @@ class ModelOptions:
       quantize: ``"none"`` or ``"int8"`` (:mod:`bagel_jax.quantize`): with ``"int8"`` every dense layer is a
         :class:`~bagel_jax.nn.layers.QuantDense`, which runs an int8 kernel where the params tree holds one
         (the layers :func:`bagel_jax.quantize.quantize_params` converted) and the float kernel elsewhere.
-      freeze_und: training with the understanding expert frozen as the official code does it (the porting
-        reference 9.5): the decoder's und-token activations are detached everywhere (input embeddings, q/k
-        after their norms, v, attention and MLP outputs, the final norm), so no gradient flows through und
-        tokens and only gen-expert tokens (and the heads) carry gradients. No effect on values.
+      freeze_und: training with the understanding expert frozen as the official code does it
+        (docs/architecture.md#training-optimisation-and-freezing): the decoder's und-token activations are detached
+        everywhere (input embeddings, q/k after their norms, v, attention and MLP outputs, the final norm), so no
+        gradient flows through und tokens and only gen-expert tokens (and the heads) carry gradients. No effect on
+        values.
       seq_parallel: on a mesh, split the residual stream's sequence over the ``tensor`` axis (Megatron sequence
         parallelism; :mod:`bagel_jax.sharding`). No effect on values or on one device.
     Names are checked at construction, so a bad value fails where it is given, not at model build.
