@@ -45,7 +45,7 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import yaml

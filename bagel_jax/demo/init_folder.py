@@ -13,7 +13,6 @@ an ``inference.json`` with the synthetic world's image sizes (``--size``: VAE si
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys

@@ -426,7 +426,6 @@ class Context:
         N = max(ns)
         br = br.reserve(eng, layout.block_len(N))
         key = np.array(self.key)
-        x0 = np.zeros((br.batch, N, p * p * C), np.float32)
         lat_pos = np.zeros((br.batch, N), np.int32)
         toks = []
         for i, q in enumerate(pre):

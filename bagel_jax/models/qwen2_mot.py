@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from .. import sharding as shd
 from ..config import LLMConfig
 from ..convert import keymap
-from ..nn.attention import CacheView, MaskVectors, attention
+from ..nn.attention import CacheView, attention
 from ..nn.layers import RMSNorm, apply_rope, rope_cos_sin
 from ..nn.intermediates import COLLECTION
 from ..nn.options import ModelOptions
@@ -151,8 +151,8 @@ class MoTLayer(nn.Module):
         Args:
           x: ``[batch, seq, hidden]`` residual stream.
           cos, sin: ``[batch, seq, head_dim]`` RoPE tables for the tokens' positions.
-          mask: :class:`MaskVectors` of this chunk's tokens, each ``[batch, seq]`` (with a cache, every
-            valid cache slot is visible to every query on top of it).
+          mask: :class:`~bagel_jax.nn.attention.MaskVectors` of this chunk's tokens, each ``[batch, seq]`` (with a
+            cache, every valid cache slot is visible to every query on top of it).
           is_gen: ``[batch, seq]`` bool for ``Routing.select`` and an overlapping ``Routing.split``, else unused.
           cache: None or ``(k, v, length)``: all layers' cached keys/values
             ``[layers, batch, capacity, kv_heads, head_dim]`` and valid slots per row ``[batch]``;
@@ -218,7 +218,8 @@ class LayerStack(nn.Module):
         """
         Args:
           x: ``[batch, seq, hidden]``; positions: ``[batch, seq]`` RoPE positions.
-          mask: :class:`MaskVectors` of this chunk's tokens (``seg``, ``vis``, ``nblk``, each ``[batch, seq]``).
+          mask: :class:`~bagel_jax.nn.attention.MaskVectors` of this chunk's tokens (``seg``, ``vis``, ``nblk``,
+            each ``[batch, seq]``).
           cache: None or ``(k, v, length)``: keys/values ``[layers, batch, capacity, kv_heads, head_dim]``
             and valid slots per row ``[batch]``, all visible to every query of the chunk. The cache is
             read, never written (the caller appends the returned keys/values).
