@@ -216,7 +216,7 @@ def _setup_jax(args):
 
 def _load(args):
     dtype = _setup_jax(args)
-    from bagel_jax.data.images import ImageTransform
+    from bagel_jax.images import ImageTransform
     from bagel_jax.inference.api import load
 
     def tf(v):  # None: the folder's inference.json, else the official transforms
@@ -279,7 +279,7 @@ def _at_least(flag: str, value, lo: int) -> None:
 
 def _check_args(args) -> None:
     """Every flag checked before the model is loaded (CLIError / ValueError: exit status 2)."""
-    from bagel_jax.data.images import ImageTransform, load_image
+    from bagel_jax.images import ImageTransform, load_image
     from bagel_jax.inference.cfg import ImageParams
     from bagel_jax.inference.context import seed_key
     from bagel_jax.inference.conversation import check_interleave, sampling

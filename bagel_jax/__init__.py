@@ -6,6 +6,8 @@ Importing the package changes no global state: the programs switch on the XLA:CP
 compilation cache themselves (:mod:`bagel_jax.runtime`).
 """
 
+import importlib
+
 _LAZY = {
     "load": ("bagel_jax.inference.api", "load"),
     "Pipeline": ("bagel_jax.inference.api", "Pipeline"),
@@ -23,8 +25,6 @@ __all__ = list(_LAZY)
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
-
         mod, attr = _LAZY[name]
         return getattr(importlib.import_module(mod), attr)
     raise AttributeError(f"module 'bagel_jax' has no attribute {name!r}")

@@ -56,9 +56,25 @@ LATENT_CHUNK_BODY = 2  # ... inside an inference latent chunk ``[start, end, lat
 _BODY_KIND = {TEXT: KIND_TEXT, VIT: KIND_VIT, VAE: KIND_VAE, NOISED_VAE: KIND_VAE}
 
 
+@dataclasses.dataclass(frozen=True)
+class SpecialTokens:
+    """The marker ids of a tokenizer (docs/architecture.md#special-tokens)."""
+
+    bos: int            # <|im_start|>
+    eos: int            # <|im_end|>
+    start_of_image: int  # <|vision_start|>
+    end_of_image: int    # <|vision_end|>
+
+
 def block_len(n):
     """Slots of a block with ``n`` body tokens (int or array)."""
     return n + MARKERS
+
+
+def patch_ar_block_len(n):
+    """Slots of a patch-AR image of ``n`` latent tokens: a noisy and a clean copy of every latent plus the two
+    markers (``bagel_jax/data/patch_ar.py``)."""
+    return 2 * n + MARKERS
 
 
 def end_marker_at(n):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from typing import Any, Optional
 
 import jax
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 
 from . import quantize as quant
 from . import sharding as shd
-from .config import BagelConfig, ConfigError, load_config
+from .config import BagelConfig, ConfigError, load_config, write_official_configs
 from .convert import official
 from .models import flux_vae
 from .models.bagel import Bagel, init_params, key_map, param_shapes
@@ -132,8 +133,6 @@ def random_model(cfg: BagelConfig, key: jax.Array, dtype=jnp.float32, param_dtyp
 def save_model(m: BagelModel, folder: str, dtype=None) -> None:
     """Write ``m`` as an official folder: ``ema.safetensors``, ``ae.safetensors`` and the config files
     (the tokenizer files are copied from ``m.tokenizer`` when it has them)."""
-    from .config import write_official_configs
-
     os.makedirs(folder, exist_ok=True)
     write_official_configs(m.cfg, folder)
     official.export_params(m.params, key_map(m.cfg), os.path.join(folder, "ema.safetensors"), dtype=dtype)
@@ -141,8 +140,6 @@ def save_model(m: BagelModel, folder: str, dtype=None) -> None:
     if m.tokenizer is not None:
         m.tokenizer.hf.save_pretrained(folder)
         # the official loader reads the slow-tokenizer files: carry them over when the source has them
-        import shutil
-
         for name in ("vocab.json", "merges.txt"):
             src = os.path.join(str(m.tokenizer.source), name)
             if os.path.isfile(src) and not os.path.isfile(os.path.join(folder, name)):

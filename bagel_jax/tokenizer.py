@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from .data.packing import SpecialTokens
+from .layout import SpecialTokens
 
 SPECIAL_TOKENS = {
     "bos": "<|im_start|>",

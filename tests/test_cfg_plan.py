@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bagel_jax.data.images import ImageTransform
+from bagel_jax.images import ImageTransform
 from bagel_jax.inference import api, blocks, cfg, sampler
 from bagel_jax.inference.cfg import CFG_MODES, CfgMode, ImageParams, make_plan
 from bagel_jax.inference.context import Context

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bagel_jax.data.images import ImageError, ImageTransform
+from bagel_jax.images import ImageError, ImageTransform
 from bagel_jax.inference import api, blocks
 from bagel_jax.inference.context import Context, ContextError, Engine, bucket, fine_bucket
 from bagel_jax.inference.decode import SamplingParams, generate_text, pick_next

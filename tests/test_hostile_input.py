@@ -20,7 +20,7 @@ sys.path.insert(0, REPO)
 import sample  # noqa: E402
 from bagel_jax.config import ConfigError, load_config  # noqa: E402
 from bagel_jax.convert.safetensors_io import DTYPES, SafeTensorsError, SafeTensorsFile, save_file  # noqa: E402
-from bagel_jax.data.images import load_image, to_rgb  # noqa: E402
+from bagel_jax.images import load_image, to_rgb  # noqa: E402
 from bagel_jax.inference.api import folder_defaults  # noqa: E402
 from bagel_jax.inference.cfg import ImageParams  # noqa: E402
 from bagel_jax.inference.context import MAX_SEED, ContextError, seed_key  # noqa: E402

@@ -10,7 +10,7 @@ import pytest
 from bagel_jax import layout
 from bagel_jax.config import load_config
 from bagel_jax.data import datasets, packing
-from bagel_jax.data.images import ImageTransform
+from bagel_jax.images import ImageTransform
 from bagel_jax.inference import blocks
 from bagel_jax.inference.context import Context, Engine
 from bagel_jax.inference.kv_cache import KVCache

@@ -109,7 +109,7 @@ def test_stream_think_phase_and_conversation_turns(pipe):
 
 
 def test_stream_errors_and_cancel(pipe):
-    from bagel_jax.data.images import ImageError
+    from bagel_jax.images import ImageError
     from bagel_jax.inference import streaming
 
     with pytest.raises(ImageError, match="not supported"):

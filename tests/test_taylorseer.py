@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from bagel_jax.data.images import ImageTransform
+from bagel_jax.images import ImageTransform
 from bagel_jax.inference import api, cfg
 from bagel_jax.inference.cfg import ImageParams
 from bagel_jax.inference.context import Context

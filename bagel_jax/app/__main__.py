@@ -12,6 +12,8 @@ import jax
 
 from ..inference.api import load
 from ..runtime import DEFAULT_COMPILATION_CACHE, tune_xla_cpu, use_compilation_cache
+from .handlers import Handlers
+from .ui import CSS, build
 
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo")
 
@@ -55,9 +57,6 @@ def main(argv=None) -> int:
 
 def serve(pipe, host: str = "127.0.0.1", port: int = 7860, chunk: int = 8, name: str = "demo", block: bool = True):
     """Serve the page for a loaded pipeline; ``block=False`` returns the running Blocks (tests: ``.close()``)."""
-    from .handlers import Handlers
-    from .ui import CSS, build
-
     demo = build(Handlers(pipe, chunk), title=f"BAGEL (JAX): {name}")
     demo.launch(server_name=host, server_port=port, show_error=True, footer_links=[], prevent_thread_lock=not block,
                 quiet=not block, css=CSS)

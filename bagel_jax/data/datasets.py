@@ -32,11 +32,12 @@ import os
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+import pyarrow.parquet as pq
 from PIL import Image
 
 from .. import layout
+from ..images import ImageTransform, to_rgb, to_tensor
 from . import packing, patch_ar
-from .images import ImageTransform, to_rgb, to_tensor
 
 
 class SampleError(ValueError):
@@ -116,7 +117,7 @@ def item_tokens(item, vit_patch: int, latent_ds: int) -> int:
         return layout.vit_block(item.image.shape[1], item.image.shape[2], vit_patch).length
     if isinstance(item, packing.VaeItem):
         if isinstance(item, patch_ar.PatchArItem):   # image_mode "patch_ar": two copies of the latents
-            return patch_ar.block_length(layout.latent_tokens(item.image.shape[1], item.image.shape[2], latent_ds))
+            return layout.patch_ar_block_len(layout.latent_tokens(item.image.shape[1], item.image.shape[2], latent_ds))
         return layout.vae_block(item.image.shape[1], item.image.shape[2], latent_ds, item.loss).length
     return 0
 
@@ -193,8 +194,6 @@ class _ParquetRows:
     """Row access over a list of parquet files (one cached row group at a time)."""
 
     def __init__(self, files: Sequence[str], columns: Sequence[str]):
-        import pyarrow.parquet as pq
-
         self.files = list(files)
         self.columns = list(columns)
         self.index = []  # (file, row_group, row) per global row
@@ -218,8 +217,6 @@ class _ParquetRows:
         return len(self.index)
 
     def row(self, i: int) -> dict[str, Any]:
-        import pyarrow.parquet as pq
-
         fi, g, r = self.index[i]
         if self._cache_key != (fi, g):
             self._cache = pq.ParquetFile(self.files[fi]).read_row_group(g, columns=self.columns).to_pylist()

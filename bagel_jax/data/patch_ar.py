@@ -42,9 +42,9 @@ from typing import Sequence
 import numpy as np
 
 from .. import layout
-from .packing import PackingError, VaeItem
+from .items import PackingError, VaeItem
 
-__all__ = ["PatchArItem", "block_length", "block_vectors", "expand_items", "group_count", "group_order"]
+__all__ = ["PatchArItem", "block_vectors", "expand_items", "group_count", "group_order"]
 
 
 @dataclasses.dataclass
@@ -65,11 +65,6 @@ def group_count(n_tokens: int, group: int) -> int:
     if group < 1 or n_tokens % group:
         raise PackingError(f"patch-AR group size {group} does not divide the image's {n_tokens} latent tokens")
     return n_tokens // group
-
-
-def block_length(n_tokens: int) -> int:
-    """Sequence slots of a patch-AR image of ``n_tokens`` latent tokens: two copies plus the two markers."""
-    return 2 * n_tokens + layout.MARKERS
 
 
 def group_order(n_tokens: int, group: int) -> list[tuple[int, int, bool]]:

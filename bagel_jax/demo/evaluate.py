@@ -30,7 +30,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..data.images import ImageTransform
+from ..images import ImageTransform
 from . import synthetic as syn
 from .checker import detect
 

@@ -30,17 +30,22 @@ import numpy as np
 from PIL import Image
 
 from .. import layout
+from .. import sharding as shd
+from ..config import ConfigError, check_field, read_json
+from ..images import INFERENCE_VAE, INFERENCE_VIT, ImageTransform
+from ..loading import load_model
 from ..runtime import use_compilation_cache
-from ..data.images import INFERENCE_VAE, INFERENCE_VIT, ImageTransform
 from . import progress as _progress
 from . import streaming
 from .cfg import ImageParams
 from .context import (Context, ContextError, Engine, GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT)
 from .conversation import (DEFAULT_MAX_TEXT, Conversation, InterleaveResult, as_list, interleave, noise_keys,
                            sampling, text_keys)
-from .decode import SamplingParams
-from .speculative import decode_text
+from .decode import decode_text
+from .patch_ar import generate_images_patch_ar
 from .sampler import generate_images
+from .speculative import ModelDraft
+from .text_sampling import SamplingParams
 
 __all__ = ["load", "folder_defaults", "Pipeline", "ImageResult", "Conversation", "InterleaveResult", "ImageParams"]
 
@@ -63,10 +68,8 @@ INFERENCE_DEFAULTS_FILE = "inference.json"
 def folder_defaults(folder: str) -> dict:
     """Optional ``inference.json`` of a model folder (not part of the official format; our small models
     use it): ``image_size`` [H, W] (or one side) in pixels, ``vae_transform`` / ``vit_transform`` dicts of
-    :class:`~bagel_jax.data.images.ImageTransform` fields. Missing file -> {} (official defaults). A bad
+    :class:`~bagel_jax.images.ImageTransform` fields. Missing file -> {} (official defaults). A bad
     field is a :class:`~bagel_jax.config.ConfigError` naming the file and the field."""
-    from ..config import ConfigError, read_json, check_field
-
     path = os.path.join(folder, INFERENCE_DEFAULTS_FILE)
     if not os.path.isfile(path):
         return {}
@@ -123,10 +126,6 @@ def load(folder: str, dtype="bfloat16", param_dtype=None, shardings=None, vae_sh
         (:func:`bagel_jax.runtime.use_compilation_cache`, a process-wide setting: ``sample.py`` and the app
         pass ``~/.cache/bagel_jax/jax``); default None leaves JAX's configuration as it is.
     """
-    from ..loading import load_model
-
-    from .. import sharding as shd
-
     dt = _dtype(dtype)
     use_compilation_cache(compilation_cache)
     if isinstance(mesh, str):
@@ -233,7 +232,6 @@ class Pipeline:
             raise ValueError(f"understand: draft must be 'ngram', a Pipeline or a loaded draft, got {draft!r}")
         if isinstance(draft, Pipeline):      # a small BAGEL sees the same (preprocessed by its engine) images
             dpre = [[draft.engine.preprocess(im, vae=False, vit=True) for im in r] for r in per_row]
-            from .speculative import ModelDraft
             draft = ModelDraft(build(draft.engine, dpre))
         r = decode_text(ctx, max_new_tokens, sp, text_keys(seed, B), progress=progress, draft=draft,
                         speculate=speculate)
@@ -256,7 +254,6 @@ class Pipeline:
     def _sample_patch_ar(self, ctx: Context, hw, ip: ImageParams, seed: int, progress: bool, noise,
                          patch_group: Optional[int]) -> ImageResult:
         """``image_mode="patch_ar"`` (:mod:`bagel_jax.inference.patch_ar`); the progress bar counts latent patches."""
-        from .patch_ar import generate_images_patch_ar
         n = layout.latent_tokens(*self.engine.check_output_size(hw), self.engine.cfg.latent_downsample)
         with _progress.bar("patches", n, "patches", progress):
             out = generate_images_patch_ar(ctx, hw, ip, patch_group, keys=noise_keys(seed, ctx.batch), noise=noise,
@@ -278,7 +275,7 @@ class Pipeline:
     def _think(self, ctx: Context, max_think_tokens: int, sp: SamplingParams, seed: int, progress: bool,
                draft=None, speculate=4):
         """Thinking text from ``ctx`` (text stream of ``seed``; speculative with ``draft``, see
-        :func:`~bagel_jax.inference.speculative.decode_text`) -> (ctx with it added, texts)."""
+        :func:`~bagel_jax.inference.decode.decode_text`) -> (ctx with it added, texts)."""
         with streaming.text_kind("think"):
             r = decode_text(ctx, max_think_tokens, sp, text_keys(seed, ctx.batch), progress=progress, draft=draft,
                             speculate=speculate, desc="thinking")

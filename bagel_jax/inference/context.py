@@ -34,9 +34,9 @@ import numpy as np
 
 from .. import layout
 from .. import sharding as shd
-from ..data.images import INFERENCE_VAE, INFERENCE_VIT, ImageError, ImageTransform, load_image
+from ..images import INFERENCE_VAE, INFERENCE_VIT, ImageError, ImageTransform, load_image
 from ..loading import BagelModel
-from ..models.siglip_navit import patchify
+from ..images import patchify
 from ..nn import layer_loop as layer_loop_lib
 from ..nn.attention import default_auto_min_len
 from . import blocks

@@ -18,8 +18,8 @@ from PIL import Image
 from . import streaming
 from .cfg import IMAGE_PARAM_NAMES, ImageParams, check_number
 from .context import Context, seed_key, GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT
-from .decode import SamplingParams
-from .speculative import decode_text
+from .decode import decode_text
+from .text_sampling import SamplingParams
 
 DEFAULT_MAX_TEXT = 1000
 TEXT_STREAM = 1   # fold_in tag of the text-sampling stream (the noise stream is the row key itself)

@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import layout
-from ..data.patch_ar import block_length
 from ..models.bagel import Bagel
 from ..models.qwen2_mot import Routing
+from . import progress
 from .blocks import latent_grid
 from .cfg import CfgPlan, ImageParams, cfg_active, make_plan, shifted_schedule
 from .context import Context, ContextError, on_mesh
@@ -39,7 +39,6 @@ __all__ = ["check_mode", "generate_images_patch_ar", "patch_ar_loop"]
 
 
 def _progress_cb(done, total):
-    from . import progress
     progress.tick("patches", int(done), int(total))
 
 
@@ -159,7 +158,7 @@ def generate_images_patch_ar(ctx: Context, hw, params: Optional[ImageParams] = N
     N = layout.latent_tokens(H, W, cfg.latent_downsample)
     k = check_mode(cfg, group, N)
     B = ctx.batch
-    ctx.check_room(block_length(N), "patch-AR image generation")
+    ctx.check_room(layout.patch_ar_block_len(N), "patch-AR image generation")
     x0 = start_noise(B, N, cfg.patch_latent_dim, keys, noise)
     sig = shifted_schedule(int(params.num_timesteps), float(params.timestep_shift))
     plan, branches = make_plan(params, ctx.branches)

@@ -25,7 +25,7 @@ from jax.experimental import io_callback
 from .. import layout
 from ..models import flux_vae
 from ..models.bagel import Bagel, unpatchify_latents
-from . import blocks, streaming, taylorseer
+from . import blocks, progress, streaming, taylorseer
 from .cfg import CfgPlan, ImageParams, cfg_active, make_plan, shifted_schedule
 from .context import Branch, Context, on_mesh
 from .kv_cache import KVCache
@@ -34,7 +34,6 @@ __all__ = ["ImageParams", "branch_plan", "flow_loop", "generate_images", "initia
 
 
 def _progress_cb(step, total):
-    from . import progress
     progress.tick("steps", int(step), int(total))
 
 

@@ -28,7 +28,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bagel_jax import sharding as shd
 from bagel_jax.config import ViTConfig
@@ -159,7 +158,7 @@ class SiglipNavit(nn.Module):
 
         Args:
           patches: ``[B, N, p*p*C]`` float; each patch flattened (row-in-patch, col-in-patch,
-            channel), channel fastest (see :func:`patchify`).
+            channel), channel fastest (see :func:`bagel_jax.images.patchify`).
           position_ids: ``[B, N]`` int, ``row * vit_max_num_patch_per_side + col``.
           segment_ids: ``[B, N]`` int, image id >= 1 per token, 0 for padding.
         Returns:
@@ -191,27 +190,3 @@ def key_map(cfg: ViTConfig) -> list[keymap.Entry]:
             entries += keymap.linear(o + "mlp." + n, root + ("mlp", n), layer=j)
     entries += keymap.norm("post_layernorm", ("post_layernorm",), bias=True)
     return entries
-
-
-def patchify(image_chw: np.ndarray, patch_size: int, max_patches_per_side: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split a normalised ``(C, H, W)`` image into ViT tokens (docs/architecture.md#sequence-layout).
-
-    Returns:
-      tokens ``[n, p*p*C]`` float32, row-major over the patch grid, each patch ordered
-      (row-in-patch, col-in-patch, channel) with channel fastest;
-      position_ids ``[n]`` int64, ``r * max_patches_per_side + c``.
-    """
-    x = np.asarray(image_chw)
-    if x.ndim != 3:
-        raise ValueError(f"patchify: expected a (C, H, W) image, got shape {x.shape}")
-    C, H, W = x.shape
-    p = patch_size
-    if H % p or W % p:
-        raise ValueError(f"patchify: image size {H}x{W} is not a multiple of patch_size {p}")
-    h, w = H // p, W // p
-    if h > max_patches_per_side or w > max_patches_per_side:
-        raise ValueError(f"patchify: patch grid {h}x{w} exceeds max_patches_per_side {max_patches_per_side}")
-    tokens = x.reshape(C, h, p, w, p).transpose(1, 3, 2, 4, 0).reshape(h * w, p * p * C)
-    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    position_ids = (rows * max_patches_per_side + cols).reshape(-1).astype(np.int64)
-    return tokens.astype(np.float32), position_ids

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import layout
-from ..data.images import INFERENCE_VAE, INFERENCE_VIT, ImageTransform, load_image, to_tensor
+from ..images import INFERENCE_VAE, INFERENCE_VIT, ImageTransform, load_image, to_tensor
 from ..inference.context import Branch, Engine
 from ..loading import BagelModel, load_model
 
