@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -184,6 +184,21 @@ def check_number(name: str, value, lo: Optional[float] = None, hi: Optional[floa
 IMAGE_PARAM_NAMES = tuple(f.name for f in dataclasses.fields(ImageParams))
 
 
+class Guidance(NamedTuple):
+    """The guidance settings of a sampling call as traced values (a pytree: they are arguments, not static, of
+    the compiled samplers, so one program serves every scale). Scalars float32; ``interval`` ``[2]`` (lo, hi)."""
+
+    text_scale: jax.Array
+    img_scale: jax.Array
+    interval: jax.Array
+    renorm_min: jax.Array
+
+    @staticmethod
+    def of(params: ImageParams) -> "Guidance":
+        return Guidance(jnp.float32(params.cfg_text_scale), jnp.float32(params.cfg_img_scale),
+                        jnp.asarray(params.cfg_interval, jnp.float32), jnp.float32(params.cfg_renorm_min))
+
+
 @dataclasses.dataclass(frozen=True)
 class CfgPlan:
     """What one sampling call runs (hashable: a static argument of the compiled sampler).
@@ -206,10 +221,32 @@ class CfgPlan:
     def guided(self) -> bool:
         return len(self.names) > 1
 
-    def velocity(self, vs: jax.Array, text_scale, img_scale, renorm_min) -> jax.Array:
-        """``vs [n_rows, B, N, C]`` (the stacked velocities) -> the guided velocity ``[B, N, C]``."""
+    def active(self, sigma, g: Guidance) -> jax.Array:
+        """Whether guidance acts at the step of (shifted) ``sigma``: inside ``g.interval`` and the plan is guided."""
+        return cfg_active(sigma, (g.interval[0], g.interval[1])) if self.guided else jnp.bool_(False)
+
+    def guide(self, vs: jax.Array, sigma, g: Guidance) -> jax.Array:
+        """The step's velocity from every row block's: ``vs [n_rows, B, N, C]`` -> ``[B, N, C]`` (the mode's
+        combination with the active scales; outside the interval, or unguided, the ``gen`` rows')."""
+        if not self.guided:
+            return vs[self.rows[0]]
+        active = self.active(sigma, g)
+        st, si = jnp.where(active, g.text_scale, 1.0), jnp.where(active, g.img_scale, 1.0)
         v = {name: vs[r] for name, r in zip(self.names, self.rows)}
-        return self.combine(v, text_scale, img_scale, self.renorm_type, renorm_min)
+        return self.combine(v, st, si, self.renorm_type, g.renorm_min)
+
+    def step(self, velocity: Callable[[int], jax.Array], sigma, g: Guidance, cfg_off: str = "cond") -> jax.Array:
+        """The guidance step of every sampler: ``velocity(rows)`` gives the velocities ``[rows, B, N, C]`` of the
+        first ``rows`` row blocks (the model runs on those rows only); returns the step's velocity ``[B, N, C]``.
+        Outside the interval only the ``gen`` rows run: with ``cfg_off="cond"`` a ``lax.cond`` picks the call,
+        with ``"where"`` every row block runs and ``jnp.where`` picks the result."""
+        if not self.guided:
+            return velocity(1)[0]
+        active = self.active(sigma, g)
+        if cfg_off == "cond":
+            return jax.lax.cond(active, lambda: self.guide(velocity(self.n_rows), sigma, g), lambda: velocity(1)[0])
+        vs = velocity(self.n_rows)
+        return jnp.where(active, self.guide(vs, sigma, g), vs[self.rows[0]])
 
 
 def make_plan(params: ImageParams, branches: Mapping[str, object], dedup: bool = True) -> tuple[CfgPlan, list]:
