@@ -15,7 +15,7 @@ _LAZY = {
     "ImageResult": ("bagel_jax.inference.api", "ImageResult"),
     "InterleaveResult": ("bagel_jax.inference.api", "InterleaveResult"),
     "Context": ("bagel_jax.inference.context", "Context"),
-    "Engine": ("bagel_jax.inference.context", "Engine"),
+    "Engine": ("bagel_jax.inference.engine", "Engine"),
     "tune_xla_cpu": ("bagel_jax.runtime", "tune_xla_cpu"),
     "use_compilation_cache": ("bagel_jax.runtime", "use_compilation_cache"),
 }

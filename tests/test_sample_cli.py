@@ -12,6 +12,7 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import sample  # noqa: E402
+from bagel_jax.cli import checks  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_attention_option_reaches_load(monkeypatch, tiny_a):
 
 
 def test_missing_demo_model_says_pass_model_path(capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(sample, "DEMO_MODEL", str(tmp_path / "absent"))
+    monkeypatch.setattr(checks, "DEMO_MODEL", str(tmp_path / "absent"))
     rc = sample.main(["generate", "--prompt", "x"])
     assert rc == 2 and "--model-path" in capsys.readouterr().err
 

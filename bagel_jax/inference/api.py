@@ -38,10 +38,11 @@ from ..runtime import use_compilation_cache
 from . import progress as _progress
 from . import streaming
 from .cfg import ImageParams
-from .context import (Context, ContextError, Engine, GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT)
+from .context import GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT, Context
 from .conversation import (DEFAULT_MAX_TEXT, Conversation, InterleaveResult, as_list, interleave, noise_keys,
                            sampling, text_keys)
 from .decode import decode_text
+from .engine import ContextError, Engine
 from .patch_ar import generate_images_patch_ar
 from .sampler import generate_images
 from .speculative import ModelDraft

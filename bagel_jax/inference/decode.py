@@ -24,7 +24,8 @@ from ..models.bagel import Bagel
 from ..models.qwen2_mot import Routing
 from . import progress as _progress
 from . import streaming
-from .context import Context, on_mesh
+from .context import Context
+from .engine import on_mesh
 from .kv_cache import KVCache, forward_chunk
 from .speculative import as_gamma, make_draft, speculative_generate
 from .text_sampling import SamplingParams, TextResult, official_text, pick_next

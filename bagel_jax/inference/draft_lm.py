@@ -34,7 +34,8 @@ from ..convert.safetensors_io import SafeTensorsFile
 from ..models.qwen2_mot import Qwen2MoT, Routing, key_map
 from ..nn.attention import chunk_vectors
 from ..nn.options import ModelOptions
-from .context import CACHE_MIN, Context, bucket
+from .context import Context, bucket
+from .engine import CACHE_MIN
 from .kv_cache import KVCache, append
 from .text_sampling import draw, filtered_logits
 

@@ -31,7 +31,8 @@ from ..models.qwen2_mot import Routing
 from . import progress
 from .blocks import latent_grid
 from .cfg import CfgPlan, Guidance, ImageParams, make_plan, shifted_schedule
-from .context import Context, ContextError, on_mesh
+from .context import Context
+from .engine import ContextError, on_mesh
 from .kv_cache import KVCache, forward_chunk
 from .sampler import decode_latents, stack_branches, start_noise
 

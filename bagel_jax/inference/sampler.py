@@ -27,7 +27,8 @@ from ..models import flux_vae
 from ..models.bagel import Bagel, unpatchify_latents
 from . import blocks, progress, streaming, taylorseer
 from .cfg import CfgPlan, Guidance, ImageParams, make_plan, shifted_schedule
-from .context import Branch, Context, on_mesh
+from .context import Branch, Context
+from .engine import on_mesh
 from .kv_cache import KVCache
 
 __all__ = ["ImageParams", "flow_loop", "generate_images", "initial_noise", "stack_branches"]

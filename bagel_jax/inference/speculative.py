@@ -39,8 +39,9 @@ import numpy as np
 from ..models.bagel import Bagel
 from ..models.qwen2_mot import Routing
 from . import progress
-from .context import Context, Engine, on_mesh
+from .context import Context
 from .draft_lm import LMDraft, lm_propose
+from .engine import Engine, on_mesh
 from .kv_cache import forward_chunk
 from .text_sampling import SamplingParams, TextResult, draw, filtered_logits, official_text
 
@@ -341,7 +342,7 @@ def replay(ctx: Context, engine) -> Context:
 
 def make_draft(draft, ctx: Context):
     """The draft for one call on ``ctx``: ``"ngram"`` -> :class:`NgramDraft`; a draft :class:`Pipeline` or
-    :class:`~bagel_jax.inference.context.Engine` (a small BAGEL) -> :class:`ModelDraft` on :func:`replay`;
+    :class:`~bagel_jax.inference.engine.Engine` (a small BAGEL) -> :class:`ModelDraft` on :func:`replay`;
     an :class:`NgramDraft`, :class:`ModelDraft` or :class:`~bagel_jax.inference.draft_lm.LMDraft` as given."""
     if isinstance(draft, str) and draft == "ngram":
         return NgramDraft()

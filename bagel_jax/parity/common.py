@@ -10,7 +10,8 @@ import numpy as np
 
 from .. import layout
 from ..images import INFERENCE_VAE, INFERENCE_VIT, ImageTransform, load_image, to_tensor
-from ..inference.context import Branch, Engine
+from ..inference.context import Branch
+from ..inference.engine import Engine
 from ..loading import BagelModel, load_model
 
 
