@@ -26,6 +26,7 @@ from ..inference.api import INFERENCE_DEFAULTS_FILE
 from ..loading import random_model, save_model, vae_param_shapes
 from ..models import flux_vae
 from ..tokenizer import load_tokenizer
+from ..train.init import InitError, init_from_components
 from . import synthetic
 
 
@@ -64,8 +65,6 @@ def main(argv=None) -> int:
     m.vae_params = load_params(os.path.join(args.vae, "ae.safetensors"), flux_vae.key_map(cfg.vae),
                                vae_param_shapes(vae), dtype=jnp.float32)
     if args.siglip:
-        from ..train.init import InitError, init_from_components
-
         try:
             m.params, _, _ = init_from_components({"siglip": args.siglip}, cfg, m.model, vae, None, None, args.seed,
                                                   base=(m.params, m.vae_params))

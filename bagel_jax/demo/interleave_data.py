@@ -26,7 +26,7 @@ import os
 
 import numpy as np
 
-from . import synthetic as S
+from . import world as S
 
 DRAW = ("Draw {p}.", "Show {p}.", "Show me {p}.", "Please draw {p}.", "Make a picture of {p}.")
 WORDS = ("Describe {p} in words.", "Tell me in words about {p}.", "Say in words what {p} looks like.")
