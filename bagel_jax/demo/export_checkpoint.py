@@ -14,8 +14,7 @@ import shutil
 import sys
 
 from ..config import config_from_yaml
-from ..inference.api import INFERENCE_DEFAULTS_FILE
-from ..loading import load_model
+from ..loading import INFERENCE_DEFAULTS_FILE, load_model
 from ..tokenizer import load_tokenizer
 from ..train.run_checkpoint import export_ema, load_train_state
 

@@ -22,8 +22,7 @@ import jax.numpy as jnp
 
 from ..config import ConfigError, VAEConfig, load_config
 from ..convert.official import load_params
-from ..inference.api import INFERENCE_DEFAULTS_FILE
-from ..loading import random_model, save_model, vae_param_shapes
+from ..loading import INFERENCE_DEFAULTS_FILE, random_model, save_model, vae_param_shapes
 from ..models import flux_vae
 from ..tokenizer import load_tokenizer
 from ..train.init import InitError, init_from_components

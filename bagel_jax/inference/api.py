@@ -21,19 +21,16 @@ prompt alone with ``seed=s + i`` gives the same result (batched equals one at a 
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Optional, Sequence, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
 from .. import layout
 from .. import sharding as shd
-from ..config import ConfigError, check_field, read_json
 from ..images import INFERENCE_VAE, INFERENCE_VIT, ImageTransform
-from ..loading import load_model
+from ..loading import INFERENCE_DEFAULTS_FILE, as_dtype, folder_defaults, load_model
 from ..runtime import use_compilation_cache
 from . import progress as _progress
 from . import streaming
@@ -48,48 +45,10 @@ from .sampler import generate_images
 from .speculative import ModelDraft
 from .text_sampling import SamplingParams
 
-__all__ = ["load", "folder_defaults", "Pipeline", "ImageResult", "Conversation", "InterleaveResult", "ImageParams"]
+__all__ = ["load", "folder_defaults", "INFERENCE_DEFAULTS_FILE", "Pipeline", "ImageResult", "Conversation",
+           "InterleaveResult", "ImageParams"]
 
 DEFAULT_IMAGE_SIZE = (1024, 1024)
-
-_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
-
-
-def _dtype(d):
-    if isinstance(d, str):
-        if d not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {d!r}")
-        return _DTYPES[d]
-    return d
-
-
-INFERENCE_DEFAULTS_FILE = "inference.json"
-
-
-def folder_defaults(folder: str) -> dict:
-    """Optional ``inference.json`` of a model folder (not part of the official format; our small models
-    use it): ``image_size`` [H, W] (or one side) in pixels, ``vae_transform`` / ``vit_transform`` dicts of
-    :class:`~bagel_jax.images.ImageTransform` fields. Missing file -> {} (official defaults). A bad
-    field is a :class:`~bagel_jax.config.ConfigError` naming the file and the field."""
-    path = os.path.join(folder, INFERENCE_DEFAULTS_FILE)
-    if not os.path.isfile(path):
-        return {}
-    d = read_json(path)
-    unknown = sorted(set(d) - {"image_size", "vae_transform", "vit_transform"})
-    if unknown:
-        raise ConfigError(f"{path}: unknown field(s) {unknown} (known: image_size, vae_transform, vit_transform)")
-    out = {}
-    if "image_size" in d:
-        v = d["image_size"]
-        hw = [v, v] if not isinstance(v, (list, tuple)) else list(v)
-        if len(hw) != 2:
-            raise ConfigError(f"{path}: field 'image_size' must be [H, W] or one side, got {v!r}")
-        out["image_size"] = tuple(check_field(path, "image_size", x, "int") for x in hw)
-    for k in ("vae_transform", "vit_transform"):
-        if k in d:
-            out[k] = ImageTransform.from_dict(d[k], f"{path}: {k}")
-    return out
-
 
 def load(folder: str, dtype="bfloat16", param_dtype=None, shardings=None, vae_shardings=None,
          vae_transform: Optional[ImageTransform] = None, vit_transform: Optional[ImageTransform] = None,
@@ -127,11 +86,11 @@ def load(folder: str, dtype="bfloat16", param_dtype=None, shardings=None, vae_sh
         (:func:`bagel_jax.runtime.use_compilation_cache`, a process-wide setting: ``sample.py`` and the app
         pass ``~/.cache/bagel_jax/jax``); default None leaves JAX's configuration as it is.
     """
-    dt = _dtype(dtype)
+    dt = as_dtype(dtype)
     use_compilation_cache(compilation_cache)
     if isinstance(mesh, str):
         mesh = shd.make_mesh(**shd.parse_mesh(mesh))
-    bm = load_model(folder, dtype=dt, param_dtype=_dtype(param_dtype) if param_dtype is not None else dt,
+    bm = load_model(folder, dtype=dt, param_dtype=as_dtype(param_dtype) if param_dtype is not None else dt,
                     shardings=shardings, vae_shardings=vae_shardings, attention_impl=attention_impl, mesh=mesh,
                     quantize=quantize, quantize_vit=quantize_vit)
     fd = folder_defaults(folder)
