@@ -2,11 +2,11 @@
 
 ``bagel_jax.load(folder)`` returns an inference :class:`~bagel_jax.inference.api.Pipeline`
 (understand / generate_image / edit_image / conversation / interleave). Heavy modules are imported lazily.
+Importing the package changes no global state: the programs switch on the XLA:CPU tuning and the persistent
+compilation cache themselves (:mod:`bagel_jax.runtime`).
 """
 
-from . import _xla_cpu
-
-_xla_cpu.apply()   # XLA:CPU convolution tuning, before JAX starts its CPU backend (see bagel_jax/_xla_cpu.py)
+import importlib
 
 _LAZY = {
     "load": ("bagel_jax.inference.api", "load"),
@@ -15,7 +15,9 @@ _LAZY = {
     "ImageResult": ("bagel_jax.inference.api", "ImageResult"),
     "InterleaveResult": ("bagel_jax.inference.api", "InterleaveResult"),
     "Context": ("bagel_jax.inference.context", "Context"),
-    "Engine": ("bagel_jax.inference.context", "Engine"),
+    "Engine": ("bagel_jax.inference.engine", "Engine"),
+    "tune_xla_cpu": ("bagel_jax.runtime", "tune_xla_cpu"),
+    "use_compilation_cache": ("bagel_jax.runtime", "use_compilation_cache"),
 }
 
 __all__ = list(_LAZY)
@@ -23,8 +25,6 @@ __all__ = list(_LAZY)
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
-
         mod, attr = _LAZY[name]
         return getattr(importlib.import_module(mod), attr)
     raise AttributeError(f"module 'bagel_jax' has no attribute {name!r}")

@@ -3,7 +3,7 @@
 Two sources:
   * an official model folder (``llm_config.json``, ``vit_config.json`` and, optionally,
     ``bagel_config.json``) with the load-time overrides of the official loader applied
-    (the porting reference, section 2): ``qk_norm=True``, ``tie_word_embeddings=False``,
+    (docs/architecture.md#model; official ``app.py``): ``qk_norm=True``, ``tie_word_embeddings=False``,
     ``layer_module="Qwen2MoTDecoderLayer"``, ViT ``rope=False`` and one ViT layer fewer;
   * our YAML files (``configs/*.yaml``), which store the values *as used* (no overrides applied).
 
@@ -293,7 +293,8 @@ IMAGE_MODE_FIELDS = ("image_mode", "patch_ar_groups")
 BAGEL_FIELDS = ("visual_gen", "visual_und", "latent_patch_size", "max_latent_size",
                 "vit_max_num_patch_per_side", "connector_act", "interpolate_pos", "timestep_shift")
 
-# Defaults the official loader (app / notebook) hard-codes for BAGEL-7B-MoT (porting reference 2.4).
+# Defaults the official loader (app / notebook) hard-codes for BAGEL-7B-MoT (official ``modeling/bagel/bagel.py``
+# ``BagelConfig``, ``app.py``).
 OFFICIAL_BAGEL_DEFAULTS = dict(visual_gen=True, visual_und=True, latent_patch_size=2, max_latent_size=64,
                                vit_max_num_patch_per_side=70, connector_act="gelu_pytorch_tanh",
                                interpolate_pos=False, timestep_shift=1.0)
@@ -307,7 +308,7 @@ def config_from_folder(folder: str) -> BagelConfig:
     vit_path = os.path.join(folder, "vit_config.json")
     llm_raw = read_json(llm_path)
     vit_raw = read_json(vit_path)
-    # Official overrides (porting reference 2.1): the json values of these three are ignored.
+    # Official overrides (official ``app.py``): the json values of these three are ignored.
     llm_raw = dict(llm_raw, qk_norm=True, tie_word_embeddings=False, layer_module="Qwen2MoTDecoderLayer")
     llm = _build(LLMConfig, llm_raw, llm_path)
     if "num_hidden_layers" not in vit_raw:

@@ -1,7 +1,7 @@
 """The sequence layout of BAGEL: one description, used by training packing and inference alike.
 
-Sources: the porting reference, sections 6.2-6.5 (segments, positions), 7 (attention), 8.2-8.3
-(inference context) and 9.3 (training packing). The users of these rules are
+Sources: docs/architecture.md, sections "Sequence layout", "RoPE", "Attention mask", "Inference contexts and CFG
+branches" and "Training packing". The users of these rules are
 :mod:`bagel_jax.data.packing` and :mod:`bagel_jax.data.datasets` (training),
 :mod:`bagel_jax.inference.context`, :mod:`bagel_jax.inference.blocks` and the API prechecks of
 :mod:`bagel_jax.inference.api` (inference).
@@ -56,9 +56,25 @@ LATENT_CHUNK_BODY = 2  # ... inside an inference latent chunk ``[start, end, lat
 _BODY_KIND = {TEXT: KIND_TEXT, VIT: KIND_VIT, VAE: KIND_VAE, NOISED_VAE: KIND_VAE}
 
 
+@dataclasses.dataclass(frozen=True)
+class SpecialTokens:
+    """The marker ids of a tokenizer (docs/architecture.md#special-tokens)."""
+
+    bos: int            # <|im_start|>
+    eos: int            # <|im_end|>
+    start_of_image: int  # <|vision_start|>
+    end_of_image: int    # <|vision_end|>
+
+
 def block_len(n):
     """Slots of a block with ``n`` body tokens (int or array)."""
     return n + MARKERS
+
+
+def patch_ar_block_len(n):
+    """Slots of a patch-AR image of ``n`` latent tokens: a noisy and a clean copy of every latent plus the two
+    markers (``bagel_jax/data/patch_ar.py``)."""
+    return 2 * n + MARKERS
 
 
 def end_marker_at(n):
@@ -154,8 +170,9 @@ def vae_block(H: int, W: int, ds: int, noised: bool = False) -> Block:
 
 
 def image_blocks(cfg, vae_hw=None, vit_hw=None) -> list[Block]:
-    """The blocks an inference image adds (VAE first, then ViT, the porting reference 8.3): ``vae_hw``
-    the VAE-resized ``(H, W)``, ``vit_hw`` the ViT input ``(H', W')``; None skips that block."""
+    """The blocks an inference image adds (VAE first, then ViT,
+    docs/architecture.md#inference-contexts-and-cfg-branches): ``vae_hw`` the VAE-resized ``(H, W)``, ``vit_hw`` the
+    ViT input ``(H', W')``; None skips that block."""
     out = []
     if vae_hw is not None:
         out.append(vae_block(vae_hw[0], vae_hw[1], cfg.latent_downsample))

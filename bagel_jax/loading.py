@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from typing import Any, Optional
 
 import jax
@@ -11,14 +12,55 @@ import jax.numpy as jnp
 
 from . import quantize as quant
 from . import sharding as shd
-from .config import BagelConfig, ConfigError, load_config
+from .config import BagelConfig, ConfigError, check_field, load_config, read_json, write_official_configs
 from .convert import official
+from .images import ImageTransform
 from .models import flux_vae
 from .models.bagel import Bagel, init_params, key_map, param_shapes
 from .nn.options import ModelOptions
 from .tokenizer import Tokenizer, load_tokenizer
 
 REQUIRED_FILES = ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors")
+
+DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
+
+
+def as_dtype(d):
+    """A dtype given by name ("float32" / "fp32", "bfloat16" / "bf16") or as a dtype."""
+    if isinstance(d, str):
+        if d not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {d!r}")
+        return DTYPES[d]
+    return d
+
+
+INFERENCE_DEFAULTS_FILE = "inference.json"
+
+
+def folder_defaults(folder: str) -> dict:
+    """Optional ``inference.json`` of a model folder (not part of the official format; our small models
+    use it): ``image_size`` [H, W] (or one side) in pixels, ``vae_transform`` / ``vit_transform`` dicts of
+    :class:`~bagel_jax.images.ImageTransform` fields. Missing file -> {} (official defaults). A bad
+    field is a :class:`~bagel_jax.config.ConfigError` naming the file and the field."""
+    path = os.path.join(folder, INFERENCE_DEFAULTS_FILE)
+    if not os.path.isfile(path):
+        return {}
+    d = read_json(path)
+    unknown = sorted(set(d) - {"image_size", "vae_transform", "vit_transform"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown field(s) {unknown} (known: image_size, vae_transform, vit_transform)")
+    out = {}
+    if "image_size" in d:
+        v = d["image_size"]
+        hw = [v, v] if not isinstance(v, (list, tuple)) else list(v)
+        if len(hw) != 2:
+            raise ConfigError(f"{path}: field 'image_size' must be [H, W] or one side, got {v!r}")
+        out["image_size"] = tuple(check_field(path, "image_size", x, "int") for x in hw)
+    for k in ("vae_transform", "vit_transform"):
+        if k in d:
+            out[k] = ImageTransform.from_dict(d[k], f"{path}: {k}")
+    return out
+
 
 
 @dataclasses.dataclass
@@ -132,8 +174,6 @@ def random_model(cfg: BagelConfig, key: jax.Array, dtype=jnp.float32, param_dtyp
 def save_model(m: BagelModel, folder: str, dtype=None) -> None:
     """Write ``m`` as an official folder: ``ema.safetensors``, ``ae.safetensors`` and the config files
     (the tokenizer files are copied from ``m.tokenizer`` when it has them)."""
-    from .config import write_official_configs
-
     os.makedirs(folder, exist_ok=True)
     write_official_configs(m.cfg, folder)
     official.export_params(m.params, key_map(m.cfg), os.path.join(folder, "ema.safetensors"), dtype=dtype)
@@ -141,8 +181,6 @@ def save_model(m: BagelModel, folder: str, dtype=None) -> None:
     if m.tokenizer is not None:
         m.tokenizer.hf.save_pretrained(folder)
         # the official loader reads the slow-tokenizer files: carry them over when the source has them
-        import shutil
-
         for name in ("vocab.json", "merges.txt"):
             src = os.path.join(str(m.tokenizer.source), name)
             if os.path.isfile(src) and not os.path.isfile(os.path.join(folder, name)):

@@ -18,7 +18,9 @@ Activations carry logical names too (:data:`ACTIVATION_RULES`, a separate table 
 means the fsdp-sharded weight dimension for a parameter but a replicated feature dimension for an
 activation). :func:`constrain` pins an activation to its layout under the mesh of the current
 ``jax.set_mesh`` scope (:func:`mesh_scope`) and does nothing without one, so the single-device path
-is unchanged. Layout of the decoder and ViT activations:
+is unchanged. The models pass their table explicitly (``ModelOptions.activation_rules``: this table, or with
+``seq_parallel=True`` the same with ``res_length`` over ``tensor``, :func:`with_rules`). Layout of the decoder
+and ViT activations:
 
 * ``batch`` over ``(data, fsdp)``: rows / packs are the data-parallel axis. Inside the train step
   the per-pack forward runs under ``jax.vmap`` (batch 1 per pack); ``vmap`` leaves the packs axis
@@ -26,8 +28,8 @@ is unchanged. Layout of the decoder and ViT activations:
 * ``heads`` / ``kv_heads`` / ``mlp`` / ``vocab`` over ``tensor`` (Megatron): q, k, v and the attention
   output per head, the MLP hidden, the logits.
 * ``res_length``: the sequence axis of the residual stream between sublayers. Default whole
-  (replicated over ``tensor``). ``with activation_rules(res_length="tensor"):`` turns on Megatron
-  sequence parallelism: the per-layer activations remat keeps are then split over the tensor axis
+  (replicated over ``tensor``). ``ModelOptions(seq_parallel=True)`` turns on Megatron sequence
+  parallelism: the per-layer activations remat keeps are then split over the tensor axis
   (the all-reduce after ``o_proj`` / ``down_proj`` becomes a reduce-scatter, the projections gather
   the sequence first: same traffic). Not the default because the two-expert routing slices the
   residual along the sequence (markers / und / gen tokens), which XLA then reshards through a full
@@ -44,7 +46,7 @@ from __future__ import annotations
 
 import re
 import contextlib
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -224,8 +226,19 @@ def _mesh_axes(rule) -> tuple:
     return (rule,) if isinstance(rule, str) else tuple(rule)
 
 
-def activation_spec(names: Sequence[Optional[str]], shape: Sequence[int], mesh_shape: dict) -> P:
-    """PartitionSpec of an activation with logical axis ``names`` (one per dimension).
+def with_rules(**overrides) -> dict:
+    """:data:`ACTIVATION_RULES` with some logical axes mapped elsewhere (e.g. ``res_length="tensor"``): a new
+    table, to pass to :func:`constrain`; the module table is unchanged."""
+    unknown = set(overrides) - set(ACTIVATION_RULES)
+    if unknown:
+        raise ValueError(f"activation rules: unknown logical axes {sorted(unknown)}")
+    return {**ACTIVATION_RULES, **overrides}
+
+
+def activation_spec(names: Sequence[Optional[str]], shape: Sequence[int], mesh_shape: dict,
+                    rules: Mapping = ACTIVATION_RULES) -> P:
+    """PartitionSpec of an activation with logical axis ``names`` (one per dimension) under ``rules``
+    (logical axis -> mesh axes; default :data:`ACTIVATION_RULES`).
 
     A mesh axis of size 1, one already used by an earlier dimension, or one whose size does not
     divide the dimension (times the axes kept before it) is dropped, as for parameters."""
@@ -233,11 +246,11 @@ def activation_spec(names: Sequence[Optional[str]], shape: Sequence[int], mesh_s
         raise ValueError(f"constrain: {len(names)} axis names {tuple(names)} for an array of shape {tuple(shape)}")
     spec, used = [], set()
     for dim, name in zip(shape, names):
-        if name not in ACTIVATION_RULES:
+        if name not in rules:
             raise ValueError(f"constrain: unknown logical axis {name!r} (known: "
-                             f"{', '.join(sorted(str(k) for k in ACTIVATION_RULES if k))})")
+                             f"{', '.join(sorted(str(k) for k in rules if k))})")
         kept, size = [], 1
-        for ax in _mesh_axes(ACTIVATION_RULES[name]):
+        for ax in _mesh_axes(rules[name]):
             n = mesh_shape.get(ax, 1)
             if n == 1 or ax in used or dim % (size * n):
                 continue
@@ -248,23 +261,23 @@ def activation_spec(names: Sequence[Optional[str]], shape: Sequence[int], mesh_s
     return P(*spec)
 
 
-def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
-    """``with_sharding_constraint`` of ``x`` to the layout of its logical axis ``names`` under the current
-    mesh (``jax.set_mesh`` / :func:`mesh_scope`); ``x`` unchanged without a mesh or on one device."""
+def constrain(x: jax.Array, names: Sequence[Optional[str]], rules: Mapping = ACTIVATION_RULES) -> jax.Array:
+    """``with_sharding_constraint`` of ``x`` to the layout of its logical axis ``names`` (under ``rules``) on
+    the current mesh (``jax.set_mesh`` / :func:`mesh_scope`); ``x`` unchanged without a mesh or on one device."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return x
-    spec = activation_spec(names, x.shape, dict(mesh.shape))
+    spec = activation_spec(names, x.shape, dict(mesh.shape), rules)
     return jax.lax.with_sharding_constraint(x, spec)
 
 
 @contextlib.contextmanager
 def activation_rules(**overrides):
     """Temporarily change :data:`ACTIVATION_RULES` (e.g. ``res_length="tensor"``). Affects functions
-    *traced* inside the block: jit a fresh function (or clear its cache) for the change to apply."""
-    unknown = set(overrides) - set(ACTIVATION_RULES)
-    if unknown:
-        raise ValueError(f"activation_rules: unknown logical axes {sorted(unknown)}")
+    *traced* inside the block: jit a fresh function (or clear its cache) for the change to apply.
+    Superseded by passing rules (``ModelOptions(seq_parallel=True)``, :func:`with_rules`); kept until the
+    trainer (``train/step.py``) and ``bench/aot_7b.py`` pass them."""
+    with_rules(**overrides)   # checks the names
     old = dict(ACTIVATION_RULES)
     ACTIVATION_RULES.update(overrides)
     try:

@@ -1,11 +1,12 @@
-"""Tokenizer: the Qwen2 byte-level BPE of a model folder, plus BAGEL's special-token ids (porting reference 6.1)."""
+"""Tokenizer: the Qwen2 byte-level BPE of a model folder, plus BAGEL's special-token ids
+(docs/architecture.md#special-tokens)."""
 
 from __future__ import annotations
 
 import os
 from typing import Sequence
 
-from .data.packing import SpecialTokens
+from .layout import SpecialTokens
 
 SPECIAL_TOKENS = {
     "bos": "<|im_start|>",

@@ -1,4 +1,4 @@
-"""The web app's handlers without a browser (issue 18): settings come from ImageParams (no second defaults
+"""The web app's handlers without a browser: settings come from ImageParams (no second defaults
 table), results stream out of the handlers as the pipeline produces them, bad input and failures become a
 status message, Stop ends a running call, the command line refuses bad arguments. A stand-in pipeline
 keeps these tests fast; tests/test_app_browser.py runs the real page on the demo model."""

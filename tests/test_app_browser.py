@@ -1,4 +1,4 @@
-"""The web app in a real headless browser (issue 18): Debian's Chromium driven by Playwright's Python client
+"""The web app in a real headless browser: Debian's Chromium driven by Playwright's Python client
 (``executable_path``, never a browser download) against ``bagel_jax.app`` served on 127.0.0.1 (free port)
 with the embedded demo model, loaded once in this process and shared with the checks below.
 

@@ -5,14 +5,12 @@ generation on the tiny-a model then follows it, checked against a hand computati
 velocities. Plus the plan's branch dedup, and the CFG-off path against the all-branches form.
 """
 
-import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bagel_jax.data.images import ImageTransform
+from bagel_jax.images import ImageTransform
 from bagel_jax.inference import api, blocks, cfg, sampler
 from bagel_jax.inference.cfg import CFG_MODES, CfgMode, ImageParams, make_plan
 from bagel_jax.inference.context import Context
@@ -63,11 +61,10 @@ def test_new_mode_image_only_guidance(pipe, monkeypatch):
     assert out["plan"].names == ("gen", "cfg_img") and out["n_branches"] == 2
     eng = pipe.engine
     lat_pos = jnp.asarray(blocks.latent_grid(2, 2, eng.cfg.max_latent_size))[None]
-    vel = jax.jit(functools.partial(sampler._velocity, eng.model))
 
     def branch_v(br, x, t):
-        return np.asarray(vel(eng.params, br.cache, jnp.asarray(x), t, lat_pos, jnp.asarray(br.rope, jnp.int32),
-                              eng.markers))
+        return np.asarray(blocks.flow_velocity(eng.model, eng.params, br.cache, jnp.asarray(x), t, lat_pos,
+                                               jnp.asarray(br.rope, jnp.int32), eng.markers)[0])
 
     sig = out["sigmas"]
     active = [bool(cfg.cfg_active(s, ip.cfg_interval)) for s in sig[:-1]]
@@ -86,20 +83,32 @@ def test_new_mode_image_only_guidance(pipe, monkeypatch):
     assert np.abs(off["latent_tokens"] - out["latent_tokens"]).max() > 1e-3
 
 
-def test_pre_plan_keywords_give_the_same_plan():
-    """``flow_loop`` / ``branch_plan`` keep the keywords of the sampler before CfgPlan (the side-by-side
-    timing harness in ../shared/perf passes them): each maps to the plan ``make_plan`` builds."""
-    from bagel_jax.inference.cfg import ImageParams, make_plan
-    from bagel_jax.inference.sampler import _FlowLoop
+def test_guidance_step():
+    """CfgPlan.step, the one guidance step of every sampler: inside the interval the mode's combination of every
+    row block's velocity (the model asked for all rows), outside it the gen rows alone (the model asked for one
+    row block with "cond"); "cond" and "where" agree; an unguided plan asks for one row block and returns it."""
+    a, b = object(), object()
+    ip = ImageParams(cfg_text_scale=3.0, cfg_interval=(0.4, 1.0), cfg_renorm_type="channel", cfg_renorm_min=1.0)
+    plan, _ = make_plan(ip, {"gen": a, "cfg_text": b, "cfg_img": object()})
+    assert plan.names == ("gen", "cfg_text")
+    g = cfg.Guidance.of(ip)
+    vs = jnp.asarray(np.random.RandomState(0).randn(2, 1, 3, 4), jnp.float32)     # [rows, B, N, C]
+    asked = []
 
-    gen, text, img = object(), object(), object()
-    cases = [(ImageParams(cfg_text_scale=1.0), {"gen": gen, "cfg_text": text, "cfg_img": img}),
-             (ImageParams(cfg_img_scale=1.0), {"gen": gen, "cfg_text": text, "cfg_img": img}),
-             (ImageParams(cfg_img_scale=2.0), {"gen": gen, "cfg_text": text, "cfg_img": gen}),     # t2i: cfg_img is gen
-             (ImageParams(cfg_img_scale=2.0, cfg_renorm_type="channel"), {"gen": gen, "cfg_text": text, "cfg_img": img})]
-    for params, branches in cases:
-        plan, distinct = make_plan(params, branches)
-        same = "cfg_img" in plan.names and plan.rows[plan.names.index("cfg_img")] == 0
-        legacy = _FlowLoop._plan_kw(dict(n_branches=len(distinct), img_is_gen=same,
-                                         renorm_type=params.cfg_renorm_type))["plan"]
-        assert legacy == plan, (params, legacy, plan)
+    def velocity(rows):
+        asked.append(rows)
+        return vs[:rows]
+
+    want = np.asarray(vs[1] + 3.0 * (vs[0] - vs[1]))                             # renorm_min 1: no renorm
+    for cfg_off in ("cond", "where"):
+        asked.clear()
+        np.testing.assert_allclose(plan.step(velocity, 0.9, g, cfg_off), want, rtol=1e-6)
+        np.testing.assert_array_equal(plan.step(velocity, 0.3, g, cfg_off), vs[0])
+        assert asked == ([2, 1, 2, 1] if cfg_off == "cond" else [2, 2])          # lax.cond traces both calls
+    np.testing.assert_allclose(plan.guide(vs, 0.9, g), want, rtol=1e-6)
+    np.testing.assert_array_equal(plan.guide(vs, 0.3, g), vs[0])
+    assert bool(plan.active(0.9, g)) and not bool(plan.active(0.4, g))           # lo < sigma <= hi
+    unguided, _ = make_plan(ImageParams(cfg_text_scale=1.0), {"gen": a, "cfg_text": b, "cfg_img": b})
+    asked.clear()
+    np.testing.assert_array_equal(unguided.step(velocity, 0.9, g), vs[0])
+    assert asked == [1] and not bool(unguided.active(0.9, g))

@@ -1,4 +1,4 @@
-"""The shipped interleave demo model (bagel_jax/assets/demo-interleave, issue 15): model mode draws for a
+"""The shipped interleave demo model (bagel_jax/assets/demo-interleave): model mode draws for a
 drawing request and answers in words otherwise, on held-out combinations, from the CLI and a Conversation."""
 
 import os

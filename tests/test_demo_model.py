@@ -1,4 +1,4 @@
-"""The embedded demo model (issue 5): held-out accuracy on a subset, and the recipe reproduces its curve."""
+"""The embedded demo model: held-out accuracy on a subset, and the recipe reproduces its curve."""
 
 import json
 import os

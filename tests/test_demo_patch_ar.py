@@ -1,4 +1,4 @@
-"""The shipped patch-AR demo model (bagel_jax/assets/demo-patch-ar, issue 15): it draws the right colour and
+"""The shipped patch-AR demo model (bagel_jax/assets/demo-patch-ar): it draws the right colour and
 position on the first held-out combinations in patch-AR mode, and sample.py's --image-mode patch_ar uses it
 when no --model-path is given; the mode is refused (exit 2, before loading) where it does not apply."""
 
@@ -48,7 +48,7 @@ def test_patch_ar_model_draws_held_out_combinations(pipe, k):
 
 
 def test_cli_default_patch_ar_model_generates(tmp_path):
-    """The issue's command: no --model-path, --image-mode patch_ar -> the shipped patch-AR demo model."""
+    """The documented command (docs/patch-ar.md): no --model-path, --image-mode patch_ar -> the shipped patch-AR demo model."""
     _need_model()
     from PIL import Image
 

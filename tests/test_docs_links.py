@@ -72,3 +72,23 @@ def test_the_checker_sees_a_broken_link(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     assert broken_links() == ["README.md: docs/b.md (no such file)",
                               "README.md: docs/a.md#title-2 (no heading #title-2 in docs/a.md)"]
+
+
+DOC_CITATION = re.compile(r"docs/([\w-]+\.md)(?:#([\w-]+))?")
+
+
+def test_code_cites_existing_doc_sections():
+    """Every ``docs/PAGE.md#anchor`` a docstring or comment of the package (or sample.py / train.py) cites names a
+    page of the repository and one of its headings; the package cites no document outside the repository."""
+    bad, cited = [], 0
+    for path in sorted((ROOT / "bagel_jax").rglob("*.py")) + [ROOT / "sample.py", ROOT / "train.py"]:
+        text = path.read_text(encoding="utf-8")
+        for page, anchor in DOC_CITATION.findall(text):
+            cited += 1
+            dest = ROOT / "docs" / page
+            if not dest.exists():
+                bad.append(f"{path.relative_to(ROOT)}: docs/{page} (no such file)")
+            elif anchor and anchor not in anchors(dest):
+                bad.append(f"{path.relative_to(ROOT)}: docs/{page}#{anchor} (no such heading)")
+    assert bad == []
+    assert cited > 20          # the docstrings do cite the architecture page

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bagel_jax.data.images import ImageError, ImageTransform
+from bagel_jax.images import ImageError, ImageTransform
 from bagel_jax.inference import api, blocks
 from bagel_jax.inference.context import Context, ContextError, Engine, bucket, fine_bucket
 from bagel_jax.inference.decode import SamplingParams, generate_text, pick_next
@@ -176,7 +176,7 @@ def test_branch_dedup_and_cfg_off_match_explicit_branches(pipe):
 
 
 def test_mode_recipes(pipe):
-    """porting reference 8.7: edit and think contexts, positions and lengths per branch."""
+    """docs/architecture.md#inference-contexts-and-cfg-branches: edit and think contexts, positions and lengths per branch."""
     eng = pipe.engine
     ids = eng.tok.encode("Make the sky blue.")
     n = len(ids)

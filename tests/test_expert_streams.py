@@ -482,7 +482,7 @@ def test_unrolled_layer_loop_step_equals_scan(bm):
 
 
 # -------------------------------------------------------------------------------------------------
-# freeze_und: und activations detached, as the official trainer does (porting reference 9.5)
+# freeze_und: und activations detached, as the official trainer does (docs/architecture.md#training-optimisation-and-freezing)
 # -------------------------------------------------------------------------------------------------
 
 def _grads_of(bm, batch, noise, expert_split=None):

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from bagel_jax.data.images import INFERENCE_VAE, ImageTransform
+from bagel_jax.images import INFERENCE_VAE, ImageTransform
 from bagel_jax.inference.api import folder_defaults
 
 

@@ -1,4 +1,4 @@
-"""Fuzz tests of the safetensors reader and the config loader (issue 17): random corruptions of valid files
+"""Fuzz tests of the safetensors reader and the config loader: random corruptions of valid files
 (byte flips, truncation, header / field edits; fixed seeds). Every outcome must be either the same model (the
 same tensors / a config equal to what the files now say) or a one-line error of our own type naming the file;
 never another exception type and never a silently different result.
@@ -144,7 +144,7 @@ def _as_loaded(cfg, fd) -> dict:
 
 def _same_as_files(loaded: dict, files: dict) -> None:
     """Every field a file states is loaded as exactly that value (no casts: "128" never becomes 128, true
-    never 1); the official overrides of llm_config.json are the exception (porting reference 2.1)."""
+    never 1); the official overrides of llm_config.json are the exception (official app.py)."""
     override = {"qk_norm", "tie_word_embeddings", "layer_module"}
     for name, raw in files.items():
         have = loaded[name]

@@ -1,6 +1,6 @@
-"""Issue 17, inference side: hostile input gets a clear one-line error (exit status 2 on the CLI, before the
-model is loaded) or correct behaviour. One test per row of the issue's table (or per group of rows sharing a
-mechanism); the CLI tests stub the model load, so they cost no compute."""
+"""Hostile input, inference side: it gets a clear one-line error (exit status 2 on the CLI, before the model is
+loaded) or correct behaviour. One test per kind of bad input (or per group sharing a mechanism); the CLI tests
+stub the model load, so they cost no compute."""
 
 import io
 import json
@@ -18,9 +18,10 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import sample  # noqa: E402
+from bagel_jax.cli import sample as sample_program  # noqa: E402  (the program behind sample.main)
 from bagel_jax.config import ConfigError, load_config  # noqa: E402
 from bagel_jax.convert.safetensors_io import DTYPES, SafeTensorsError, SafeTensorsFile, save_file  # noqa: E402
-from bagel_jax.data.images import load_image, to_rgb  # noqa: E402
+from bagel_jax.images import load_image, to_rgb  # noqa: E402
 from bagel_jax.inference.api import folder_defaults  # noqa: E402
 from bagel_jax.inference.cfg import ImageParams  # noqa: E402
 from bagel_jax.inference.context import MAX_SEED, ContextError, seed_key  # noqa: E402
@@ -35,7 +36,7 @@ def no_load(monkeypatch):
     def boom(args):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(sample, "_load", boom)
+    monkeypatch.setattr(sample_program, "_load", boom)
 
 
 @pytest.fixture
@@ -168,7 +169,7 @@ class _FakeConv:
 def test_interleave_writes_each_item_as_it_exists(monkeypatch, tmp_path, capsys):
     out = tmp_path / "il"
     pipe = _FakePipe(str(out))
-    monkeypatch.setattr(sample, "_load", lambda args: pipe)
+    monkeypatch.setattr(sample_program, "_load", lambda args: pipe)
     rc = sample.main(["interleave", "--model-path", DEMO, "--prompt", "a story", "--num-images", "7",
                       "--out", str(out)])
     assert rc == 1                                        # the injected failure after the items
@@ -354,7 +355,7 @@ def test_interleave_num_images_and_explicit(capsys, monkeypatch, no_load, tmp_pa
         rc, err = _cli(capsys, "interleave", "--model-path", DEMO, "--prompt", "p", "--out", str(tmp_path / "o"), *flags)
         assert rc == 2 and why in err
     pipe = _FakePipe(str(tmp_path / "zero"))
-    monkeypatch.setattr(sample, "_load", lambda args: pipe)
+    monkeypatch.setattr(sample_program, "_load", lambda args: pipe)
     assert sample.main(["interleave", "--model-path", DEMO, "--prompt", "p", "--num-images", "0",
                         "--out", str(tmp_path / "zero")]) == 0
     assert pipe.kw["num_images"] == 0 and pipe.kw["mode"] == "auto"
@@ -373,7 +374,7 @@ def test_interleave_api_refuses_before_compute():
 # -- row 17: chat survives bad lines ---------------------------------------------------------------------
 def test_chat_bad_lines(capsys, monkeypatch, tmp_path):
     pipe = _FakePipe(str(tmp_path / "chat"))
-    monkeypatch.setattr(sample, "_load", lambda args: pipe)
+    monkeypatch.setattr(sample_program, "_load", lambda args: pipe)
     lines = ["/image nope.png", "/bogus", "/gen", "/edit make it red", "/image", "hello", "/gen a dog",
              "/edit make it red", "/quit"]
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))

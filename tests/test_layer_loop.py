@@ -6,12 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bagel_jax.data.images import ImageTransform
+from bagel_jax.images import ImageTransform
 from bagel_jax.inference import api, blocks
 from bagel_jax.inference.context import Context
 from bagel_jax.inference.sampler import ImageParams, generate_images
 from bagel_jax.loading import load_model
-from bagel_jax.models.siglip_navit import patchify
+from bagel_jax.images import patchify
 from bagel_jax.nn import layer_loop
 from bagel_jax.nn.options import ModelOptions
 

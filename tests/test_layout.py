@@ -1,5 +1,5 @@
-"""The sequence layout (bagel_jax.layout) against a layout derived by hand from the porting reference
-(6.2-6.4, 7, 8.2-8.3, 9.3), and training packing / the inference Context against the same rules."""
+"""The sequence layout (bagel_jax.layout) against a layout derived by hand from the official rules
+(docs/architecture.md: sequence layout, attention mask, inference contexts, training packing), and training packing / the inference Context against the same rules."""
 
 import types
 
@@ -10,7 +10,7 @@ import pytest
 from bagel_jax import layout
 from bagel_jax.config import load_config
 from bagel_jax.data import datasets, packing
-from bagel_jax.data.images import ImageTransform
+from bagel_jax.images import ImageTransform
 from bagel_jax.inference import blocks
 from bagel_jax.inference.context import Context, Engine
 from bagel_jax.inference.kv_cache import KVCache

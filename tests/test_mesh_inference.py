@@ -46,6 +46,16 @@ def test_activation_spec_rules():
     with shd.activation_rules(res_length="tensor"):
         assert shd.activation_spec(("batch", "res_length", "embed"), (1, 16, 8), mesh) == P(None, "tensor", None)
     assert shd.ACTIVATION_RULES["res_length"] is None
+    # the rules the models pass: ModelOptions(seq_parallel=True) splits the residual stream, without patching
+    from bagel_jax.nn.options import ModelOptions
+
+    res = ("batch", "res_length", "embed")
+    assert shd.activation_spec(res, (1, 16, 8), mesh, ModelOptions(seq_parallel=True).activation_rules) == \
+        P(None, "tensor", None)
+    assert shd.activation_spec(res, (1, 16, 8), mesh, ModelOptions().activation_rules) == P(None, None, None)
+    assert shd.ACTIVATION_RULES["res_length"] is None
+    with pytest.raises(ValueError, match="unknown logical axes"):
+        shd.with_rules(sequence="tensor")
     with pytest.raises(ValueError, match="unknown logical axis"):
         shd.activation_spec(("batch", "sequence"), (2, 2), mesh)
     with pytest.raises(ValueError, match="2 axis names"):

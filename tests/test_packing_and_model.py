@@ -35,7 +35,7 @@ def test_sincos_tables_equal_the_official_ones(tiny_a, bm):
 
 
 def reference_mask(splits):
-    """The rule of porting reference 7.1 written out per (q, k) from a list of (sample, split_id, mode, length)."""
+    """The official rule (docs/architecture.md#attention-mask) written out per (q, k) from a list of (sample, split_id, mode, length)."""
     tok = []
     for sample, split, mode, n in splits:
         tok += [(sample, split, mode)] * n

@@ -1,5 +1,5 @@
 """The patch-AR training layout (bagel_jax/data/patch_ar.py): its mask, written out by hand from the rule
-of issue 15 (noisy group g sees the context, <|vision_start|> and the clean groups before g; clean groups
+of docs/patch-ar.md (noisy group g sees the context, <|vision_start|> and the clean groups before g; clean groups
 are causal among themselves; nothing sees a noisy copy but itself), equals the one the packing's three
 mask vectors give, in logical order and in the expert-stream layout; "xla" and "blocked" attention agree
 on it (tolerance as tests/test_attention_impls.py: float32 summation order, 2e-5 of the output scale)."""

@@ -80,6 +80,7 @@ def test_sample_quantize_flag_reaches_load(monkeypatch, tiny_a):
     """--quantize int8 (every subcommand) is passed to bagel_jax.load; the default is none."""
     sys.path.insert(0, REPO)
     import sample
+    from bagel_jax.cli import sample as sample_program   # the program behind sample.main
     from bagel_jax.inference import api
 
     seen = {}
@@ -92,7 +93,7 @@ def test_sample_quantize_flag_reaches_load(monkeypatch, tiny_a):
     for argv, want in ((["--quantize", "int8"], "int8"), ([], "none")):
         args = sample.build_parser().parse_args(["understand", "--model-path", tiny_a, "--question", "q", *argv])
         with pytest.raises(RuntimeError, match="stop after load"):
-            sample._load(args)
+            sample_program._load(args)
         assert seen["quantize"] == want
 
 

@@ -12,6 +12,8 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import sample  # noqa: E402
+from bagel_jax.cli import checks  # noqa: E402
+from bagel_jax.cli import sample as sample_program  # noqa: E402  (the program behind sample.main)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def test_attention_option_reaches_load(monkeypatch, tiny_a):
     args = sample.build_parser().parse_args(["understand", "--model-path", tiny_a, "--question", "q",
                                             "--attention", "blocked"])
     with pytest.raises(RuntimeError, match="stop after load"):
-        sample._load(args)
+        sample_program._load(args)
     assert seen["attention_impl"] == "blocked"
     required = {"generate": ["--prompt", "p"], "edit": ["--prompt", "p", "--image", "i.png"], "interleave": [],
                 "chat": []}
@@ -70,7 +72,7 @@ def test_attention_option_reaches_load(monkeypatch, tiny_a):
 
 
 def test_missing_demo_model_says_pass_model_path(capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(sample, "DEMO_MODEL", str(tmp_path / "absent"))
+    monkeypatch.setattr(checks, "DEMO_MODEL", str(tmp_path / "absent"))
     rc = sample.main(["generate", "--prompt", "x"])
     assert rc == 2 and "--model-path" in capsys.readouterr().err
 

@@ -12,7 +12,8 @@ import pytest
 
 from bagel_jax.config import ViTConfig, config_from_folder
 from bagel_jax.convert import keymap
-from bagel_jax.models.siglip_navit import SiglipNavit, key_map, patchify
+from bagel_jax.images import patchify
+from bagel_jax.models.siglip_navit import SiglipNavit, key_map
 from bagel_jax.nn import intermediates
 from bagel_jax.nn.options import REMAT_POLICIES, ModelOptions
 

@@ -1,5 +1,5 @@
-"""Special-token labels (official plan fields ``special_token_loss`` / ``special_token_label``, porting
-reference 9.3) in packing, the interleaved group and the synthetic interleave data, and
+"""Special-token labels (official plan fields ``special_token_loss`` / ``special_token_label``,
+docs/architecture.md#training-packing) in packing, the interleaved group and the synthetic interleave data, and
 ``train.special_token_weights`` on exactly those labels (loss and gradient)."""
 
 import json

@@ -1,4 +1,4 @@
-"""Streaming (issue 18): chunked decoding equals one call; a streamed interleave yields its first text before
+"""Streaming: chunked decoding equals one call; a streamed interleave yields its first text before
 its first image is finished and equals the plain result; conversation turns and the think phase stream;
 errors reach the consumer; closing a stream stops the call. Embedded demo model, 32x32 images, few steps."""
 
@@ -109,7 +109,7 @@ def test_stream_think_phase_and_conversation_turns(pipe):
 
 
 def test_stream_errors_and_cancel(pipe):
-    from bagel_jax.data.images import ImageError
+    from bagel_jax.images import ImageError
     from bagel_jax.inference import streaming
 
     with pytest.raises(ImageError, match="not supported"):

@@ -1,4 +1,4 @@
-"""TaylorSeer step caching (bagel_jax.inference.taylorseer; the porting reference, 8.9) on the tiny-a model.
+"""TaylorSeer step caching (bagel_jax.inference.taylorseer; docs/architecture.md#taylorseer) on the tiny-a model.
 
 The step types, branch steps and factor counts of every branch are checked against a plain-Python copy
 of the reference rule for every kind of CFG interval (from the first step, starting later, covering
@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from bagel_jax.data.images import ImageTransform
+from bagel_jax.images import ImageTransform
 from bagel_jax.inference import api, cfg
 from bagel_jax.inference.cfg import ImageParams
 from bagel_jax.inference.context import Context
@@ -38,7 +38,7 @@ def ctx(pipe):
 
 
 class RefBranch:
-    """The reference's per-branch state, written from the porting reference 8.9 (lists, not arrays)."""
+    """The reference's per-branch state, written from docs/architecture.md#taylorseer (lists, not arrays)."""
 
     def __init__(self, fresh_threshold=3, first_enhance=5, max_order=6):
         self.ft, self.fe, self.mo = fresh_threshold, first_enhance, max_order

@@ -1,4 +1,4 @@
-"""Hostile input and faults in training (issue 17, rows 1, 2, 5, 7, 12, 18-21): a data folder that yields
+"""Hostile input and faults in training : a data folder that yields
 no sample stops with a message, bad setup input fails before any compute, a non-finite step never
 reaches a checkpoint, a failed save stops the run at once, metrics.jsonl is append-only, signals exit
 128 + signal after checkpointing, also while the data pipeline is stuck.

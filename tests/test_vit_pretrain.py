@@ -45,7 +45,8 @@ def test_learns_and_writes_a_siglip_tower_transformers_loads(tmp_path):
     import jax
 
     from bagel_jax.loading import build_modules
-    from bagel_jax.models.siglip_navit import SiglipNavit, patchify
+    from bagel_jax.images import patchify
+    from bagel_jax.models.siglip_navit import SiglipNavit
     from bagel_jax.train.init import init_from_components
 
     cfg = load_config(CONFIG)

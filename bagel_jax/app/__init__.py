@@ -6,5 +6,7 @@ Modules: :mod:`~bagel_jax.app.handlers` (request handlers, plain generators, tes
 :mod:`~bagel_jax.app.ui` (the page), :mod:`~bagel_jax.app.__main__` (command line, loading, serving).
 """
 
-from .handlers import Handlers  # noqa: F401  (gradio itself is imported only when a page is built)
+from .handlers import Handlers   # gradio itself is imported only when a page is built
+
+__all__ = ["Handlers"]
 

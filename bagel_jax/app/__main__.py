@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
+
+import jax
+
+from ..inference.api import load
+from ..runtime import DEFAULT_COMPILATION_CACHE, tune_xla_cpu, use_compilation_cache
+from .handlers import Handlers
+from .ui import CSS, build
 
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo")
 
@@ -21,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mesh", default=None, metavar="data=D,fsdp=F,tensor=T", help="split the model over devices")
     ap.add_argument("--chunk", type=int, default=8,
                     help="tokens per compiled decoding call while streaming (default 8)")
-    ap.add_argument("--compilation-cache", default=os.path.join(os.path.expanduser("~"), ".cache", "bagel_jax", "jax"),
+    ap.add_argument("--compilation-cache", default=DEFAULT_COMPILATION_CACHE,
                     metavar="DIR", help="JAX persistent compilation cache folder ('' to disable)")
     return ap
 
@@ -34,15 +42,10 @@ def main(argv=None) -> int:
     if not 0 <= args.port < 65536 or args.chunk < 1:
         print("error: --port must be in [0, 65535] and --chunk >= 1", file=sys.stderr)
         return 2
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("gradio") is None:
         print("error: the app needs gradio: pip install -e '.[app]'", file=sys.stderr)
         return 2
-    import jax
-
-    from ..inference.api import load, use_compilation_cache
-
+    tune_xla_cpu()   # before JAX's first computation (see bagel_jax/runtime.py)
     use_compilation_cache(args.compilation_cache, force=True)
     dtype = args.dtype if args.dtype != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     t0 = time.time()
@@ -54,9 +57,6 @@ def main(argv=None) -> int:
 
 def serve(pipe, host: str = "127.0.0.1", port: int = 7860, chunk: int = 8, name: str = "demo", block: bool = True):
     """Serve the page for a loaded pipeline; ``block=False`` returns the running Blocks (tests: ``.close()``)."""
-    from .handlers import Handlers
-    from .ui import CSS, build
-
     demo = build(Handlers(pipe, chunk), title=f"BAGEL (JAX): {name}")
     demo.launch(server_name=host, server_port=port, show_error=True, footer_links=[], prevent_thread_lock=not block,
                 quiet=not block, css=CSS)

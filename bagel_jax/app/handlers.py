@@ -111,7 +111,7 @@ class Handlers:
     @staticmethod
     def _guarded(gen, n_out: int):
         """Run a handler generator; an exception becomes a final status ``Error: ...`` (other outputs kept)."""
-        import gradio as gr
+        import gradio as gr   # optional dependency (the [app] extra): handlers run in tests without it
 
         try:
             yield from gen

@@ -98,7 +98,7 @@ def _image_tab(gr, h: Handlers, tab: str, edit: bool):
 
 def build(h: Handlers, title: str = "BAGEL (JAX)"):
     """The app's Blocks (queue enabled, one request at a time on the shared model)."""
-    import gradio as gr
+    import gradio as gr   # optional dependency (the [app] extra), imported when a page is built
 
     events = []
     with gr.Blocks(title=title) as demo:

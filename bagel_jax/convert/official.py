@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from . import keymap

@@ -1,4 +1,4 @@
-"""Readers for the official BAGEL training formats and their sequence plans (porting reference 9.3).
+"""Readers for the official BAGEL training formats and their sequence plans (docs/architecture.md#training-packing).
 
 Each dataset maps a *row index* to one sample: a list of plan entries (text / vit_image / vae_image
 with the official ``enable_cfg`` / ``loss`` flags). :func:`plan_to_items` turns a plan into packing
@@ -32,11 +32,12 @@ import os
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+import pyarrow.parquet as pq
 from PIL import Image
 
 from .. import layout
+from ..images import ImageTransform, to_rgb, to_tensor
 from . import packing, patch_ar
-from .images import ImageTransform, to_rgb, to_tensor
 
 
 class SampleError(ValueError):
@@ -55,7 +56,7 @@ class PlanEntry:
     text: Optional[list[int]] = None
     image: Optional[np.ndarray] = None   # [3, H, W] in [-1, 1]
     special_token_loss: bool = False     # text: CE on its closing <|im_end|> position ...
-    special_token_label: Optional[int] = None   # ... with this label id (porting reference 9.3)
+    special_token_label: Optional[int] = None   # ... with this label id (official ``pack_sequence``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +83,8 @@ def _read_rgb(source, name: Optional[str] = None) -> Image.Image:
 
 
 def plan_to_items(plan: Sequence[PlanEntry], rng: np.random.Generator, dropout: Dropout) -> list:
-    """Official ``to_tensor`` semantics: conditional dropout and raw timesteps (porting reference 9.3)."""
+    """Official ``to_tensor`` semantics: conditional dropout and raw timesteps
+    (docs/architecture.md#training-packing)."""
     items = []
     for e in plan:
         if e.type == "text":
@@ -115,7 +117,7 @@ def item_tokens(item, vit_patch: int, latent_ds: int) -> int:
         return layout.vit_block(item.image.shape[1], item.image.shape[2], vit_patch).length
     if isinstance(item, packing.VaeItem):
         if isinstance(item, patch_ar.PatchArItem):   # image_mode "patch_ar": two copies of the latents
-            return patch_ar.block_length(layout.latent_tokens(item.image.shape[1], item.image.shape[2], latent_ds))
+            return layout.patch_ar_block_len(layout.latent_tokens(item.image.shape[1], item.image.shape[2], latent_ds))
         return layout.vae_block(item.image.shape[1], item.image.shape[2], latent_ds, item.loss).length
     return 0
 
@@ -192,8 +194,6 @@ class _ParquetRows:
     """Row access over a list of parquet files (one cached row group at a time)."""
 
     def __init__(self, files: Sequence[str], columns: Sequence[str]):
-        import pyarrow.parquet as pq
-
         self.files = list(files)
         self.columns = list(columns)
         self.index = []  # (file, row_group, row) per global row
@@ -217,8 +217,6 @@ class _ParquetRows:
         return len(self.index)
 
     def row(self, i: int) -> dict[str, Any]:
-        import pyarrow.parquet as pq
-
         fi, g, r = self.index[i]
         if self._cache_key != (fi, g):
             self._cache = pq.ParquetFile(self.files[fi]).read_row_group(g, columns=self.columns).to_pylist()
@@ -360,7 +358,8 @@ class VLMDataset:
 
 
 class InterleavedDataset:
-    """Generic interleaved sequences (our JSONL form of an official sequence plan, porting reference 9.3)::
+    """Generic interleaved sequences (our JSONL form of an official sequence plan,
+    docs/architecture.md#training-packing)::
 
         {"sequence": [{"type": "text", "text": "...", "loss": 0, "enable_cfg": 1},
                       {"type": "vae_image", "image": "a.png", "loss": 1},

@@ -1,4 +1,5 @@
-"""Deterministic, checkpointable packing iterator (official ``PackedDataset`` semantics, porting reference 9.3).
+"""Deterministic, checkpointable packing iterator (official ``PackedDataset`` semantics,
+docs/architecture.md#training-packing).
 
 One training step consumes ``accum x packs`` packed sequences (``packs`` = the process's share of the
 global ``packs_per_step``); each pack is one row of up to ``max_num_tokens`` tokens built greedily:
@@ -19,7 +20,8 @@ whole step from ``packing.choose_stream_layout`` (values on a grid of ``und_spli
 The split travels with the batch as the array ``expert_split`` ``[accum, packs, 2]`` (und, gen slots)
 and reaches the jitted step as a static argument (``bagel_jax.train.step.batch_expert_split``).
 Note: zero-padding the VAE batch to the bucket (rather than to the batch maximum as the official code
-does) changes the latents of smaller images slightly (GroupNorm sees the padding; porting reference 12.20).
+does) changes the latents of smaller images slightly (GroupNorm sees the padding;
+docs/architecture.md#known-official-quirks-we-reproduce).
 
 A data folder that cannot feed training fails fast: ``max_failed_draws`` (default 1000) draws in a row
 without a usable sample raise :class:`DataConfigError` naming each group and the reasons counted (bad
@@ -43,7 +45,7 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import yaml

@@ -1,4 +1,5 @@
-"""Host-side packing of multimodal samples into one static-shape batch (the porting reference sections 6, 7, 9).
+"""Host-side packing of multimodal samples into one static-shape batch (docs/architecture.md: sequence layout,
+attention mask, training packing).
 
 A *sample* is a list of items (text, ViT image, VAE image, RoPE gap). Samples are concatenated into
 packed rows; each sample gets its own segment id so samples never attend to each other. Each item
@@ -7,7 +8,7 @@ noised with ``loss=True`` as an MSE target), which gives its tokens, markers, Ro
 advance and the mask vectors of :mod:`bagel_jax.nn.attention`. CE (if ``loss``) sits at
 ``<|im_start|>`` + ids of a text block with labels ``ids + [<|im_end|>]``; with ``special_token_loss``
 the ``<|im_end|>`` position gets one more CE entry with label ``special_token_label`` (the official plan
-fields, porting reference 9.3: e.g. ``<|vision_start|>`` when a generated image follows), flagged in
+fields of the official ``pack_sequence``: e.g. ``<|vision_start|>`` when a generated image follows), flagged in
 ``ce_special`` so that ``train.special_token_weights`` scales exactly these entries.
 
 Static shapes: the row length ``L`` and the capacities (ViT tokens, latent tokens, VAE images and
@@ -25,51 +26,17 @@ unchanged.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 
 from .. import layout
 from ..config import BagelConfig
-from ..models.siglip_navit import patchify
+from ..images import patchify
+from ..layout import SpecialTokens
+from . import patch_ar
+from .items import Item, PackingError, PositionGap, TextItem, VaeItem, VitItem
 
-
-@dataclasses.dataclass(frozen=True)
-class SpecialTokens:
-    bos: int            # <|im_start|>
-    eos: int            # <|im_end|>
-    start_of_image: int  # <|vision_start|>
-    end_of_image: int    # <|vision_end|>
-
-
-@dataclasses.dataclass
-class TextItem:
-    ids: Sequence[int]
-    loss: bool = False
-    special_token_loss: bool = False         # CE on the closing <|im_end|> position ...
-    special_token_label: Optional[int] = None  # ... with this label (official plan fields)
-
-
-@dataclasses.dataclass
-class VitItem:
-    image: np.ndarray            # [3, H, W] float in [-1, 1], H and W multiples of the ViT patch
-
-
-@dataclasses.dataclass
-class VaeItem:
-    image: np.ndarray            # [3, H, W] float in [-1, 1], H and W multiples of 16
-    loss: bool = False           # noised target (MSE) vs clean conditioning
-    t_raw: float = 0.0           # raw timestep logit for noised targets (t = sigmoid(t_raw), then shift)
-
-
-@dataclasses.dataclass
-class PositionGap:
-    """No tokens; advances the sample's RoPE counter by ``n`` (an image dropped by conditional dropout
-    still consumes one position in the official trainer, porting reference 9.3)."""
-    n: int = 1
-
-
-Item = Union[TextItem, VitItem, VaeItem, PositionGap]
 
 KIND_PAD, KIND_TEXT, KIND_VIT, KIND_VAE = layout.KIND_PAD, layout.KIND_TEXT, layout.KIND_VIT, layout.KIND_VAE
 
@@ -127,10 +94,6 @@ class Capacities:
     gen_tokens: Optional[int] = None     # ... and this many gen slots (None = row_len - und_tokens)
 
 
-class PackingError(ValueError):
-    pass
-
-
 def _cap(name: str, need: int, cap: Optional[int]) -> int:
     if cap is None:
         return need
@@ -142,7 +105,6 @@ def _cap(name: str, need: int, cap: Optional[int]) -> int:
 def pack(rows: Sequence[Sequence[Sequence[Item]]], special: SpecialTokens, cfg: BagelConfig,
          caps: Capacities = Capacities()) -> PackedBatch:
     """Pack ``rows[b] = [sample, sample, ...]`` (each sample a list of items) into a :class:`PackedBatch`."""
-    from . import patch_ar   # imports this module
     p_vit, Gv, Gl = cfg.vit.patch_size, cfg.vit_max_num_patch_per_side, cfg.max_latent_size
     ds = cfg.latent_downsample
 

@@ -1,4 +1,4 @@
-"""The patch-autoregressive image layout (``image_mode: "patch_ar"``, issue 15; not in the official BAGEL).
+"""The patch-autoregressive image layout (``image_mode: "patch_ar"``, docs/patch-ar.md; not in the official BAGEL).
 
 The official (``"whole"``) mode denoises a generated image as one block. In patch-AR mode the latent tokens
 of a generated image, in raster order, are cut into ``G = N / k`` groups of ``k`` tokens; group ``g`` is
@@ -27,7 +27,7 @@ so nothing but a noisy group itself sees a noisy group. Choices (the whole-image
   clean copies have t = 0.
 * Experts: markers are und tokens, latents (both copies) gen tokens; ``<|vision_start|>`` and
   ``<|vision_end|>`` carry no CE label here, as a VAE image block in today's packing (a special-token label
-  on them belongs to the text item before / after, issue 15 part 1).
+  on them belongs to the text item before / after).
 
 At inference (:mod:`bagel_jax.inference.patch_ar`) the same layout is built chunk by chunk on the KV cache:
 soi is prefilled as a causal token, each group's flow queries run against the cache and are never
@@ -42,9 +42,9 @@ from typing import Sequence
 import numpy as np
 
 from .. import layout
-from .packing import PackingError, VaeItem
+from .items import PackingError, VaeItem
 
-__all__ = ["PatchArItem", "block_length", "block_vectors", "expand_items", "group_count", "group_order"]
+__all__ = ["PatchArItem", "block_vectors", "expand_items", "group_count", "group_order"]
 
 
 @dataclasses.dataclass
@@ -65,11 +65,6 @@ def group_count(n_tokens: int, group: int) -> int:
     if group < 1 or n_tokens % group:
         raise PackingError(f"patch-AR group size {group} does not divide the image's {n_tokens} latent tokens")
     return n_tokens // group
-
-
-def block_length(n_tokens: int) -> int:
-    """Sequence slots of a patch-AR image of ``n_tokens`` latent tokens: two copies plus the two markers."""
-    return 2 * n_tokens + layout.MARKERS
 
 
 def group_order(n_tokens: int, group: int) -> list[tuple[int, int, bool]]:

@@ -29,10 +29,13 @@ import time
 from typing import Optional
 
 import numpy as np
+from PIL import Image
 
-from ..data.images import ImageTransform
+from ..images import ImageTransform
+from ..inference.api import folder_defaults, load
 from . import synthetic as syn
 from .checker import detect
+from .interleave_data import eval_cases
 
 
 def held_out_combinations() -> list[tuple[int, int, int]]:
@@ -77,7 +80,6 @@ def evaluate(pipe, size: int = 32, num_timesteps: int = 20, seed: int = 0, limit
             gen_c += d.colour == syn.COLOURS[c]
             gen_p += d.position == syn.POSITIONS[p]
             if save_dir:
-                from PIL import Image
                 Image.fromarray(arr).save(os.path.join(save_dir, f"gen_{i:03d}.png"))
     res["generation_colour"] = gen_c / len(combos)
     res["generation_position"] = gen_p / len(combos)
@@ -132,8 +134,6 @@ def evaluate_interleave(pipe, size: int = 32, num_timesteps: int = 20, seed: int
                         limit: Optional[int] = None, max_text_length: int = 48) -> dict:
     """Model-mode interleaving on the held-out requests (see the module doc); ``limit``: the first N cases
     (alternately drawing and words requests). ``cases`` lists per case what happened."""
-    from .interleave_data import eval_cases
-
     cases = eval_cases()[:limit]
     tp = fp = fn = col = pos = exact = 0
     rows = []
@@ -185,8 +185,6 @@ def main(argv=None) -> int:
     ap.add_argument("--interleave", action="store_true",
                     help="evaluate model-driven interleaving (draw or answer in words) instead")
     args = ap.parse_args(argv)
-    from ..inference.api import load
-
     path = args.model_path
     if path is None:
         path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo")
@@ -194,8 +192,6 @@ def main(argv=None) -> int:
         print(f"error: model folder not found: {path}", file=sys.stderr)
         return 2
     if args.size is None:
-        from ..inference.api import folder_defaults
-
         args.size = int(folder_defaults(path).get("image_size", (64, 64))[0])
     vae_tf, vit_tf = demo_transforms(args.size)
     pipe = load(path, dtype="float32", vae_transform=vae_tf, vit_transform=vit_tf)

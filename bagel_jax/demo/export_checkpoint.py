@@ -13,6 +13,11 @@ import os
 import shutil
 import sys
 
+from ..config import config_from_yaml
+from ..loading import INFERENCE_DEFAULTS_FILE, load_model
+from ..tokenizer import load_tokenizer
+from ..train.run_checkpoint import export_ema, load_train_state
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bagel_jax.demo.export_checkpoint", description=__doc__,
@@ -23,12 +28,6 @@ def main(argv=None) -> int:
     ap.add_argument("--init", required=True, help="model folder the run started from (tokenizer, inference.json)")
     ap.add_argument("--out", required=True, help="output model folder")
     a = ap.parse_args(argv)
-    from ..config import config_from_yaml
-    from ..tokenizer import load_tokenizer
-    from ..train.run_checkpoint import export_ema, load_train_state
-    from ..inference.api import INFERENCE_DEFAULTS_FILE
-    from ..loading import load_model
-
     cfg = config_from_yaml(a.config)
     state = load_train_state(os.path.join(a.workdir, "checkpoints"), a.step)
     vae = load_model(a.init).vae_params   # the autoencoder is never trained by train.py

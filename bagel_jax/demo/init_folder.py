@@ -13,7 +13,6 @@ an ``inference.json`` with the synthetic world's image sizes (``--size``: VAE si
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -23,10 +22,10 @@ import jax.numpy as jnp
 
 from ..config import ConfigError, VAEConfig, load_config
 from ..convert.official import load_params
-from ..inference.api import INFERENCE_DEFAULTS_FILE
-from ..loading import random_model, save_model, vae_param_shapes
+from ..loading import INFERENCE_DEFAULTS_FILE, random_model, save_model, vae_param_shapes
 from ..models import flux_vae
 from ..tokenizer import load_tokenizer
+from ..train.init import InitError, init_from_components
 from . import synthetic
 
 
@@ -65,8 +64,6 @@ def main(argv=None) -> int:
     m.vae_params = load_params(os.path.join(args.vae, "ae.safetensors"), flux_vae.key_map(cfg.vae),
                                vae_param_shapes(vae), dtype=jnp.float32)
     if args.siglip:
-        from ..train.init import InitError, init_from_components
-
         try:
             m.params, _, _ = init_from_components({"siglip": args.siglip}, cfg, m.model, vae, None, None, args.seed,
                                                   base=(m.params, m.vae_params))

@@ -2,7 +2,7 @@
 
 Written by ``python -m bagel_jax.demo.synthetic --interleave N`` into ``DIR/interleave/`` as the
 ``interleaved`` group (:class:`bagel_jax.data.datasets.InterleavedDataset`, the official sequence-plan
-fields, porting reference 9.3). Three kinds of rows:
+fields, docs/architecture.md#training-packing). Three kinds of rows:
 
 * **draw**: a request ("Draw ...", "Show ...", ...) -> the reply (a caption of the picture) with
   ``special_token_loss`` and label ``<|vision_start|>`` -> the picture (a noised target, then its clean
@@ -26,7 +26,7 @@ import os
 
 import numpy as np
 
-from . import synthetic as S
+from . import world as S
 
 DRAW = ("Draw {p}.", "Show {p}.", "Show me {p}.", "Please draw {p}.", "Make a picture of {p}.")
 WORDS = ("Describe {p} in words.", "Tell me in words about {p}.", "Say in words what {p} looks like.")

@@ -11,6 +11,8 @@ import sys
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..train.metrics import read_metrics
+
 
 def smooth(y: np.ndarray, k: int) -> np.ndarray:
     if k <= 1 or len(y) < k:
@@ -51,8 +53,6 @@ def main(argv=None) -> int:
     ap.add_argument("out", help="output PNG")
     ap.add_argument("--smooth", type=int, default=50, help="moving-average window in steps")
     args = ap.parse_args(argv)
-    from ..train.metrics import read_metrics   # the latest run's steps (a resume's redone steps once)
-
     rows = [r for r in read_metrics(args.metrics) if "loss_ce" in r]
     steps = np.array([r["step"] for r in rows], float)
     series = {f"CE (smoothed {args.smooth})": smooth(np.array([r["loss_ce"] for r in rows]), args.smooth),

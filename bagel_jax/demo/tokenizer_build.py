@@ -15,6 +15,8 @@ import json
 import os
 from typing import Iterable
 
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
 # Qwen2's pre-tokenisation regex (tokenization_qwen2.PRETOKENIZE_REGEX).
 QWEN2_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
                            r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
@@ -24,8 +26,6 @@ SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<
 def build_tokenizer(texts: Iterable[str], out: str, vocab_size: int = 560) -> str:
     """Train a byte-level BPE with ``vocab_size`` entries (special tokens included, they come last)
     on ``texts`` and write it to ``out`` in the Qwen2 slow-tokenizer format. Returns ``out``."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
     n_special = len(SPECIAL)
     if vocab_size < 256 + n_special:
         raise ValueError(f"vocab_size {vocab_size} is too small for a byte-level BPE "

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm import tqdm
 
 from ..config import VAEConfig
 from ..convert.official import export_params
@@ -117,8 +118,6 @@ def main(argv=None) -> int:
     step = make_step(vae, tx, args.kl_weight)
     rng = np.random.default_rng(args.seed)
     log = open(os.path.join(args.out, "vae_metrics.jsonl"), "w")
-    from tqdm import tqdm
-
     t0 = time.time()
     bar = tqdm(range(args.steps), desc="vae", file=sys.stdout)
     for i in bar:

@@ -39,8 +39,8 @@ from einops import rearrange
 from ..config import ConfigError, load_config
 from ..convert import keymap
 from ..convert.safetensors_io import save_file
-from ..data.images import ImageTransform
-from ..models.siglip_navit import SiglipNavit, key_map, patchify
+from ..images import ImageTransform, patchify
+from ..models.siglip_navit import SiglipNavit, key_map
 from . import synthetic as syn
 
 

@@ -9,9 +9,9 @@
     pipe.interleave("Tell a story in pictures.", num_images=3)       # -> InterleaveResult
 
 Image arguments default to None and are filled from :class:`~bagel_jax.inference.cfg.ImageParams`, the one
-place of their defaults (the official notebook's, porting reference 8.8): text-to-image ``ImageParams.t2i()``,
-1024x1024; editing ``ImageParams.edit()``, output size = the VAE-resized input size. Understanding and
-thinking are greedy with at most 1000 fed tokens (``temperature=0.3`` when ``do_sample``).
+place of their defaults (the official notebook's, docs/architecture.md#default-hyperparameters): text-to-image
+``ImageParams.t2i()``, 1024x1024; editing ``ImageParams.edit()``, output size = the VAE-resized input size.
+Understanding and thinking are greedy with at most 1000 fed tokens (``temperature=0.3`` when ``do_sample``).
 
 Seeds: row ``i`` of a batched call with ``seed=s`` draws its initial noise from ``PRNGKey(s + i)`` and samples
 text from ``fold_in(PRNGKey(s + i), TEXT_STREAM)`` (:mod:`bagel_jax.inference.conversation`); the same
@@ -21,96 +21,40 @@ prompt alone with ``seed=s + i`` gives the same result (batched equals one at a 
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Optional, Sequence, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
 from .. import layout
-from ..data.images import INFERENCE_VAE, INFERENCE_VIT, ImageTransform
+from .. import sharding as shd
+from ..images import INFERENCE_VAE, INFERENCE_VIT, ImageTransform
+from ..loading import INFERENCE_DEFAULTS_FILE, as_dtype, folder_defaults, load_model
+from ..runtime import use_compilation_cache
 from . import progress as _progress
 from . import streaming
 from .cfg import ImageParams
-from .context import (Context, ContextError, Engine, GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT)
+from .context import GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT, Context
 from .conversation import (DEFAULT_MAX_TEXT, Conversation, InterleaveResult, as_list, interleave, noise_keys,
                            sampling, text_keys)
-from .decode import SamplingParams
-from .speculative import decode_text
+from .decode import decode_text
+from .engine import ContextError, Engine
+from .patch_ar import generate_images_patch_ar
 from .sampler import generate_images
+from .speculative import ModelDraft
+from .text_sampling import SamplingParams
 
-__all__ = ["load", "folder_defaults", "Pipeline", "ImageResult", "Conversation", "InterleaveResult", "ImageParams"]
+__all__ = ["load", "folder_defaults", "INFERENCE_DEFAULTS_FILE", "Pipeline", "ImageResult", "Conversation",
+           "InterleaveResult", "ImageParams"]
 
 DEFAULT_IMAGE_SIZE = (1024, 1024)
-
-_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
-
-
-def _dtype(d):
-    if isinstance(d, str):
-        if d not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {d!r}")
-        return _DTYPES[d]
-    return d
-
-
-INFERENCE_DEFAULTS_FILE = "inference.json"
-
-
-def folder_defaults(folder: str) -> dict:
-    """Optional ``inference.json`` of a model folder (not part of the official format; our small models
-    use it): ``image_size`` [H, W] (or one side) in pixels, ``vae_transform`` / ``vit_transform`` dicts of
-    :class:`~bagel_jax.data.images.ImageTransform` fields. Missing file -> {} (official defaults). A bad
-    field is a :class:`~bagel_jax.config.ConfigError` naming the file and the field."""
-    from ..config import ConfigError, read_json, check_field
-
-    path = os.path.join(folder, INFERENCE_DEFAULTS_FILE)
-    if not os.path.isfile(path):
-        return {}
-    d = read_json(path)
-    unknown = sorted(set(d) - {"image_size", "vae_transform", "vit_transform"})
-    if unknown:
-        raise ConfigError(f"{path}: unknown field(s) {unknown} (known: image_size, vae_transform, vit_transform)")
-    out = {}
-    if "image_size" in d:
-        v = d["image_size"]
-        hw = [v, v] if not isinstance(v, (list, tuple)) else list(v)
-        if len(hw) != 2:
-            raise ConfigError(f"{path}: field 'image_size' must be [H, W] or one side, got {v!r}")
-        out["image_size"] = tuple(check_field(path, "image_size", x, "int") for x in hw)
-    for k in ("vae_transform", "vit_transform"):
-        if k in d:
-            out[k] = ImageTransform.from_dict(d[k], f"{path}: {k}")
-    return out
-
-
-DEFAULT_COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "bagel_jax", "jax")
-
-
-def use_compilation_cache(path: Optional[str] = DEFAULT_COMPILATION_CACHE, force: bool = False) -> None:
-    """Turn on JAX's persistent compilation cache in ``path`` (created), so that a later process skips most
-    compilation. Without ``force`` a cache JAX already has (``JAX_COMPILATION_CACHE_DIR``, or set by the
-    caller) is kept; ``path`` None or "" does nothing. A folder that cannot be created only warns."""
-    if not path or (jax.config.jax_compilation_cache_dir and not force):
-        return
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        import warnings
-
-        warnings.warn(f"compilation cache {path} not used ({e})")
-        return
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
 
 def load(folder: str, dtype="bfloat16", param_dtype=None, shardings=None, vae_shardings=None,
          vae_transform: Optional[ImageTransform] = None, vit_transform: Optional[ImageTransform] = None,
          max_context: Optional[int] = None, attention_impl: str = "auto", mesh=None, quantize: str = "none",
          quantize_vit: bool = False, layer_loop: str = "auto",
-         compilation_cache: Optional[str] = DEFAULT_COMPILATION_CACHE) -> "Pipeline":
+         compilation_cache: Optional[str] = None) -> "Pipeline":
     """Load an official BAGEL folder for inference.
 
     Args:
@@ -138,18 +82,15 @@ def load(folder: str, dtype="bfloat16", param_dtype=None, shardings=None, vae_sh
       layer_loop: how the decoder and ViT layer stacks run (:mod:`bagel_jax.nn.layer_loop`): "auto" (default:
         "unrolled", per-layer weight arrays, on one CPU device, where the scan's per-layer weight copies cost
         up to half of a decode step; "scan" elsewhere), "scan" or "unrolled".
-      compilation_cache: JAX persistent compilation cache folder, used unless JAX already has one
-        (:func:`use_compilation_cache`; default ``~/.cache/bagel_jax/jax``, as ``sample.py``; None: off).
+      compilation_cache: a folder for JAX's persistent compilation cache, used unless JAX already has one
+        (:func:`bagel_jax.runtime.use_compilation_cache`, a process-wide setting: ``sample.py`` and the app
+        pass ``~/.cache/bagel_jax/jax``); default None leaves JAX's configuration as it is.
     """
-    from ..loading import load_model
-
-    from .. import sharding as shd
-
-    dt = _dtype(dtype)
+    dt = as_dtype(dtype)
     use_compilation_cache(compilation_cache)
     if isinstance(mesh, str):
         mesh = shd.make_mesh(**shd.parse_mesh(mesh))
-    bm = load_model(folder, dtype=dt, param_dtype=_dtype(param_dtype) if param_dtype is not None else dt,
+    bm = load_model(folder, dtype=dt, param_dtype=as_dtype(param_dtype) if param_dtype is not None else dt,
                     shardings=shardings, vae_shardings=vae_shardings, attention_impl=attention_impl, mesh=mesh,
                     quantize=quantize, quantize_vit=quantize_vit)
     fd = folder_defaults(folder)
@@ -251,7 +192,6 @@ class Pipeline:
             raise ValueError(f"understand: draft must be 'ngram', a Pipeline or a loaded draft, got {draft!r}")
         if isinstance(draft, Pipeline):      # a small BAGEL sees the same (preprocessed by its engine) images
             dpre = [[draft.engine.preprocess(im, vae=False, vit=True) for im in r] for r in per_row]
-            from .speculative import ModelDraft
             draft = ModelDraft(build(draft.engine, dpre))
         r = decode_text(ctx, max_new_tokens, sp, text_keys(seed, B), progress=progress, draft=draft,
                         speculate=speculate)
@@ -274,7 +214,6 @@ class Pipeline:
     def _sample_patch_ar(self, ctx: Context, hw, ip: ImageParams, seed: int, progress: bool, noise,
                          patch_group: Optional[int]) -> ImageResult:
         """``image_mode="patch_ar"`` (:mod:`bagel_jax.inference.patch_ar`); the progress bar counts latent patches."""
-        from .patch_ar import generate_images_patch_ar
         n = layout.latent_tokens(*self.engine.check_output_size(hw), self.engine.cfg.latent_downsample)
         with _progress.bar("patches", n, "patches", progress):
             out = generate_images_patch_ar(ctx, hw, ip, patch_group, keys=noise_keys(seed, ctx.batch), noise=noise,
@@ -296,7 +235,7 @@ class Pipeline:
     def _think(self, ctx: Context, max_think_tokens: int, sp: SamplingParams, seed: int, progress: bool,
                draft=None, speculate=4):
         """Thinking text from ``ctx`` (text stream of ``seed``; speculative with ``draft``, see
-        :func:`~bagel_jax.inference.speculative.decode_text`) -> (ctx with it added, texts)."""
+        :func:`~bagel_jax.inference.decode.decode_text`) -> (ctx with it added, texts)."""
         with streaming.text_kind("think"):
             r = decode_text(ctx, max_think_tokens, sp, text_keys(seed, ctx.batch), progress=progress, draft=draft,
                             speculate=speculate, desc="thinking")
@@ -312,8 +251,8 @@ class Pipeline:
                        temperature: float = 0.3, top_k: int = 0, top_p: float = 1.0,
                        progress: bool = False, image_mode: Optional[str] = None,
                        patch_group: Optional[int] = None, draft=None, speculate=4) -> ImageResult:
-        """Text-to-image (official recipe, porting reference 8.7). ``prompt`` may be a list: one compiled program
-        generates all of them (same ``image_size``).
+        """Text-to-image (official recipe, docs/architecture.md#inference-contexts-and-cfg-branches). ``prompt`` may
+        be a list: one compiled program generates all of them (same ``image_size``).
 
         Args:
           image_size: output (H, W), multiples of 16 (official default 1024x1024; app ratios 1024x1024,
@@ -321,9 +260,10 @@ class Pipeline:
           think: official GEN think system prompt, then thinking text (greedy unless ``do_sample``; at most
             ``max_think_tokens`` fed tokens) re-encoded into the conditional context before the image.
           The CFG / schedule arguments are the fields of :class:`~bagel_jax.inference.cfg.ImageParams` (the
-          porting reference 8.5); None takes ``ImageParams.t2i()``'s value (the notebook's).
+          docs/architecture.md#flow-sampling); None takes ``ImageParams.t2i()``'s value (the notebook's).
           step_cache: "taylorseer" predicts some flow steps from earlier ones instead of running the decoder
-            (porting reference 8.9; about half the decoder passes, a close but not equal image); "none" (default).
+            (docs/architecture.md#taylorseer; about half the decoder passes, a close but not equal image); "none"
+            (default).
           draft / speculate: speculative decoding of the thinking text (as :meth:`understand`).
           image_mode: "whole" (default, official: the image denoised as one block) or "patch_ar" (groups of
             ``patch_group`` latent tokens one after another, default the model's first ``patch_ar_groups``;
@@ -411,7 +351,7 @@ class Pipeline:
                    max_text_length: int = 500, max_interleaved_blocks: int = 8, think: bool = False,
                    max_think_tokens: Optional[int] = None, seed: int = 0, progress: bool = False,
                    on_item=None, **kw) -> InterleaveResult:
-        """Interleaved text and image generation (issue 3 item 6). Never raises for a failure midway:
+        """Interleaved text and image generation. Never raises for a failure midway:
         everything produced so far is returned with the error.
 
         Args:

@@ -1,4 +1,5 @@
-"""Building blocks of inference: one jitted function per kind of chunk (porting reference 6.2-6.4, 7.3, 8.2-8.5).
+"""Building blocks of inference: one jitted function per kind of chunk (docs/architecture.md: sequence layout, KV
+cache, contexts, flow sampling).
 
 Each function runs one block (text, ViT image, clean VAE image, or a flow query) against a
 :class:`~bagel_jax.inference.kv_cache.KVCache`. The blocks, their markers, positions and attention
@@ -78,7 +79,7 @@ def _latent_chunk(model: Bagel, params, x_t, t, lat_pos, rope, markers, collect:
 def flow_features(model: Bagel, params, cache: KVCache, x_t, t, lat_pos, rope, markers, collect: bool = False):
     """The decoder part of a velocity prediction: the query ``[start, end, latents]`` against ``cache``
     (never written). Returns ``(f [R, N+2, D], intermediates)`` with ``f`` the last layer's output before
-    the final norms (the feature TaylorSeer caches, porting reference 8.9)."""
+    the final norms (the feature TaylorSeer caches, docs/architecture.md#taylorseer)."""
     R, N, _ = x_t.shape
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (R,))
     x, positions, emb_inter = _latent_chunk(model, params, x_t, t, lat_pos, rope, markers, collect)

@@ -1,4 +1,5 @@
-"""Classifier-free guidance as data (the porting reference, sections 8.1, 8.5 step 6, 8.7, 8.8).
+"""Classifier-free guidance as data (docs/architecture.md: inference contexts and CFG branches, flow sampling,
+default hyperparameters).
 
 Everything about CFG lives here:
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,8 @@ import jax.numpy as jnp
 RENORM_TYPES = ("global", "channel", "text_channel")
 STEP_CACHES = ("none", "taylorseer")     # the sampler's step caches (bagel_jax.inference.taylorseer)
 
-# Guidance branches by name, and what each does on a context event (porting reference 8.7):
+# Guidance branches by name, and what each does on a context event
+# (docs/architecture.md#inference-contexts-and-cfg-branches):
 #   events: "text" (a user or system text), "think" (generated thinking text), "image" (an input image);
 #   actions: "keep" (unchanged), "extend" (gets the event's tokens too), "gen_before" / "gen_after"
 #   (becomes a snapshot of gen taken before / after the event).
@@ -104,14 +106,15 @@ def _text_img_combine(v: Mapping[str, jax.Array], st, si, renorm_type: str, reno
     return combine_cfg(v["gen"], v["cfg_text"], v.get("cfg_img"), st, si, renorm_type, renorm_min)
 
 
-# "text_img": the official guidance (text CFG, then image CFG on top of it; porting reference 8.5 step 6).
+# "text_img": the official guidance (text CFG, then image CFG on top of it; docs/architecture.md#flow-sampling).
 CFG_MODES: dict[str, CfgMode] = {"text_img": CfgMode(_text_img_needs, _text_img_combine)}
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageParams:
     """Image sampling hyperparameters: the one place their defaults live. Defaults: the official
-    notebook's text-to-image settings (porting reference 8.8); :meth:`edit` gives its editing settings."""
+    notebook's text-to-image settings (docs/architecture.md#default-hyperparameters); :meth:`edit` gives its editing
+    settings."""
 
     cfg_text_scale: float = 4.0
     cfg_img_scale: float = 1.0
@@ -121,7 +124,7 @@ class ImageParams:
     cfg_renorm_min: float = 0.0
     cfg_renorm_type: str = "global"
     cfg_mode: str = "text_img"
-    step_cache: str = "none"      # "taylorseer": TaylorSeer step caching (porting reference 8.9)
+    step_cache: str = "none"      # "taylorseer": TaylorSeer step caching (docs/architecture.md#taylorseer)
 
     @staticmethod
     def t2i(**kw) -> "ImageParams":
@@ -181,6 +184,21 @@ def check_number(name: str, value, lo: Optional[float] = None, hi: Optional[floa
 IMAGE_PARAM_NAMES = tuple(f.name for f in dataclasses.fields(ImageParams))
 
 
+class Guidance(NamedTuple):
+    """The guidance settings of a sampling call as traced values (a pytree: they are arguments, not static, of
+    the compiled samplers, so one program serves every scale). Scalars float32; ``interval`` ``[2]`` (lo, hi)."""
+
+    text_scale: jax.Array
+    img_scale: jax.Array
+    interval: jax.Array
+    renorm_min: jax.Array
+
+    @staticmethod
+    def of(params: ImageParams) -> "Guidance":
+        return Guidance(jnp.float32(params.cfg_text_scale), jnp.float32(params.cfg_img_scale),
+                        jnp.asarray(params.cfg_interval, jnp.float32), jnp.float32(params.cfg_renorm_min))
+
+
 @dataclasses.dataclass(frozen=True)
 class CfgPlan:
     """What one sampling call runs (hashable: a static argument of the compiled sampler).
@@ -203,10 +221,32 @@ class CfgPlan:
     def guided(self) -> bool:
         return len(self.names) > 1
 
-    def velocity(self, vs: jax.Array, text_scale, img_scale, renorm_min) -> jax.Array:
-        """``vs [n_rows, B, N, C]`` (the stacked velocities) -> the guided velocity ``[B, N, C]``."""
+    def active(self, sigma, g: Guidance) -> jax.Array:
+        """Whether guidance acts at the step of (shifted) ``sigma``: inside ``g.interval`` and the plan is guided."""
+        return cfg_active(sigma, (g.interval[0], g.interval[1])) if self.guided else jnp.bool_(False)
+
+    def guide(self, vs: jax.Array, sigma, g: Guidance) -> jax.Array:
+        """The step's velocity from every row block's: ``vs [n_rows, B, N, C]`` -> ``[B, N, C]`` (the mode's
+        combination with the active scales; outside the interval, or unguided, the ``gen`` rows')."""
+        if not self.guided:
+            return vs[self.rows[0]]
+        active = self.active(sigma, g)
+        st, si = jnp.where(active, g.text_scale, 1.0), jnp.where(active, g.img_scale, 1.0)
         v = {name: vs[r] for name, r in zip(self.names, self.rows)}
-        return self.combine(v, text_scale, img_scale, self.renorm_type, renorm_min)
+        return self.combine(v, st, si, self.renorm_type, g.renorm_min)
+
+    def step(self, velocity: Callable[[int], jax.Array], sigma, g: Guidance, cfg_off: str = "cond") -> jax.Array:
+        """The guidance step of every sampler: ``velocity(rows)`` gives the velocities ``[rows, B, N, C]`` of the
+        first ``rows`` row blocks (the model runs on those rows only); returns the step's velocity ``[B, N, C]``.
+        Outside the interval only the ``gen`` rows run: with ``cfg_off="cond"`` a ``lax.cond`` picks the call,
+        with ``"where"`` every row block runs and ``jnp.where`` picks the result."""
+        if not self.guided:
+            return velocity(1)[0]
+        active = self.active(sigma, g)
+        if cfg_off == "cond":
+            return jax.lax.cond(active, lambda: self.guide(velocity(self.n_rows), sigma, g), lambda: velocity(1)[0])
+        vs = velocity(self.n_rows)
+        return jnp.where(active, self.guide(vs, sigma, g), vs[self.rows[0]])
 
 
 def make_plan(params: ImageParams, branches: Mapping[str, object], dedup: bool = True) -> tuple[CfgPlan, list]:

@@ -1,4 +1,4 @@
-"""Immutable inference contexts (porting reference 8.1-8.3, 8.7).
+"""Immutable inference contexts (docs/architecture.md#inference-contexts-and-cfg-branches).
 
 A :class:`Context` holds a batch of conversations. Its conditional branch ``gen`` holds everything; for
 image generation it also keeps the named guidance branches of :data:`bagel_jax.inference.cfg.BRANCH_RULES`
@@ -33,21 +33,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import layout
-from .. import sharding as shd
-from ..data.images import INFERENCE_VAE, INFERENCE_VIT, ImageError, ImageTransform, load_image
-from ..loading import BagelModel
-from ..models.siglip_navit import patchify
-from ..nn import layer_loop as layer_loop_lib
-from ..nn.attention import default_auto_min_len
+from ..images import patchify
 from . import blocks
 from .cfg import BRANCH_RULES
+from .engine import CACHE_MIN, ContextError, Engine, on_mesh
 from .kv_cache import KVCache
 
-CACHE_MIN = 256
 TEXT_MIN = 16
 VIT_MIN = 64
 VIT_STEPS = 16   # ViT buckets per doubling of the patch count
-MAX_INPUT_PIXELS = 1 << 28   # refuse absurdly large inputs before decoding them fully
 
 GEN_THINK_SYSTEM_PROMPT = (
     "You should first think about the planning process in the mind and then generate the image. \n"
@@ -57,10 +51,6 @@ VLM_THINK_SYSTEM_PROMPT = (
     "You should first think about the reasoning process in the mind and then provide the user with the answer. \n"
     "The reasoning process is enclosed within <think> </think> tags, i.e. <think> reasoning process here </think> "
     "answer here")
-
-
-class ContextError(ValueError):
-    """Bad input for a context (too long, batch mismatch, ...)."""
 
 
 MAX_SEED = 2 ** 32 - 1   # jax.random.PRNGKey keeps 32 bits without x64: larger seeds would alias smaller ones
@@ -99,126 +89,6 @@ def fine_bucket(n: int, minimum: int, steps: int) -> int:
 def _grow(cache: KVCache, capacity: int) -> KVCache:
     pad = [(0, 0), (0, 0), (0, capacity - cache.k.shape[2]), (0, 0), (0, 0)]
     return KVCache(jnp.pad(cache.k, pad), jnp.pad(cache.v, pad), cache.length).constrained()
-
-
-def on_mesh(fn):
-    """Run ``fn(obj, ...)`` under the mesh of ``obj``'s engine (``obj`` an :class:`Engine` or has ``.engine``),
-    so the functions it traces pin activations and caches to the mesh layout (:mod:`bagel_jax.sharding`)."""
-    @functools.wraps(fn)
-    def wrapper(obj, *a, **kw):
-        eng = obj if isinstance(obj, Engine) else obj.engine
-        with shd.mesh_scope(eng.mesh):
-            return fn(obj, *a, **kw)
-    return wrapper
-
-
-class Engine:
-    """A loaded model plus everything contexts need (special tokens, transforms, limits).
-
-    Args:
-      bm: the loaded model (:func:`bagel_jax.loading.load_model`).
-      vae_transform / vit_transform: image resize rules (official inference defaults, porting reference 6.6).
-      max_context: most KV slots a row may hold (default ``max_position_embeddings``).
-      cache_dtype: dtype of KV caches (default: the model's compute dtype).
-      mesh: the ``jax.sharding.Mesh`` to run on (default: the mesh of the params' ``NamedSharding`` if
-        they are spread over several devices, else None = one device). KV caches are created on it and
-        every device call runs under it; params not already on it are split over it by the rules of
-        :mod:`bagel_jax.sharding` (the VAE replicated).
-      layer_loop: how the decoder and ViT layer stacks run (:mod:`bagel_jax.nn.layer_loop`): "auto"
-        (default: "unrolled" on one CPU device, else "scan"), "scan" or "unrolled". When it differs from
-        ``bm``'s layout the engine holds its own copy of the layer weights in its layout (``self.bm`` /
-        ``self.params`` / ``self.model``); ``bm`` keeps its own unless ``consume_params``, which frees
-        ``bm``'s stacked layer arrays as they are split (``bm.params`` is unusable afterwards).
-
-    The engine's model runs forward only: with ``attention_impl="auto"`` and the default
-    ``ModelOptions.auto_blocked_min_len``, attention without a cache (the ViT) stays dense up to
-    ``default_auto_min_len(inference=True)`` keys of :mod:`bagel_jax.nn.attention` (``self.model`` is a clone
-    with it).
-    """
-
-    def __init__(self, bm: BagelModel, vae_transform: ImageTransform = INFERENCE_VAE,
-                 vit_transform: ImageTransform = INFERENCE_VIT, max_context: Optional[int] = None,
-                 cache_dtype=None, mesh=None, layer_loop: str = "auto", consume_params: bool = False):
-        if bm.tokenizer is None:
-            raise ContextError("the engine needs a tokenizer (load the model with with_tokenizer=True)")
-        self.bm = bm
-        self.cfg = bm.cfg
-        self.model = bm.model
-        self.params = bm.params
-        self.vae = bm.vae
-        self.vae_params = bm.vae_params
-        self.tok = bm.tokenizer
-        self.sp = bm.tokenizer.special
-        self.markers = jnp.asarray([self.sp.start_of_image, self.sp.end_of_image], jnp.int32)
-        self.vae_transform = vae_transform
-        self.vit_transform = vit_transform
-        self.max_context = int(max_context or self.cfg.llm.max_position_embeddings)
-        self.cache_dtype = cache_dtype or bm.model.opts.dtype
-        on = shd.mesh_of(jax.tree_util.tree_map(lambda x: getattr(x, "sharding", None), bm.params))
-        if mesh is not None and mesh.size > 1 and on != mesh:
-            # a mesh given for params placed elsewhere (e.g. loaded on one device): move them onto it
-            self.params = shd.shard_params(bm.params, mesh)
-            self.vae_params = jax.device_put(bm.vae_params, shd.replicated(mesh))
-        mesh = on if mesh is None else mesh
-        self.mesh = mesh if mesh is not None and mesh.size > 1 else None
-        loop = layer_loop_lib.resolve(layer_loop, self.mesh)
-        opts = getattr(bm.model, "opts", None)
-        # (an engine over stand-in modules or params without a layer stack keeps them as they are)
-        if opts is not None:
-            # forward-only attention: "auto" switches at the backend's inference length (default_auto_min_len,
-            # measured); a model built with its own auto_blocked_min_len keeps it
-            new = opts
-            if opts.auto_blocked_min_len is None:
-                new = dataclasses.replace(opts, auto_blocked_min_len=default_auto_min_len(inference=True))
-            if loop != opts.layer_loop and layer_loop_lib.layout_of(bm.params) == opts.layer_loop:
-                # the engine's own layout of the layer weights (nn/layer_loop.py): unrolled on one CPU device
-                if loop == "unrolled":
-                    self.params = layer_loop_lib.unstack(self.params, consume_params)
-                else:
-                    self.params = layer_loop_lib.stack(self.params)
-                new = dataclasses.replace(new, layer_loop=loop)
-            if new != opts:
-                self.model = bm.model.clone(opts=new)
-                self.bm = dataclasses.replace(bm, model=self.model, params=self.params)
-
-    def empty_cache(self, batch: int, capacity: int = CACHE_MIN) -> KVCache:
-        return KVCache.empty(self.cfg.llm, batch, capacity, self.cache_dtype, self.mesh)
-
-    # -- image preprocessing (host side, raises before any compute) ---------------------------------
-    def preprocess(self, image, vae: bool = True, vit: bool = True) -> dict:
-        """Official inferencer preprocessing: VAE-rule resize, then the ViT transform of the VAE-resized image.
-
-        Returns ``{"hw": (H, W) of the VAE-resized image, "vae": [3, H, W] (if vae), "vit": [3, H', W'] (if vit)}``.
-        """
-        img = load_image(image)
-        w0, h0 = img.size
-        if w0 * h0 > MAX_INPUT_PIXELS:
-            raise ImageError(f"image of {w0}x{h0} pixels is too large (limit {MAX_INPUT_PIXELS} pixels)")
-        W, H = self.vae_transform.target_size(w0, h0)
-        ds = self.cfg.latent_downsample
-        if vae and (H % ds or W % ds or max(H, W) // ds > self.cfg.max_latent_size):   # ViT-only: no latents
-            raise ImageError(f"image of {w0}x{h0} resizes to {W}x{H}, outside the model's latent grid "
-                             f"(multiples of {ds}, at most {self.cfg.max_image_side} per side)")
-        img = self.vae_transform.resize(img)
-        out = {"hw": (H, W), "pil": img}
-        if vae:
-            out["vae"] = self.vae_transform(img)
-        if vit:
-            px = self.vit_transform(img)
-            p, G = self.cfg.vit.patch_size, self.cfg.vit_max_num_patch_per_side
-            if px.shape[1] % p or px.shape[2] % p or max(px.shape[1:]) // p > G:
-                raise ImageError(f"image of {w0}x{h0} gives a ViT input of {px.shape[2]}x{px.shape[1]}, outside "
-                                 f"the ViT grid (multiples of {p}, at most {p * G} per side)")
-            out["vit"] = px
-        return out
-
-    def check_output_size(self, hw) -> tuple[int, int]:
-        H, W = int(hw[0]), int(hw[1])
-        ds = self.cfg.latent_downsample
-        if H <= 0 or W <= 0 or H % ds or W % ds or max(H, W) // ds > self.cfg.max_latent_size:
-            raise ImageError(f"output image size {H}x{W} (H x W) is not supported: each side must be a positive "
-                             f"multiple of {ds} and at most {self.cfg.max_image_side}")
-        return H, W
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,8 +233,9 @@ class Context:
     @on_mesh
     def add_text(self, texts: Union[str, Sequence[str]], role: str = "user") -> "Context":
         """Add a text segment (one string, or one per row): gen += text, the guidance branches follow the
-        "text" rules (official: cfg_text <- gen before the text, cfg_img += text; the porting reference 8.7).
-        ``role`` is kept in the history only (no chat template)."""
+        "text" rules (official: cfg_text <- gen before the text, cfg_img += text;
+        docs/architecture.md#inference-contexts-and-cfg-branches). ``role`` is kept in the history only (no chat
+        template)."""
         return self._add_text(texts, role, "text", "add_text")
 
     @on_mesh
@@ -424,7 +295,6 @@ class Context:
         N = max(ns)
         br = br.reserve(eng, layout.block_len(N))
         key = np.array(self.key)
-        x0 = np.zeros((br.batch, N, p * p * C), np.float32)
         lat_pos = np.zeros((br.batch, N), np.int32)
         toks = []
         for i, q in enumerate(pre):

@@ -18,8 +18,8 @@ from PIL import Image
 from . import streaming
 from .cfg import IMAGE_PARAM_NAMES, ImageParams, check_number
 from .context import Context, seed_key, GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT
-from .decode import SamplingParams
-from .speculative import decode_text
+from .decode import decode_text
+from .text_sampling import SamplingParams
 
 DEFAULT_MAX_TEXT = 1000
 TEXT_STREAM = 1   # fold_in tag of the text-sampling stream (the noise stream is the row key itself)
@@ -144,9 +144,9 @@ class Conversation:
     def next_is_image(self) -> bool:
         """Model mode's decision after a text: whether the model, at the ``<|im_end|>`` that closes the
         context's last text, emits ``<|vision_start|>`` next (greedy). That position is where training
-        with the official ``special_token_loss`` puts the label (porting reference 9.3): ``<|vision_start|>``
-        when a generated image follows, ``<|im_end|>`` when the turn ends. False when the context does
-        not end with a text."""
+        with the official ``special_token_loss`` puts the label (docs/architecture.md#training-packing):
+        ``<|vision_start|>`` when a generated image follows, ``<|im_end|>`` when the turn ends. False when the
+        context does not end with a text."""
         ctx = self.ctx
         if not ctx.history or ctx.history[-1][0] != "text" or ctx.last_hidden is None:
             return False

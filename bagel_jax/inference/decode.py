@@ -1,4 +1,4 @@
-"""Text generation as one ``lax.while_loop`` (porting reference 8.4).
+"""Text generation as one ``lax.while_loop`` (docs/architecture.md#text-decoding).
 
 Official semantics, per row: the fed sequence starts with ``<|im_start|>`` at the context's RoPE
 counter; each step feeds the current token (und expert, causal, written to a copy of the cache),
@@ -13,7 +13,6 @@ restricted by top-k and top-p (extensions; the official code has neither). Batch
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Callable, NamedTuple, Optional, Sequence
 
@@ -23,57 +22,13 @@ import numpy as np
 
 from ..models.bagel import Bagel
 from ..models.qwen2_mot import Routing
+from . import progress as _progress
 from . import streaming
-from .context import Context, on_mesh
+from .context import Context
+from .engine import on_mesh
 from .kv_cache import KVCache, forward_chunk
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """Text sampling settings. ``do_sample=False`` is greedy (official default; temperature unused).
-
-    temperature: softmax temperature when sampling (official app default 0.3).
-    top_k: keep the k most likely tokens (0 = off). top_p: nucleus mass (1.0 = off).
-    """
-
-    do_sample: bool = False
-    temperature: float = 0.3
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def validate(self) -> "SamplingParams":
-        if self.do_sample and not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        return self
-
-
-def filtered_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
-    """``logits [..., V]`` divided by ``temperature`` with everything outside top-k (0 = off) and top-p (the
-    smallest prefix whose mass reaches ``top_p``, on the top-k filtered distribution) set to -inf: the
-    distribution sampled by :func:`pick_next` (and by speculative decoding's rejection rule)."""
-    x = logits.astype(jnp.float32) / temperature
-    V = x.shape[-1]
-    srt = -jnp.sort(-x, axis=-1)                                                   # descending
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-    kth = jnp.take_along_axis(srt, jnp.broadcast_to(k - 1, x.shape[:-1] + (1,)).astype(jnp.int32), axis=-1)
-    srt = jnp.where(jnp.arange(V) < k, srt, -jnp.inf)
-    probs = jax.nn.softmax(srt, axis=-1)
-    keep = jnp.cumsum(probs, axis=-1) - probs < top_p                              # mass before each token
-    thresh = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where((x < kth) | (x < thresh), -jnp.inf, x)
-
-
-def pick_next(logits: jax.Array, keys: jax.Array, do_sample: bool, temperature, top_k, top_p) -> jax.Array:
-    """``logits [B, V]`` -> next ids ``[B]`` (greedy, or temperature / top-k / top-p sampling with one
-    PRNG key per row, ``keys [B, 2]``, so that a row's draws do not depend on the rest of the batch)."""
-    if not do_sample:
-        return jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
-    x = filtered_logits(logits, temperature, top_k, top_p)
-    return jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, x).astype(jnp.int32)
+from .speculative import as_gamma, make_draft, speculative_generate
+from .text_sampling import SamplingParams, TextResult, official_text, pick_next
 
 
 class DecodeState(NamedTuple):
@@ -104,8 +59,7 @@ class DecodeState(NamedTuple):
 
 
 def _progress_cb(step, total):
-    from . import progress
-    progress.tick("tokens", int(step), int(total))
+    _progress.tick("tokens", int(step), int(total))
 
 
 def _init_state(model: Bagel, cache: KVCache, B: int, start_id, keys, max_length: int, record: bool) -> DecodeState:
@@ -204,23 +158,6 @@ def decode_chunk(model: Bagel, params, state: DecodeState, rope, stop_ids, tempe
                       record, progress)
 
 
-@dataclasses.dataclass
-class TextResult:
-    texts: list            # per row decoded text (official post-processing)
-    token_ids: list        # per row np.ndarray of fed ids (starts with <|im_start|>)
-    stop: list             # per row: the stop token id that ended it, or None (length limit)
-    raw: dict              # arrays of the loop (tokens, n, stop, and logits / hidden if recorded)
-
-
-def official_text(tokenizer, ids: Sequence[int]) -> str:
-    """Official post-processing: decode all fed ids (special tokens kept), keep the part after the
-    first ``<|im_start|>`` and before any ``<|im_end|>``."""
-    s = tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
-    s = s.split("<|im_end|>")[0]
-    parts = s.split("<|im_start|>")
-    return parts[1] if len(parts) > 1 else parts[0]
-
-
 class TextPieces:
     """Host-side text streaming: after each chunk, the new part of every row's text (official
     post-processing of the ids fed so far). A decoded prefix can end inside a multi-byte character
@@ -249,7 +186,8 @@ def generate_text(ctx: Context, max_length: int = 1000, sampling: SamplingParams
                   keys: Optional[Sequence] = None, stop_tokens: Optional[Sequence[int]] = None,
                   record: bool = False, progress: bool = False, chunk: Optional[int] = None,
                   on_text: Optional[Callable[[int, str], None]] = None) -> TextResult:
-    """Generate text from the ``gen`` branch of ``ctx`` (``ctx`` itself is unchanged; porting reference 8.4).
+    """Generate text from the ``gen`` branch of ``ctx`` (``ctx`` itself is unchanged;
+    docs/architecture.md#text-decoding).
 
     Args:
       max_length: most fed tokens per row (official ``max_think_token_n``; the start token counts).
@@ -299,3 +237,25 @@ def generate_text(ctx: Context, max_length: int = 1000, sampling: SamplingParams
     texts = [official_text(eng.tok, x) for x in ids]
     stop = [int(s) if s >= 0 else None for s in res["stop"]]
     return TextResult(texts, ids, stop, res)
+
+
+def decode_text(ctx: Context, max_length: int, sampling: SamplingParams, keys, stop_tokens=None,
+                progress: bool = False, draft=None, speculate=4, desc: str = "decoding") -> TextResult:
+    """Text decoding as every API call does it: plain :func:`~bagel_jax.inference.decode.generate_text` without
+    ``draft``, else :func:`~bagel_jax.inference.speculative.speculative_generate` with
+    :func:`~bagel_jax.inference.speculative.make_draft` ``(draft)`` and :func:`~bagel_jax.inference.speculative.as_gamma`
+    ``(speculate)``; with ``progress`` a "tokens" bar (speculative: with the acceptance rate)."""
+    if draft is not None:
+        d, g = make_draft(draft, ctx), as_gamma(speculate)
+    with _progress.bar("tokens", max_length, desc, progress):
+        if draft is None:
+            r = generate_text(ctx, max_length, sampling, keys, stop_tokens=stop_tokens, progress=progress)
+        else:
+            r = speculative_generate(ctx, d, g, max_length, sampling, keys, stop_tokens, progress=progress)
+        jax.effects_barrier()
+    sink = streaming.active()
+    if draft is not None and sink is not None:   # streamed call: the speculative loop is one compiled call,
+        for row, text in enumerate(r.texts):     # so its text arrives as one piece per row
+            if text:
+                sink.text(row, text)
+    return r

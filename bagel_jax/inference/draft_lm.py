@@ -7,7 +7,7 @@ norm), through the same key map as the official checkpoints (the HF Qwen2 names 
 
 The draft reads text only: its prompt is the target context's text history re-tokenised as text blocks
 (``<|im_start|> ... <|im_end|>`` per segment, images left out), prefilled into its own static cache; it then
-follows the generated ids like any model draft (:func:`bagel_jax.inference.speculative.lm_propose`).
+follows the generated ids like any model draft (:func:`lm_propose`).
 
 Vocabulary rule (:func:`check_vocab`): every id of the target's tokenizer must be a row of the draft's
 embedding table, and where the draft folder has a tokenizer, a token both know must have the same id in
@@ -29,13 +29,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import ConfigError, LLMConfig, _build, read_json
+from ..convert import keymap
 from ..convert.safetensors_io import SafeTensorsFile
 from ..models.qwen2_mot import Qwen2MoT, Routing, key_map
 from ..nn.attention import chunk_vectors
 from ..nn.options import ModelOptions
-from .context import CACHE_MIN, Context, bucket
+from .context import Context, bucket
+from .engine import CACHE_MIN
 from .kv_cache import KVCache, append
-from .speculative import lm_propose
+from .text_sampling import draw, filtered_logits
 
 
 class DraftError(ValueError):
@@ -93,7 +95,7 @@ def _weight_files(folder: str) -> list[str]:
 def _draft_vocab(folder: str) -> Optional[dict]:
     if not any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "vocab.json")):
         return None
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer   # heavy import, only for a folder with tokenizer files
 
     try:
         return dict(AutoTokenizer.from_pretrained(folder, local_files_only=True).get_vocab())
@@ -120,8 +122,6 @@ def load_qwen2_draft(folder: str, dtype="float32") -> "LMDraft":
         raise DraftError(f"{folder}: tensors do not match a Qwen2 of this config.json: missing {missing[:3]}, "
                          f"unknown {unknown[:3]}")
     module = Qwen2MoT(cfg, ModelOptions(dtype=dtype, param_dtype=dtype))
-    from ..convert import keymap
-
     tensors = {}
     for e in entries:
         files[e.official].require_float(e.official)
@@ -138,6 +138,30 @@ def load_qwen2_draft(folder: str, dtype="float32") -> "LMDraft":
                              f"expected {s.shape} from config.json")
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
     return LMDraft(cfg, module, params, _draft_vocab(folder), folder)
+
+
+def lm_propose(step, state, cur, n, key, gamma: int, sampling):
+    """Proposals of a model draft with its own cache ``state["cache"]`` (rolled back to hold the context and
+    ``tokens[:n-1]``) and RoPE start ``state["rope"] [B]``: ``gamma + 1`` cached feeds ``cur, d1..dg`` (the last
+    only writes ``dg``, so a full accept keeps the invariant). ``step(state, cache, tok, pos)`` -> (logits
+    ``[B, V]``, cache). Returns ``(proposals [B, gamma], q [B, gamma, V] or None (greedy), state)``."""
+    B = cur.shape[0]
+
+    def one(carry, j):
+        cache, tok = carry
+        logits, cache = step(state, cache, tok, state["rope"] + n - 1 + j)
+        if sampling is None:
+            return (cache, jnp.argmax(logits, -1).astype(jnp.int32)), (tok, jnp.zeros((B, 0)))
+        f = filtered_logits(logits, *sampling)
+        nxt = draw(jax.vmap(lambda k: jax.random.fold_in(k, j))(key), f)
+        return (cache, nxt), (nxt, jax.nn.softmax(f, axis=-1))
+
+    (cache, _), (outs, q) = jax.lax.scan(one, (state["cache"], cur), jnp.arange(gamma + 1))
+    if sampling is None:
+        prop, q = outs[1:].T, None                                 # greedy: feed j's input is d_j
+    else:
+        prop, q = outs[:gamma].T, jnp.swapaxes(q[:gamma], 0, 1)
+    return prop, q, dict(state, cache=cache)
 
 
 @functools.partial(jax.jit, static_argnames=("module",))

@@ -1,4 +1,4 @@
-"""Static-shape KV cache and the cached forward of one query chunk (porting reference 7.3).
+"""Static-shape KV cache and the cached forward of one query chunk (docs/architecture.md#kv-cache).
 
 The cache holds, per layer, post-norm post-RoPE keys and values of everything already in a
 context, ``[layers, batch, capacity, kv_heads, head_dim]``, with a per-row ``length``. A chunk

@@ -9,7 +9,7 @@ group to the cache as clean (t = 0) tokens, a full-attention chunk; after the la
 gives the logits of the next text token). Every cache row (the CFG branches stacked on the batch axis, as
 the whole-image sampler's :class:`~bagel_jax.inference.cfg.CfgPlan`) receives the same clean tokens.
 
-CFG as the whole-image mode (porting reference 8.5): the plan's branches, ``cfg_interval`` on the
+CFG as the whole-image mode (docs/architecture.md#flow-sampling): the plan's branches, ``cfg_interval`` on the
 shifted sigma (``lax.cond`` between the stacked call and the ``gen`` rows alone) and the renorm, whose
 norms are taken over the current group's tokens (the velocity of a step is the group's). RoPE: every token
 of the image at the context's next position (as a whole image); the counter then advances by 1.
@@ -26,12 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import layout
-from ..data.patch_ar import block_length
 from ..models.bagel import Bagel
 from ..models.qwen2_mot import Routing
+from . import progress
 from .blocks import latent_grid
-from .cfg import CfgPlan, ImageParams, cfg_active, make_plan, shifted_schedule
-from .context import Context, ContextError, on_mesh
+from .cfg import CfgPlan, Guidance, ImageParams, make_plan, shifted_schedule
+from .context import Context
+from .engine import ContextError, on_mesh
 from .kv_cache import KVCache, forward_chunk
 from .sampler import decode_latents, stack_branches, start_noise
 
@@ -39,7 +40,6 @@ __all__ = ["check_mode", "generate_images_patch_ar", "patch_ar_loop"]
 
 
 def _progress_cb(done, total):
-    from . import progress
     progress.tick("patches", int(done), int(total))
 
 
@@ -99,31 +99,23 @@ def patch_ar_loop(model: Bagel, params, vae, vae_params, cache: KVCache, rope, x
     steps = sigmas.shape[0] - 1
     _, cache = _marker(model, params, cache, markers[0], rope)
 
-    def velocity(c, x, t, pos, rows):
-        hid, _ = _latents(model, params, c, x, t, pos, rope[:rows * B], False)
-        return model.apply({"params": params}, hid, method=Bagel.velocity).astype(jnp.float32)
+    guidance = Guidance(text_scale, img_scale, interval, renorm_min)
 
     def group_body(cache, g):
         xg = jax.lax.dynamic_slice_in_dim(x0, g * group, group, axis=1).astype(jnp.float32)   # [B, k, C]
         pos = jax.lax.dynamic_slice_in_dim(pos_all, g * group, group)
-        gen_cache = KVCache(cache.k[:, :B], cache.v[:, :B], cache.length[:B])
-
-        def cond_only(x, t):
-            return velocity(gen_cache, x, t, pos, 1)
-
-        def with_cfg(x, t, st, si):
-            vs = velocity(cache, jnp.tile(x, (n, 1, 1)), t, pos, n).reshape(n, B, group, -1)
-            return plan.velocity(vs, st, si, renorm_min)
 
         def step(x, s):
             t = sigmas[s]
-            if not plan.guided:
-                v = cond_only(x, t)
-            else:
-                active = cfg_active(t, (interval[0], interval[1]))
-                st, si = jnp.where(active, text_scale, 1.0), jnp.where(active, img_scale, 1.0)
-                v = jax.lax.cond(active, lambda: with_cfg(x, t, st, si), lambda: cond_only(x, t))
-            return x - v * (sigmas[s] - sigmas[s + 1]), None
+
+            def velocity(rows: int):      # the first ``rows`` row blocks (gen first) -> [rows, B, k, C]
+                c = cache if rows == n else KVCache(cache.k[:, :rows * B], cache.v[:, :rows * B],
+                                                    cache.length[:rows * B])
+                hid, _ = _latents(model, params, c, jnp.tile(x, (rows, 1, 1)), t, pos, rope[:rows * B], False)
+                v = model.apply({"params": params}, hid, method=Bagel.velocity).astype(jnp.float32)
+                return v.reshape(rows, B, group, -1)
+
+            return x - plan.step(velocity, t, guidance) * (sigmas[s] - sigmas[s + 1]), None
 
         x, _ = jax.lax.scan(step, xg, jnp.arange(steps))
         _, cache = _latents(model, params, cache, jnp.tile(x, (n, 1, 1)), 0.0, pos, rope, True)
@@ -159,7 +151,7 @@ def generate_images_patch_ar(ctx: Context, hw, params: Optional[ImageParams] = N
     N = layout.latent_tokens(H, W, cfg.latent_downsample)
     k = check_mode(cfg, group, N)
     B = ctx.batch
-    ctx.check_room(block_length(N), "patch-AR image generation")
+    ctx.check_room(layout.patch_ar_block_len(N), "patch-AR image generation")
     x0 = start_noise(B, N, cfg.patch_latent_dim, keys, noise)
     sig = shifted_schedule(int(params.num_timesteps), float(params.timestep_shift))
     plan, branches = make_plan(params, ctx.branches)

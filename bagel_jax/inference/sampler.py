@@ -1,5 +1,5 @@
 """Flow-matching image sampler: one ``lax.scan`` over timesteps, then unpatchify, VAE decode and the
-official uint8 conversion, all in one jit (porting reference 8.5, 8.6).
+official uint8 conversion, all in one jit (docs/architecture.md#flow-sampling).
 
 Which branches run and how they combine is the :class:`~bagel_jax.inference.cfg.CfgPlan` of the call
 (:func:`~bagel_jax.inference.cfg.make_plan`): its distinct branches are stacked on the batch axis (one
@@ -25,16 +25,16 @@ from jax.experimental import io_callback
 from .. import layout
 from ..models import flux_vae
 from ..models.bagel import Bagel, unpatchify_latents
-from . import blocks, streaming, taylorseer
-from .cfg import CfgPlan, ImageParams, cfg_active, make_plan, shifted_schedule
-from .context import Branch, Context, on_mesh
+from . import blocks, progress, streaming, taylorseer
+from .cfg import CfgPlan, Guidance, ImageParams, make_plan, shifted_schedule
+from .context import Branch, Context
+from .engine import on_mesh
 from .kv_cache import KVCache
 
-__all__ = ["ImageParams", "branch_plan", "flow_loop", "generate_images", "initial_noise", "stack_branches"]
+__all__ = ["ImageParams", "flow_loop", "generate_images", "initial_noise", "stack_branches"]
 
 
 def _progress_cb(step, total):
-    from . import progress
     progress.tick("steps", int(step), int(total))
 
 
@@ -58,11 +58,6 @@ def _stoppable(body, token):
     return wrapped
 
 
-def _velocity(model: Bagel, params, cache: KVCache, x, t, lat_pos, rope, markers):
-    """``x [R, N, C]`` against ``cache`` (R rows) -> ``v [R, N, C]`` float32 (cache never written)."""
-    return blocks.flow_velocity(model, params, cache, x, t, lat_pos, rope, markers)[0]
-
-
 def _first_rows(cache: KVCache, r: int) -> KVCache:
     """The first ``r`` rows of a stacked cache (the leading row blocks, e.g. ``gen``'s)."""
     return KVCache(cache.k[:, :r], cache.v[:, :r], cache.length[:r])
@@ -70,10 +65,10 @@ def _first_rows(cache: KVCache, r: int) -> KVCache:
 
 @functools.partial(jax.jit, static_argnames=("model", "vae", "hw", "plan", "cfg_off", "record", "progress",
                                              "decode", "step_cache"))
-def _flow_loop(model: Bagel, params, vae, vae_params, cache: KVCache, rope, x0, sigmas, markers,
-              text_scale, img_scale, interval, renorm_min, stop_token=None, *, hw: tuple, plan: CfgPlan,
-              cfg_off: str = "cond", record: bool = False, progress: bool = False, decode: bool = True,
-              step_cache: Optional[taylorseer.TaylorSeer] = None):
+def flow_loop(model: Bagel, params, vae, vae_params, cache: KVCache, rope, x0, sigmas, markers,
+             text_scale, img_scale, interval, renorm_min, stop_token=None, *, hw: tuple, plan: CfgPlan,
+             cfg_off: str = "cond", record: bool = False, progress: bool = False, decode: bool = True,
+             step_cache: Optional[taylorseer.TaylorSeer] = None):
     """The compiled sampler. With ``step_cache`` (a :class:`~bagel_jax.inference.taylorseer.TaylorSeer`)
     each branch keeps its TaylorSeer state in the scan carry (``cfg_off`` does not apply: every step
     runs the decoder on exactly the branches that need a full step).
@@ -101,31 +96,19 @@ def _flow_loop(model: Bagel, params, vae, vae_params, cache: KVCache, rope, x0, 
     h, w = H // ds, W // ds
     lat_pos = jnp.broadcast_to(blocks.latent_grid(h, w, cfg.max_latent_size)[None], (B, N))
     steps = sigmas.shape[0] - 1
-    gen_cache = _first_rows(cache, B)
-
-    def cond_only(x, t):
-        return _velocity(model, params, gen_cache, x, t, lat_pos, rope[:B], markers)
-
-    def with_cfg(x, t, st, si, active=None):
-        n = plan.n_rows
-        vs = _velocity(model, params, cache, jnp.tile(x, (n, 1, 1)), t, jnp.tile(lat_pos, (n, 1)), rope,
-                       markers).reshape(n, B, N, -1)
-        v = plan.velocity(vs, st, si, renorm_min)
-        return v if active is None else jnp.where(active, v, vs[plan.rows[0]])   # "where": off -> gen rows
+    g = Guidance(text_scale, img_scale, interval, renorm_min)
 
     def body(x, k):
         t = sigmas[k]
         dt = sigmas[k] - sigmas[k + 1]
-        if not plan.guided:
-            v = cond_only(x, t)
-        else:   # whether guidance acts at all for these scales is the plan's (make_plan) decision
-            active = cfg_active(t, (interval[0], interval[1]))
-            st = jnp.where(active, text_scale, 1.0)
-            si = jnp.where(active, img_scale, 1.0)
-            if cfg_off == "cond":
-                v = jax.lax.cond(active, lambda: with_cfg(x, t, st, si), lambda: cond_only(x, t))
-            else:
-                v = with_cfg(x, t, st, si, active)
+
+        def velocity(rows: int):      # the first ``rows`` row blocks (gen first) -> [rows, B, N, C]
+            c = cache if rows == plan.n_rows else _first_rows(cache, rows * B)
+            v = blocks.flow_velocity(model, params, c, jnp.tile(x, (rows, 1, 1)), t, jnp.tile(lat_pos, (rows, 1)),
+                                     rope[:rows * B], markers)[0]
+            return v.reshape(rows, B, N, -1)
+
+        v = plan.step(velocity, t, g, cfg_off)
         x_new = x - v * dt
         if progress:
             jax.debug.callback(_progress_cb, k + 1, steps)
@@ -137,8 +120,8 @@ def _flow_loop(model: Bagel, params, vae, vae_params, cache: KVCache, rope, x0, 
     if step_cache is None:
         x, ys = jax.lax.scan(guard(body), x0.astype(jnp.float32), jnp.arange(steps))
     else:
-        cached = _taylor_body(model, params, cache, rope, sigmas, markers, lat_pos, text_scale, img_scale,
-                              interval, renorm_min, plan, step_cache, record, progress)
+        cached = _taylor_body(model, params, cache, rope, sigmas, markers, lat_pos, g, plan, step_cache, record,
+                              progress)
         n, Lq, D = plan.n_rows, layout.block_len(N), model.cfg.llm.hidden_size
         feat = ((model.cfg.llm.num_hidden_layers,) if step_cache.all_layers else ()) + (B, Lq, D)
         st0 = taylorseer.init(step_cache, n, feat, model.opts.dtype)
@@ -168,8 +151,8 @@ def decode_latents(cfg, vae, vae_params, x, h: int, w: int) -> dict:
                 image=(jnp.clip(img.astype(jnp.float32) * 0.5 + 0.5, 0.0, 1.0) * 255.0).astype(jnp.uint8))
 
 
-def _taylor_body(model: Bagel, params, cache: KVCache, rope, sigmas, markers, lat_pos, text_scale, img_scale,
-                 interval, renorm_min, plan: CfgPlan, ts: taylorseer.TaylorSeer, record: bool, progress: bool):
+def _taylor_body(model: Bagel, params, cache: KVCache, rope, sigmas, markers, lat_pos, g: Guidance, plan: CfgPlan,
+                 ts: taylorseer.TaylorSeer, record: bool, progress: bool):
     """The scan body of TaylorSeer sampling: carry ``(x, State)``. Branch 0 (``gen``) runs every step, the
     guidance branches on the steps inside ``cfg_interval``; the decoder runs on the gen rows alone or on
     every row block, whichever covers the branches due a full step, or not at all."""
@@ -192,7 +175,7 @@ def _taylor_body(model: Bagel, params, cache: KVCache, rope, sigmas, markers, la
     def body(carry, k):
         x, st = carry
         t = sigmas[k]
-        active = cfg_active(t, (interval[0], interval[1])) if plan.guided else jnp.bool_(False)
+        active = plan.active(t, g)
         runs = (jnp.arange(n) == 0) | active
         full = taylorseer.is_full(ts, st) & runs
         pred = taylorseer.predict(ts, st)
@@ -205,8 +188,7 @@ def _taylor_body(model: Bagel, params, cache: KVCache, rope, sigmas, markers, la
         last = f[:, -1] if ts.all_layers else f                                   # [n, B, Lq, D]
         vs, h = blocks.flow_head(model, params, last.reshape((n * B,) + last.shape[2:]))
         vs = vs.reshape(n, B, N, -1)
-        st_, si_ = jnp.where(active, text_scale, 1.0), jnp.where(active, img_scale, 1.0)
-        v = plan.velocity(vs, st_, si_, renorm_min) if plan.guided else vs[0]
+        v = plan.guide(vs, t, g)
         new = taylorseer.advance(ts, st, runs, full, f)
         if progress:
             jax.debug.callback(_progress_cb, k + 1, steps)
@@ -220,45 +202,6 @@ def _taylor_body(model: Bagel, params, cache: KVCache, rope, sigmas, markers, la
         return (x - v * (sigmas[k] - sigmas[k + 1]), new), ((x, v, rec) if record else None)
 
     return body
-
-
-class _FlowLoop:
-    """``flow_loop(...)`` / ``flow_loop.lower(...)``: the compiled sampler (:func:`_flow_loop`, static ``plan``).
-
-    Also takes the keywords of the sampler before the CFG plan existed (``n_branches``, ``img_is_gen``,
-    ``renorm_type``, with :func:`branch_plan`), which the side-by-side timing harness (``../shared/perf``)
-    and scripts written against the earlier API still pass; they become the equal ``"text_img"`` plan.
-    """
-
-    @staticmethod
-    def _plan_kw(kw: dict) -> dict:
-        if "plan" in kw or "n_branches" not in kw:
-            return kw
-        kw = dict(kw)
-        n, same, rt = kw.pop("n_branches"), kw.pop("img_is_gen", False), kw.pop("renorm_type", "global")
-        # the make_plan of "text_img" params and stand-in branches that give this branch count
-        gen, text, img = object(), object(), object()
-        params = ImageParams(cfg_text_scale=1.0 if n == 1 else 2.0, cfg_img_scale=2.0 if n == 3 or same else 1.0,
-                             cfg_renorm_type=rt)
-        return {**kw, "plan": make_plan(params, {"gen": gen, "cfg_text": text, "cfg_img": gen if same else img})[0]}
-
-    def __call__(self, *args, **kw):
-        return _flow_loop(*args, **self._plan_kw(kw))
-
-    def lower(self, *args, **kw):
-        return _flow_loop.lower(*args, **self._plan_kw(kw))
-
-
-flow_loop = _FlowLoop()
-
-
-def branch_plan(ctx: Context, params: ImageParams) -> tuple[list[Branch], bool]:
-    """The earlier API of :func:`~bagel_jax.inference.cfg.make_plan` for the ``"text_img"`` mode: the
-    distinct branches to stack and whether the image-unconditional branch is the conditional one (pass
-    ``n_branches=len(branches), img_is_gen=...`` to :data:`flow_loop`)."""
-    plan, branches = make_plan(params, ctx.branches)
-    img_is_gen = "cfg_img" in plan.names and plan.rows[plan.names.index("cfg_img")] == 0
-    return branches, img_is_gen
 
 
 def stack_branches(branches: Sequence[Branch]) -> tuple[KVCache, np.ndarray]:

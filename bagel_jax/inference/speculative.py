@@ -1,6 +1,6 @@
 """Speculative text decoding: a draft proposes ``gamma`` tokens, BAGEL verifies them in one causal chunk.
 
-Same output contract as :func:`bagel_jax.inference.decode.generate_text` (porting reference 8.4: the fed
+Same output contract as :func:`bagel_jax.inference.decode.generate_text` (docs/architecture.md#text-decoding: the fed
 ids start with ``<|im_start|>``; a picked stop token ends the row and is not appended; at most
 ``max_length`` fed tokens). The whole decode is one ``lax.while_loop`` over rounds on static-shape caches.
 
@@ -22,8 +22,8 @@ Rows advance independently (per-row ``n``, ``done``); finished rows keep running
 :class:`ModelDraft` (a second BAGEL context with the same tokenizer, built from the same inputs) and
 :class:`~bagel_jax.inference.draft_lm.LMDraft` (a Hugging Face Qwen2 folder). A draft is a frozen dataclass of
 static settings plus a state pytree made on the host by ``init`` (after optional ``bind(target)`` checks and
-``reserve(slots)``); ``propose`` / ``rollback`` are traced inside the loop. :func:`decode_text` is the one
-entry point of the API calls (plain or speculative).
+``reserve(slots)``); ``propose`` / ``rollback`` are traced inside the loop. The API calls decode through
+:func:`bagel_jax.inference.decode.decode_text` (plain or speculative).
 """
 
 from __future__ import annotations
@@ -38,14 +38,12 @@ import numpy as np
 
 from ..models.bagel import Bagel
 from ..models.qwen2_mot import Routing
-from .context import Context, on_mesh
-from .decode import SamplingParams, TextResult, filtered_logits, official_text
+from . import progress
+from .context import Context
+from .draft_lm import LMDraft, lm_propose
+from .engine import Engine, on_mesh
 from .kv_cache import forward_chunk
-
-
-def _draw(key, logits):
-    """One categorical draw per row of ``logits [B, V]`` with per-row keys ``[B, 2]``."""
-    return jax.vmap(jax.random.categorical)(key, logits).astype(jnp.int32)
+from .text_sampling import SamplingParams, TextResult, draw, filtered_logits, official_text
 
 
 # -- drafts -------------------------------------------------------------------------------------------------
@@ -89,30 +87,6 @@ class NgramDraft:
 
     def rollback(self, state, n):
         return state
-
-
-def lm_propose(step, state, cur, n, key, gamma: int, sampling):
-    """Proposals of a model draft with its own cache ``state["cache"]`` (rolled back to hold the context and
-    ``tokens[:n-1]``) and RoPE start ``state["rope"] [B]``: ``gamma + 1`` cached feeds ``cur, d1..dg`` (the last
-    only writes ``dg``, so a full accept keeps the invariant). ``step(state, cache, tok, pos)`` -> (logits
-    ``[B, V]``, cache). Returns ``(proposals [B, gamma], q [B, gamma, V] or None (greedy), state)``."""
-    B = cur.shape[0]
-
-    def one(carry, j):
-        cache, tok = carry
-        logits, cache = step(state, cache, tok, state["rope"] + n - 1 + j)
-        if sampling is None:
-            return (cache, jnp.argmax(logits, -1).astype(jnp.int32)), (tok, jnp.zeros((B, 0)))
-        f = filtered_logits(logits, *sampling)
-        nxt = _draw(jax.vmap(lambda k: jax.random.fold_in(k, j))(key), f)
-        return (cache, nxt), (nxt, jax.nn.softmax(f, axis=-1))
-
-    (cache, _), (outs, q) = jax.lax.scan(one, (state["cache"], cur), jnp.arange(gamma + 1))
-    if sampling is None:
-        prop, q = outs[1:].T, None                                 # greedy: feed j's input is d_j
-    else:
-        prop, q = outs[:gamma].T, jnp.swapaxes(q[:gamma], 0, 1)
-    return prop, q, dict(state, cache=cache)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +162,7 @@ def _accept(logits, prop, q, key, sampling):
         qa = jnp.take_along_axis(jnp.pad(q, ((0, 0), (0, 1), (0, 0))), a[:, None, None], axis=1)[:, 0]
         res = jnp.maximum(pa - qa, 0.0)
         res = jnp.where(jnp.sum(res, -1, keepdims=True) > 0, res, pa)
-        last = _draw(kr, jnp.log(res))
+        last = draw(kr, jnp.log(res))
     j = jnp.arange(G + 1)[None]
     emit = jnp.where(j < a[:, None], jnp.pad(prop, ((0, 0), (0, 1))), last[:, None])
     return a, emit
@@ -232,7 +206,6 @@ def _buckets(gamma) -> tuple:
 
 
 def _progress_cb(n, total, accepted, drafted):
-    from . import progress
     progress.tick("tokens", int(n), int(total), f"accept {accepted / max(drafted, 1):.2f}")
 
 
@@ -369,11 +342,8 @@ def replay(ctx: Context, engine) -> Context:
 
 def make_draft(draft, ctx: Context):
     """The draft for one call on ``ctx``: ``"ngram"`` -> :class:`NgramDraft`; a draft :class:`Pipeline` or
-    :class:`~bagel_jax.inference.context.Engine` (a small BAGEL) -> :class:`ModelDraft` on :func:`replay`;
+    :class:`~bagel_jax.inference.engine.Engine` (a small BAGEL) -> :class:`ModelDraft` on :func:`replay`;
     an :class:`NgramDraft`, :class:`ModelDraft` or :class:`~bagel_jax.inference.draft_lm.LMDraft` as given."""
-    from .context import Engine
-    from .draft_lm import LMDraft
-
     if isinstance(draft, str) and draft == "ngram":
         return NgramDraft()
     if isinstance(draft, (NgramDraft, ModelDraft, LMDraft)):
@@ -394,28 +364,3 @@ def as_gamma(speculate):
     if isinstance(speculate, bool) or not isinstance(speculate, (int, np.integer)) or speculate < 1:
         raise ValueError(f"speculate must be an integer >= 1 or 'auto', got {speculate!r}")
     return int(speculate)
-
-
-def decode_text(ctx: Context, max_length: int, sampling: SamplingParams, keys, stop_tokens=None,
-                progress: bool = False, draft=None, speculate=4, desc: str = "decoding") -> TextResult:
-    """Text decoding as every API call does it: plain :func:`~bagel_jax.inference.decode.generate_text` without
-    ``draft``, else :func:`speculative_generate` with :func:`make_draft` ``(draft)`` and :func:`as_gamma`
-    ``(speculate)``; with ``progress`` a "tokens" bar (speculative: with the acceptance rate)."""
-    from . import progress as _progress
-    from . import streaming
-    from .decode import generate_text
-
-    if draft is not None:
-        d, g = make_draft(draft, ctx), as_gamma(speculate)
-    with _progress.bar("tokens", max_length, desc, progress):
-        if draft is None:
-            r = generate_text(ctx, max_length, sampling, keys, stop_tokens=stop_tokens, progress=progress)
-        else:
-            r = speculative_generate(ctx, d, g, max_length, sampling, keys, stop_tokens, progress=progress)
-        jax.effects_barrier()
-    sink = streaming.active()
-    if draft is not None and sink is not None:   # streamed call: the speculative loop is one compiled call,
-        for row, text in enumerate(r.texts):     # so its text arrives as one piece per row
-            if text:
-                sink.text(row, text)
-    return r

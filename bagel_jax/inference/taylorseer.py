@@ -1,4 +1,4 @@
-"""TaylorSeer step caching for the flow sampler (the porting reference, 8.9), as data inside the ``lax.scan``.
+"""TaylorSeer step caching for the flow sampler (docs/architecture.md#taylorseer), as data inside the ``lax.scan``.
 
 Each CFG branch of a sampling call has its own state: a branch step counter that advances only when
 the branch runs, a skip counter, the last full ("activated") step and the cached Taylor factors of the

@@ -1,6 +1,6 @@
 """FLUX autoencoder (the VAE of BAGEL), Flax Linen, NHWC.
 
-Math per the porting reference 4.7, tensor names per the porting reference 3.4. Everything is driven by ``VAEConfig``
+Math and tensor names of the official ``modeling/autoencoder.py`` ``AutoEncoder``. Everything is driven by ``VAEConfig``
 (any ``ch`` / ``ch_mult`` / ``num_res_blocks``), following FLUX's channel schedule:
 
   * encoder level i: blocks ``ch*in_ch_mult[i] -> ch*ch_mult[i]`` with ``in_ch_mult = (1,) + ch_mult``,

@@ -1,4 +1,4 @@
-"""Qwen2 Mixture-of-Transformer-experts decoder (the porting reference, section 5).
+"""Qwen2 Mixture-of-Transformer-experts decoder (docs/architecture.md#mot-decoder).
 
 Every layer holds two full parameter sets: the understanding ("und") expert with the original Qwen2
 names and the generation ("gen") expert with the ``_moe_gen`` suffix. Attention is computed jointly
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from .. import sharding as shd
 from ..config import LLMConfig
 from ..convert import keymap
-from ..nn.attention import CacheView, MaskVectors, attention
+from ..nn.attention import CacheView, attention
 from ..nn.layers import RMSNorm, apply_rope, rope_cos_sin
 from ..nn.intermediates import COLLECTION
 from ..nn.options import ModelOptions
@@ -108,7 +108,7 @@ class MLP(nn.Module):
     def __call__(self, x):
         dense = lambda n, name: self.opts.dense(n, False, name)
         h = nn.silu(dense(self.width, "gate_proj")(x)) * dense(self.width, "up_proj")(x)
-        h = shd.constrain(h, ("batch", "length", "mlp"))      # [batch, seq, mlp]
+        h = shd.constrain(h, ("batch", "length", "mlp"), self.opts.activation_rules)      # [batch, seq, mlp]
         return dense(self.hidden, "down_proj")(h)
 
 
@@ -151,8 +151,8 @@ class MoTLayer(nn.Module):
         Args:
           x: ``[batch, seq, hidden]`` residual stream.
           cos, sin: ``[batch, seq, head_dim]`` RoPE tables for the tokens' positions.
-          mask: :class:`MaskVectors` of this chunk's tokens, each ``[batch, seq]`` (with a cache, every
-            valid cache slot is visible to every query on top of it).
+          mask: :class:`~bagel_jax.nn.attention.MaskVectors` of this chunk's tokens, each ``[batch, seq]`` (with a
+            cache, every valid cache slot is visible to every query on top of it).
           is_gen: ``[batch, seq]`` bool for ``Routing.select`` and an overlapping ``Routing.split``, else unused.
           cache: None or ``(k, v, length)``: all layers' cached keys/values
             ``[layers, batch, capacity, kv_heads, head_dim]`` and valid slots per row ``[batch]``;
@@ -164,7 +164,7 @@ class MoTLayer(nn.Module):
         B, L, _ = x.shape
         H, K, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         x = x.astype(self.opts.dtype)
-        x = shd.constrain(x, ("batch", "res_length", "embed"))
+        x = shd.constrain(x, ("batch", "res_length", "embed"), self.opts.activation_rules)
         h = self._apply(self.in_norms, x, is_gen)
         q = self._apply(self.attn, h, is_gen, "q").reshape(B, L, H, dh)
         k = self._apply(self.attn, h, is_gen, "k").reshape(B, L, K, dh)
@@ -175,17 +175,17 @@ class MoTLayer(nn.Module):
         q, k, v = (self._frozen_und(t, is_gen) for t in (q, k, v))     # freeze_und: after the norms, as official
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        q = shd.constrain(q, ("batch", "length", "heads", "head_dim"))
-        k = shd.constrain(k, ("batch", "length", "kv_heads", "head_dim"))
-        v = shd.constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+        q = shd.constrain(q, ("batch", "length", "heads", "head_dim"), self.opts.activation_rules)
+        k = shd.constrain(k, ("batch", "length", "kv_heads", "head_dim"), self.opts.activation_rules)
+        v = shd.constrain(v, ("batch", "length", "kv_heads", "head_dim"), self.opts.activation_rules)
         view = None if cache is None else CacheView(cache[0], cache[1], cache[2], layer)
         o = attention(q, k, v, mask, mask, self.opts.attention_impl, cache=view,   # [batch, seq, heads, head_dim]
                       auto_min_len=self.opts.auto_blocked_min_len)
-        o = shd.constrain(o, ("batch", "length", "heads", "head_dim"))
+        o = shd.constrain(o, ("batch", "length", "heads", "head_dim"), self.opts.activation_rules)
         x = x + self._frozen_und(self._apply(self.attn, o.reshape(B, L, H * dh), is_gen, "o"), is_gen)
-        x = shd.constrain(x, ("batch", "res_length", "embed"))
+        x = shd.constrain(x, ("batch", "res_length", "embed"), self.opts.activation_rules)
         x = x + self._frozen_und(self._apply(self.mlps, self._apply(self.post_norms, x, is_gen), is_gen), is_gen)
-        x = shd.constrain(x, ("batch", "res_length", "embed"))
+        x = shd.constrain(x, ("batch", "res_length", "embed"), self.opts.activation_rules)
         return x, (k, v)
 
 
@@ -218,7 +218,8 @@ class LayerStack(nn.Module):
         """
         Args:
           x: ``[batch, seq, hidden]``; positions: ``[batch, seq]`` RoPE positions.
-          mask: :class:`MaskVectors` of this chunk's tokens (``seg``, ``vis``, ``nblk``, each ``[batch, seq]``).
+          mask: :class:`~bagel_jax.nn.attention.MaskVectors` of this chunk's tokens (``seg``, ``vis``, ``nblk``,
+            each ``[batch, seq]``).
           cache: None or ``(k, v, length)``: keys/values ``[layers, batch, capacity, kv_heads, head_dim]``
             and valid slots per row ``[batch]``, all visible to every query of the chunk. The cache is
             read, never written (the caller appends the returned keys/values).

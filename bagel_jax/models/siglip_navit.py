@@ -1,12 +1,13 @@
-"""SigLIP NaViT vision encoder (porting reference 4.6): the understanding-path ViT.
+"""SigLIP NaViT vision encoder (docs/architecture.md#model): the understanding-path ViT.
 
 Several images of different sizes are packed along the token axis of one row; each token carries
 a segment id (its image, >= 1; 0 = padding) and a position id into the learned position table
-(``row * vit_max_num_patch_per_side + col``, porting reference 6.3/6.5). Attention is bidirectional inside
+(``row * vit_max_num_patch_per_side + col``, docs/architecture.md#rope). Attention is bidirectional inside
 an image and never crosses images, so a packed row gives the same per-image outputs as running
 each image alone.
 
-Differences from a stock SigLIP vision tower, all from BAGEL's loader (porting reference 2.2, 12.1-12.3):
+Differences from a stock SigLIP vision tower, all from BAGEL's loader (official ``app.py``,
+``modeling/bagel/siglip_navit.py``):
   * ``ViTConfig.num_hidden_layers`` is the number of layers *used* (official json value minus one),
     and ``post_layernorm`` is still applied to the last used layer;
   * the patch embedding is a ``Linear`` over patches flattened in (row, col, channel) order;
@@ -27,7 +28,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bagel_jax import sharding as shd
 from bagel_jax.config import ViTConfig
@@ -71,7 +71,7 @@ class SiglipAttention(nn.Module):
 
         def heads(t):
             t = t.reshape(B, N, cfg.num_attention_heads, cfg.head_dim)
-            return shd.constrain(t, ("batch", "length", "heads", "head_dim"))
+            return shd.constrain(t, ("batch", "length", "heads", "head_dim"), self.opts.activation_rules)
 
         proj = lambda name: self.opts.dense(cfg.hidden_size, name=name)
         q = heads(proj("q_proj")(x))  # [batch, seq, heads, head_dim]
@@ -79,7 +79,7 @@ class SiglipAttention(nn.Module):
         v = heads(proj("v_proj")(x))
         o = attention(q, k, v, vec, vec, self.opts.attention_impl,   # scale 1/sqrt(head_dim)
                       auto_min_len=self.opts.auto_blocked_min_len)
-        o = shd.constrain(o, ("batch", "length", "heads", "head_dim"))
+        o = shd.constrain(o, ("batch", "length", "heads", "head_dim"), self.opts.activation_rules)
         return proj("out_proj")(o.reshape(B, N, cfg.hidden_size))
 
 
@@ -92,7 +92,7 @@ class SiglipMLP(nn.Module):
         cfg = self.cfg
         h = self.opts.dense(cfg.intermediate_size, name="fc1")(x)
         h = jax.nn.gelu(h, approximate=True)  # gelu_pytorch_tanh
-        h = shd.constrain(h, ("batch", "length", "mlp"))
+        h = shd.constrain(h, ("batch", "length", "mlp"), self.opts.activation_rules)
         return self.opts.dense(cfg.hidden_size, name="fc2")(h)
 
 
@@ -106,13 +106,13 @@ class SiglipEncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, h: jax.Array, vec: MaskVectors):
         cfg, o = self.cfg, self.opts
-        h = shd.constrain(h, ("batch", "res_length", "embed"))
+        h = shd.constrain(h, ("batch", "res_length", "embed"), self.opts.activation_rules)
         a = _layer_norm(cfg, o.param_dtype, "layer_norm1")(h).astype(o.dtype)
         h = h + SiglipAttention(cfg, o, name="self_attn")(a, vec)
-        h = shd.constrain(h, ("batch", "res_length", "embed"))
+        h = shd.constrain(h, ("batch", "res_length", "embed"), self.opts.activation_rules)
         m = _layer_norm(cfg, o.param_dtype, "layer_norm2")(h).astype(o.dtype)
         h = h + SiglipMLP(cfg, o, name="mlp")(m)
-        h = shd.constrain(h, ("batch", "res_length", "embed"))
+        h = shd.constrain(h, ("batch", "res_length", "embed"), self.opts.activation_rules)
         if o.layer_loop == "scan":                 # unrolled: the encoder sows all layers' outputs at once
             self.sow(COLLECTION, "vit_layers", h)
         return h, None
@@ -158,7 +158,7 @@ class SiglipNavit(nn.Module):
 
         Args:
           patches: ``[B, N, p*p*C]`` float; each patch flattened (row-in-patch, col-in-patch,
-            channel), channel fastest (see :func:`patchify`).
+            channel), channel fastest (see :func:`bagel_jax.images.patchify`).
           position_ids: ``[B, N]`` int, ``row * vit_max_num_patch_per_side + col``.
           segment_ids: ``[B, N]`` int, image id >= 1 per token, 0 for padding.
         Returns:
@@ -190,27 +190,3 @@ def key_map(cfg: ViTConfig) -> list[keymap.Entry]:
             entries += keymap.linear(o + "mlp." + n, root + ("mlp", n), layer=j)
     entries += keymap.norm("post_layernorm", ("post_layernorm",), bias=True)
     return entries
-
-
-def patchify(image_chw: np.ndarray, patch_size: int, max_patches_per_side: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split a normalised ``(C, H, W)`` image into ViT tokens (porting reference 6.3).
-
-    Returns:
-      tokens ``[n, p*p*C]`` float32, row-major over the patch grid, each patch ordered
-      (row-in-patch, col-in-patch, channel) with channel fastest;
-      position_ids ``[n]`` int64, ``r * max_patches_per_side + c``.
-    """
-    x = np.asarray(image_chw)
-    if x.ndim != 3:
-        raise ValueError(f"patchify: expected a (C, H, W) image, got shape {x.shape}")
-    C, H, W = x.shape
-    p = patch_size
-    if H % p or W % p:
-        raise ValueError(f"patchify: image size {H}x{W} is not a multiple of patch_size {p}")
-    h, w = H // p, W // p
-    if h > max_patches_per_side or w > max_patches_per_side:
-        raise ValueError(f"patchify: patch grid {h}x{w} exceeds max_patches_per_side {max_patches_per_side}")
-    tokens = x.reshape(C, h, p, w, p).transpose(1, 3, 2, 4, 0).reshape(h * w, p * p * C)
-    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    position_ids = (rows * max_patches_per_side + cols).reshape(-1).astype(np.int64)
-    return tokens.astype(np.float32), position_ids

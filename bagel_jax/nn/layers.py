@@ -12,7 +12,8 @@ import numpy as np
 
 
 class RMSNorm(nn.Module):
-    """Qwen2 RMSNorm (porting reference 4.1): normalise in float32, cast back to the input dtype, then scale."""
+    """Qwen2 RMSNorm (docs/architecture.md#building-blocks): normalise in float32, cast back to the input dtype, then
+    scale."""
 
     eps: float = 1e-6
     param_dtype: jnp.dtype = jnp.float32
@@ -69,7 +70,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def sincos_2d_table(dim: int, grid: int) -> np.ndarray:
-    """Fixed 2D sin-cos table ``[grid*grid, dim]`` (porting reference 4.5), row ``r*grid + c``.
+    """Fixed 2D sin-cos table ``[grid*grid, dim]`` (docs/architecture.md#rope), row ``r*grid + c``.
 
     First half of the channels encodes the column, the second half the row; each half is
     ``[sin(pos*omega), cos(pos*omega)]`` with ``omega[k] = 10000^(-k/(dim/4))``. Built in float64.

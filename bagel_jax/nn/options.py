@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .. import sharding as shd
 from ..quantize import validate_mode
 from .attention import validate_implementation
 from .layer_loop import validate as validate_layer_loop
@@ -55,10 +56,13 @@ class ModelOptions:
       quantize: ``"none"`` or ``"int8"`` (:mod:`bagel_jax.quantize`): with ``"int8"`` every dense layer is a
         :class:`~bagel_jax.nn.layers.QuantDense`, which runs an int8 kernel where the params tree holds one
         (the layers :func:`bagel_jax.quantize.quantize_params` converted) and the float kernel elsewhere.
-      freeze_und: training with the understanding expert frozen as the official code does it (the porting
-        reference 9.5): the decoder's und-token activations are detached everywhere (input embeddings, q/k
-        after their norms, v, attention and MLP outputs, the final norm), so no gradient flows through und
-        tokens and only gen-expert tokens (and the heads) carry gradients. No effect on values.
+      freeze_und: training with the understanding expert frozen as the official code does it
+        (docs/architecture.md#training-optimisation-and-freezing): the decoder's und-token activations are detached
+        everywhere (input embeddings, q/k after their norms, v, attention and MLP outputs, the final norm), so no
+        gradient flows through und tokens and only gen-expert tokens (and the heads) carry gradients. No effect on
+        values.
+      seq_parallel: on a mesh, split the residual stream's sequence over the ``tensor`` axis (Megatron sequence
+        parallelism; :mod:`bagel_jax.sharding`). No effect on values or on one device.
     Names are checked at construction, so a bad value fails where it is given, not at model build.
     """
 
@@ -70,6 +74,7 @@ class ModelOptions:
     layer_loop: str = "scan"
     auto_blocked_min_len: Optional[int] = None
     freeze_und: bool = False
+    seq_parallel: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
@@ -83,6 +88,13 @@ class ModelOptions:
             raise ValueError(f"auto_blocked_min_len must be None or an integer >= 0, got {n!r}")
         if not isinstance(self.freeze_und, bool):
             raise ValueError(f"freeze_und must be True or False, got {self.freeze_und!r}")
+        if not isinstance(self.seq_parallel, bool):
+            raise ValueError(f"seq_parallel must be True or False, got {self.seq_parallel!r}")
+
+    @property
+    def activation_rules(self) -> dict:
+        """The logical-axis -> mesh-axis table the modules pass to :func:`bagel_jax.sharding.constrain`."""
+        return shd.with_rules(res_length="tensor") if self.seq_parallel else shd.ACTIVATION_RULES
 
     def dense(self, features: int, use_bias: bool = True, name: str | None = None) -> nn.Dense:
         """An ``nn.Dense`` in these dtypes (a :class:`~bagel_jax.nn.layers.QuantDense` when quantized)."""

@@ -1,4 +1,20 @@
-"""The verifier's command line: run the cases of a fixture folder and print one line per compared array."""
+"""Parity verifier: run fixture cases through bagel_jax and compare with the official outputs.
+
+    python -m bagel_jax.verify --fixtures DIR [--cases a,b,...] [--save-outputs DIR] [--dtype float32|bfloat16]
+                               [--attention NAME]
+
+(``python -m bagel_jax.parity`` is the same command.) DIR is a fixture folder: a checkpoint in the
+official layout, ``manifest.json`` and one ``<case>.safetensors`` per case (like
+``tests/fixtures/tiny-a``). Everything is driven by the manifest: prompts, image sizes,
+sample descriptions, hyperparameters and the recorded random draws. Inputs are rebuilt by our own
+preprocessing, tokenizer and packing (so the layout arrays are compared too), through the functions the
+engine and the trainer use; recorded noise is injected.
+
+One line per compared array: ``case array max_abs_err ref_scale tol PASS|FAIL``; an array whose shape
+differs from the reference's is a FAIL line saying both shapes (never reshaped). Tolerances: see
+:mod:`bagel_jax.parity.compare`. Exit status 1 if any comparison fails or a requested case cannot be
+run. With ``--dtype bfloat16`` the errors are reported (status INFO) but do not gate the exit status.
+"""
 
 from __future__ import annotations
 
@@ -30,8 +46,7 @@ def runner_for(case: str):
 
 
 def parser() -> argparse.ArgumentParser:
-    from . import __doc__ as doc
-    ap = argparse.ArgumentParser(prog="python -m bagel_jax.verify", description=doc,
+    ap = argparse.ArgumentParser(prog="python -m bagel_jax.verify", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fixtures", required=True, help="fixture folder (checkpoint + manifest.json + <case>.safetensors)")
     ap.add_argument("--cases", default=None, help="comma-separated case names (default: every case in the manifest)")

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import layout
-from ..data.images import INFERENCE_VAE, INFERENCE_VIT, ImageTransform, load_image, to_tensor
-from ..inference.context import Branch, Engine
+from ..images import INFERENCE_VAE, INFERENCE_VIT, ImageTransform, load_image, to_tensor
+from ..inference.context import Branch
+from ..inference.engine import Engine
 from ..loading import BagelModel, load_model
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..data import packing
-from ..data.images import load_image, to_tensor
+from ..images import load_image, to_tensor
 from ..inference import blocks
 from ..inference.kv_cache import KVCache
 from ..models import flux_vae

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..data import datasets, packing
-from ..data.images import load_image, to_tensor
+from ..images import load_image, to_tensor
 from ..train.forward import TrainNoise, train_forward
 from .common import CaseError, Fixture, nchw, nhwc
 

@@ -1,4 +1,6 @@
-"""Image preprocessing with the official resize rule (porting reference 6.6).
+"""Image preprocessing with the official resize rule (docs/architecture.md#image-preprocessing), and the
+split of an image into ViT tokens (:func:`patchify`): shared by training packing (:mod:`bagel_jax.data`) and
+inference (:mod:`bagel_jax.inference`).
 
 ``MaxLongEdgeMinShortEdgeResize``: scale the long side down to ``max_size`` (never up), then up so
 the short side reaches ``min_size``; round each side (Python half-to-even) and snap to a multiple of
@@ -14,6 +16,8 @@ from typing import Union
 
 import numpy as np
 from PIL import Image
+
+from .config import ConfigError, check_field, check_keys
 
 DEFAULT_MAX_PIXELS = 14 * 14 * 9 * 1024
 
@@ -34,8 +38,6 @@ class ImageTransform:
     def from_dict(d, source: str = "image transform") -> "ImageTransform":
         """From a dict of the fields (``max_pixels`` optional): integers >= 1, ``min_image_size <=
         max_image_size``; :class:`~bagel_jax.config.ConfigError` naming ``source`` and the field otherwise."""
-        from ..config import ConfigError, check_field, check_keys
-
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected an object with max_image_size, min_image_size, image_stride, "
                               f"got {d!r}")
@@ -98,7 +100,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     elif img.mode == "La":
         img = img.convert("LA")
     elif img.mode == "LAB":   # PIL's convert would copy L, a, b into R, G, B
-        from PIL import ImageCms
+        from PIL import ImageCms   # littlecms, needed for LAB images only
 
         lab, srgb = ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB")
         return ImageCms.applyTransform(img, ImageCms.buildTransform(lab, srgb, "LAB", "RGB"))
@@ -137,3 +139,27 @@ def to_tensor(img: Image.Image) -> np.ndarray:
 def to_uint8(x: np.ndarray) -> np.ndarray:
     """Decoded ``[..., H, W, 3]`` in [-1, 1] -> uint8 by the official truncation ``(clamp(x/2+0.5,0,1)*255).to(uint8)``."""
     return (np.clip(np.asarray(x, np.float32) * 0.5 + 0.5, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def patchify(image_chw: np.ndarray, patch_size: int, max_patches_per_side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split a normalised ``(C, H, W)`` image into ViT tokens (docs/architecture.md#sequence-layout).
+
+    Returns:
+      tokens ``[n, p*p*C]`` float32, row-major over the patch grid, each patch ordered
+      (row-in-patch, col-in-patch, channel) with channel fastest;
+      position_ids ``[n]`` int64, ``r * max_patches_per_side + c``.
+    """
+    x = np.asarray(image_chw)
+    if x.ndim != 3:
+        raise ValueError(f"patchify: expected a (C, H, W) image, got shape {x.shape}")
+    C, H, W = x.shape
+    p = patch_size
+    if H % p or W % p:
+        raise ValueError(f"patchify: image size {H}x{W} is not a multiple of patch_size {p}")
+    h, w = H // p, W // p
+    if h > max_patches_per_side or w > max_patches_per_side:
+        raise ValueError(f"patchify: patch grid {h}x{w} exceeds max_patches_per_side {max_patches_per_side}")
+    tokens = x.reshape(C, h, p, w, p).transpose(1, 3, 2, 4, 0).reshape(h * w, p * p * C)
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    position_ids = (rows * max_patches_per_side + cols).reshape(-1).astype(np.int64)
+    return tokens.astype(np.float32), position_ids

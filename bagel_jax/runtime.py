@@ -1,11 +1,13 @@
-"""XLA:CPU tuning, applied when ``bagel_jax`` is imported (before JAX starts its CPU backend).
+"""Process-wide JAX settings that the programs (``sample.py``, ``train.py``, ``python -m bagel_jax.app``) switch on
+and the library never does by itself: the XLA:CPU convolution tuning (:func:`tune_xla_cpu`) and JAX's persistent
+compilation cache (:func:`use_compilation_cache`). Importing ``bagel_jax`` changes no global state.
 
 XLA:CPU hands 2-D convolutions to YNNPACK by default (``individual_convolution`` in
 ``--xla_cpu_experimental_ynn_fusion_type``). For the FLUX VAE's 3x3 convolutions its own emitter is faster:
 measured on the 2-core CPU (perf harness model, 256x256, float32, medians of 7), VAE encode 0.073-0.079 s
 -> 0.050 s and decode 0.105-0.109 s -> 0.078 s, while the decoder's matmuls, reductions and every
 non-convolution program are unchanged. So, when it is safe, ``-individual_convolution`` is appended to
-``XLA_FLAGS``:
+``XLA_FLAGS`` by :func:`tune_xla_cpu`:
 
 * only on a CPU-only installation (no ``jax_plugins`` / ``libtpu`` package: XLA_FLAGS is read by every
   XLA backend, and an accelerator plugin built from another XLA may not know the flag, which is fatal);
@@ -13,9 +15,9 @@ non-convolution program are unchanged. So, when it is safe, ``-individual_convol
 * never when ``XLA_FLAGS`` already sets ``xla_cpu_experimental_ynn_fusion_type``, and not at all with
   ``BAGEL_JAX_XLA_CPU_TUNING=0``.
 
-It takes effect only if JAX has not started its CPU backend yet (import ``bagel_jax`` before running any
+It takes effect only if JAX has not started its CPU backend yet (call :func:`tune_xla_cpu` before running any
 JAX computation); otherwise it changes nothing. Convolution results differ from YNNPACK's in float rounding
-only (the parity tests run with it).
+only.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import warnings
+from typing import Optional
+
+import jax   # importing JAX does not start a backend, so tune_xla_cpu still works after this
 
 FLAG_NAME = "xla_cpu_experimental_ynn_fusion_type"
 FLAG = f"--{FLAG_NAME}=-individual_convolution"
@@ -41,9 +47,27 @@ def wanted(environ=os.environ) -> bool:
         return False
 
 
-def apply(environ=os.environ) -> bool:
+def tune_xla_cpu(environ=os.environ) -> bool:
     """Append :data:`FLAG` to ``XLA_FLAGS`` when :func:`wanted`; returns whether it did."""
     if not wanted(environ):
         return False
     environ["XLA_FLAGS"] = (environ.get("XLA_FLAGS", "") + " " + FLAG).strip()
     return True
+
+
+DEFAULT_COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "bagel_jax", "jax")
+
+
+def use_compilation_cache(path: Optional[str] = DEFAULT_COMPILATION_CACHE, force: bool = False) -> None:
+    """Turn on JAX's persistent compilation cache in ``path`` (created), so that a later process skips most
+    compilation. Without ``force`` a cache JAX already has (``JAX_COMPILATION_CACHE_DIR``, or set by the
+    caller) is kept; ``path`` None or "" does nothing. A folder that cannot be created only warns."""
+    if not path or (jax.config.jax_compilation_cache_dir and not force):
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        warnings.warn(f"compilation cache {path} not used ({e})")
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
