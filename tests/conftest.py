@@ -6,7 +6,7 @@ import tempfile
 import jax
 import pytest
 
-from bagel_jax import _xla_cpu
+from bagel_jax import runtime
 
 # One persistent compilation cache for the whole test session, in a fresh temporary folder (removed at exit):
 # the same program compiled by two test files, by a test and a train.py / sample.py subprocess, or by the two
@@ -29,11 +29,11 @@ os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 << 30)
 # kernels either way. HLO optimisation is unchanged; float results may differ in rounding only, and every
 # comparison in the suite is against the official outputs (with tolerances) or between runs under these same
 # flags (train_helpers.env passes them to subprocesses). Set before JAX starts its CPU backend, with the
-# XLA:CPU tuning the command-line programs apply (bagel_jax._xla_cpu).
+# XLA:CPU tuning the command-line programs apply (bagel_jax.runtime.tune_xla_cpu).
 _opt = os.environ.get("BAGEL_JAX_TEST_XLA_OPT", "0")
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "") and _opt != "2":
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_backend_optimization_level={_opt}").strip()
-_xla_cpu.apply()
+runtime.tune_xla_cpu()
 jax.config.update("jax_enable_compilation_cache", True)
 jax.config.update("jax_compilation_cache_dir", COMPILE_CACHE)
 jax.config.update("jax_compilation_cache_max_size", 16 << 30)
