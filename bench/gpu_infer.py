@@ -132,7 +132,7 @@ def run_mode(cfg: BagelConfig, quantize: str, args, rows: list[dict]) -> None:
     if args.profile:
         emit(rows, trace_top_ops(decode, f"decode step quantize={quantize}", per=n), args)
         print(format_top_ops(rows[-1]), file=sys.stderr, flush=True)
-    del ctx, eng, bm
+    ctx = eng = bm = image = decode = None   # free the model before the next mode
     gc.collect()
 
 

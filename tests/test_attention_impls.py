@@ -19,8 +19,9 @@ import pytest
 from bagel_jax.config import load_config
 from bagel_jax.data import packing
 from bagel_jax.data.packing import Capacities, TextItem, VaeItem, VitItem
-from bagel_jax.nn.attention import (CacheView, MaskVectors, attention, block_plan, blocked_attention,
-                                    chunk_vectors, dense_mask, resolve_implementation)
+from bagel_jax.nn.attention import (CacheView, MaskVectors, attention, blocked_attention, chunk_vectors, dense_mask,
+                                    resolve_implementation)
+from bagel_jax.nn.blocked_attention import block_plan
 from bagel_jax.tokenizer import load_tokenizer
 
 HAS_PALLAS = importlib.util.find_spec("bagel_jax.nn.pallas_attention") is not None

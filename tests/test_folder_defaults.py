@@ -1,8 +1,6 @@
 """A model folder's optional inference.json sets the default image size and input transforms."""
 
 import json
-import os
-import shutil
 
 import pytest
 

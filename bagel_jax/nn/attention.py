@@ -317,4 +317,4 @@ def _packed_sdpa(sdpa_impl: str):
 
 
 # "blocked" lives in its own module; imported last because it builds on the types above.
-from .blocked_attention import block_plan, blocked_attention  # noqa: E402,F401
+from .blocked_attention import blocked_attention  # noqa: E402

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
