@@ -1,4 +1,4 @@
-"""Distil a 1/8-width draft for the demo model (issue 16, bench (a)); writes a Hugging Face Qwen2 folder.
+"""Distil a 1/8-width draft for the demo model (docs/inference.md, speculative decoding); writes a Hugging Face Qwen2 folder.
 
 The target is the shipped demo model (``bagel_jax/assets/demo``, hidden 128). Its greedy outputs in the bench's
 setting (understanding think mode, no stop token, ``--new-tokens`` tokens) for ``--prompts`` synthetic-world

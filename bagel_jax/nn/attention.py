@@ -12,7 +12,7 @@ Physical token order is irrelevant to the mask (and RoPE positions are explicit)
 put tokens in any order (e.g. all und-expert tokens before all gen-expert tokens).
 
 :func:`attention` takes q, k, v, the query and key vectors, an optional read-only KV cache and an
-implementation name (the porting reference, section 5 for the decoder and 6.3 for the ViT):
+implementation name (docs/architecture.md#attention-mask; the decoder's and the ViT's attention):
 
 * ``"xla"``: the dense reference; builds the ``[B, Lq, Lk]`` mask from the vectors (O(L^2) memory).
 * ``"blocked"``: flash-style attention in plain JAX (any backend) with a custom VJP: O(L) memory, running
@@ -54,7 +54,7 @@ AUTO_BLOCKED_MIN_LEN = 256
 # segment, float32, medians of 20): 4 heads x 64 (the perf harness's ViT) xla / blocked 3.1 / 5.6 ms at 336
 # keys, 7.4 / 9.3 at 576, 12.0 / 24.7 at 784, 35 / 35 at 1024, 110 / 86 at 1600; 16 heads x 72 (SigLIP-so400m)
 # 11.7 / 29.3 ms at 336, 90 / 100 at 784, 176 / 192 at 1024. Above it the dense [heads, L, L] scores also grow
-# large (16 heads at 4,900 patches: 1.5 GB). :class:`bagel_jax.inference.context.Engine` sets it on CPU.
+# large (16 heads at 4,900 patches: 1.5 GB). :class:`bagel_jax.inference.engine.Engine` sets it on CPU.
 INFERENCE_AUTO_BLOCKED_MIN_LEN = 1024
 
 # The switch on GPU / TPU (training and inference). The one measurement on an accelerator (one H200, the

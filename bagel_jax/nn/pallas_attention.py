@@ -1,7 +1,7 @@
 """Flash attention as Pallas kernels that read BAGEL's three mask vectors block by block.
 
 Same semantics as ``bagel_jax.nn.attention.attention(..., "xla")`` without a cache (the mask rule of the
-porting reference section 7.1 written as ``seg``/``vis``/``nblk``, see :mod:`bagel_jax.nn.attention`):
+rule of docs/architecture.md#attention-mask written as ``seg``/``vis``/``nblk``, see :mod:`bagel_jax.nn.attention`):
 
 ``allowed[q, k] = (seg_q == seg_k) & (seg_k > 0) & (vis_k <= vis_q) & ((nblk_k == 0) | (nblk_k == nblk_q))``
 

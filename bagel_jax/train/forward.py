@@ -1,4 +1,4 @@
-"""The training forward: packed batch -> CE and MSE losses (porting reference 9.2).
+"""The training forward: packed batch -> CE and MSE losses (docs/architecture.md#training-losses).
 
 The same function is used by ``train.py`` (inside the jitted train step) and by the parity verifier
 (case ``train_forward``), which injects the recorded noise instead of drawing it.

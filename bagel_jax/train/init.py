@@ -1,4 +1,4 @@
-"""Pre-training initialisation from separate checkpoints, as the official trainer does (porting reference 9.4).
+"""Pre-training initialisation from separate checkpoints, as the official trainer does (docs/architecture.md#training-optimisation-and-freezing).
 
 ``train.init: {qwen2: PATH, siglip: PATH, ae: PATH}`` (each optional; missing parts stay randomly
 initialised) where PATH is a ``.safetensors`` file or a folder of them (sharded HF checkpoints):

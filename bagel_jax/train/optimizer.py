@@ -1,4 +1,4 @@
-"""Training hyper-parameters, the optax optimiser, freezing masks and EMA (porting reference 9.4, 9.5).
+"""Training hyper-parameters, the optax optimiser, freezing masks and EMA (docs/architecture.md#training-optimisation-and-freezing).
 
 Official defaults: AdamW lr 1e-4, betas (0.9, 0.95), eps 1e-15, weight decay 0; linear warm-up
 (2000 steps) then constant, or cosine down to ``min_lr`` 1e-7; global-norm clipping 1.0; EMA decay

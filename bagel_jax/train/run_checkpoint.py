@@ -27,7 +27,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from ..loading import BagelModel, build_modules, save_model
+from ..data.loader import load_groups
+from ..loading import INFERENCE_DEFAULTS_FILE, BagelModel, build_modules, save_model
 
 ITEMS = ("state", "data")
 
@@ -184,14 +185,11 @@ def export_ema(ema_params: Any, cfg, vae_params: Any, out: str, tokenizer=None, 
 
 
 def inference_defaults(out: str, data_dir: str, dcfg, init=None) -> dict:
-    """Write ``OUT/inference.json`` (:func:`bagel_jax.inference.api.folder_defaults`) with the image sizes
+    """Write ``OUT/inference.json`` (:func:`bagel_jax.loading.folder_defaults`) with the image sizes
     the run trained on: the VAE transform of the generation group (``t2i_pretrain``, else
     ``unified_edit``), the ViT transform of ``vlm_sft`` (else ``unified_edit``), and ``image_size`` = the
     VAE transform's ``max_image_size`` within the largest ``data.vae_hw_buckets`` entry. Keys the data
     does not determine come from the init folder's ``inference.json`` when it has one."""
-    from ..data.loader import load_groups
-    from ..inference.api import INFERENCE_DEFAULTS_FILE
-
     src = os.path.join(init, INFERENCE_DEFAULTS_FILE) if isinstance(init, str) else ""
     out_d = {}
     if os.path.isfile(src):

@@ -11,7 +11,7 @@ State (a plain dict pytree, so orbax saves it as is)::
 A step consumes a batch with arrays ``[accum, packs, ...]`` (one packed row per pack). Each pack goes
 through :func:`bagel_jax.train.forward.train_forward` (the code path the parity verifier checks) under
 ``jax.vmap``; losses are re-normalised by the *global* token counts of the micro-batch (official
-normalisation, porting reference 9.2.7), micro-batches are accumulated with ``lax.scan`` (loss / accum; a single micro-batch runs without the loop).
+normalisation, docs/architecture.md#training-losses), micro-batches are accumulated with ``lax.scan`` (loss / accum; a single micro-batch runs without the loop).
 The noise of pack ``g`` of micro-batch ``a`` comes from ``fold_in(fold_in(fold_in(rng, step), a), g)``,
 so results do not depend on the device layout.
 
@@ -127,7 +127,7 @@ def make_loss_fn(model, vae, tc: TrainConfig, mask, special_weights: Mapping[int
         def one(b, k):
             noise = draw_noise(k, b, cfg)
             tw = None
-            if special_weights:   # only the special-token labels (packing's ce_special), porting reference 9.3
+            if special_weights:   # only the special-token labels (packing's ce_special; docs/architecture.md#training-losses
                 tw = jnp.ones(b["ce_label"].shape, jnp.float32)
                 special = b["ce_special"] > 0 if "ce_special" in b else jnp.zeros(b["ce_label"].shape, bool)
                 for tid, w in special_weights.items():
