@@ -16,7 +16,7 @@ from bagel_jax.loading import random_model
 from bagel_jax.tokenizer import load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_A = os.path.normpath(os.path.join(REPO, "..", "shared", "reference", "fixtures", "tiny-a"))
+TINY_A = os.path.join(REPO, "tests", "fixtures", "tiny-a")
 
 
 def small_config(hidden=512, layers=8, heads=8, kv_heads=2, mlp=1408, vocab=32000, vae_ch=64) -> BagelConfig:

@@ -1,6 +1,6 @@
 """int8 weight-only decoder (``quantize="int8"``) against the float model: bytes, error, speed.
 
-    PYTHONPATH=. python bench/bench_int8.py error [--fixtures ../shared/reference/fixtures/tiny-a] [--vit]
+    PYTHONPATH=. python bench/bench_int8.py error [--fixtures tests/fixtures/tiny-a] [--vit]
     PYTHONPATH=. python bench/bench_int8.py bytes
     PYTHONPATH=. python bench/bench_int8.py speed [--hidden 512 --layers 8 --rounds 7]
 

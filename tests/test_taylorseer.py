@@ -5,7 +5,7 @@ of the reference rule for every kind of CFG interval (from the first step, start
 everything, empty, unguided, with an image branch equal to gen); the Taylor-step layer outputs against
 the expansion recomputed from the full steps' outputs; caching that never skips against the uncached
 sampler; batched against one row at a time; and that nothing leaks into later calls. The official run
-itself (``../shared/reference/fixtures/tiny-a-taylorseer``) is checked by ``tests/test_verify_cli.py``.
+itself (``tests/fixtures/tiny-a-taylorseer``) is checked by ``tests/test_verify_cli.py``.
 """
 
 import dataclasses
