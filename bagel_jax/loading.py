@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from typing import Any, Optional
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 
 from . import quantize as quant
 from . import sharding as shd
-from .config import BagelConfig, ConfigError, check_field, load_config, read_json, write_official_configs
+from .config import BAGEL_FIELDS, BagelConfig, ConfigError, check_field, load_config, read_json
 from .convert import official
 from .images import ImageTransform
 from .models import flux_vae
@@ -185,3 +186,25 @@ def save_model(m: BagelModel, folder: str, dtype=None) -> None:
             src = os.path.join(str(m.tokenizer.source), name)
             if os.path.isfile(src) and not os.path.isfile(os.path.join(folder, name)):
                 shutil.copy(src, os.path.join(folder, name))
+
+
+def write_official_configs(cfg: BagelConfig, folder: str) -> None:
+    """Write ``llm_config.json``, ``vit_config.json`` and ``bagel_config.json`` so that
+    :func:`bagel_jax.config.config_from_folder` (and the official loader) rebuilds ``cfg``."""
+    os.makedirs(folder, exist_ok=True)
+    llm = dataclasses.asdict(cfg.llm)
+    llm.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False,
+               attention_dropout=0.0, rope_scaling=None, torch_dtype="float32")
+    vit = dataclasses.asdict(cfg.vit)
+    vit["num_hidden_layers"] = cfg.vit.num_hidden_layers + 1  # the official loader drops one
+    vit.update(model_type="siglip_vision_model", attention_dropout=0.0)
+    vit.pop("rope")
+    bagel = {k: getattr(cfg, k) for k in BAGEL_FIELDS}
+    if cfg.image_mode != "whole":
+        bagel.update(image_mode=cfg.image_mode, patch_ar_groups=list(cfg.patch_ar_groups))
+    vae = dataclasses.asdict(cfg.vae)
+    vae["ch_mult"] = list(cfg.vae.ch_mult)
+    bagel["vae_config"] = vae
+    for name, obj in (("llm_config.json", llm), ("vit_config.json", vit), ("bagel_config.json", bagel)):
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)

@@ -121,7 +121,8 @@ def test_expand_items_and_token_counts(cfg):
 def test_config_fields_round_trip_and_errors(cfg, tmp_path):
     import json
 
-    from bagel_jax.config import ConfigError, config_from_folder, write_official_configs
+    from bagel_jax.config import ConfigError, config_from_folder
+    from bagel_jax.loading import write_official_configs
 
     write_official_configs(cfg, str(tmp_path / "ar"))
     assert config_from_folder(str(tmp_path / "ar")) == cfg

@@ -29,23 +29,16 @@ import dataclasses
 import io
 import json
 import os
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image
 
 from .. import layout
 from ..images import ImageTransform, to_rgb, to_tensor
 from . import packing, patch_ar
-
-
-class SampleError(ValueError):
-    """One row of a dataset cannot be turned into a sample (unreadable image, bad JSON, no loss...)."""
-
-
-class DataConfigError(ValueError):
-    """The data folder or the dataset config is missing something or is malformed."""
+from .errors import DataConfigError, SampleError
+from .parquet import ParquetRows, parquet_files
 
 
 @dataclasses.dataclass
@@ -190,49 +183,6 @@ def vlm_plan(conversations: Sequence[dict], images: Sequence[np.ndarray],
 # Datasets
 # -------------------------------------------------------------------------------------------------
 
-class _ParquetRows:
-    """Row access over a list of parquet files (one cached row group at a time)."""
-
-    def __init__(self, files: Sequence[str], columns: Sequence[str]):
-        self.files = list(files)
-        self.columns = list(columns)
-        self.index = []  # (file, row_group, row) per global row
-        for fi, path in enumerate(self.files):
-            try:
-                pf = pq.ParquetFile(path)
-                meta = pf.metadata
-            except Exception as e:
-                raise DataConfigError(f"{path}: not a readable parquet file ({e})") from None
-            names = set(pf.schema_arrow.names)
-            missing = [c for c in self.columns if c not in names]
-            if missing:
-                raise DataConfigError(f"{path}: missing column(s) {missing} (found {sorted(names)})")
-            for g in range(meta.num_row_groups):
-                n = meta.row_group(g).num_rows
-                self.index += [(fi, g, r) for r in range(n)]
-        self._cache_key = None
-        self._cache = None
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def row(self, i: int) -> dict[str, Any]:
-        fi, g, r = self.index[i]
-        if self._cache_key != (fi, g):
-            self._cache = pq.ParquetFile(self.files[fi]).read_row_group(g, columns=self.columns).to_pylist()
-            self._cache_key = (fi, g)
-        return self._cache[r]
-
-
-def _parquet_files(data_dir: str) -> list[str]:
-    if not os.path.isdir(data_dir):
-        raise DataConfigError(f"data folder not found: {data_dir}")
-    files = sorted(os.path.join(data_dir, f) for f in os.listdir(data_dir) if f.endswith(".parquet"))
-    if not files:
-        raise DataConfigError(f"{data_dir}: no .parquet files")
-    return files
-
-
 def _vae_vit_transforms(spec: dict) -> tuple[ImageTransform, ImageTransform]:
     """VAE and ViT transforms of a group with both: ``vit_image_transform_args`` defaults to ``image_transform_args``."""
     vae = spec["image_transform_args"]
@@ -243,7 +193,7 @@ class T2IDataset:
     group = "t2i_pretrain"
 
     def __init__(self, root: str, spec: dict, tokenizer, cfg):
-        self.rows = _ParquetRows(_parquet_files(os.path.join(root, spec["data_dir"])), ["image", "captions"])
+        self.rows = ParquetRows(parquet_files(os.path.join(root, spec["data_dir"])), ["image", "captions"])
         self.tf = ImageTransform.from_dict(spec["image_transform_args"])
         self.tok = tokenizer
 
@@ -284,8 +234,8 @@ class EditDataset:
                 raise DataConfigError(f"{info_path}: expected a non-empty JSON object {{parquet path: info}}")
             files = [p if os.path.isabs(p) else os.path.join(os.path.dirname(info_path), p) for p in sorted(listed)]
         else:
-            files = _parquet_files(data_dir)
-        self.rows = _ParquetRows(files, ["image_list", "instruction_list"])
+            files = parquet_files(data_dir)
+        self.rows = ParquetRows(files, ["image_list", "instruction_list"])
         self.vae_tf, self.vit_tf = _vae_vit_transforms(spec)
         self.tok = tokenizer
 

@@ -17,7 +17,8 @@ from ..config import ConfigError
 from ..data.datasets import DataConfigError
 from ..sharding import MeshError
 from ..tokenizer import TokenizerError
-from .loop import NonFiniteError, run
+from .loop import run
+from .nonfinite import NonFiniteError
 from .run_checkpoint import CheckpointSaveError, TrainCheckpointError
 from .run_config import TrainSetupError
 

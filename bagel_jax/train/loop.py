@@ -13,7 +13,7 @@ Faults: on an exception the current state is checkpointed before exiting (when i
 SIGINT checkpoints and stops: :func:`run` returns the signal and ``train.py`` exits with 128 + signal
 (143, 130) unless ``--steps`` was reached; a signal that arrives while no batch comes (a stuck data
 source) stops without waiting for one, and a second signal exits at once. A non-finite step never
-changes the weights (:mod:`.step`); ``train.on_nonfinite`` stops the run (:class:`NonFiniteError`; the
+changes the weights (:mod:`.step`); ``train.on_nonfinite`` stops the run (:class:`~bagel_jax.train.nonfinite.NonFiniteError`; the
 last good state is checkpointed) or skips the batch. A failed checkpoint save stops the run at once
 (:class:`.run_checkpoint.CheckpointSaveError`), keeping the previous complete checkpoint.
 """
@@ -39,7 +39,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from .. import sharding as shd
 from ..config import BagelConfig
 from ..convert import official as conv
-from ..data.loader import Interrupted, PackedIterator, Prefetcher, describe_state
+from ..data.loader import PackedIterator, describe_state
+from ..data.prefetch import Interrupted, Prefetcher
 from ..loading import build_modules, load_model, vae_param_shapes
 from ..models import flux_vae
 from ..models.bagel import init_params as bagel_init
@@ -49,14 +50,11 @@ from . import optimizer as O
 from . import step as S
 from .init import init_from_components
 from .metrics import MetricsWriter, is_main, peak_flops_per_device, step_flops, step_record
+from .nonfinite import NonFiniteError, handle_nonfinite
 from .run_checkpoint import CheckpointSaveError, Checkpointer, TrainCheckpointError, export_ema, inference_defaults
 from .run_config import TrainSetupError, check_writable_dir, load_train_config
 
 log = logging.getLogger("bagel_jax.train")
-
-
-class NonFiniteError(RuntimeError):
-    """A step's loss, gradient norm or update was not finite (``train.on_nonfinite``)."""
 
 
 # -------------------------------------------------------------------------------------------------
@@ -347,7 +345,7 @@ def train_steps(args: argparse.Namespace, su: RunSetup, st: RunStart, ckpt: Chec
                 ckpt.check()
                 nonfinite = 0 if last["finite"] else nonfinite + 1
                 if nonfinite:
-                    saved = _nonfinite(tc, step, m, nonfinite, state, (dstate_prev, dstate), ckpt, saved)
+                    saved = handle_nonfinite(tc, step, m, nonfinite, state, (dstate_prev, dstate), ckpt, saved, _say)
                 if args.debug_fail_at is not None and step == args.debug_fail_at:
                     raise RuntimeError(f"--debug-fail-at {args.debug_fail_at}: simulated failure")
                 if step % tc.save_every == 0 or step == args.steps:
@@ -382,30 +380,6 @@ def train_steps(args: argparse.Namespace, su: RunSetup, st: RunStart, ckpt: Chec
     if step == args.steps and args.export:
         _export(state["ema"], su, vae_params, args, st.tokenizer)
     return dict(step=step, last=last, saved=saved, signal=sig.sig)
-
-
-def _nonfinite(tc, step: int, m: dict, count: int, state, dstates, ckpt: Checkpointer, saved: int) -> int:
-    """After a non-finite step (the step kept the previous weights): skip it, or stop with
-    :class:`NonFiniteError` after checkpointing the last good state: in ``stop`` mode the state before
-    this step (as step ``step - 1``), in ``skip`` mode the current one (skipped steps are part of the run).
-    ``dstates``: the data-iterator states before and after this step. Returns the last saved step."""
-    what = f"loss {m['loss']:.4g}, grad norm {m['grad_norm']:.4g}"
-    skip = tc.on_nonfinite == "skip"
-    if skip and count < tc.max_nonfinite_skips:
-        _say(f"[train] step {step}: non-finite ({what}); batch skipped, weights unchanged "
-             f"({count} in a row, at most train.max_nonfinite_skips={tc.max_nonfinite_skips})")
-        return saved
-    good, good_state, good_data = (step, state, dstates[1]) if skip else \
-        (step - 1, dict(state, step=state["step"] - 1), dstates[0])
-    if good > saved and good_data is not None:
-        ckpt.save(good, good_state, good_data)
-        ckpt.wait()
-        saved = good
-    mode = (f"{count} in a row, train.max_nonfinite_skips={tc.max_nonfinite_skips}" if skip
-            else "train.on_nonfinite=stop")
-    raise NonFiniteError(f"step {step}: non-finite {what}; stopped ({mode}) without saving its update; the "
-                         f"latest checkpoint is step {saved if saved >= 0 else 'none'}. Lower train.lr (or "
-                         "train.max_grad_norm), check the data, or set train.on_nonfinite=skip")
 
 
 def _state_alive(state) -> bool:
