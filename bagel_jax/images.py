@@ -23,12 +23,14 @@ DEFAULT_MAX_PIXELS = 14 * 14 * 9 * 1024
 
 
 class ImageError(ValueError):
-    pass
+    """An input image cannot be read or used (unreadable file, unsupported size)."""
 
 
-# (a frozen dataclass of sizes: the same shape as config.BagelConfig's header, nothing shared)
 @dataclasses.dataclass(frozen=True)
 class ImageTransform:
+    """The official image transform's sizes: the longer side at most ``max_image_size``, the shorter at least
+    ``min_image_size``, both multiples of ``image_stride``, at most ``max_pixels`` pixels (:meth:`target_size`)."""
+
     max_image_size: int
     min_image_size: int
     image_stride: int
