@@ -36,11 +36,20 @@ no visible cache slot.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from jax import custom_batching
+
+from .blocked_attention import blocked_attention
+from .mask import CacheView, MaskVectors, chunk_vectors, dense_mask, default_block, full_vectors
+
+# The public names of the attention entry; the mask vocabulary is defined in :mod:`bagel_jax.nn.mask`.
+__all__ = ["IMPLEMENTATIONS", "AUTO_BLOCKED_MIN_LEN", "INFERENCE_AUTO_BLOCKED_MIN_LEN", "ACCELERATOR_AUTO_BLOCKED_MIN_LEN",
+           "CUDNN_MAX_KEYS", "CacheView", "MaskVectors", "attention", "blocked_attention", "chunk_vectors",
+           "default_auto_min_len", "default_block", "dense_mask", "full_vectors", "resolve_implementation",
+           "validate_implementation"]
 
 IMPLEMENTATIONS = ("xla", "blocked", "pallas", "cudnn")
 
@@ -77,60 +86,6 @@ def default_auto_min_len(backend: Optional[str] = None, inference: bool = False)
     if backend == "cpu":
         return INFERENCE_AUTO_BLOCKED_MIN_LEN if inference else AUTO_BLOCKED_MIN_LEN
     return ACCELERATOR_AUTO_BLOCKED_MIN_LEN
-
-# Default block sizes of "blocked": 64 x 64 measured best on CPU (bench/bench_attention.py: at 2048 / 4096
-# tokens 64 x 64 beat 32 x 32, 128 x 128 and 256 x 256); on GPU / TPU larger blocks amortise the per-iteration
-# loop overhead (512 x 512; not measured: no accelerator was available to this work).
-CPU_BLOCK = 64
-ACCELERATOR_BLOCK = 512
-
-
-def default_block() -> int:
-    """Default ``block_q`` / ``block_k`` of "blocked" on the current backend."""
-    return CPU_BLOCK if jax.default_backend() == "cpu" else ACCELERATOR_BLOCK
-
-
-class MaskVectors(NamedTuple):
-    """Per-token mask vectors, each ``[batch, seq]`` int32."""
-
-    seg: jax.Array
-    vis: jax.Array
-    nblk: jax.Array
-
-
-class CacheView(NamedTuple):
-    """A static-capacity KV cache, read-only here."""
-
-    k: jax.Array       # [layers, batch, capacity, kv_heads, head_dim]
-    v: jax.Array       # [layers, batch, capacity, kv_heads, head_dim]
-    length: jax.Array  # [batch] int32 valid slots per row; slots < length are visible to every query
-    layer: jax.Array | int  # which layer of the cache to read (may be traced)
-
-
-def full_vectors(seg: jax.Array) -> MaskVectors:
-    """Vectors of full attention within equal non-zero ``seg`` ids (``[batch, seq]``), e.g. the ViT's images."""
-    seg = seg.astype(jnp.int32)
-    z = jnp.zeros_like(seg)
-    return MaskVectors(seg, z, z)
-
-
-def chunk_vectors(q_len: jax.Array, length: int, causal: bool) -> MaskVectors:
-    """Vectors of one inference chunk of ``length`` slots whose first ``q_len[b]`` tokens are real:
-    causal (text) or full (image blocks); padding tokens get ``seg`` 0 (never visible)."""
-    idx = jnp.arange(length, dtype=jnp.int32)[None, :]
-    seg = (idx < q_len[:, None]).astype(jnp.int32)
-    vis = jnp.broadcast_to(idx if causal else jnp.zeros_like(idx), seg.shape)
-    return MaskVectors(seg, vis, jnp.zeros_like(seg))
-
-
-def dense_mask(q: MaskVectors, k: MaskVectors) -> jax.Array:
-    """Boolean mask ``[batch, q_len, k_len]`` (True = may attend). For the reference path and tests."""
-    same = q.seg[:, :, None] == k.seg[:, None, :]
-    valid = (k.seg > 0)[:, None, :]
-    order = k.vis[:, None, :] <= q.vis[:, :, None]
-    noise_ok = (k.nblk[:, None, :] == 0) | (k.nblk[:, None, :] == q.nblk[:, :, None])
-    return same & valid & order & noise_ok
-
 
 def validate_implementation(name: Optional[str]) -> str:
     """``name`` if it is ``"auto"`` or one of :data:`IMPLEMENTATIONS` (None means ``"auto"``), else a
@@ -315,6 +270,3 @@ def _packed_sdpa(sdpa_impl: str):
     packed.defvjp(packed_fwd, packed_bwd)
     return packed
 
-
-# "blocked" lives in its own module; imported last because it builds on the types above.
-from .blocked_attention import blocked_attention  # noqa: E402

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .attention import CacheView, MaskVectors, default_block
+from .mask import CacheView, MaskVectors, default_block
 
 _NEG = -1e30  # finite "minus infinity": fully masked rows stay NaN-free
 _BIG = np.iinfo(np.int32).max

@@ -57,7 +57,7 @@ try:    # deprecated in jax 0.11 (docs/gpu.md): without it "pallas" has no GPU l
 except ImportError:
     pltriton = None
 
-from .attention import MaskVectors
+from .mask import MaskVectors
 
 _NEG = -1e30          # finite "minus infinity": masked scores never produce inf - inf = NaN
 _BIG = 2 ** 30        # larger than any seg / vis / nblk value (min over an empty set)
