@@ -134,10 +134,10 @@ def cmd_speed(args):
                 jnp.float32(1.0), max_length=n))
 
         def step():
-            return jax.block_until_ready(blocks.flow_velocity(eng.model, eng.params, br.cache, x0, t, lat_pos,
+            return jax.block_until_ready(blocks.velocity(eng.model, eng.params, br.cache, x0, t, lat_pos,
                                                               jnp.asarray(br.rope, jnp.int32), eng.markers)[0])
         decode(), step()                     # compile
-        mem = blocks.flow_velocity.lower(eng.model, eng.params, br.cache, x0, t, lat_pos,
+        mem = blocks.velocity.lower(eng.model, eng.params, br.cache, x0, t, lat_pos,
                                          jnp.asarray(br.rope, jnp.int32), eng.markers).compile().memory_analysis()
         if mem is not None:                  # what the compiled step holds: params in, temporaries
             print(f"{'int8' if b is bq else 'float32'} flow step program: arguments "

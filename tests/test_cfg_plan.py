@@ -63,7 +63,7 @@ def test_new_mode_image_only_guidance(pipe, monkeypatch):
     lat_pos = jnp.asarray(blocks.latent_grid(2, 2, eng.cfg.max_latent_size))[None]
 
     def branch_v(br, x, t):
-        return np.asarray(blocks.flow_velocity(eng.model, eng.params, br.cache, jnp.asarray(x), t, lat_pos,
+        return np.asarray(blocks.velocity(eng.model, eng.params, br.cache, jnp.asarray(x), t, lat_pos,
                                                jnp.asarray(br.rope, jnp.int32), eng.markers)[0])
 
     sig = out["sigmas"]
