@@ -45,8 +45,7 @@ def decoder_layers(params: dict) -> dict:
 def quantized_fixture(fx, vit: bool = False):
     """``fx`` (a parity Fixture, float32) with its decoder layers (and the ViT's when ``vit``) in int8."""
     bm = fx.bm
-    model, _ = build_modules(bm.cfg, bm.model.opts.dtype, bm.model.opts.param_dtype,
-                             attention_impl=bm.model.opts.attention_impl, quantize="int8")
+    model, _ = build_modules(bm.cfg, bm.model.opts, quantize="int8")
     fx.bm = dataclasses.replace(bm, model=model, params=quant.quantize_params(bm.params, "int8", vit=vit))
     fx._engines = {}
     return fx

@@ -20,8 +20,8 @@ HW = (32, 32)
 
 @pytest.fixture(scope="module")
 def pipe(tiny_a):
-    return api.load(tiny_a, dtype="float32", vae_transform=ImageTransform(256, 32, 16),
-                    vit_transform=ImageTransform(256, 28, 14))
+    return api.load(tiny_a, dtype="float32", inference=api.InferenceOptions(ImageTransform(256, 32, 16),
+                                                                       ImageTransform(256, 28, 14)))
 
 
 def _edit_context(pipe):

@@ -77,7 +77,7 @@ def test_bad_mode_is_one_clear_error(tiny_a):
 
 
 def test_sample_quantize_flag_reaches_load(monkeypatch, tiny_a):
-    """--quantize int8 (every subcommand) is passed to bagel_jax.load; the default is none."""
+    """--quantize int8 (every subcommand) reaches bagel_jax.load in its ModelOptions; the default is none."""
     sys.path.insert(0, REPO)
     import sample
     from bagel_jax.cli import sample as sample_program   # the program behind sample.main
@@ -94,7 +94,7 @@ def test_sample_quantize_flag_reaches_load(monkeypatch, tiny_a):
         args = sample.build_parser().parse_args(["understand", "--model-path", tiny_a, "--question", "q", *argv])
         with pytest.raises(RuntimeError, match="stop after load"):
             sample_program._load(args)
-        assert seen["quantize"] == want
+        assert seen["options"].quantize == want
 
 
 def _kernels(tree):
