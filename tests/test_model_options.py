@@ -36,7 +36,7 @@ def test_options_validate_and_normalise():
 def test_options_fields_dtypes_and_the_keyword_conveniences():
     assert ModelOptions("bf16").param_dtype == jnp.bfloat16            # param_dtype follows dtype unless given
     assert ModelOptions("bfloat16", "fp32").param_dtype == jnp.float32
-    with pytest.raises(ValueError, match="dtype must be one of"):
+    with pytest.raises(ValueError, match="unknown dtype 'float16'; choose one of float32, fp32, bfloat16, bf16"):
         ModelOptions("float16")
     with pytest.raises(ValueError, match="quantize_vit=True needs quantize='int8'"):
         ModelOptions(quantize_vit=True)
@@ -62,6 +62,8 @@ def test_train_config_checks_its_model_options_in_one_place():
         TrainConfig.from_dict({"remat_policy": "bogus"})          # ... and a bad one fails there, not at build
     with pytest.raises(ConfigError, match="train: unknown attention implementation 'flash'"):
         TrainConfig.from_dict({"attention_impl": "flash"})
+    with pytest.raises(ConfigError, match="train: unknown dtype 'float16'"):
+        TrainConfig.from_dict({"compute_dtype": "float16"})
     with pytest.raises(ConfigError, match="train: seq_parallel must be True or False"):
         TrainConfig.from_dict({"seq_parallel": 1})
     tc = TrainConfig.from_dict({"compute_dtype": "bfloat16", "remat_policy": "full", "freeze_und": True,

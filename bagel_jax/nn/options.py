@@ -41,7 +41,7 @@ def as_dtype(d):
     """A dtype given by name ("float32" / "fp32", "bfloat16" / "bf16") or as a dtype."""
     if isinstance(d, str):
         if d not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {d!r}")
+            raise ValueError(f"unknown dtype {d!r}; choose one of {', '.join(DTYPES)}")
         return DTYPES[d]
     return d
 
