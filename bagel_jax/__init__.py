@@ -16,6 +16,8 @@ _LAZY = {
     "InterleaveResult": ("bagel_jax.inference.api", "InterleaveResult"),
     "Context": ("bagel_jax.inference.context", "Context"),
     "Engine": ("bagel_jax.inference.engine", "Engine"),
+    "InferenceOptions": ("bagel_jax.inference.engine", "InferenceOptions"),
+    "ModelOptions": ("bagel_jax.nn.options", "ModelOptions"),
     "tune_xla_cpu": ("bagel_jax.runtime", "tune_xla_cpu"),
     "use_compilation_cache": ("bagel_jax.runtime", "use_compilation_cache"),
 }

@@ -18,22 +18,11 @@ from .convert import official
 from .images import ImageTransform
 from .models import flux_vae
 from .models.bagel import Bagel, init_params, key_map, param_shapes
-from .nn.options import ModelOptions
+from .nn import layer_loop
+from .nn.options import ModelOptions, options_with
 from .tokenizer import Tokenizer, load_tokenizer
 
 REQUIRED_FILES = ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors")
-
-DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
-
-
-def as_dtype(d):
-    """A dtype given by name ("float32" / "fp32", "bfloat16" / "bf16") or as a dtype."""
-    if isinstance(d, str):
-        if d not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {d!r}")
-        return DTYPES[d]
-    return d
-
 
 INFERENCE_DEFAULTS_FILE = "inference.json"
 
@@ -77,20 +66,14 @@ class BagelModel:
     folder: Optional[str] = None
 
 
-def build_modules(cfg: BagelConfig, dtype=jnp.float32, param_dtype=jnp.float32, remat_policy: str = "none",
-                  attention_impl: Optional[str] = "auto", vae_dtype=jnp.float32, quantize: str = "none",
-                  freeze_und: bool = False):
-    """The Bagel and AutoEncoder modules for ``cfg``. The five run options become one
-    :class:`~bagel_jax.nn.options.ModelOptions` (validated here: a bad remat policy or attention name
-    fails with the list of choices), given to the Bagel module, which passes it to every submodule.
-    ``attention_impl`` selects the attention of the decoder and the ViT ("auto", "xla", "blocked",
-    "pallas", "cudnn"; see :mod:`bagel_jax.nn.attention`). The VAE runs in ``vae_dtype`` (float32 by
-    default, as the official app does). ``quantize``: "none" or "int8" (dense layers that run the int8
-    kernels of a :func:`bagel_jax.quantize.quantize_params` tree). ``freeze_und``: detach the und-token
-    activations in training (:class:`~bagel_jax.nn.options.ModelOptions`)."""
-    opts = ModelOptions(dtype, param_dtype, remat_policy, "auto" if attention_impl is None else attention_impl,
-                        quantize, freeze_und=freeze_und)
-    return Bagel(cfg, opts), flux_vae.AutoEncoder(cfg.vae, dtype=vae_dtype)
+def build_modules(cfg: BagelConfig, options: Optional[ModelOptions] = None, mesh=None, **fields):
+    """The Bagel and AutoEncoder modules for ``cfg``, run as ``options`` say
+    (:class:`~bagel_jax.nn.options.ModelOptions`, checked where it is made; keyword ``fields`` replace some of
+    its fields, :func:`~bagel_jax.nn.options.options_with`). The Bagel module passes the options to every
+    submodule; ``layer_loop="auto"`` is resolved here for ``mesh`` (None: one device). The VAE runs in
+    float32, as the official app does."""
+    opts = options_with(options, **fields).resolve(mesh)
+    return Bagel(cfg, opts), flux_vae.AutoEncoder(cfg.vae, dtype=jnp.float32)
 
 
 def vae_param_shapes(vae: flux_vae.AutoEncoder, param_dtype=jnp.float32):
@@ -113,58 +96,62 @@ def follow_shardings(shapes: Any, shardings: Any) -> Any:
     return jax.tree_util.tree_map(lambda _: target, shapes)
 
 
-def load_model(folder: str, dtype=jnp.float32, param_dtype=None, shardings=None, vae_shardings=None,
-               with_tokenizer: bool = True, remat_policy: str = "none",
-               attention_impl: Optional[str] = "auto", mesh=None, quantize: str = "none",
-               quantize_vit: bool = False) -> BagelModel:
+def load_model(folder: str, options: Optional[ModelOptions] = None, *, mesh=None, shardings=None,
+               vae_shardings=None, with_tokenizer: bool = True, **fields) -> BagelModel:
     """Load an official BAGEL folder.
 
     Args:
       folder: contains ``llm_config.json``, ``vit_config.json``, ``ema.safetensors``, ``ae.safetensors``
         and the tokenizer files (``bagel_config.json`` optional, for non-7B shapes).
-      dtype: compute dtype of the Bagel module (float32 or bfloat16).
-      param_dtype: storage dtype of the Bagel params (default: ``dtype``). The VAE stays float32.
-      shardings / vae_shardings: optional trees of ``jax.sharding.Sharding`` matching the params; each
-        tensor is placed directly on its sharding. Without ``vae_shardings`` the VAE follows the model
-        (:func:`follow_shardings`: replicated over its mesh, or on its device).
-      attention_impl: attention implementation of the decoder and the ViT (see :func:`build_modules`).
+      options: how the model runs (:class:`~bagel_jax.nn.options.ModelOptions`; default float32): compute and
+        parameter dtype, attention, layer loop, quantization. Keyword ``fields`` (``dtype=``, ``quantize=``, ...)
+        replace some of its fields (:func:`~bagel_jax.nn.options.options_with`). The VAE stays float32.
+        ``quantize="int8"``: per-output-channel int8 weight-only quantization of the decoder layers' q/k/v/o
+        and MLP kernels (both experts; :mod:`bagel_jax.quantize`) while loading: each kernel stack is read in
+        ``param_dtype``, quantized and freed before the next tensor is read, so the load's peak is the
+        quantized tree plus one float kernel stack (not the float tree); ``quantize_vit`` also quantizes the
+        ViT layers' linears. The embeddings, LM head, norms and biases keep ``param_dtype``.
+        ``layer_loop="unrolled"`` (or ``"auto"`` resolving to it): the stacked layer tensors of the files are
+        split per layer as they are read (:func:`bagel_jax.nn.layer_loop.unstack`, each stack freed once split).
       mesh: a ``jax.sharding.Mesh``: with no ``shardings``, the params are split over it by the rules of
         :mod:`bagel_jax.sharding` (``tree_shardings``).
-      quantize: "none" or "int8": per-output-channel int8 weight-only quantization of the decoder layers'
-        q/k/v/o and MLP kernels (both experts; :mod:`bagel_jax.quantize`) while loading: each kernel stack is
-        read in ``param_dtype``, quantized and freed before the next tensor is read, so the load's peak is
-        the quantized tree plus one float kernel stack (not the float tree); ``quantize_vit`` also
-        quantizes the ViT layers' linears. The embeddings, LM head, norms
-        and biases keep ``param_dtype``.
+      shardings / vae_shardings: optional trees of ``jax.sharding.Sharding`` matching the (stacked) params;
+        each tensor is placed directly on its sharding. Without ``vae_shardings`` the VAE follows the model
+        (:func:`follow_shardings`: replicated over its mesh, or on its device).
     """
-    quant.validate_mode(quantize)
+    opts = options_with(options, **fields)
     if not os.path.isdir(folder):
         raise ConfigError(f"model folder not found: {folder}")
     for name in REQUIRED_FILES:
         if not os.path.isfile(os.path.join(folder, name)):
             raise ConfigError(f"{folder}: missing file {name}")
     cfg = load_config(folder)
-    param_dtype = dtype if param_dtype is None else param_dtype
-    model, vae = build_modules(cfg, dtype, param_dtype, remat_policy, attention_impl, quantize=quantize)
-    shapes = param_shapes(model)
+    model, vae = build_modules(cfg, opts, mesh if mesh is not None else shd.mesh_of(shardings))
+    # the files hold every layer stack stacked: read them in the scan layout (split below when unrolled)
+    stacked = model if model.opts.layer_loop == "scan" else Bagel(cfg, dataclasses.replace(model.opts,
+                                                                                            layer_loop="scan"))
+    shapes = param_shapes(stacked)
     if shardings is None and mesh is not None:
         shardings = shd.tree_shardings(shapes, mesh)
     vshapes = vae_param_shapes(vae)
     if vae_shardings is None:
         vae_shardings = follow_shardings(vshapes, shardings)
     params = official.load_params(os.path.join(folder, "ema.safetensors"), key_map(cfg), shapes,
-                                    dtype=param_dtype, shardings=shardings,
-                                    leaf_fn=quant.leaf_quantizer(quantize, vit=quantize_vit))
+                                    dtype=opts.param_dtype, shardings=shardings,
+                                    leaf_fn=quant.leaf_quantizer(opts.quantize, vit=opts.quantize_vit))
+    if model.opts.layer_loop == "unrolled":
+        params = layer_loop.unstack(params, consume=True)
     vae_params = official.load_params(os.path.join(folder, "ae.safetensors"), flux_vae.key_map(cfg.vae),
                                         vshapes, dtype=jnp.float32, shardings=vae_shardings)
     tok = load_tokenizer(folder) if with_tokenizer else None
     return BagelModel(cfg, model, vae, params, vae_params, tok, folder)
 
 
-def random_model(cfg: BagelConfig, key: jax.Array, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat_policy: str = "none") -> BagelModel:
-    """A randomly initialised model (for tests and training from scratch)."""
-    model, vae = build_modules(cfg, dtype, param_dtype, remat_policy)
+def random_model(cfg: BagelConfig, key: jax.Array, options: Optional[ModelOptions] = None,
+                 **fields) -> BagelModel:
+    """A randomly initialised model (for tests and training from scratch); ``options`` / ``fields`` as
+    :func:`build_modules`."""
+    model, vae = build_modules(cfg, options, **fields)
     k1, k2 = jax.random.split(key)
     params = init_params(model, k1)
     ds = cfg.vae.downsample

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import re
 import contextlib
+import types
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
@@ -79,8 +80,9 @@ RULES: list[tuple[str, tuple]] = [
 ]
 
 
-# Logical activation axes -> mesh axes (a tuple = split over several mesh axes, major first).
-ACTIVATION_RULES: dict = {
+# Logical activation axes -> mesh axes (a tuple = split over several mesh axes, major first). Read-only: a
+# different table is passed (with_rules, ModelOptions.activation_rules), never patched in.
+ACTIVATION_RULES: Mapping = types.MappingProxyType({
     "batch": BATCH_AXES,
     "length": None,           # the sequence inside attention / the MLP
     "res_length": None,       # the residual stream between sublayers ("tensor": sequence parallelism)
@@ -93,7 +95,7 @@ ACTIVATION_RULES: dict = {
     "vocab": "tensor",
     "layers": None,
     None: None,
-}
+})
 
 
 class MeshError(ValueError):
@@ -271,25 +273,9 @@ def constrain(x: jax.Array, names: Sequence[Optional[str]], rules: Mapping = ACT
     return jax.lax.with_sharding_constraint(x, spec)
 
 
-@contextlib.contextmanager
-def activation_rules(**overrides):
-    """Temporarily change :data:`ACTIVATION_RULES` (e.g. ``res_length="tensor"``). Affects functions
-    *traced* inside the block: jit a fresh function (or clear its cache) for the change to apply.
-    Superseded by passing rules (``ModelOptions(seq_parallel=True)``, :func:`with_rules`); kept until the
-    trainer (``train/step.py``) and ``bench/aot_7b.py`` pass them."""
-    with_rules(**overrides)   # checks the names
-    old = dict(ACTIVATION_RULES)
-    ACTIVATION_RULES.update(overrides)
-    try:
-        yield
-    finally:
-        ACTIVATION_RULES.clear()
-        ACTIVATION_RULES.update(old)
-
-
 def mesh_scope(mesh: Optional[Mesh]):
-    """``jax.set_mesh(mesh)`` (activations of functions traced inside follow :data:`ACTIVATION_RULES`),
-    or a no-op context for ``None``."""
+    """``jax.set_mesh(mesh)`` (activations of functions traced inside follow the rules they are given,
+    :func:`constrain`), or a no-op context for ``None``."""
     return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 

@@ -32,7 +32,7 @@ def small_config(hidden=512, layers=8, heads=8, kv_heads=2, mlp=1408, vocab=3200
 def small_model(cfg: BagelConfig, dtype=jnp.float32, seed=0):
     if not os.path.isdir(TINY_A):
         raise SystemExit(f"bench needs the tiny-a tokenizer at {TINY_A}")
-    bm = random_model(cfg, jax.random.PRNGKey(seed), dtype=dtype)
+    bm = random_model(cfg, jax.random.PRNGKey(seed), dtype=dtype, param_dtype=jnp.float32)   # float32 master weights
     bm.tokenizer = load_tokenizer(TINY_A)
     return bm
 

@@ -41,17 +41,14 @@ ap.add_argument("--remat", default="full", help="remat policy of decoder / ViT l
 ap.add_argument("--attention", default=None,
                 help="attention implementation of decoder and ViT (default: the model's default for the length)")
 ap.add_argument("--seq-parallel", action="store_true",
-                help="split the residual stream's sequence over the tensor axis (sharding.activation_rules)")
+                help="split the residual stream's sequence over the tensor axis (ModelOptions.seq_parallel)")
 ap.add_argument("--dtype", default="bfloat16", help="compute dtype (default bfloat16)")
 ap.add_argument("--out", default=None, metavar="FILE.jsonl", help="append one JSON line per configuration")
 args = ap.parse_args()
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}"
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import contextlib  # noqa: E402
-
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bagel_jax import sharding as shd  # noqa: E402
@@ -79,10 +76,10 @@ def pack_fields(cfg, L: int, n_images: int, hw: int) -> dict:
 
 
 def one_config(cfg, mesh_spec: str, L: int) -> dict:
-    tc = O.TrainConfig(compute_dtype=args.dtype, remat_policy=args.remat)
+    tc = O.TrainConfig(compute_dtype=args.dtype, remat_policy=args.remat, attention_impl=args.attention or "auto",
+                       seq_parallel=args.seq_parallel)
     mesh = shd.make_mesh(**shd.parse_mesh(mesh_spec))
-    model, vae = build_modules(cfg, dtype=O.DTYPES[args.dtype], param_dtype=jnp.float32, remat_policy=args.remat,
-                               attention_impl=args.attention)
+    model, vae = build_modules(cfg, tc.model_options)
     shapes = param_shapes(model)
     mask = O.trainable_mask(shapes, tc)
     opt = O.make_optimizer(tc, mask, 1000)
@@ -105,9 +102,8 @@ def one_config(cfg, mesh_spec: str, L: int) -> dict:
     print(f"BAGEL-7B-MoT: {O.count_params(shapes) / 1e9:.2f}B params ({O.count_params(shapes, mask) / 1e9:.2f}B "
           f"trainable); mesh {dict(mesh.shape)}; {G} packs x {L} tokens; remat {args.remat}; attention "
           f"{args.attention or 'default'}; seq-parallel {args.seq_parallel}; compute {args.dtype}", flush=True)
-    rules = shd.activation_rules(res_length="tensor") if args.seq_parallel else contextlib.nullcontext()
     t = time.time()
-    with rules, shd.mesh_scope(mesh):
+    with shd.mesh_scope(mesh):
         lowered = jitted.lower(state, batch, vae_abs)
     t_lower = time.time() - t
     t = time.time()

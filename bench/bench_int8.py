@@ -45,8 +45,7 @@ def decoder_layers(params: dict) -> dict:
 def quantized_fixture(fx, vit: bool = False):
     """``fx`` (a parity Fixture, float32) with its decoder layers (and the ViT's when ``vit``) in int8."""
     bm = fx.bm
-    model, _ = build_modules(bm.cfg, bm.model.opts.dtype, bm.model.opts.param_dtype,
-                             attention_impl=bm.model.opts.attention_impl, quantize="int8")
+    model, _ = build_modules(bm.cfg, bm.model.opts, quantize="int8")
     fx.bm = dataclasses.replace(bm, model=model, params=quant.quantize_params(bm.params, "int8", vit=vit))
     fx._engines = {}
     return fx
@@ -134,10 +133,10 @@ def cmd_speed(args):
                 jnp.float32(1.0), max_length=n))
 
         def step():
-            return jax.block_until_ready(blocks.flow_velocity(eng.model, eng.params, br.cache, x0, t, lat_pos,
+            return jax.block_until_ready(blocks.velocity(eng.model, eng.params, br.cache, x0, t, lat_pos,
                                                               jnp.asarray(br.rope, jnp.int32), eng.markers)[0])
         decode(), step()                     # compile
-        mem = blocks.flow_velocity.lower(eng.model, eng.params, br.cache, x0, t, lat_pos,
+        mem = blocks.velocity.lower(eng.model, eng.params, br.cache, x0, t, lat_pos,
                                          jnp.asarray(br.rope, jnp.int32), eng.markers).compile().memory_analysis()
         if mem is not None:                  # what the compiled step holds: params in, temporaries
             print(f"{'int8' if b is bq else 'float32'} flow step program: arguments "

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from bagel_jax.demo import synthetic as syn  # noqa: E402
 from bagel_jax.demo.checker import detect  # noqa: E402
 from bagel_jax.demo.evaluate import demo_transforms, held_out_combinations  # noqa: E402
-from bagel_jax.inference.api import folder_defaults, load  # noqa: E402
+from bagel_jax.inference.api import InferenceOptions, folder_defaults, load  # noqa: E402
 
 
 def _timed(pipe, prompts, size, steps, cache, rounds):
@@ -70,7 +70,7 @@ def main(argv=None):
                                            "bagel_jax", "assets", "demo")
     size = int(folder_defaults(path).get("image_size", (64, 64))[0])
     vae_tf, vit_tf = demo_transforms(size)
-    pipe = load(path, dtype="float32", vae_transform=vae_tf, vit_transform=vit_tf)
+    pipe = load(path, dtype="float32", inference=InferenceOptions(vae_tf, vit_tf))
     combos = held_out_combinations()[: args.batch]
     prompts = [syn.phrase(o) for o in combos]
     load1 = os.getloadavg()[0]

@@ -41,7 +41,8 @@ import jax.numpy as jnp  # noqa: E402
 from bagel_jax import layout  # noqa: E402
 from bagel_jax.config import BagelConfig, LLMConfig, VAEConfig, ViTConfig, config_from_yaml  # noqa: E402
 from bagel_jax.inference.cfg import ImageParams  # noqa: E402
-from bagel_jax.inference.context import Context, Engine  # noqa: E402
+from bagel_jax.inference.context import Context  # noqa: E402
+from bagel_jax.inference.engine import Engine, InferenceOptions  # noqa: E402
 from bagel_jax.inference.decode import generate_text  # noqa: E402
 from bagel_jax.inference.sampler import generate_images  # noqa: E402
 from bagel_jax.loading import build_modules, random_model  # noqa: E402
@@ -106,10 +107,10 @@ def run_mode(cfg: BagelConfig, quantize: str, args, rows: list[dict]) -> None:
         bm = dataclasses.replace(bm, model=bm.model.clone(
             opts=dataclasses.replace(bm.model.opts, attention_impl=args.attention)))
     if quantize != "none":     # the loader's path: int8 kernels + scales in the tree, QuantDense layers
-        model, _ = build_modules(cfg, jnp.bfloat16, jnp.bfloat16, quantize=quantize, attention_impl=args.attention)
+        model, _ = build_modules(cfg, dtype=jnp.bfloat16, quantize=quantize, attention_impl=args.attention)
         bm = dataclasses.replace(bm, model=model, params=quantize_params(bm.params, quantize, consume=True))
     bm.tokenizer = load_tokenizer(os.path.join(REPO, "bagel_jax", "assets", "demo"))
-    eng = Engine(bm, max_context=context_slots(cfg, bm.tokenizer, args.size, args.decode_tokens))
+    eng = Engine(bm, InferenceOptions(max_context=context_slots(cfg, bm.tokenizer, args.size, args.decode_tokens)))
     lm_bytes = param_bytes(bm.params["language_model"])
     ctx = Context.new(eng, 1).add_text(PROMPT)
     caches = [c.strip() for c in args.step_cache.split(",") if c.strip()]

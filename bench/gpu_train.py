@@ -75,8 +75,7 @@ def run_one(cfg, impl: str, tokens: int, args) -> list[dict]:
     """Rows of one configuration: the timing row, then (``--profile``) the top ops of one more step."""
     tc = O.TrainConfig(compute_dtype=args.dtype, remat_policy=args.remat, attention_impl=impl, warmup_steps=0)
     mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    model, vae = build_modules(cfg, dtype=O.DTYPES[args.dtype], param_dtype=jnp.float32, remat_policy=args.remat,
-                               attention_impl=impl)
+    model, vae = build_modules(cfg, tc.model_options)
     params = init_params(model, jax.random.PRNGKey(0))
     ds = cfg.vae.downsample
     vae_params = vae.init(jax.random.PRNGKey(1), jnp.zeros((1, ds * 2, ds * 2, cfg.vae.in_channels)))["params"]

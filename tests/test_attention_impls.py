@@ -297,7 +297,8 @@ def test_one_setting_selects_decoder_and_vit_attention():
 
     assert TrainConfig.from_dict({}).attention_impl == "auto"
     assert TrainConfig.from_dict({"attention_impl": "blocked"}).attention_impl == "blocked"
-    with pytest.raises(ConfigError, match="attention_impl must be one of auto, xla, blocked, pallas, cudnn"):
+    with pytest.raises(ConfigError, match=r"train: unknown attention implementation 'flash' \(expected one of: auto, "
+                                          r"xla, blocked, pallas, cudnn\)"):
         TrainConfig.from_dict({"attention_impl": "flash"})
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "bagel_jax", "assets", "demo"))
     model, _ = build_modules(cfg, attention_impl="blocked")

@@ -20,8 +20,8 @@ HW = (32, 32)
 
 @pytest.fixture(scope="module")
 def pipe(tiny_a):
-    return api.load(tiny_a, dtype="float32", vae_transform=ImageTransform(256, 32, 16),
-                    vit_transform=ImageTransform(256, 28, 14))
+    return api.load(tiny_a, dtype="float32", inference=api.InferenceOptions(ImageTransform(256, 32, 16),
+                                                                       ImageTransform(256, 28, 14)))
 
 
 def _edit_context(pipe):
@@ -63,7 +63,7 @@ def test_new_mode_image_only_guidance(pipe, monkeypatch):
     lat_pos = jnp.asarray(blocks.latent_grid(2, 2, eng.cfg.max_latent_size))[None]
 
     def branch_v(br, x, t):
-        return np.asarray(blocks.flow_velocity(eng.model, eng.params, br.cache, jnp.asarray(x), t, lat_pos,
+        return np.asarray(blocks.velocity(eng.model, eng.params, br.cache, jnp.asarray(x), t, lat_pos,
                                                jnp.asarray(br.rope, jnp.int32), eng.markers)[0])
 
     sig = out["sigmas"]

@@ -25,10 +25,10 @@ def pipe():
     if not os.path.isfile(os.path.join(MODEL, "ema.safetensors")):
         pytest.skip("no interleave demo model in this checkout")
     from bagel_jax.demo.evaluate import demo_transforms
-    from bagel_jax.inference.api import load
+    from bagel_jax.inference.api import InferenceOptions, load
 
     vae_tf, vit_tf = demo_transforms(32)
-    return load(MODEL, dtype="float32", vae_transform=vae_tf, vit_transform=vit_tf)
+    return load(MODEL, dtype="float32", inference=InferenceOptions(vae_tf, vit_tf))
 
 
 def test_model_mode_on_held_out_requests(pipe):

@@ -31,10 +31,10 @@ def _need_demo():
 def test_demo_model_reaches_thresholds_on_held_out_subset():
     _need_demo()
     from bagel_jax.demo.evaluate import demo_transforms, evaluate
-    from bagel_jax.inference.api import load
+    from bagel_jax.inference.api import InferenceOptions, load
 
     vae_tf, vit_tf = demo_transforms(DATA_SIZE)
-    pipe = load(DEMO, dtype="float32", vae_transform=vae_tf, vit_transform=vit_tf)
+    pipe = load(DEMO, dtype="float32", inference=InferenceOptions(vae_tf, vit_tf))
     res = evaluate(pipe, DATA_SIZE, num_timesteps=20, seed=0, limit=SUBSET, batch=SUBSET)
     for k, t in THRESHOLDS.items():
         assert res[k] >= t, (k, res)

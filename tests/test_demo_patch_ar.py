@@ -31,10 +31,11 @@ def _need_model():
 def pipe():
     _need_model()
     from bagel_jax.demo.evaluate import demo_transforms
-    from bagel_jax.inference.api import load
+    from bagel_jax.inference.api import InferenceOptions, load
 
     vae_tf, vit_tf = demo_transforms(32)
-    return load(DEMO_PATCH_AR, dtype="float32", vae_transform=vae_tf, vit_transform=vit_tf, compilation_cache=None)
+    return load(DEMO_PATCH_AR, dtype="float32", inference=InferenceOptions(vae_tf, vit_tf),
+                compilation_cache=None)
 
 
 @pytest.mark.parametrize("k", sorted(THRESHOLDS))

@@ -15,12 +15,16 @@ import pytest
 
 from bagel_jax.images import ImageError, ImageTransform
 from bagel_jax.inference import api, blocks
-from bagel_jax.inference.context import Context, ContextError, Engine, bucket, fine_bucket
+from bagel_jax.inference.context import Context, ContextError, bucket, fine_bucket
+from bagel_jax.inference.engine import Engine, InferenceOptions
 from bagel_jax.inference.decode import SamplingParams, generate_text, pick_next
 from bagel_jax.inference.sampler import ImageParams, generate_images
 from bagel_jax.models.bagel import Bagel
 from bagel_jax.models.qwen2_mot import Routing
+from bagel_jax.loading import load_model
+from bagel_jax.nn import layer_loop
 from bagel_jax.nn.attention import MaskVectors
+from bagel_jax.nn.options import ModelOptions
 
 SMALL_VAE = ImageTransform(256, 32, 16)
 SMALL_VIT = ImageTransform(256, 28, 14)
@@ -29,7 +33,7 @@ HW = (32, 32)
 
 @pytest.fixture(scope="module")
 def pipe(tiny_a):
-    return api.load(tiny_a, dtype="float32", vae_transform=SMALL_VAE, vit_transform=SMALL_VIT)
+    return api.load(tiny_a, dtype="float32", inference=InferenceOptions(SMALL_VAE, SMALL_VIT))
 
 
 def _img(h, w, seed=0):
@@ -214,7 +218,7 @@ def _steered_pipeline(pipe, prompt):
     W = W.at[:, sp.start_of_image].set(W[:, target] * 1.5 + 1e-3 * jnp.sign(W[:, target]))
     params["language_model"]["lm_head"]["kernel"] = W
     bm = dataclasses.replace(eng.bm, params=params)
-    return api.Pipeline(Engine(bm, eng.vae_transform, eng.vit_transform))
+    return api.Pipeline(Engine(bm, eng.options))
 
 
 def test_interleave_model_driven(pipe):
@@ -293,7 +297,7 @@ def test_bad_inputs_clear_errors(pipe, tmp_path):
         pipe.generate_image("x", image_size=HW, num_timesteps=1)
     with pytest.raises(ValueError, match="mode"):
         pipe.interleave("x", mode="nope")
-    short = api.Pipeline(Engine(pipe.engine.bm, SMALL_VAE, SMALL_VIT, max_context=20))
+    short = api.Pipeline(Engine(pipe.engine.bm, InferenceOptions(SMALL_VAE, SMALL_VIT, max_context=20)))
     with pytest.raises(ContextError, match="too long"):
         short.understand(None, "A red cat sits on the blue mat and a dog runs under the tree.")
     with pytest.raises(ContextError, match="too long"):
@@ -321,7 +325,7 @@ def test_too_long_request_fails_before_compute(pipe, monkeypatch):
     def no_compute(*a, **k):
         raise AssertionError("compute started")
 
-    short = api.Pipeline(Engine(pipe.engine.bm, SMALL_VAE, SMALL_VIT, max_context=40))
+    short = api.Pipeline(Engine(pipe.engine.bm, InferenceOptions(SMALL_VAE, SMALL_VIT, max_context=40)))
     monkeypatch.setattr(context_mod.blocks, "text_chunk", no_compute)
     monkeypatch.setattr(context_mod.blocks, "vit_chunk", no_compute)
     with pytest.raises(ContextError, match="too long"):
@@ -336,7 +340,7 @@ def test_understand_ignores_the_latent_grid(pipe):
     """Understanding uses no VAE tokens: an input whose VAE-rule resize leaves the latent grid (40 px: not a
     multiple of 16) is still understood; editing it (VAE tokens) is refused."""
     eng = pipe.engine
-    odd = api.Pipeline(Engine(eng.bm, ImageTransform(40, 24, 8), eng.vit_transform))
+    odd = api.Pipeline(Engine(eng.bm, InferenceOptions(ImageTransform(40, 24, 8), eng.vit_transform)))
     assert isinstance(odd.understand(_img(40, 40), "What is it?", max_new_tokens=4), str)
     with pytest.raises(ImageError, match="latent grid"):
         odd.edit_image(_img(40, 40), "x")
@@ -366,14 +370,19 @@ def test_image_prefill_without_hidden_writes_the_same_cache(pipe):
     np.testing.assert_array_equal(np.asarray(lean.gen.cache.v[:, :, :n]), np.asarray(full.gen.cache.v[:, :, :n]))
 
 
-def test_engine_model_uses_the_inference_attention_switch(pipe):
-    """The engine's model keeps "auto" but stays dense longer without a cache (forward only, measured);
-    a model built with its own switch keeps it."""
+def test_load_builds_the_model_for_inference_and_the_engine_runs_it_as_given(pipe, tiny_a):
+    """``load`` builds the model with the forward-only "auto" attention switch (dense longer without a cache,
+    measured) and the layer loop of its device; options with their own switch keep it. The engine runs the
+    model it is given (no clone with other options): a model loaded with the default options stays so."""
     from bagel_jax.nn.attention import AUTO_BLOCKED_MIN_LEN, INFERENCE_AUTO_BLOCKED_MIN_LEN
     eng = pipe.engine
-    assert eng.model.opts.attention_impl == "auto"
-    assert eng.model.opts.auto_blocked_min_len == INFERENCE_AUTO_BLOCKED_MIN_LEN
-    assert eng.bm.model.opts.auto_blocked_min_len == INFERENCE_AUTO_BLOCKED_MIN_LEN
-    own = dataclasses.replace(eng.bm, model=eng.bm.model.clone(
-        opts=dataclasses.replace(eng.bm.model.opts, auto_blocked_min_len=AUTO_BLOCKED_MIN_LEN + 1)))
-    assert Engine(own, SMALL_VAE, SMALL_VIT).model.opts.auto_blocked_min_len == AUTO_BLOCKED_MIN_LEN + 1
+    assert eng.model.opts == ModelOptions(dtype="float32", layer_loop=layer_loop.resolve("auto"),
+                                          auto_blocked_min_len=INFERENCE_AUTO_BLOCKED_MIN_LEN)
+    assert eng.model is eng.bm.model
+    own = ModelOptions(auto_blocked_min_len=AUTO_BLOCKED_MIN_LEN + 1)
+    assert own.for_inference() is own
+    bm = load_model(tiny_a, with_tokenizer=True)
+    assert bm.model.opts == ModelOptions()
+    assert Engine(bm).model is bm.model and Engine(bm).params is bm.params
+    with pytest.raises(TypeError, match="InferenceOptions"):
+        Engine(bm, SMALL_VAE)

@@ -21,7 +21,7 @@ SMALL_VIT = ImageTransform(256, 28, 14)
 
 @pytest.fixture(scope="module")
 def pipes(tiny_a):
-    kw = dict(dtype="float32", vae_transform=SMALL_VAE, vit_transform=SMALL_VIT)
+    kw = dict(dtype="float32", inference=api.InferenceOptions(SMALL_VAE, SMALL_VIT))
     return {loop: api.load(tiny_a, layer_loop=loop, **kw) for loop in ("scan", "unrolled")}
 
 

@@ -12,7 +12,8 @@ from bagel_jax.config import load_config
 from bagel_jax.data import datasets, packing
 from bagel_jax.images import ImageTransform
 from bagel_jax.inference import blocks
-from bagel_jax.inference.context import Context, Engine
+from bagel_jax.inference.context import Context
+from bagel_jax.inference.engine import Engine, InferenceOptions
 from bagel_jax.inference.kv_cache import KVCache
 from bagel_jax.loading import BagelModel
 
@@ -125,7 +126,7 @@ def test_context_agrees_with_packing(tiny_a, monkeypatch):
     # no weights (the model calls are stubs) and a stand-in tokenizer: one id per character
     tok = types.SimpleNamespace(encode=lambda text: [100 + ord(ch) for ch in text], special=SP)
     bm = BagelModel(cfg, None, None, {}, {}, tok)
-    eng = Engine(bm, ImageTransform(256, 32, 16), ImageTransform(256, 28, 14), cache_dtype=jnp.float32)
+    eng = Engine(bm, InferenceOptions(ImageTransform(256, 32, 16), ImageTransform(256, 28, 14), cache_dtype=jnp.float32))
     calls = []
     _record_device_calls(monkeypatch, calls)
     img = (np.random.RandomState(0).rand(32, 48, 3) * 255).astype(np.uint8)

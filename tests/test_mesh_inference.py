@@ -43,10 +43,8 @@ def test_activation_spec_rules():
         P("fsdp", None, None)
     # KV cache [layers, batch, capacity, kv_heads, head_dim]: 6 rows split over data only
     assert shd.activation_spec(CACHE_AXES, (4, 6, 256, 2, 32), mesh) == P(None, "data", None, "tensor", None)
-    with shd.activation_rules(res_length="tensor"):
-        assert shd.activation_spec(("batch", "res_length", "embed"), (1, 16, 8), mesh) == P(None, "tensor", None)
-    assert shd.ACTIVATION_RULES["res_length"] is None
-    # the rules the models pass: ModelOptions(seq_parallel=True) splits the residual stream, without patching
+    # the rules the models pass: ModelOptions(seq_parallel=True) splits the residual stream; the module table
+    # is read-only (rules are passed, never patched in)
     from bagel_jax.nn.options import ModelOptions
 
     res = ("batch", "res_length", "embed")
@@ -54,6 +52,8 @@ def test_activation_spec_rules():
         P(None, "tensor", None)
     assert shd.activation_spec(res, (1, 16, 8), mesh, ModelOptions().activation_rules) == P(None, None, None)
     assert shd.ACTIVATION_RULES["res_length"] is None
+    with pytest.raises(TypeError):
+        shd.ACTIVATION_RULES["res_length"] = "tensor"
     with pytest.raises(ValueError, match="unknown logical axes"):
         shd.with_rules(sequence="tensor")
     with pytest.raises(ValueError, match="unknown logical axis"):
@@ -137,18 +137,20 @@ def _script(out_dir: str) -> None:
 
     # load(shardings=...) alone: the VAE follows the model's mesh
     mesh = shd.make_mesh(fsdp=4, tensor=2)
-    sh = shd.tree_shardings(param_shapes(one.engine.model), mesh)
+    sh = shd.tree_shardings(param_shapes(many.engine.model), mesh)   # the stacked layout of the files
     third = bagel_jax.load(DEMO, dtype="float32", shardings=sh)
     assert third.engine.mesh == mesh
     vae_leaf = jax.tree_util.tree_leaves(third.engine.vae_params)[0]
     assert isinstance(vae_leaf.sharding, NamedSharding) and vae_leaf.sharding.mesh == mesh
     _close(ref.arrays, third.generate_image(PROMPTS, num_timesteps=STEPS).arrays, "t2i shardings= fsdp=4,tensor=2")
 
-    # an Engine given a mesh for params on one device moves them onto it
+    # an Engine given a mesh for params on one device moves them onto it (a model loaded with the scan layout:
+    # the engine runs the model as it is given)
     from bagel_jax.inference.api import Pipeline
-    from bagel_jax.inference.context import Engine
+    from bagel_jax.inference.engine import Engine
+    from bagel_jax.loading import load_model
 
-    moved = Pipeline(Engine(one.engine.bm, one.engine.vae_transform, one.engine.vit_transform, mesh=mesh))
+    moved = Pipeline(Engine(load_model(DEMO), one.engine.options, mesh=mesh))
     assert _spec(moved.engine.params["language_model"]["model"]["layers"]["layer"]["q_proj"]["kernel"]) == \
         (None, "fsdp", "tensor")
     assert jax.tree_util.tree_leaves(moved.engine.vae_params)[0].sharding.mesh == mesh

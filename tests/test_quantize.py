@@ -77,7 +77,7 @@ def test_bad_mode_is_one_clear_error(tiny_a):
 
 
 def test_sample_quantize_flag_reaches_load(monkeypatch, tiny_a):
-    """--quantize int8 (every subcommand) is passed to bagel_jax.load; the default is none."""
+    """--quantize int8 (every subcommand) reaches bagel_jax.load in its ModelOptions; the default is none."""
     sys.path.insert(0, REPO)
     import sample
     from bagel_jax.cli import sample as sample_program   # the program behind sample.main
@@ -94,7 +94,7 @@ def test_sample_quantize_flag_reaches_load(monkeypatch, tiny_a):
         args = sample.build_parser().parse_args(["understand", "--model-path", tiny_a, "--question", "q", *argv])
         with pytest.raises(RuntimeError, match="stop after load"):
             sample_program._load(args)
-        assert seen["quantize"] == want
+        assert seen["options"].quantize == want
 
 
 def _kernels(tree):
@@ -159,7 +159,7 @@ def test_tiny_a_logits_within_the_stated_tolerance_of_float32(tiny_a, loaded):
 
 
 def test_flow_step_runs_with_int8_weights(tiny_a, loaded):
-    """One text-to-image flow step (conditional and text-unconditional branch, ``blocks.flow_velocity`` as the
+    """One text-to-image flow step (conditional and text-unconditional branch, ``blocks.velocity`` as the
     sampler calls it) with the int8 model on the tiny-a ``gen_single_step`` inputs: the velocities stay
     within 3e-2 * max|v| of the float32 reference (measured 0.9-1.0e-2; 0.7-1.4e-2 over every branch and CFG
     combination of the case, ``bench/bench_int8.py error``)."""
@@ -172,7 +172,7 @@ def test_flow_step_runs_with_int8_weights(tiny_a, loaded):
     pos = blocks.latent_grid(P["t2i_image_hw"][0] // ds, P["t2i_image_hw"][1] // ds, eng.cfg.max_latent_size)
     c = Context.new(eng, 1).add_text(P["t2i_prompt"])
     for name, br in (("cond", c.gen), ("text_uncond", c.cfg_text)):
-        v = blocks.flow_velocity(eng.model, eng.params, br.cache, jnp.asarray(arr["t2i.x_t"], jnp.float32)[None],
+        v = blocks.velocity(eng.model, eng.params, br.cache, jnp.asarray(arr["t2i.x_t"], jnp.float32)[None],
                                  jnp.float32(P["t"]), pos[None], jnp.asarray(br.rope, jnp.int32), eng.markers)[0]
         ref = arr[f"t2i.v_{name}"].astype(np.float64)
         err = np.abs(np.asarray(v[0]) - ref).max() / np.abs(ref).max()

@@ -48,7 +48,7 @@ def test_help_documents_every_flag(capsys):
 
 
 def test_attention_option_reaches_load(monkeypatch, tiny_a):
-    """--attention NAME (every subcommand) is passed to bagel_jax.load; unknown names are refused."""
+    """--attention NAME (every subcommand) reaches bagel_jax.load in its ModelOptions; unknown names are refused."""
     from bagel_jax.inference import api
 
     seen = {}
@@ -62,7 +62,7 @@ def test_attention_option_reaches_load(monkeypatch, tiny_a):
                                             "--attention", "blocked"])
     with pytest.raises(RuntimeError, match="stop after load"):
         sample_program._load(args)
-    assert seen["attention_impl"] == "blocked"
+    assert seen["options"].attention_impl == "blocked"
     required = {"generate": ["--prompt", "p"], "edit": ["--prompt", "p", "--image", "i.png"], "interleave": [],
                 "chat": []}
     for cmd, extra in required.items():

@@ -18,7 +18,7 @@ import sample  # noqa: E402
 
 @pytest.fixture(scope="module")
 def pipe(tiny_a):
-    return api.load(tiny_a, dtype="float32", vae_transform=SMALL_VAE, vit_transform=SMALL_VIT)
+    return api.load(tiny_a, dtype="float32", inference=api.InferenceOptions(SMALL_VAE, SMALL_VIT))
 
 
 def test_thinking_with_draft_equals_plain(pipe):

@@ -28,8 +28,8 @@ STEPS = 20
 
 @pytest.fixture(scope="module")
 def pipe(tiny_a):
-    return api.load(tiny_a, dtype="float32", vae_transform=ImageTransform(256, 32, 16),
-                    vit_transform=ImageTransform(256, 28, 14))
+    return api.load(tiny_a, dtype="float32", inference=api.InferenceOptions(ImageTransform(256, 32, 16),
+                                                                       ImageTransform(256, 28, 14)))
 
 
 @pytest.fixture(scope="module")

@@ -210,7 +210,7 @@ def _setup_jax(args):
 
 def _load(args):
     dtype = _setup_jax(args)
-    from ..inference.api import load
+    from ..inference.api import InferenceOptions, ModelOptions, load
 
     def tf(v):  # None: the folder's inference.json, else the official transforms
         return ImageTransform(*v) if v else None
@@ -221,9 +221,10 @@ def _load(args):
         from .. import sharding as shd
 
         mesh = shd.make_mesh(**shd.parse_mesh(args.mesh))   # MeshError (a ValueError): exit status 2
-    pipe = load(args.model_path, dtype=dtype, vae_transform=tf(args.vae_transform),
-                vit_transform=tf(args.vit_transform), max_context=args.max_context, attention_impl=args.attention,
-                mesh=mesh, quantize=args.quantize, layer_loop=args.layer_loop, compilation_cache=None)
+    options = ModelOptions(dtype=dtype, attention_impl=args.attention, quantize=args.quantize,
+                           layer_loop=args.layer_loop)
+    inference = InferenceOptions(tf(args.vae_transform), tf(args.vit_transform), args.max_context)
+    pipe = load(args.model_path, options=options, mesh=mesh, inference=inference, compilation_cache=None)
     where = f", mesh {dict(mesh.shape)}" if mesh is not None else ""
     where += ", int8 weights" if args.quantize == "int8" else ""
     print(f"loaded {args.model_path} ({dtype}{where}) in {time.time() - t0:.1f}s", file=sys.stderr)

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from ..images import ImageTransform
-from ..inference.api import folder_defaults, load
+from ..inference.api import InferenceOptions, folder_defaults, load
 from . import synthetic as syn
 from .checker import detect
 from .interleave_data import eval_cases
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
     if args.size is None:
         args.size = int(folder_defaults(path).get("image_size", (64, 64))[0])
     vae_tf, vit_tf = demo_transforms(args.size)
-    pipe = load(path, dtype="float32", vae_transform=vae_tf, vit_transform=vit_tf)
+    pipe = load(path, dtype="float32", inference=InferenceOptions(vae_tf, vit_tf))
     if args.save_images:
         os.makedirs(args.save_images, exist_ok=True)
     gen_kw = {k: v for k, v in (("cfg_text_scale", args.cfg_text_scale), ("timestep_shift", args.timestep_shift))

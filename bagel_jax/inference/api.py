@@ -29,8 +29,8 @@ from PIL import Image
 
 from .. import layout
 from .. import sharding as shd
-from ..images import INFERENCE_VAE, INFERENCE_VIT, ImageTransform
-from ..loading import INFERENCE_DEFAULTS_FILE, as_dtype, folder_defaults, load_model
+from ..loading import INFERENCE_DEFAULTS_FILE, folder_defaults, load_model
+from ..nn.options import ModelOptions, options_with
 from ..runtime import use_compilation_cache
 from . import progress as _progress
 from . import streaming
@@ -39,65 +39,67 @@ from .context import GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT, Context
 from .conversation import (DEFAULT_MAX_TEXT, Conversation, InterleaveResult, as_list, interleave, noise_keys,
                            sampling, text_keys)
 from .decode import decode_text
-from .engine import ContextError, Engine
+from .engine import ContextError, Engine, InferenceOptions
 from .patch_ar import generate_images_patch_ar
 from .sampler import generate_images
 from .speculative import ModelDraft
 from .text_sampling import SamplingParams
 
 __all__ = ["load", "folder_defaults", "INFERENCE_DEFAULTS_FILE", "Pipeline", "ImageResult", "Conversation",
-           "InterleaveResult", "ImageParams"]
+           "InterleaveResult", "ImageParams", "ModelOptions", "InferenceOptions"]
 
 DEFAULT_IMAGE_SIZE = (1024, 1024)
 
-def load(folder: str, dtype="bfloat16", param_dtype=None, shardings=None, vae_shardings=None,
-         vae_transform: Optional[ImageTransform] = None, vit_transform: Optional[ImageTransform] = None,
-         max_context: Optional[int] = None, attention_impl: str = "auto", mesh=None, quantize: str = "none",
-         quantize_vit: bool = False, layer_loop: str = "auto",
-         compilation_cache: Optional[str] = None) -> "Pipeline":
-    """Load an official BAGEL folder for inference.
+# what ``load`` runs with when it is given no ModelOptions (other fields: the ModelOptions defaults)
+LOAD_DEFAULTS = dict(dtype="bfloat16", layer_loop="auto")
+
+
+def load(folder: str, options: Optional[ModelOptions] = None, *, mesh=None,
+         inference: Optional[InferenceOptions] = None, shardings=None, vae_shardings=None,
+         compilation_cache: Optional[str] = None, **fields) -> "Pipeline":
+    """Load an official BAGEL folder for inference: ``load(folder)``, ``load(folder, dtype="float32")``, or
+    ``load(folder, options=ModelOptions(...))`` for the whole choice of how the model runs.
 
     Args:
       folder: official model folder (``llm_config.json``, ``vit_config.json``, ``ema.safetensors``,
         ``ae.safetensors``, tokenizer files).
-      dtype: compute dtype of the Bagel model ("bfloat16" as released, or "float32"); the VAE runs in float32.
-      param_dtype: storage dtype of the weights (default: ``dtype``).
-      shardings / vae_shardings: optional trees of ``jax.sharding.Sharding`` for the params (see
-        :func:`bagel_jax.loading.load_model`); inputs then follow the params' placement, and the VAE
-        follows the model when ``vae_shardings`` is not given.
+      options: :class:`~bagel_jax.nn.options.ModelOptions` (checked where it is made). Default
+        ``ModelOptions(dtype="bfloat16", layer_loop="auto")`` (:data:`LOAD_DEFAULTS`). The fields that matter
+        here: ``dtype`` (compute dtype, "bfloat16" as released, or "float32"; the VAE runs in float32),
+        ``param_dtype`` (storage dtype, default ``dtype``), ``attention_impl`` ("auto": "blocked" for cached
+        inference and long sequences, "xla" for short ones; "xla", "blocked", "pallas" or "cudnn", see
+        :mod:`bagel_jax.nn.attention`), ``quantize`` ("int8": int8 weight-only decoder layers, docs/int8.md;
+        ``quantize_vit`` the ViT's too), ``layer_loop`` ("auto": "unrolled", per-layer weight arrays, on one
+        CPU device, where the scan's per-layer weight copies cost up to half of a decode step; "scan"
+        elsewhere; :mod:`bagel_jax.nn.layer_loop`). An unset ``auto_blocked_min_len`` takes the inference
+        value (:meth:`~bagel_jax.nn.options.ModelOptions.for_inference`).
+      fields: ModelOptions fields by keyword (``dtype="float32"``, ``quantize="int8"``), replacing those of
+        ``options`` or of the default (:func:`~bagel_jax.nn.options.options_with`).
       mesh: run on several devices: a ``jax.sharding.Mesh`` with axes ``(data, fsdp, tensor)`` or a string
         ``"data=1,fsdp=2,tensor=2"`` (:func:`bagel_jax.sharding.parse_mesh`; the sizes multiply to the
         device count). Params are split by the rules of :mod:`bagel_jax.sharding` (``fsdp`` and ``tensor``
         split the weights, ``data`` replicates them), KV caches over rows and kv heads, activations by
         their logical axes; the VAE is replicated. Results equal one device (up to float reduction order).
-      vae_transform / vit_transform: input image resize rules (default: the folder's ``inference.json``
-        if it has one, else the official inference transforms).
-      max_context: most tokens a conversation may hold (default: the model's max_position_embeddings).
-      attention_impl: attention implementation of the decoder and the ViT: "auto" (default: "blocked" for
-        cached inference and long sequences, "xla" for short ones), "xla", "blocked", "pallas" or "cudnn"
-        (see :mod:`bagel_jax.nn.attention`).
-      quantize: "none" or "int8": int8 weight-only decoder layers (per-output-channel scales; docs/int8.md
-        gives bytes, error and speed); ``quantize_vit`` also the ViT's (see
-        :func:`bagel_jax.loading.load_model`).
-      layer_loop: how the decoder and ViT layer stacks run (:mod:`bagel_jax.nn.layer_loop`): "auto" (default:
-        "unrolled", per-layer weight arrays, on one CPU device, where the scan's per-layer weight copies cost
-        up to half of a decode step; "scan" elsewhere), "scan" or "unrolled".
+      inference: :class:`~bagel_jax.inference.engine.InferenceOptions`: image transforms (default: the
+        folder's ``inference.json`` if it has one, else the official inference transforms), the most tokens
+        a conversation may hold (default: the model's max_position_embeddings), the KV cache dtype.
+      shardings / vae_shardings: optional trees of ``jax.sharding.Sharding`` for the params (see
+        :func:`bagel_jax.loading.load_model`); inputs then follow the params' placement, and the VAE
+        follows the model when ``vae_shardings`` is not given.
       compilation_cache: a folder for JAX's persistent compilation cache, used unless JAX already has one
         (:func:`bagel_jax.runtime.use_compilation_cache`, a process-wide setting: ``sample.py`` and the app
         pass ``~/.cache/bagel_jax/jax``); default None leaves JAX's configuration as it is.
     """
-    dt = as_dtype(dtype)
+    opts = options_with(options, **fields) if options is not None else options_with(**{**LOAD_DEFAULTS, **fields})
+    inference = inference or InferenceOptions()
     use_compilation_cache(compilation_cache)
     if isinstance(mesh, str):
         mesh = shd.make_mesh(**shd.parse_mesh(mesh))
-    bm = load_model(folder, dtype=dt, param_dtype=as_dtype(param_dtype) if param_dtype is not None else dt,
-                    shardings=shardings, vae_shardings=vae_shardings, attention_impl=attention_impl, mesh=mesh,
-                    quantize=quantize, quantize_vit=quantize_vit)
+    bm = load_model(folder, opts.for_inference(), mesh=mesh, shardings=shardings, vae_shardings=vae_shardings)
     fd = folder_defaults(folder)
-    vae_transform = vae_transform or fd.get("vae_transform", INFERENCE_VAE)
-    vit_transform = vit_transform or fd.get("vit_transform", INFERENCE_VIT)
-    pipe = Pipeline(Engine(bm, vae_transform, vit_transform, max_context, mesh=mesh, layer_loop=layer_loop,
-                           consume_params=True))    # bm is ours: its stacked layer arrays are freed as split
+    inference = dataclasses.replace(inference, vae_transform=inference.vae_transform or fd.get("vae_transform"),
+                                    vit_transform=inference.vit_transform or fd.get("vit_transform"))
+    pipe = Pipeline(Engine(bm, inference, mesh=mesh))
     pipe.default_image_size = fd.get("image_size", DEFAULT_IMAGE_SIZE)
     return pipe
 

@@ -98,7 +98,7 @@ def flow_head(model: Bagel, params, f):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "collect"))
-def flow_velocity(model: Bagel, params, cache: KVCache, x_t, t, lat_pos, rope, markers, collect: bool = False):
+def velocity(model: Bagel, params, cache: KVCache, x_t, t, lat_pos, rope, markers, collect: bool = False):
     """One velocity prediction per row (:func:`flow_features` then :func:`flow_head`). The sampler's
     step and the parity verifier both call this.
 

@@ -1,11 +1,11 @@
 """The inference engine: a loaded model plus what every context needs (special tokens, image transforms, limits,
-the mesh, the layer layout of the weights). Contexts (:mod:`bagel_jax.inference.context`) are built on it."""
+the mesh), given as :class:`InferenceOptions`. Contexts (:mod:`bagel_jax.inference.context`) are built on it."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +13,6 @@ import jax.numpy as jnp
 from .. import sharding as shd
 from ..images import INFERENCE_VAE, INFERENCE_VIT, ImageError, ImageTransform, load_image
 from ..loading import BagelModel
-from ..nn import layer_loop as layer_loop_lib
-from ..nn.attention import default_auto_min_len
 from .kv_cache import KVCache
 
 CACHE_MIN = 256
@@ -36,36 +34,55 @@ def on_mesh(fn):
     return wrapper
 
 
+@dataclasses.dataclass(frozen=True)
+class InferenceOptions:
+    """What inference adds to a loaded model (how the model itself runs is its
+    :class:`~bagel_jax.nn.options.ModelOptions`, fixed when it was built).
+
+    Attributes:
+      vae_transform / vit_transform: image resize rules (None: the official inference defaults,
+        docs/architecture.md#image-preprocessing; ``bagel_jax.load`` first takes a model folder's
+        ``inference.json``).
+      max_context: most KV slots a row may hold (None: the model's ``max_position_embeddings``).
+      cache_dtype: dtype of KV caches (None: the model's compute dtype).
+    """
+
+    vae_transform: Optional[ImageTransform] = None
+    vit_transform: Optional[ImageTransform] = None
+    max_context: Optional[int] = None
+    cache_dtype: Any = None
+
+    def __post_init__(self):
+        for name in ("vae_transform", "vit_transform"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, ImageTransform):
+                raise ValueError(f"{name} must be an ImageTransform or None, got {v!r}")
+        n = self.max_context
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"max_context must be None or an integer >= 1, got {n!r}")
+
+
 class Engine:
     """A loaded model plus everything contexts need (special tokens, transforms, limits).
 
     Args:
-      bm: the loaded model (:func:`bagel_jax.loading.load_model`).
-      vae_transform / vit_transform: image resize rules (official inference defaults,
-        docs/architecture.md#image-preprocessing).
-      max_context: most KV slots a row may hold (default ``max_position_embeddings``).
-      cache_dtype: dtype of KV caches (default: the model's compute dtype).
+      bm: the loaded model (:func:`bagel_jax.loading.load_model`); its modules run as built (``bm.model.opts``:
+        dtypes, attention, layer loop; ``bagel_jax.load`` builds them for inference,
+        :meth:`~bagel_jax.nn.options.ModelOptions.for_inference`).
+      options: :class:`InferenceOptions` (image transforms, context limit, cache dtype).
       mesh: the ``jax.sharding.Mesh`` to run on (default: the mesh of the params' ``NamedSharding`` if
         they are spread over several devices, else None = one device). KV caches are created on it and
         every device call runs under it; params not already on it are split over it by the rules of
         :mod:`bagel_jax.sharding` (the VAE replicated).
-      layer_loop: how the decoder and ViT layer stacks run (:mod:`bagel_jax.nn.layer_loop`): "auto"
-        (default: "unrolled" on one CPU device, else "scan"), "scan" or "unrolled". When it differs from
-        ``bm``'s layout the engine holds its own copy of the layer weights in its layout (``self.bm`` /
-        ``self.params`` / ``self.model``); ``bm`` keeps its own unless ``consume_params``, which frees
-        ``bm``'s stacked layer arrays as they are split (``bm.params`` is unusable afterwards).
-
-    The engine's model runs forward only: with ``attention_impl="auto"`` and the default
-    ``ModelOptions.auto_blocked_min_len``, attention without a cache (the ViT) stays dense up to
-    ``default_auto_min_len(inference=True)`` keys of :mod:`bagel_jax.nn.attention` (``self.model`` is a clone
-    with it).
     """
 
-    def __init__(self, bm: BagelModel, vae_transform: ImageTransform = INFERENCE_VAE,
-                 vit_transform: ImageTransform = INFERENCE_VIT, max_context: Optional[int] = None,
-                 cache_dtype=None, mesh=None, layer_loop: str = "auto", consume_params: bool = False):
+    def __init__(self, bm: BagelModel, options: Optional[InferenceOptions] = None, *, mesh=None):
         if bm.tokenizer is None:
             raise ContextError("the engine needs a tokenizer (load the model with with_tokenizer=True)")
+        if options is not None and not isinstance(options, InferenceOptions):
+            raise TypeError(f"Engine: options must be an InferenceOptions, got {options!r}")
+        options = options or InferenceOptions()
+        self.options = options
         self.bm = bm
         self.cfg = bm.cfg
         self.model = bm.model
@@ -75,36 +92,18 @@ class Engine:
         self.tok = bm.tokenizer
         self.sp = bm.tokenizer.special
         self.markers = jnp.asarray([self.sp.start_of_image, self.sp.end_of_image], jnp.int32)
-        self.vae_transform = vae_transform
-        self.vit_transform = vit_transform
-        self.max_context = int(max_context or self.cfg.llm.max_position_embeddings)
-        self.cache_dtype = cache_dtype or bm.model.opts.dtype
+        self.vae_transform = options.vae_transform or INFERENCE_VAE
+        self.vit_transform = options.vit_transform or INFERENCE_VIT
+        self.max_context = int(options.max_context or self.cfg.llm.max_position_embeddings)
+        self.cache_dtype = options.cache_dtype or bm.model.opts.dtype
         on = shd.mesh_of(jax.tree_util.tree_map(lambda x: getattr(x, "sharding", None), bm.params))
         if mesh is not None and mesh.size > 1 and on != mesh:
             # a mesh given for params placed elsewhere (e.g. loaded on one device): move them onto it
             self.params = shd.shard_params(bm.params, mesh)
             self.vae_params = jax.device_put(bm.vae_params, shd.replicated(mesh))
+            self.bm = dataclasses.replace(bm, params=self.params, vae_params=self.vae_params)
         mesh = on if mesh is None else mesh
         self.mesh = mesh if mesh is not None and mesh.size > 1 else None
-        loop = layer_loop_lib.resolve(layer_loop, self.mesh)
-        opts = getattr(bm.model, "opts", None)
-        # (an engine over stand-in modules or params without a layer stack keeps them as they are)
-        if opts is not None:
-            # forward-only attention: "auto" switches at the backend's inference length (default_auto_min_len,
-            # measured); a model built with its own auto_blocked_min_len keeps it
-            new = opts
-            if opts.auto_blocked_min_len is None:
-                new = dataclasses.replace(opts, auto_blocked_min_len=default_auto_min_len(inference=True))
-            if loop != opts.layer_loop and layer_loop_lib.layout_of(bm.params) == opts.layer_loop:
-                # the engine's own layout of the layer weights (nn/layer_loop.py): unrolled on one CPU device
-                if loop == "unrolled":
-                    self.params = layer_loop_lib.unstack(self.params, consume_params)
-                else:
-                    self.params = layer_loop_lib.stack(self.params)
-                new = dataclasses.replace(new, layer_loop=loop)
-            if new != opts:
-                self.model = bm.model.clone(opts=new)
-                self.bm = dataclasses.replace(bm, model=self.model, params=self.params)
 
     def empty_cache(self, batch: int, capacity: int = CACHE_MIN) -> KVCache:
         return KVCache.empty(self.cfg.llm, batch, capacity, self.cache_dtype, self.mesh)

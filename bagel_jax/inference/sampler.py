@@ -104,7 +104,7 @@ def flow_loop(model: Bagel, params, vae, vae_params, cache: KVCache, rope, x0, s
 
         def velocity(rows: int):      # the first ``rows`` row blocks (gen first) -> [rows, B, N, C]
             c = cache if rows == plan.n_rows else _first_rows(cache, rows * B)
-            v = blocks.flow_velocity(model, params, c, jnp.tile(x, (rows, 1, 1)), t, jnp.tile(lat_pos, (rows, 1)),
+            v = blocks.velocity(model, params, c, jnp.tile(x, (rows, 1, 1)), t, jnp.tile(lat_pos, (rows, 1)),
                                      rope[:rows * B], markers)[0]
             return v.reshape(rows, B, N, -1)
 

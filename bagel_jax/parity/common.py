@@ -11,7 +11,7 @@ import numpy as np
 from .. import layout
 from ..images import INFERENCE_VAE, INFERENCE_VIT, ImageTransform, load_image, to_tensor
 from ..inference.context import Branch
-from ..inference.engine import Engine
+from ..inference.engine import Engine, InferenceOptions
 from ..loading import BagelModel, load_model
 
 
@@ -64,7 +64,7 @@ class Fixture:
         tv = self.transform(params, "vae_transform") or INFERENCE_VAE
         tt = self.transform(params, "vit_transform") or INFERENCE_VIT
         if (tv, tt) not in self._engines:
-            self._engines[(tv, tt)] = Engine(self.bm, tv, tt)
+            self._engines[(tv, tt)] = Engine(self.bm, InferenceOptions(tv, tt))
         return self._engines[(tv, tt)]
 
     def preprocess(self, image_uint8: np.ndarray, params: dict) -> dict:

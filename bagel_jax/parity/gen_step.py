@@ -3,7 +3,7 @@ editing context.
 
 The contexts are built by the inference engine (:class:`~bagel_jax.inference.context.Context`: its
 ``gen`` / ``cfg_text`` / ``cfg_img`` branches are the official conditional, text-unconditional and
-image-unconditional contexts); each branch's velocity is :func:`~bagel_jax.inference.blocks.flow_velocity`,
+image-unconditional contexts); each branch's velocity is :func:`~bagel_jax.inference.blocks.velocity`,
 the function of the sampler's step; the CFG combinations are :func:`~bagel_jax.inference.cfg.combine_cfg`.
 """
 
@@ -31,7 +31,7 @@ def _velocities(fx: Fixture, c: Context, names, x_t: np.ndarray, t: float, hw, p
     vs = {}
     for name, br in branches.items():
         hidden = name == "cond"
-        v, hq, inter = blocks.flow_velocity(eng.model, eng.params, br.cache, jnp.asarray(x_t, jnp.float32)[None],
+        v, hq, inter = blocks.velocity(eng.model, eng.params, br.cache, jnp.asarray(x_t, jnp.float32)[None],
                                             jnp.float32(t), pos[None], jnp.asarray(br.rope, jnp.int32), eng.markers,
                                             collect=hidden)
         if hidden:

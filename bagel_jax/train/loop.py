@@ -150,9 +150,7 @@ def build_setup(args: argparse.Namespace) -> RunSetup:
     check_writable_dir(args.workdir, "--workdir")
     if args.export:
         check_writable_dir(args.export, "--export", keep=False)
-    model, vae = build_modules(cfg, dtype=O.DTYPES[tc.compute_dtype], param_dtype=jnp.float32,
-                               remat_policy=tc.remat_policy, attention_impl=tc.attention_impl,
-                               freeze_und=tc.freeze_und)
+    model, vae = build_modules(cfg, tc.model_options)
     shapes = param_shapes(model)
     mask = O.trainable_mask(shapes, tc)
     opt = O.make_optimizer(tc, mask, args.steps)
@@ -307,7 +305,7 @@ def train_steps(args: argparse.Namespace, su: RunSetup, st: RunStart, ckpt: Chec
     special = S.special_weights_by_id(tc, st.tokenizer)
     step_fn = S.jit_train_step(S.make_train_step(su.model, su.vae, tc, su.mask, su.opt, su.schedule, special,
                                                  su.ssh["params"]),
-                               su.ssh, mesh, su.vsh, seq_parallel=tc.seq_parallel)
+                               su.ssh, mesh, su.vsh)
     peak = peak_flops_per_device(tc) * jax.device_count()
     n_train = O.count_params(su.shapes, su.mask)
     print(f"[train] mesh {dict(mesh.shape)}, {O.count_params(su.shapes) / 1e6:.2f}M params "

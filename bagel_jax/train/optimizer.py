@@ -27,9 +27,8 @@ import optax
 
 from ..config import ConfigError, check_keys
 from ..data.loader import check_numbers
-from ..nn.attention import IMPLEMENTATIONS
-from ..nn.layer_loop import LAYER_LOOPS
-from ..nn.options import REMAT_POLICIES
+from ..nn.layer_loop import validate as validate_layer_loop
+from ..nn.options import ModelOptions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +49,9 @@ class TrainConfig:
     freeze_vit: bool = False
     freeze_llm: bool = False
     trainable: str = "all"                 # all | connector
+    # the model's options (model_options: one ModelOptions, checked there)
     compute_dtype: str = "bfloat16"        # bfloat16 | float32 (master weights are always float32)
-    remat_policy: str = "none"
+    remat_policy: str = "none"             # a key of nn/options.py REMAT_POLICIES
     attention_impl: str = "auto"           # auto | xla | blocked | pallas | cudnn (decoder and ViT)
     # how the step runs the layer stacks (bagel_jax/nn/layer_loop.py); the train state always holds them
     # stacked ("scan" layout), so checkpoints do not depend on it. "unrolled": the step slices the stacked
@@ -89,6 +89,16 @@ class TrainConfig:
         c.validate()
         return c
 
+    @property
+    def model_options(self) -> ModelOptions:
+        """The model's options for this run: ``compute_dtype`` over float32 master weights, ``remat_policy``,
+        ``attention_impl``, ``freeze_und`` (the und activations detached, as the freezing mask freezes its
+        parameters) and ``seq_parallel``. The model is always built with its layer stacks stacked ("scan", the
+        layout of the train state); ``layer_loop`` is how the step runs them (``train/step.py``)."""
+        return ModelOptions(dtype=self.compute_dtype, param_dtype=jnp.float32, remat_policy=self.remat_policy,
+                            attention_impl=self.attention_impl, freeze_und=self.freeze_und,
+                            seq_parallel=self.seq_parallel)
+
     def validate(self) -> None:
         check_numbers(self, "train", ConfigError)
         for name in ("total_steps", "peak_tflops_per_device"):
@@ -104,18 +114,14 @@ class TrainConfig:
             raise ConfigError(f"train: lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.trainable not in ("all", "connector"):
             raise ConfigError(f"train: trainable must be 'all' or 'connector', got {self.trainable!r}")
-        if self.compute_dtype not in ("bfloat16", "float32"):
-            raise ConfigError(f"train: compute_dtype must be bfloat16 or float32, got {self.compute_dtype!r}")
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ConfigError(f"train: remat_policy must be one of {', '.join(REMAT_POLICIES)}; "
-                              f"got {self.remat_policy!r}")
-        if self.layer_loop not in ("auto",) + LAYER_LOOPS:
-            raise ConfigError(f"train: layer_loop must be one of auto, {', '.join(LAYER_LOOPS)}; got {self.layer_loop!r}")
-        if self.attention_impl != "auto" and self.attention_impl not in IMPLEMENTATIONS:
-            raise ConfigError(f"train: attention_impl must be one of auto, {', '.join(IMPLEMENTATIONS)}; "
-                              f"got {self.attention_impl!r}")
-        if not isinstance(self.seq_parallel, bool):
-            raise ConfigError(f"train: seq_parallel must be true or false, got {self.seq_parallel!r}")
+        try:   # the model's options are checked where they are made (ModelOptions), the step's layer loop by its module
+            self.model_options  # noqa: B018
+        except ValueError as e:
+            raise ConfigError(f"train: {e}") from None
+        try:
+            validate_layer_loop(self.layer_loop)
+        except ValueError as e:
+            raise ConfigError(f"train: layer_loop: {e}") from None
         if self.accum_steps < 1 or self.save_every < 1 or self.keep_checkpoints < 1:
             raise ConfigError("train: accum_steps, save_every and keep_checkpoints must be >= 1")
         if not 0.0 <= self.ema_decay < 1.0:

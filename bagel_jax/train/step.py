@@ -24,7 +24,6 @@ compiled program per batch shapes and split; the loader draws splits from a smal
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from typing import Any, Mapping, Optional
@@ -243,7 +242,7 @@ def streams_from_logical(batch: Mapping[str, Any]) -> tuple[dict[str, np.ndarray
     return res, (und, gen)
 
 
-def jit_train_step(step_fn, state_sh, mesh, vae_sh, seq_parallel: bool = False):
+def jit_train_step(step_fn, state_sh, mesh, vae_sh):
     """``jax.jit`` with explicit in/out shardings and the state donated. The returned
     ``call(state, batch, vae_params, expert_split=None)`` compiles one program per (batch shapes,
     ``expert_split``), kept in ``call.cache``.
@@ -251,9 +250,9 @@ def jit_train_step(step_fn, state_sh, mesh, vae_sh, seq_parallel: bool = False):
     The step always runs expert streams. A batch in the logical order of ``packing.pack`` (no
     ``expert_split`` array, no ``expert_split`` argument) is laid out as streams on the host first
     (:func:`streams_from_logical`: a device-to-host copy of the batch per call; the training loader
-    delivers stream batches and pays nothing). ``seq_parallel``: split the residual stream's sequence
-    over the ``tensor`` axis (``sharding.activation_rules(res_length="tensor")``; Megatron-style
-    sequence parallelism, which is what fits 36,864-token packs of BAGEL-7B on 8 devices, see docs/performance.md).
+    delivers stream batches and pays nothing). Activations follow the model's rules on ``mesh``
+    (``ModelOptions.activation_rules``; ``seq_parallel`` there splits the residual stream's sequence over
+    ``tensor``, which is what fits 36,864-token packs of BAGEL-7B on 8 devices, see docs/performance.md).
     """
     rep = shd.replicated(mesh)
 
@@ -276,8 +275,7 @@ def jit_train_step(step_fn, state_sh, mesh, vae_sh, seq_parallel: bool = False):
             cache[key] = jax.jit(functools.partial(step_fn, expert_split=expert_split),
                                  in_shardings=(state_sh, batch_sh(batch), vae_sh),
                                  out_shardings=(state_sh, rep), donate_argnums=(0,))
-        rules = shd.activation_rules(res_length="tensor") if seq_parallel else contextlib.nullcontext()
-        with shd.mesh_scope(mesh), rules:  # activations follow shd.ACTIVATION_RULES on the mesh
+        with shd.mesh_scope(mesh):  # activations follow the model's activation rules on the mesh
             return cache[key](state, batch, vae_params)
 
     call.cache = cache
