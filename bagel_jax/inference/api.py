@@ -31,6 +31,7 @@ from .. import layout
 from .. import sharding as shd
 from ..images import INFERENCE_VAE, INFERENCE_VIT, ImageTransform
 from ..loading import INFERENCE_DEFAULTS_FILE, as_dtype, folder_defaults, load_model
+from ..lora import attach_folder
 from ..runtime import use_compilation_cache
 from . import progress as _progress
 from . import streaming
@@ -54,7 +55,7 @@ def load(folder: str, dtype="bfloat16", param_dtype=None, shardings=None, vae_sh
          vae_transform: Optional[ImageTransform] = None, vit_transform: Optional[ImageTransform] = None,
          max_context: Optional[int] = None, attention_impl: str = "auto", mesh=None, quantize: str = "none",
          quantize_vit: bool = False, layer_loop: str = "auto",
-         compilation_cache: Optional[str] = None) -> "Pipeline":
+         compilation_cache: Optional[str] = None, lora: Optional[str] = None) -> "Pipeline":
     """Load an official BAGEL folder for inference.
 
     Args:
@@ -85,6 +86,7 @@ def load(folder: str, dtype="bfloat16", param_dtype=None, shardings=None, vae_sh
       compilation_cache: a folder for JAX's persistent compilation cache, used unless JAX already has one
         (:func:`bagel_jax.runtime.use_compilation_cache`, a process-wide setting: ``sample.py`` and the app
         pass ``~/.cache/bagel_jax/jax``); default None leaves JAX's configuration as it is.
+      lora: a LoRA adapter folder (a LoRA run's ``--export``), applied unmerged, also over int8 (docs/lora.md).
     """
     dt = as_dtype(dtype)
     use_compilation_cache(compilation_cache)
@@ -93,6 +95,7 @@ def load(folder: str, dtype="bfloat16", param_dtype=None, shardings=None, vae_sh
     bm = load_model(folder, dtype=dt, param_dtype=as_dtype(param_dtype) if param_dtype is not None else dt,
                     shardings=shardings, vae_shardings=vae_shardings, attention_impl=attention_impl, mesh=mesh,
                     quantize=quantize, quantize_vit=quantize_vit)
+    bm = attach_folder(bm, lora) if lora else bm
     fd = folder_defaults(folder)
     vae_transform = vae_transform or fd.get("vae_transform", INFERENCE_VAE)
     vit_transform = vit_transform or fd.get("vit_transform", INFERENCE_VIT)
