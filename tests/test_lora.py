@@ -133,7 +133,8 @@ def test_config_errors():
 
 def _lora_args(tiny_a):
     return ("train.lora.rank=4", "train.lora.alpha=8", "train.lora.quantize=int8", "train.compute_dtype=bfloat16",
-            f"train.init={tiny_a}", "train.save_every=2", "train.lr=1e-2", "train.warmup_steps=0")
+            f"train.init={tiny_a}", "train.save_every=2", "train.lr=1e-2", "train.warmup_steps=0",
+            "data.und_split_steps=1")   # one expert split: one compiled step program
 
 
 @pytest.fixture(scope="module")

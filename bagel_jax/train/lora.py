@@ -58,22 +58,33 @@ class LoraRun:
         return jax.jit(lambda k: L.init_adapter(self.lc, self.base_shapes, k), out_shardings=shardings)(key)
 
     def loss_fn(self, su, special: dict) -> Callable:
-        """``(adapter, (vae_params, base), micro, key, expert_split) -> (loss, aux)`` for :func:`.step.make_train_step`."""
-        loop = S.resolve_layer_loop(su.tc, su.ssh["params"])
-
-        def loss_fn(adapter, frozen, micro, key, expert_split=None):
-            vae_params, base = frozen
-            params = L.attach(base, adapter, self.lc)
-            mask = L.combine(jax.tree_util.tree_map(lambda _: False, base),
-                             jax.tree_util.tree_map(lambda _: True, adapter))
-            inner = S.make_loss_fn(su.model, su.vae, su.tc, mask, special, loop)
-            return inner(params, vae_params, micro, key, expert_split)
-
-        return loss_fn
+        """:func:`make_loss_fn` of this run."""
+        return make_loss_fn(su.model, su.vae, su.tc, self.lc, special, S.resolve_layer_loop(su.tc, su.ssh["params"]))
 
     def export(self, ema: Any, su, out: str) -> None:
         L.save_adapter(out, ema, self.lc, su.cfg)
         print(f"[train] exported the EMA LoRA adapter to {out} (merge: python -m bagel_jax.cli.merge_lora)", flush=True)
+
+
+def lora_model(model, lc: L.LoraConfig):
+    """``model`` with :class:`~bagel_jax.nn.lora.LoraDense` layers (and int8 ones for an int8 base)."""
+    return model.clone(opts=dataclasses.replace(model.opts, lora=True, lora_dropout=float(lc.dropout),
+                                                quantize=lc.quantize))
+
+
+def make_loss_fn(model, vae, tc, lc: L.LoraConfig, special: dict, loop: str = "scan") -> Callable:
+    """``(adapter, (vae_params, base), micro, key, expert_split) -> (loss, aux)`` for
+    :func:`.step.make_train_step`: the full-training loss (:func:`.step.make_loss_fn`) of the base with the
+    adapter attached, the base leaves under ``stop_gradient``. ``model``: :func:`lora_model`."""
+
+    def loss_fn(adapter, frozen, micro, key, expert_split=None):
+        vae_params, base = frozen
+        params = L.attach(base, adapter, lc)
+        mask = L.combine(jax.tree_util.tree_map(lambda _: False, base),
+                         jax.tree_util.tree_map(lambda _: True, adapter))
+        return S.make_loss_fn(model, vae, tc, mask, special, loop)(params, vae_params, micro, key, expert_split)
+
+    return loss_fn
 
 
 def setup(su, steps: int):
@@ -82,8 +93,7 @@ def setup(su, steps: int):
     tc, lc = su.tc, su.tc.lora
     if tc.trainable != "all" or tc.freeze_llm or tc.freeze_vit or tc.freeze_und:
         raise TrainSetupError("train.lora trains the adapters only; drop train.freeze_* / train.trainable")
-    model = su.model.clone(opts=dataclasses.replace(su.model.opts, lora=True, lora_dropout=float(lc.dropout),
-                                                    quantize=lc.quantize))
+    model = lora_model(su.model, lc)
     shapes = L.adapter_shapes(lc, su.shapes)
     mask = jax.tree_util.tree_map(lambda _: True, shapes)
     opt = O.make_optimizer(tc, mask, steps)
