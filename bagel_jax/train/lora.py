@@ -91,8 +91,8 @@ def setup(su, steps: int):
     """``su`` (:class:`.loop.RunSetup` of the full model) turned into the LoRA run's: the model with
     :class:`~bagel_jax.nn.lora.LoraDense` layers, the adapter's shapes, mask, optimiser and train state."""
     tc, lc = su.tc, su.tc.lora
-    if tc.trainable != "all" or tc.freeze_llm or tc.freeze_vit or tc.freeze_und:
-        raise TrainSetupError("train.lora trains the adapters only; drop train.freeze_* / train.trainable")
+    if tc.trainable != "all":   # freeze_* may stay (the base is frozen anyway; freeze_und still detaches und tokens)
+        raise TrainSetupError("train.lora trains the adapters only: train.trainable must be 'all'")
     model = lora_model(su.model, lc)
     shapes = L.adapter_shapes(lc, su.shapes)
     mask = jax.tree_util.tree_map(lambda _: True, shapes)
