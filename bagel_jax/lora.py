@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import quantize as quant
-from .config import ConfigError, check_keys
+from .config import ConfigError, check_keys, read_json
 from .convert import official
 from .convert.safetensors_io import SafeTensorsFile, save_file
 from .loading import BagelModel, follow_shardings
@@ -207,12 +207,8 @@ def read_config(folder: str) -> LoraConfig:
     for f in (path, os.path.join(folder, WEIGHTS_FILE)):
         if not os.path.isfile(f):
             raise ConfigError(f"LoRA adapter: {f} not found (an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE})")
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(d, dict) or "r" not in d or "targets" not in d:
+    d = read_json(path)
+    if "r" not in d or "targets" not in d:
         raise ConfigError(f"{path}: expected fields r, lora_alpha, targets, experts")
     return LoraConfig.from_dict(dict(rank=d["r"], alpha=d.get("lora_alpha"), dropout=d.get("lora_dropout", 0.0),
                                      targets=d["targets"], experts=d.get("experts", "both")), path)

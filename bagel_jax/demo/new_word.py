@@ -11,6 +11,7 @@ evaluation of :mod:`bagel_jax.demo.evaluate` - of the demo model alone or with `
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import re
@@ -49,18 +50,21 @@ def write(out: str, word: str = "scarlet", colour: str = "red", num: int = 4000,
 
 
 def evaluate_word(pipe, word: str = "scarlet", colour: str = "red", size: int = 32, num_timesteps: int = 20,
-                  seed: int = 0) -> dict:
-    """Generation accuracy of "a WORD SHAPE at POSITION" over every shape and position: ``word_colour`` (the
-    shape is ``colour``), ``word_position``; and the same prompts with ``colour`` itself (``colour_colour``,
-    ``colour_position``)."""
+                  seeds: tuple = (0, 1, 2)) -> dict:
+    """Generation accuracy of "a WORD SHAPE at POSITION" over every shape and position, once per seed:
+    ``word_colour`` (the shape is ``colour``), ``word_position``, ``word_colours`` (the detected colours,
+    counted); and the same prompts with ``colour`` itself (``colour_colour``, ``colour_position``)."""
     objs = [(s, p) for s in range(len(syn.SHAPES)) for p in range(len(syn.POSITIONS))]
-    res = {"num_prompts": len(objs)}
+    res = {"num_prompts": len(objs) * len(seeds)}
     for name, w in (("word", word), ("colour", colour)):
         prompts = [f"a {w} {syn.SHAPES[s]} {syn.where(p)}" for s, p in objs]
-        out = pipe.generate_image(prompts, image_size=(size, size), num_timesteps=num_timesteps, seed=seed)
-        dets = [detect(a) for a in out.arrays]
-        res[f"{name}_colour"] = sum(d.colour == colour for d in dets) / len(objs)
-        res[f"{name}_position"] = sum(d.position == syn.POSITIONS[p] for d, (_, p) in zip(dets, objs)) / len(objs)
+        dets = []
+        for seed in seeds:
+            out = pipe.generate_image(prompts, image_size=(size, size), num_timesteps=num_timesteps, seed=seed)
+            dets += [(detect(a), p) for a, (_, p) in zip(out.arrays, objs)]
+        res[f"{name}_colour"] = sum(d.colour == colour for d, _ in dets) / len(dets)
+        res[f"{name}_position"] = sum(d.position == syn.POSITIONS[p] for d, p in dets) / len(dets)
+        res[f"{name}_colours"] = dict(collections.Counter(str(d.colour) for d, _ in dets).most_common())
     return res
 
 
