@@ -44,6 +44,11 @@ ap.add_argument("--seq-parallel", action="store_true",
                 help="split the residual stream's sequence over the tensor axis (ModelOptions.seq_parallel)")
 ap.add_argument("--dtype", default="bfloat16", help="compute dtype (default bfloat16)")
 ap.add_argument("--out", default=None, metavar="FILE.jsonl", help="append one JSON line per configuration")
+ap.add_argument("--lora-rank", type=int, default=0,
+                help="the LoRA train step instead (docs/lora.md): adapters of this rank on every q/k/v/o/MLP projection "
+                     "of both experts, the frozen base in --dtype (or int8 with --quantize int8), an argument of the step")
+ap.add_argument("--quantize", default="none", choices=("none", "int8"), help="with --lora-rank: the base's decoder "
+                "projections in int8")
 args = ap.parse_args()
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}"
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -51,12 +56,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bagel_jax import lora as LR  # noqa: E402
+from bagel_jax import quantize as Q  # noqa: E402
 from bagel_jax import sharding as shd  # noqa: E402
 from bagel_jax.config import config_from_yaml  # noqa: E402
 from bagel_jax.data import packing  # noqa: E402
 from bagel_jax.loading import build_modules, vae_param_shapes  # noqa: E402
 from bagel_jax.models.bagel import param_shapes  # noqa: E402
-from bagel_jax.train import optimizer as O, step as S  # noqa: E402
+from bagel_jax.train import lora as TL, optimizer as O, step as S  # noqa: E402
 
 GIB = 2 ** 30
 HEADER = ("| mesh | tokens/pack | packs | remat | attention | seq-par | arguments GiB | temporaries GiB | "
@@ -81,6 +88,14 @@ def one_config(cfg, mesh_spec: str, L: int) -> dict:
     mesh = shd.make_mesh(**shd.parse_mesh(mesh_spec))
     model, vae = build_modules(cfg, tc.model_options)
     shapes = param_shapes(model)
+    lc = LR.LoraConfig(rank=args.lora_rank, quantize=args.quantize) if args.lora_rank else None
+    if lc is not None:   # the train state is the adapter's; the frozen base is an input beside the VAE
+        model = TL.lora_model(model, lc)
+        base = jax.eval_shape(lambda p: Q.quantize_params(Q.cast_floats(p, O.DTYPES[args.dtype]), lc.quantize), shapes)
+        base = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), base,
+                                      shd.tree_shardings(base, mesh))
+        print(f"LoRA rank {lc.rank}: frozen base {Q.param_bytes(base) / GIB:.2f} GiB ({args.quantize if args.quantize != 'none' else args.dtype})")
+        shapes = LR.adapter_shapes(lc, shapes)
     mask = O.trainable_mask(shapes, tc)
     opt = O.make_optimizer(tc, mask, 1000)
     abstract = S.abstract_state(shapes, opt, tc.seed)
@@ -94,7 +109,10 @@ def one_config(cfg, mesh_spec: str, L: int) -> dict:
     # [accum, packs, ...one pack's arrays] as the loader collates them (rows = 1 per pack)
     batch = {k: jax.ShapeDtypeStruct((1, G) + s, d, sharding=shd.batch_sharding(mesh, 2 + len(s)))
              for k, (s, d) in pack_fields(cfg, L, args.vae_images, args.vae_hw).items()}
-    step = S.make_train_step(model, vae, tc, mask, opt, O.lr_schedule(tc, 1000), None, ssh["params"])
+    step = S.make_train_step(model, vae, tc, mask, opt, O.lr_schedule(tc, 1000), None, ssh["params"],
+                             loss_fn=TL.make_loss_fn(model, vae, tc, lc, {}) if lc is not None else None)
+    if lc is not None:
+        vsh, vae_abs = (vsh, jax.tree_util.tree_map(lambda a: a.sharding, base)), (vae_abs, base)
     # the training layout: expert streams, here half und / half gen slots (memory barely depends on it)
     step = functools.partial(step, expert_split=(L // 2, L - L // 2))
     jitted = jax.jit(step, in_shardings=(ssh, {k: v.sharding for k, v in batch.items()}, vsh),
@@ -112,7 +130,7 @@ def one_config(cfg, mesh_spec: str, L: int) -> dict:
     print(f"lowered in {t_lower:.1f}s, compiled in {t_compile:.1f}s", flush=True)
     row = dict(mesh=mesh_spec, tokens=L, packs=G, remat=args.remat, attention=args.attention or "default",
                seq_parallel=args.seq_parallel, dtype=args.dtype, lower_s=round(t_lower, 1),
-               compile_s=round(t_compile, 1))
+               compile_s=round(t_compile, 1), lora_rank=args.lora_rank, quantize=args.quantize)
     ma = compiled.memory_analysis()
     if ma is None:
         print("memory_analysis() not available on this backend")

@@ -106,7 +106,7 @@ FILE_SECONDS = {
     "test_speculative_paths.py": 117, "test_engine.py": 116, "test_train_mesh.py": 107,
     "test_demo_interleave.py": 105, "test_verify_cli.py": 105, "test_train_resume.py": 89,
     "test_attention_impls.py": 70, "test_demo_patch_ar.py": 67, "test_app_browser.py": 63,
-    "test_patch_ar_sampler.py": 62, "test_train_freeze.py": 62, "test_speculative.py": 59,
+    "test_patch_ar_sampler.py": 62, "test_train_freeze.py": 62, "test_lora.py": 60, "test_speculative.py": 59,
     "test_sample_cli.py": 58, "test_streaming.py": 57, "test_special_tokens.py": 56, "test_taylorseer.py": 49,
     "test_demo_model.py": 46, "test_packing_and_model.py": 45, "test_train_init.py": 41,
     "test_gpu_check.py": 30, "test_gpu_lowering.py": 14,

@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                     help="compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU")
     ap.add_argument("--mesh", default=None, metavar="data=D,fsdp=F,tensor=T", help="split the model over devices")
+    ap.add_argument("--lora", default=None, metavar="ADAPTER", help="apply a LoRA adapter folder (docs/lora.md)")
     ap.add_argument("--chunk", type=int, default=8,
                     help="tokens per compiled decoding call while streaming (default 8)")
     ap.add_argument("--compilation-cache", default=DEFAULT_COMPILATION_CACHE,
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
     use_compilation_cache(args.compilation_cache, force=True)
     dtype = args.dtype if args.dtype != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     t0 = time.time()
-    pipe = load(args.model_path, dtype=dtype, mesh=args.mesh, compilation_cache=None)
+    pipe = load(args.model_path, dtype=dtype, mesh=args.mesh, compilation_cache=None, lora=args.lora)
     print(f"loaded {args.model_path} ({dtype}) in {time.time() - t0:.1f}s", file=sys.stderr)
     serve(pipe, args.host, args.port, args.chunk, name=os.path.basename(os.path.normpath(args.model_path)))
     return 0

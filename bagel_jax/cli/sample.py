@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight storage of the decoder layers: none (as --dtype) or int8 (per-output-channel int8 "
                         "q/k/v/o and MLP weights of both experts, dequantized inside each matmul: about half the "
                         "bfloat16 bytes; embeddings and LM head unchanged; see docs/int8.md)")
+    g.add_argument("--lora", default=None, metavar="ADAPTER",
+                   help="apply a LoRA adapter folder (a LoRA train.py run's --export) without merging; works with "
+                        "--quantize int8 (docs/lora.md)")
 
     t = common.add_argument_group("text generation")
     t.add_argument("--think", action="store_true",
@@ -224,9 +227,11 @@ def _load(args):
     options = ModelOptions(dtype=dtype, attention_impl=args.attention, quantize=args.quantize,
                            layer_loop=args.layer_loop)
     inference = InferenceOptions(tf(args.vae_transform), tf(args.vit_transform), args.max_context)
-    pipe = load(args.model_path, options=options, mesh=mesh, inference=inference, compilation_cache=None)
+    pipe = load(args.model_path, options=options, mesh=mesh, inference=inference, compilation_cache=None,
+                lora=args.lora)
     where = f", mesh {dict(mesh.shape)}" if mesh is not None else ""
     where += ", int8 weights" if args.quantize == "int8" else ""
+    where += f", LoRA {args.lora}" if args.lora else ""
     print(f"loaded {args.model_path} ({dtype}{where}) in {time.time() - t0:.1f}s", file=sys.stderr)
     return pipe
 

@@ -31,6 +31,7 @@ from .. import layout
 from .. import sharding as shd
 from ..loading import INFERENCE_DEFAULTS_FILE, folder_defaults, load_model
 from ..nn.options import ModelOptions, options_with
+from ..lora import attach_folder
 from ..runtime import use_compilation_cache
 from . import progress as _progress
 from . import streaming
@@ -56,7 +57,7 @@ LOAD_DEFAULTS = dict(dtype="bfloat16", layer_loop="auto")
 
 def load(folder: str, options: Optional[ModelOptions] = None, *, mesh=None,
          inference: Optional[InferenceOptions] = None, shardings=None, vae_shardings=None,
-         compilation_cache: Optional[str] = None, **fields) -> "Pipeline":
+         compilation_cache: Optional[str] = None, lora: Optional[str] = None, **fields) -> "Pipeline":
     """Load an official BAGEL folder for inference: ``load(folder)``, ``load(folder, dtype="float32")``, or
     ``load(folder, options=ModelOptions(...))`` for the whole choice of how the model runs.
 
@@ -89,13 +90,13 @@ def load(folder: str, options: Optional[ModelOptions] = None, *, mesh=None,
       compilation_cache: a folder for JAX's persistent compilation cache, used unless JAX already has one
         (:func:`bagel_jax.runtime.use_compilation_cache`, a process-wide setting: ``sample.py`` and the app
         pass ``~/.cache/bagel_jax/jax``); default None leaves JAX's configuration as it is.
-    """
+      lora: a LoRA adapter folder (a LoRA run's ``--export``), applied unmerged, also over int8 (docs/lora.md)."""
     opts = options_with(options, **fields) if options is not None else options_with(**{**LOAD_DEFAULTS, **fields})
     inference = inference or InferenceOptions()
     use_compilation_cache(compilation_cache)
-    if isinstance(mesh, str):
-        mesh = shd.make_mesh(**shd.parse_mesh(mesh))
+    mesh = shd.make_mesh(**shd.parse_mesh(mesh)) if isinstance(mesh, str) else mesh
     bm = load_model(folder, opts.for_inference(), mesh=mesh, shardings=shardings, vae_shardings=vae_shardings)
+    bm = attach_folder(bm, lora) if lora else bm
     fd = folder_defaults(folder)
     inference = dataclasses.replace(inference, vae_transform=inference.vae_transform or fd.get("vae_transform"),
                                     vit_transform=inference.vit_transform or fd.get("vit_transform"))

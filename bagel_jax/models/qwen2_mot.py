@@ -34,6 +34,7 @@ from ..convert import keymap
 from ..nn.attention import CacheView, attention
 from ..nn.layers import RMSNorm, apply_rope, rope_cos_sin
 from ..nn.intermediates import COLLECTION
+from ..nn.lora import DROPOUT_RNG
 from ..nn.options import ModelOptions
 
 
@@ -241,7 +242,7 @@ class LayerStack(nn.Module):
         scan = nn.scan(
             _ScanBody,
             variable_axes={"params": 0, "intermediates": 0},
-            split_rngs={"params": True},
+            split_rngs={"params": True, DROPOUT_RNG: True},
             in_axes=(nn.broadcast, 0),
             length=self.cfg.num_hidden_layers,
         )

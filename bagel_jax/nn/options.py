@@ -24,6 +24,7 @@ from ..quantize import validate_mode
 from . import layer_loop as layer_loop_lib
 from .attention import default_auto_min_len, validate_implementation
 from .layers import QuantDense
+from .lora import LoraDense
 
 # name -> jax.checkpoint policy (None: no remat). One table for every scanned layer stack.
 REMAT_POLICIES = {
@@ -84,6 +85,9 @@ class ModelOptions:
         values.
       seq_parallel: on a mesh, split the residual stream's sequence over the ``tensor`` axis (Megatron sequence
         parallelism; :mod:`bagel_jax.sharding`). No effect on values or on one device.
+      lora: every dense layer is a :class:`~bagel_jax.nn.lora.LoraDense`, which adds the low-rank adapter the
+        params tree holds beside a kernel (:func:`bagel_jax.lora.attach`; docs/lora.md); ``lora_dropout``: the
+        adapter's input dropout when the ``lora_dropout`` rng stream is given (training).
     Names are checked at construction, so a bad value fails where it is given, not at model build.
     """
 
@@ -97,6 +101,8 @@ class ModelOptions:
     freeze_und: bool = False
     seq_parallel: bool = False
     quantize_vit: bool = False
+    lora: bool = False
+    lora_dropout: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", jnp.dtype(as_dtype(self.dtype)))
@@ -139,6 +145,9 @@ class ModelOptions:
 
     def dense(self, features: int, use_bias: bool = True, name: str | None = None) -> nn.Dense:
         """An ``nn.Dense`` in these dtypes (a :class:`~bagel_jax.nn.layers.QuantDense` when quantized)."""
+        if self.lora:
+            return LoraDense(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+                             dropout=self.lora_dropout)
         cls = nn.Dense if self.quantize == "none" else QuantDense
         return cls(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 

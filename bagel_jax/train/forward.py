@@ -42,7 +42,7 @@ def train_forward(model: Bagel, params, vae: flux_vae.AutoEncoder, vae_params, b
                   noise: TrainNoise, ce_weight: float = 1.0, mse_weight: float = 1.0,
                   ce_loss_reweighting: bool = False, token_loss_weights: Optional[jax.Array] = None,
                   collect: bool = False, expert_split: Optional[tuple[int, int]] = None,
-                  ce_chunk_tokens: Optional[int] = None):
+                  ce_chunk_tokens: Optional[int] = None, rngs: Optional[dict] = None):
     """Losses of one packed batch (arrays of :class:`bagel_jax.data.packing.PackedBatch`).
 
     Returns ``(loss, aux)``; ``aux`` holds ``ce``, ``mse`` (the normalised losses), the token counts and
@@ -58,14 +58,14 @@ def train_forward(model: Bagel, params, vae: flux_vae.AutoEncoder, vae_params, b
     logical-order batch: both experts run on every token and one is selected (``Routing.select``,
     twice the expert FLOPs; the test oracle of the stream layout, not a training path).
     ``ce_chunk_tokens`` (static): CE tokens per chunk of the LM head + log-softmax (:func:`chunked_ce`;
-    ``None`` = all at once).
+    ``None`` = all at once). ``rngs``: Flax rng streams of the model (LoRA dropout, :mod:`bagel_jax.nn.lora`).
     """
     cfg = model.cfg
-    apply = lambda method, *a, **kw: model.apply({"params": params}, *a, method=method, **kw)
+    apply = lambda method, *a, **kw: model.apply({"params": params}, *a, method=method, rngs=rngs, **kw)
     inter = {}
 
     def sown(method, *a):       # apply, keeping what the model sows when collecting
-        out, got = intermediates.apply(model, {"params": params}, *a, method=method, collect=collect)
+        out, got = intermediates.apply(model, {"params": params}, *a, method=method, collect=collect, rngs=rngs)
         inter.update(got)
         return out
 

@@ -47,12 +47,13 @@ from ..models.bagel import init_params as bagel_init
 from ..models.bagel import param_shapes
 from ..tokenizer import Tokenizer, load_tokenizer
 from . import optimizer as O
+from . import lora as TL
 from . import step as S
 from .init import init_from_components
 from .metrics import MetricsWriter, is_main, peak_flops_per_device, step_flops, step_record
 from .nonfinite import NonFiniteError, handle_nonfinite
 from .run_checkpoint import CheckpointSaveError, Checkpointer, TrainCheckpointError, export_ema, inference_defaults
-from .run_config import TrainSetupError, check_writable_dir, load_train_config
+from .run_config import TrainSetupError, check_init_config, check_writable_dir, load_train_config
 
 log = logging.getLogger("bagel_jax.train")
 
@@ -64,6 +65,8 @@ log = logging.getLogger("bagel_jax.train")
 def _export(ema, su, vae_params, args, tokenizer) -> None:
     """EMA weights as an official folder plus ``inference.json`` with the image sizes the run trained on
     (:func:`.run_checkpoint.inference_defaults`), so sampling from the export uses them by default."""
+    if su.lora is not None:   # a LoRA run exports its EMA adapter (train/lora.py)
+        return su.lora.export(ema, su, args.export) if is_main() else None
     export_ema(ema, su.cfg, vae_params, args.export, tokenizer)
     if is_main():
         inference_defaults(args.export, args.data, su.dc, su.tc.init)
@@ -86,12 +89,7 @@ def init_params(tc, cfg, model, vae, param_sh, vae_sh):
         if not os.path.isdir(init):
             raise TrainSetupError(f"train.init: model folder not found: {init}")
         bm = load_model(init, dtype=jnp.float32, param_dtype=jnp.float32, shardings=param_sh, vae_shardings=vae_sh)
-        # timestep_shift only shapes the training-time t distribution, the image mode only the layout (same
-        # parameters): a fine-tune may change them
-        if dataclasses.replace(bm.cfg, timestep_shift=cfg.timestep_shift, image_mode=cfg.image_mode,
-                               patch_ar_groups=cfg.patch_ar_groups) != cfg:
-            raise TrainSetupError(f"train.init: the folder {init} has a different model config than the YAML "
-                                  "model: section (use the folder's shapes)")
+        check_init_config(bm.cfg, cfg, init)
         return bm.params, bm.vae_params, bm.tokenizer
     if isinstance(init, dict):
         return init_from_components(init, cfg, model, vae, param_sh, vae_sh, tc.seed)
@@ -132,6 +130,7 @@ class RunSetup:
     ssh: Any                  # train-state shardings
     vshapes: Any              # VAE param shapes
     vsh: Any                  # VAE param shardings
+    lora: Any = None          # train/lora.py LoraRun when train.lora.rank > 0 (then model/shapes/mask/opt/state are the adapter's)
 
 
 def build_setup(args: argparse.Namespace) -> RunSetup:
@@ -156,10 +155,11 @@ def build_setup(args: argparse.Namespace) -> RunSetup:
     opt = O.make_optimizer(tc, mask, args.steps)
     abstract = S.abstract_state(shapes, opt, tc.seed)
     vshapes = vae_param_shapes(vae)
-    return RunSetup(raw=raw, cfg=cfg, tc=tc, dc=dc, mesh=mesh, model=model, vae=vae, shapes=shapes, mask=mask,
-                    schedule=O.lr_schedule(tc, args.steps), opt=opt, abstract=abstract,
-                    ssh=S.state_shardings(abstract, mesh), vshapes=vshapes,
-                    vsh=shd.tree_shardings(vshapes, mesh))
+    su = RunSetup(raw=raw, cfg=cfg, tc=tc, dc=dc, mesh=mesh, model=model, vae=vae, shapes=shapes, mask=mask,
+                  schedule=O.lr_schedule(tc, args.steps), opt=opt, abstract=abstract,
+                  ssh=S.state_shardings(abstract, mesh), vshapes=vshapes,
+                  vsh=shd.tree_shardings(vshapes, mesh))
+    return TL.setup(su, args.steps) if tc.lora.rank else su
 
 
 @dataclasses.dataclass
@@ -172,6 +172,7 @@ class RunStart:
     data_state: Optional[dict]  # data-iterator state of the checkpoint; None on a fresh start
     step: int
     resumed: bool
+    base: Any = None          # LoRA: the frozen base params (train/lora.py)
 
 
 def load_run_tokenizer(args: argparse.Namespace, su: RunSetup) -> Tokenizer:
@@ -194,12 +195,16 @@ def start_or_resume(args: argparse.Namespace, su: RunSetup, ckpt: Checkpointer, 
     cfg, tc = su.cfg, su.tc
     ae_path = os.path.join(args.workdir, "ae.safetensors")
     latest = ckpt.latest()
+    base = None
+    if su.lora is not None:    # LoRA: the frozen base comes from train.init at every start, never from a checkpoint
+        base, vae_init = su.lora.load_base(su, init_params)
     if latest is None:
         mpath = os.path.join(args.workdir, "metrics.jsonl")
         if os.path.isfile(mpath) and os.path.getsize(mpath):
             log.warning("%s has metrics but no complete checkpoint: starting from step 0 (metrics.jsonl is "
                         "appended to)", args.workdir)
-        params, vae_params, _ = init_params(tc, cfg, su.model, su.vae, su.ssh["params"], su.vsh)
+        params, vae_params, _ = init_params(tc, cfg, su.model, su.vae, su.ssh["params"], su.vsh) if base is None \
+            else (su.lora.init_adapter(tc.seed, su.ssh["params"]), vae_init, None)
         if is_main():
             conv.export_params(vae_params, flux_vae.key_map(cfg.vae), ae_path)
         state, _ = S.init_state(params, su.opt, tc.seed, su.mesh)
@@ -222,7 +227,7 @@ def start_or_resume(args: argparse.Namespace, su: RunSetup, ckpt: Checkpointer, 
             raise TrainCheckpointError(f"checkpoint {latest} holds step {start}")
         print(f"[train] resumed from step {start} ({ckpt.directory}/{latest})", flush=True)
     return RunStart(state=state, vae_params=vae_params, tokenizer=tokenizer, data_state=data_state, step=start,
-                    resumed=latest is not None)
+                    resumed=latest is not None, base=base)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -305,7 +310,8 @@ def train_steps(args: argparse.Namespace, su: RunSetup, st: RunStart, ckpt: Chec
     special = S.special_weights_by_id(tc, st.tokenizer)
     step_fn = S.jit_train_step(S.make_train_step(su.model, su.vae, tc, su.mask, su.opt, su.schedule, special,
                                                  su.ssh["params"]),
-                               su.ssh, mesh, su.vsh)
+                               su.ssh, mesh, su.vsh) if su.lora is None else \
+        TL.jit_step(su, special, st.base)
     peak = peak_flops_per_device(tc) * jax.device_count()
     n_train = O.count_params(su.shapes, su.mask)
     print(f"[train] mesh {dict(mesh.shape)}, {O.count_params(su.shapes) / 1e6:.2f}M params "

@@ -27,6 +27,7 @@ import optax
 
 from ..config import ConfigError, check_keys
 from ..data.loader import check_numbers
+from ..lora import LoraConfig
 from ..nn.layer_loop import validate as validate_layer_loop
 from ..nn.options import ModelOptions
 
@@ -81,10 +82,14 @@ class TrainConfig:
     # "skip": go on with the next batch, stopping after max_nonfinite_skips such steps in a row
     on_nonfinite: str = "stop"
     max_nonfinite_skips: int = 10
+    # low-rank adapters on a frozen base (rank > 0; train/lora.py, docs/lora.md): train.lora.rank=16 ...
+    lora: LoraConfig = LoraConfig()
 
     @staticmethod
     def from_dict(d: dict) -> "TrainConfig":
         check_keys(TrainConfig, d, "train config")
+        if "lora" in d:
+            d = {**d, "lora": LoraConfig.from_dict(d["lora"] or {})}
         c = TrainConfig(**d)
         c.validate()
         return c

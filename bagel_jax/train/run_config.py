@@ -4,6 +4,7 @@ that the run's output folders can be written."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,6 +19,16 @@ from .optimizer import TrainConfig
 
 class TrainSetupError(ValueError):
     """Bad command line / config / workdir."""
+
+
+def check_init_config(folder_cfg, cfg, init: str) -> None:
+    """TrainSetupError unless the model folder ``init`` (config ``folder_cfg``) has the YAML's model ``cfg``.
+    ``timestep_shift`` only shapes the training-time t distribution and the image mode only the layout (same
+    parameters): a fine-tune may change them."""
+    if dataclasses.replace(folder_cfg, timestep_shift=cfg.timestep_shift, image_mode=cfg.image_mode,
+                           patch_ar_groups=cfg.patch_ar_groups) != cfg:
+        raise TrainSetupError(f"train.init: the folder {init} has a different model config than the YAML "
+                              "model: section (use the folder's shapes)")
 
 
 def yaml_error(path: str, e: yaml.YAMLError) -> str:

@@ -36,6 +36,7 @@ import optax
 from .. import sharding as shd
 from ..data import packing
 from ..nn import layer_loop
+from ..nn.lora import DROPOUT_RNG
 from .forward import draw_noise, train_forward
 from .optimizer import TrainConfig, ema_update, freeze
 
@@ -134,7 +135,8 @@ def make_loss_fn(model, vae, tc: TrainConfig, mask, special_weights: Mapping[int
             _, aux = train_forward(model, p, vae, vae_params, b, noise, ce_weight=tc.ce_weight,
                                    mse_weight=tc.mse_weight, ce_loss_reweighting=tc.ce_loss_reweighting,
                                    token_loss_weights=tw, expert_split=expert_split,
-                                   ce_chunk_tokens=tc.ce_chunk_tokens)
+                                   ce_chunk_tokens=tc.ce_chunk_tokens,
+                                   rngs={DROPOUT_RNG: jax.random.fold_in(k, 1)} if model.opts.lora_dropout else None)
             den_ce = (b["ce_valid"] * b["ce_reweight"]).sum() if tc.ce_loss_reweighting else b["ce_valid"].sum()
             return (aux["ce"] * jnp.maximum(den_ce, 1.0), den_ce, aux["mse"] * jnp.maximum(aux["n_mse"], 1.0),
                     aux["n_mse"], b["ce_valid"].sum())
@@ -149,13 +151,13 @@ def make_loss_fn(model, vae, tc: TrainConfig, mask, special_weights: Mapping[int
 
 
 def make_train_step(model, vae, tc: TrainConfig, mask, optimizer, schedule, special_weights=None,
-                    param_shardings=None):
+                    param_shardings=None, loss_fn=None):
     """``step(state, batch, vae_params, expert_split=None) -> (state, metrics)`` (pure; jit it with
     :func:`jit_train_step`). ``expert_split`` (static ``(und_tokens, gen_tokens)``): the batch's
     expert-stream layout; None = a logical-order batch run with ``Routing.select`` (test oracle only).
     The layer stacks run as ``tc.layer_loop`` says (:func:`resolve_layer_loop`; "auto" on the mesh of
-    ``param_shardings``)."""
-    loss_fn = make_loss_fn(model, vae, tc, mask, special_weights or {}, resolve_layer_loop(tc, param_shardings))
+    ``param_shardings``). ``loss_fn``: instead of :func:`make_loss_fn`'s (LoRA: ``bagel_jax/train/lora.py``)."""
+    loss_fn = loss_fn or make_loss_fn(model, vae, tc, mask, special_weights or {}, resolve_layer_loop(tc, param_shardings))
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state, batch, vae_params, expert_split=None):
