@@ -17,6 +17,7 @@ from ..config import ConfigError
 from ..data.datasets import DataConfigError
 from ..sharding import MeshError
 from ..tokenizer import TokenizerError
+from .distributed import Watchdog
 from .loop import run
 from .nonfinite import NonFiniteError
 from .run_checkpoint import CheckpointSaveError, TrainCheckpointError
@@ -49,8 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--compile-cache", default=os.environ.get("JAX_COMPILATION_CACHE_DIR"),
                     help="persistent XLA compilation cache folder (reused across restarts)")
     ap.add_argument("--multihost", action="store_true",
-                    help="call jax.distributed.initialize() first (multi-host TPU/GPU); each process reads its own "
-                         "shard of the data")
+                    help="one of several processes (hosts) under jax.distributed (docs/multihost.md); without the "
+                         "three flags below JAX detects the cluster (TPU pod, SLURM, ...)")
+    ap.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                    help="--multihost: process 0's address, the same for all (default: $JAX_COORDINATOR_ADDRESS)")
+    ap.add_argument("--num-processes", type=int, default=None,
+                    help="--multihost: number of processes (default: $JAX_NUM_PROCESSES)")
+    ap.add_argument("--process-id", type=int, default=None,
+                    help="--multihost: this process's id, 0..N-1 (default: $JAX_PROCESS_ID)")
+    ap.add_argument("--peer-timeout", type=float, default=60.0,
+                    help="--multihost: seconds without a heartbeat from another process before this one stops "
+                         "with an error")
+    ap.add_argument("--init-timeout", type=int, default=300,
+                    help="--multihost: seconds to wait for all processes to join")
     ap.add_argument("--sync-save", action="store_true", help="save checkpoints synchronously (default: asynchronous)")
     ap.add_argument("--log-every", type=int, default=1,
                     help="print a metrics line every N steps when there is no progress bar (always written to metrics.jsonl)")
@@ -71,6 +83,15 @@ def main(argv=None) -> int:
     # reports it once (CheckpointSaveError)
     logging.getLogger("absl").setLevel(logging.CRITICAL)
     args = build_parser().parse_intermixed_args(argv)
+    code = 1
+    try:
+        code = _main(args)
+        return code
+    finally:
+        Watchdog.finish(code)   # multi-host: the other processes learn how this one ended
+
+
+def _main(args) -> int:
     try:
         res = run(args)
     except (CheckpointSaveError, NonFiniteError) as e:
