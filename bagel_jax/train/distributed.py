@@ -214,7 +214,11 @@ class Watchdog:
 def local_rows(mesh, num_rows: int) -> list[int]:
     """The data rows (packs of a micro step, ``data.packs_per_step``) this process's devices hold."""
     owners = row_owners(mesh, num_rows)
-    return [r for r in range(num_rows) if jax.process_index() in owners[r]]
+    rows = [r for r in range(num_rows) if jax.process_index() in owners[r]]
+    if rows != list(range(rows[0], rows[-1] + 1)):   # sharding.put_batch places one block of rows per process
+        raise TrainSetupError(f"--mesh {dict(mesh.shape)}: the devices of process {jax.process_index()} hold the "
+                              f"data rows {rows}, not one contiguous block (order the mesh devices by process)")
+    return rows
 
 
 def row_owners(mesh, num_rows: int) -> list[list[int]]:

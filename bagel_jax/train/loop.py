@@ -206,8 +206,9 @@ def start_or_resume(args: argparse.Namespace, su: RunSetup, ckpt: Checkpointer, 
         state, _ = S.init_state(params, su.opt, tc.seed, su.mesh)
         del params
         data_state = None
-        with open(os.path.join(args.workdir, "config.yaml"), "w") as f:
-            yaml.safe_dump(su.raw, f, sort_keys=False)
+        if is_main():
+            with open(os.path.join(args.workdir, "config.yaml"), "w") as f:
+                yaml.safe_dump(su.raw, f, sort_keys=False)
         start = 0
         print(f"[train] fresh start in {args.workdir} (init: {tc.init})", flush=True)
     else:

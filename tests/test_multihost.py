@@ -1,0 +1,159 @@
+"""Multi-host training with real processes on 127.0.0.1 (``train.py --multihost``, docs/multihost.md):
+2 processes x 4 CPU devices against 1 process x 8 on the same mesh (``data`` spans the processes), with
+checkpoints written by both, a killed peer, a resume, and process-count changes on restore.
+
+One chain of runs (the processes are the expensive part):
+
+1. reference: 1 x 8 devices, steps 1-10 (checkpoints 3, 6, 9, 10);
+2. 2 x 4 from the reference's step-3 checkpoint (1 -> 2 processes), until step 7 is logged; then process 1
+   is SIGKILLed: process 0 must stop by itself with one ``error:`` line within the bound, and the latest
+   complete checkpoint must be step 6 (written by both processes);
+3. 2 x 4 again: resumes from step 6; its steps 7 (and 8) are bitwise the killed run's;
+4. 1 x 8 on the same folder: resumes the 2-process step-9 checkpoint (2 -> 1) and trains step 10.
+
+Every step of 2-4 has the reference's token counts (the same samples in the same global rows) and its
+losses within the tolerance of tests/test_train_mesh.py (collectives reduce in a different order).
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from train_helpers import REPO, env, make_data, metrics, run_train, train_cmd
+
+from bagel_jax.train import launch_local
+
+MESH = "data=2,fsdp=2,tensor=2"
+EXTRA = ["train.keep_checkpoints=10"]
+PEER_TIMEOUT = 10      # --peer-timeout of the 2-process runs
+STOP_BOUND = 45        # seconds from the SIGKILL until the surviving process must have exited
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(str(tmp_path_factory.mktemp("syn")), num=24, bad=1)
+
+
+def _start2(data, wd, steps, *extra):
+    cmd = train_cmd(data, wd, steps, "--multihost", "--peer-timeout", str(PEER_TIMEOUT), *EXTRA, *extra, mesh=MESH)
+    return launch_local.start(cmd, 2, 4, base_env=env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=REPO)
+
+
+def _wait2(procs, timeout):
+    out = [p.communicate(timeout=timeout) for p in procs]
+    for i, (p, (o, e)) in enumerate(zip(procs, out)):
+        assert p.returncode == 0, f"process {i} failed ({p.returncode}):\n{o[-3000:]}\n{e[-3000:]}"
+    return out
+
+
+def _records(wd):
+    """Every step record of metrics.jsonl in file order (also those of a killed run that a resume replaced)."""
+    out = []
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except ValueError:   # a line being written
+                continue
+            if "step" in r and "event" not in r:
+                out.append(r)
+    return out
+
+
+def _close(a, b, what):
+    assert a["tokens"] == b["tokens"] and a["ce_tokens"] == b["ce_tokens"], (what, a["step"])
+    for k in ("loss_ce", "loss_mse", "grad_norm"):
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, err_msg=f"{what} step {a['step']} {k}")
+
+
+def _checkpoints(wd):
+    return sorted(int(d) for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit())
+
+
+def test_two_processes_match_one_and_survive_a_killed_peer(data, tmp_path):
+    ref_wd, wd = str(tmp_path / "ref"), str(tmp_path / "two")
+    run_train(data, ref_wd, 10, *EXTRA, devices=8, mesh=MESH, timeout=400)
+    ref = {r["step"]: r for r in metrics(ref_wd)}
+    assert sorted(ref) == list(range(1, 11)) and _checkpoints(ref_wd) == [3, 6, 9, 10]
+
+    # 2: resume the 1-process step-3 checkpoint with 2 processes, SIGKILL process 1 after step 7
+    shutil.copytree(ref_wd, wd)
+    for s in (6, 9, 10):
+        shutil.rmtree(os.path.join(wd, "checkpoints", str(s)))
+    procs = _start2(data, wd, 1000)
+    t0 = time.time()
+    while not any(r["step"] >= 7 for r in _records(wd)[10:]):
+        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        assert time.time() - t0 < 400, "2-process run did not reach step 7"
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGKILL)
+    t_kill = time.time()
+    try:
+        _, err = procs[0].communicate(timeout=STOP_BOUND)
+    except subprocess.TimeoutExpired:
+        procs[0].kill()
+        raise AssertionError(f"process 0 still runs {STOP_BOUND} s after its peer was killed")
+    procs[1].communicate()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert procs[0].returncode == 1 and len(errors) == 1 and "no heartbeat from process 1" in errors[0], err[-3000:]
+    assert time.time() - t_kill <= PEER_TIMEOUT + 10
+    assert _checkpoints(wd) == [3, 6]       # nothing after step 6 marked complete
+    killed = {r["step"]: r for r in _records(wd)[10:]}
+    for s in range(4, 8):
+        _close(killed[s], ref[s], "1 -> 2 processes")
+
+    # 3: both processes again: resume from step 6, bitwise the killed run where it got
+    _wait2(_start2(data, wd, 9), timeout=400)
+    got = {r["step"]: r for r in metrics(wd)}
+    assert sorted(got) == list(range(1, 10))
+    for s in range(7, 10):
+        _close(got[s], ref[s], "2 processes resumed")
+        if s in killed:
+            for k in ("loss", "loss_ce", "loss_mse", "grad_norm"):
+                assert got[s][k] == killed[s][k], (s, k)
+    assert _checkpoints(wd) == [3, 6, 9]
+
+    # 4: 2 -> 1 process: the 2-process step-9 checkpoint in one process
+    run_train(data, wd, 10, *EXTRA, devices=8, mesh=MESH, timeout=400)
+    _close(metrics(wd)[-1], ref[10], "2 -> 1 process")
+
+
+def _one_error(p):
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert p.returncode == 2 and len(errors) == 1, (p.returncode, p.stderr[-2000:])
+    return errors[0]
+
+
+def test_bad_distributed_setup_fails_before_any_compile(data, tmp_path):
+    """A taken coordinator port, a process id out of range and an unreachable coordinator: exit 2 with one
+    ``error:`` line, in seconds."""
+    base = train_cmd(data, str(tmp_path / "wd"), 1, "--multihost", mesh="data=1,fsdp=-1,tensor=1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        cmds = {"port": base + ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+                                "--process-id", "0"],
+                "id": base + ["--coordinator-address", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"]}
+        free = launch_local.free_port()
+        cmds["nobody"] = base + ["--coordinator-address", f"127.0.0.1:{free}", "--num-processes", "2",
+                                 "--process-id", "1", "--init-timeout", "2"]
+        procs = {k: subprocess.Popen(c, env=env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for k, c in cmds.items()}
+        out = {}
+        for k, p in procs.items():
+            o, e = p.communicate(timeout=120)
+            out[k] = subprocess.CompletedProcess(p.args, p.returncode, o, e)
+    assert f"port {port} is already in use" in _one_error(out["port"])
+    assert "--process-id 2 is not in 0..1" in _one_error(out["id"])
+    assert f"cannot reach the coordinator 127.0.0.1:{free} within 2 s" in _one_error(out["nobody"])
+    for p in out.values():
+        assert "[train] mesh" not in p.stdout   # nothing was built
