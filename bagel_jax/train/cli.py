@@ -12,6 +12,9 @@ import argparse
 import logging
 import os
 import sys
+import traceback
+
+import jax
 
 from ..config import ConfigError
 from ..data.datasets import DataConfigError
@@ -20,7 +23,7 @@ from ..tokenizer import TokenizerError
 from .distributed import Watchdog
 from .loop import run
 from .nonfinite import NonFiniteError
-from .run_checkpoint import CheckpointSaveError, TrainCheckpointError
+from .run_checkpoint import CheckpointSaveError, TrainCheckpointError, short_error
 from .run_config import TrainSetupError
 
 
@@ -89,20 +92,40 @@ def main(argv=None) -> int:
         return code
     finally:
         Watchdog.finish(code)   # multi-host: the other processes learn how this one ended
+        if code and Watchdog.active is not None:
+            # JAX's exit handler would wait minutes for peers that may be gone: exit now
+            if sys.exc_info()[0] is not None:
+                traceback.print_exc()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+
+def _error(e) -> None:
+    """One ``error:`` line; multi-host: naming the process (64 hosts' logs side by side)."""
+    who = f"process {jax.process_index()} of {jax.process_count()}: " if jax.process_count() > 1 else ""
+    print(f"error: {who}{e}", file=sys.stderr, flush=True)
 
 
 def _main(args) -> int:
     try:
         res = run(args)
     except (CheckpointSaveError, NonFiniteError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        _error(e)
         return 1
     except (TrainSetupError, ConfigError, DataConfigError, MeshError, TrainCheckpointError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        _error(e)
         return 2
     except KeyboardInterrupt:  # Ctrl-C outside the step loop (setup, export): no traceback
-        print("error: interrupted", file=sys.stderr, flush=True)
+        _error("interrupted")
         return 130
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        # a collective failed: gloo reports a peer's closed connection at once (the watchdog after
+        # --peer-timeout); elsewhere it may be the other side of a peer's error
+        _error(f"{short_error(e)} (another process probably died: see its log)")
+        return 1
     if res.get("signal") is not None and res["step"] < args.steps:
         return 128 + int(res["signal"])
     return 0

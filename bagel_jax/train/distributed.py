@@ -177,7 +177,8 @@ class Watchdog:
             except Exception as e:  # the coordinator (process 0) is gone
                 if self.done.is_set():
                     return
-                _exit_error(f"process {self.me}: lost the coordinator (process 0): {str(e).splitlines()[0][:200]}")
+                first = (str(e).splitlines() or [""])[0][:200]
+                _exit_error(f"process {self.me} of {self.n}: lost the coordinator (process 0): {first}")
             self._check(values, time.monotonic())
 
     def _check(self, values: dict, now: float) -> None:
@@ -191,10 +192,10 @@ class Watchdog:
                 since = now
             grace = PEER_ERROR_GRACE_S if v != "exit 0" else self.timeout   # a finished peer: we end soon too
             if v.startswith("exit ") and now - since >= grace:
-                _exit_error(f"process {self.me}: process {p} of {self.n} ended (status {v[5:]}) while this one "
+                _exit_error(f"process {self.me} of {self.n}: process {p} ended (status {v[5:]}) while this one "
                             "still runs; stopping (the latest complete checkpoint is kept)")
             if not v.startswith("exit ") and now - since > self.timeout:
-                _exit_error(f"process {self.me}: no heartbeat from process {p} of {self.n} for {self.timeout:.0f} s "
+                _exit_error(f"process {self.me} of {self.n}: no heartbeat from process {p} for {self.timeout:.0f} s "
                             "(killed, hung or its host lost); stopping without a checkpoint (the latest complete "
                             "one is kept)")
 
