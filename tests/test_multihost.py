@@ -4,12 +4,13 @@ checkpoints written by both, a killed peer, a resume, and process-count changes 
 
 One chain of runs (the processes are the expensive part; checkpoints every 2 steps):
 
-1. reference: 1 x 8 devices, steps 1-6;
+1. reference: 1 x 8 devices, steps 1-7;
 2. 2 x 4 from the reference's step-2 checkpoint (1 -> 2 processes), until step 5 is logged; then process 1
    is SIGKILLed: process 0 must stop by itself with one ``error:`` line within the bound, and the latest
    complete checkpoint must be step 4 (written by both processes);
-3. 2 x 4 again to step 5: resumes from step 4; its step 5 is bitwise the killed run's;
-4. 1 x 8 on the same folder: resumes the 2-process step-5 checkpoint (2 -> 1) and trains step 6.
+3. 2 x 4 again: resumes from step 4, its step 5 is bitwise the killed run's; after step 5 process 1 alone
+   gets SIGTERM: both stop at the same step S, checkpoint it together and exit 143;
+4. 1 x 8 on the same folder: resumes the 2-process step-S checkpoint (2 -> 1) and trains to step 7.
 
 Every step of 2-4 has the reference's token counts (the same samples in the same global rows) and its
 losses within the tolerance of tests/test_train_mesh.py (collectives reduce in a different order).
@@ -47,13 +48,6 @@ def _start2(data, wd, steps, *extra):
                               cwd=REPO)
 
 
-def _wait2(procs, timeout):
-    out = [p.communicate(timeout=timeout) for p in procs]
-    for i, (p, (o, e)) in enumerate(zip(procs, out)):
-        assert p.returncode == 0, f"process {i} failed ({p.returncode}):\n{o[-3000:]}\n{e[-3000:]}"
-    return out
-
-
 def _records(wd):
     """Every step record of metrics.jsonl in file order (also those of a killed run that a resume replaced)."""
     out = []
@@ -78,22 +72,26 @@ def _checkpoints(wd):
     return sorted(int(d) for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit())
 
 
+def _wait_for_step(wd, skip, step, procs):
+    t0 = time.time()
+    while not any(r["step"] >= step for r in _records(wd)[skip:]):
+        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        assert time.time() - t0 < 400, f"2-process run did not reach step {step}"
+        time.sleep(0.05)
+
+
 def test_two_processes_match_one_and_survive_a_killed_peer(data, tmp_path):
     ref_wd, wd = str(tmp_path / "ref"), str(tmp_path / "two")
-    run_train(data, ref_wd, 6, *EXTRA, devices=8, mesh=MESH, timeout=400)
+    run_train(data, ref_wd, 7, *EXTRA, devices=8, mesh=MESH, timeout=400)
     ref = {r["step"]: r for r in metrics(ref_wd)}
-    assert sorted(ref) == list(range(1, 7)) and _checkpoints(ref_wd) == [2, 4, 6]
+    assert sorted(ref) == list(range(1, 8)) and _checkpoints(ref_wd) == [2, 4, 6, 7]
 
     # 2: resume the 1-process step-2 checkpoint with 2 processes, SIGKILL process 1 after step 5
     shutil.copytree(ref_wd, wd)
-    for s in (4, 6):
+    for s in (4, 6, 7):
         shutil.rmtree(os.path.join(wd, "checkpoints", str(s)))
     procs = _start2(data, wd, 1000)
-    t0 = time.time()
-    while not any(r["step"] >= 5 for r in _records(wd)[6:]):
-        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
-        assert time.time() - t0 < 400, "2-process run did not reach step 5"
-        time.sleep(0.05)
+    _wait_for_step(wd, 7, 5, procs)
     procs[1].send_signal(signal.SIGKILL)
     t_kill = time.time()
     try:
@@ -108,20 +106,31 @@ def test_two_processes_match_one_and_survive_a_killed_peer(data, tmp_path):
         err[-3000:]
     assert time.time() - t_kill <= PEER_TIMEOUT + 10
     assert _checkpoints(wd) == [2, 4]       # nothing after step 4 marked complete
-    killed = {r["step"]: r for r in _records(wd)[6:]}
+    killed = {r["step"]: r for r in _records(wd)[7:]}
     for s in range(3, 6):
         _close(killed[s], ref[s], "1 -> 2 processes")
 
-    # 3: both processes again: resume from step 4, bitwise the killed run
-    _wait2(_start2(data, wd, 5), timeout=400)
+    # 3: both processes again: resume from step 4, bitwise the killed run; SIGTERM to process 1 only
+    n = len(_records(wd))
+    procs = _start2(data, wd, 1000)
+    _wait_for_step(wd, n, 5, procs)
+    procs[1].send_signal(signal.SIGTERM)
+    out = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [143, 143], [o[1][-2000:] for o in out]
     got = {r["step"]: r for r in metrics(wd)}
-    assert sorted(got) == list(range(1, 6)) and _checkpoints(wd) == [2, 4, 5]
+    stop = max(got)
+    assert stop in (5, 6) and _checkpoints(wd) == [2, 4, stop], (stop, _checkpoints(wd))
     for k in ("loss", "loss_ce", "loss_mse", "grad_norm", "tokens"):
         assert got[5][k] == killed[5][k], k
+    for s in range(5, stop + 1):
+        _close(got[s], ref[s], "2 processes resumed")
 
-    # 4: 2 -> 1 process: the 2-process step-5 checkpoint in one process
-    run_train(data, wd, 6, *EXTRA, devices=8, mesh=MESH, timeout=400)
-    _close(metrics(wd)[-1], ref[6], "2 -> 1 process")
+    # 4: 2 -> 1 process: the 2-process checkpoint in one process
+    run_train(data, wd, 7, *EXTRA, devices=8, mesh=MESH, timeout=400)
+    got = {r["step"]: r for r in metrics(wd)}
+    assert sorted(got) == list(range(1, 8))
+    for s in range(stop + 1, 8):
+        _close(got[s], ref[s], "2 -> 1 process")
 
 
 def _one_error(p):

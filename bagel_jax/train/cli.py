@@ -92,8 +92,9 @@ def main(argv=None) -> int:
         return code
     finally:
         Watchdog.finish(code)   # multi-host: the other processes learn how this one ended
-        if code and Watchdog.active is not None:
-            # JAX's exit handler would wait minutes for peers that may be gone: exit now
+        if code in (1, 2) and Watchdog.active is not None:
+            # an error (not a stop all processes agreed on): JAX's exit barrier would wait minutes for peers
+            # that may be gone; exit now
             if sys.exc_info()[0] is not None:
                 traceback.print_exc()
             sys.stdout.flush()
