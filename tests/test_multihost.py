@@ -32,7 +32,8 @@ from train_helpers import REPO, env, make_data, metrics, run_train, train_cmd
 from bagel_jax.train import launch_local
 
 MESH = "data=2,fsdp=2,tensor=2"
-EXTRA = ["train.keep_checkpoints=10", "train.save_every=2"]
+# data.seed=0: all 7 steps share one padded layout, the first step's of tests/test_train_mesh.py (one program)
+EXTRA = ["train.keep_checkpoints=10", "train.save_every=2", "data.seed=0"]
 PEER_TIMEOUT = 10      # --peer-timeout of the 2-process runs
 STOP_BOUND = 45        # seconds from the SIGKILL until the surviving process must have exited
 
