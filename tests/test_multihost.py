@@ -29,7 +29,10 @@ import pytest
 
 from train_helpers import REPO, env, make_data, metrics, run_train, train_cmd
 
+from bagel_jax import sharding as shd
+from bagel_jax.train import distributed as D
 from bagel_jax.train import launch_local
+from bagel_jax.train.run_config import TrainSetupError
 
 MESH = "data=2,fsdp=2,tensor=2"
 # data.seed=0: all 7 steps share one padded layout, the first step's of tests/test_train_mesh.py (one program)
@@ -165,3 +168,29 @@ def test_bad_distributed_setup_fails_before_any_compile(data, tmp_path):
     assert f"cannot reach the coordinator 127.0.0.1:{free} within 2 s" in _one_error(out["nobody"])
     for p in out.values():
         assert "[train] mesh" not in p.stdout   # nothing was built
+
+
+class _FakeDevice:
+    """A device of process ``process_index`` (the mesh rules only read ids and process indices)."""
+
+    def __init__(self, i, p):
+        self.id, self.process_index, self.platform, self.device_kind = i, p, "cpu", "cpu"
+
+
+@pytest.mark.parametrize("mesh,rows,owners", [
+    ((2, 2, 2), 4, [[0], [0], [1], [1]]),                  # data spans the processes
+    ((1, 8, 1), 8, [[0]] * 4 + [[1]] * 4),                 # fsdp spans them
+    ((1, 2, 4), 4, [[0], [0], [1], [1]]),                  # fsdp across, tensor within
+    ((1, 1, 8), 4, [[0, 1]] * 4),                          # tensor spans them: every process builds every row
+])
+def test_rows_follow_the_devices(mesh, rows, owners):
+    """Which data rows each of 2 processes x 4 devices builds: those its devices hold (the rows of 1 x 8)."""
+    m = shd.make_mesh(*mesh, devices=[_FakeDevice(i, i // 4) for i in range(8)])
+    assert D.row_owners(m, rows) == owners
+
+
+def test_rows_of_a_process_must_be_one_block():
+    # devices of the two processes interleaved: process 0 would hold rows 0, 2, 4, 6
+    m = shd.make_mesh(1, 8, 1, devices=[_FakeDevice(i, i % 2) for i in range(8)])
+    with pytest.raises(TrainSetupError, match="not one contiguous block"):
+        D.local_rows(m, 8)
