@@ -119,7 +119,7 @@ def initialize(args) -> None:
     kw = dict(initialization_timeout=init_timeout, heartbeat_timeout_seconds=int(args.peer_timeout) + 60)
     timer = threading.Timer(init_timeout, _exit_error, args=(
         f"timed out after {init_timeout} s waiting for all processes to join at {addr or 'the coordinator'} "
-        f"(--num-processes {n if n is not None else '(detected)'}: are that many started, with ids 0..N-1?)",))
+        f"(--num-processes {n if n is not None else '(detected)'}: are that many started, with ids 0..N-1?)", 2))
     timer.daemon = True
     timer.start()
     try:
@@ -278,8 +278,8 @@ class BatchSource:
             except Interrupted:
                 return None
             return batch, ntok, step_flops(self.cfg, batch), dstate, state_totals(dstate)
-        # every process takes part in both gathers of every step, also one that stops: a signal while
-        # the data source is stuck waits for it (a second signal exits at once)
+        # all processes run the same gathers in the same order (a stop ends the step after the first on
+        # all); a signal while the data source is stuck waits for it (a second signal exits at once)
         packs, dstate = self.pre.next()
         agreed = allgather(np.concatenate([[int(stop())], self.it.layout_stats(packs)]).astype(np.int64))
         if agreed[:, 0].any():
