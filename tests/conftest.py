@@ -102,7 +102,7 @@ def _release_compiled_programs(request):
 # files not listed count as short. The collection is ordered longest first, so that pytest-xdist
 # (`--dist loadfile`, scripts/test.sh) starts the long files first and no worker is left with one at the end.
 FILE_SECONDS = {
-    "test_train_faults.py": 447, "test_train_learn.py": 171, "test_expert_streams.py": 147,
+    "test_train_faults.py": 447, "test_multihost.py": 200, "test_train_learn.py": 171, "test_expert_streams.py": 147,
     "test_speculative_paths.py": 117, "test_engine.py": 116, "test_train_mesh.py": 107,
     "test_demo_interleave.py": 105, "test_verify_cli.py": 105, "test_train_resume.py": 89,
     "test_attention_impls.py": 70, "test_demo_patch_ar.py": 67, "test_app_browser.py": 63,

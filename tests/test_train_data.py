@@ -16,6 +16,7 @@ from bagel_jax.data import packing
 from bagel_jax.demo import synthetic
 from bagel_jax.data.datasets import DataConfigError, Dropout, PlanEntry, plan_to_items
 from bagel_jax.data.loader import DataConfig, PackedIterator
+from bagel_jax.data.row_state import merge_states, state_totals
 from bagel_jax.tokenizer import load_tokenizer
 from bagel_jax.train import optimizer as O
 
@@ -109,17 +110,58 @@ def test_bad_samples_skipped_and_counted(data, cfg, caplog):
     with caplog.at_level("WARNING", logger="bagel_jax.data"):
         for _ in range(40):
             it.next_batch()
-    skipped = it.get_state()["skipped"]
+    skipped = state_totals(it.get_state())["skipped"]
     # each split has 2 broken rows among 26; after 40 steps every row has been visited
     assert sum(skipped.values()) >= 4 and all(v >= 1 for v in skipped.values()), skipped
     assert "skipping bad sample" in caplog.text
 
 
-def test_multi_process_shards_disjoint(data, cfg):
+def _collate_split(parts, packs):
+    """Collate each process's packs with the shapes the processes agree on (the maximum layout stats), as
+    bagel_jax.train.distributed.BatchSource does, and join the rows: the global batch."""
+    stats = np.max([it.layout_stats(p) for it, p in zip(parts, packs)], axis=0)
+    arrays = [it.collate(p, stats)[0] for it, p in zip(parts, packs)]
+    return {k: np.concatenate([a[k] for a in arrays], axis=1) for k in arrays[0]}
+
+
+def test_row_streams_make_the_batch_independent_of_the_process_split(data, cfg):
+    """2 processes building rows {0, 1} and {2, 3} give the same global batch as 1 process building all 4,
+    and the iterator state moves between the splits (2 -> 1 and 1 -> 2 processes on resume)."""
     tok = load_tokenizer(os.path.join(data, "tokenizer"))
-    its = [PackedIterator(data, small_dcfg(), cfg, tok, shard=p, num_shards=2) for p in range(2)]
-    rows = [{its[p]._row("vlm_sft", i) for i in range(12)} for p in range(2)]
-    assert rows[0].isdisjoint(rows[1]) and len(rows[0] | rows[1]) == 24
+    dc = small_dcfg(packs_per_step=4)
+    one = PackedIterator(data, dc, cfg, tok)
+    two = [PackedIterator(data, dc, cfg, tok, rows=r) for r in ([0, 1], [2, 3])]
+    for _ in range(3):
+        ref, _ = one.next_batch()
+        got = _collate_split(two, [it.next_packs() for it in two])
+        for k in ref:
+            np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+    merged = merge_states([it.get_state() for it in two])
+    assert merged == one.get_state()
+    back = PackedIterator(data, dc, cfg, tok)          # 2 -> 1
+    back.set_state(json.loads(json.dumps(merged)))
+    split = [PackedIterator(data, dc, cfg, tok, rows=r) for r in ([0, 1], [2, 3])]   # 1 -> 2
+    for it in split:
+        it.set_state(one.get_state())
+    ref, _ = one.next_batch()
+    for got in (back.next_batch()[0], _collate_split(split, [it.next_packs() for it in split])):
+        for k in ref:
+            np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+    with pytest.raises(DataConfigError, match="row streams"):
+        PackedIterator(data, small_dcfg(packs_per_step=2), cfg, tok).set_state(merged)
+
+
+def test_row_streams_read_an_epoch_once(data, cfg):
+    """Each row stream reads its own positions of a group's epoch permutation: over an epoch the streams
+    together read every row of the group exactly once (so no sample twice in a step)."""
+    tok = load_tokenizer(os.path.join(data, "tokenizer"))
+    it = PackedIterator(data, small_dcfg(packs_per_step=4), cfg, tok)
+    n = len(it.ds["vlm_sft"])
+    seen = []
+    for r in range(4):
+        it._use_row(r)
+        seen += [it._row("vlm_sft", i) for i in range(-(-(n - r) // 4))]
+    assert sorted(seen) == list(range(n))
 
 
 def test_dropout_and_timesteps():
@@ -222,7 +264,7 @@ def test_interleaved_group(tmp_path, data, cfg):
     arr, _ = it.next_batch()
     n_vit = int((arr["vit_seg"] > 0).sum())
     assert arr["vae_mse"].sum() > 0 and arr["ce_valid"].sum() > 0 and n_vit > 0 and n_vit % 16 == 0
-    assert it.get_state()["skipped"]["interleaved"] >= 1  # the row with a missing image
+    assert state_totals(it.get_state())["skipped"]["interleaved"] >= 1  # the row with a missing image
 
 
 def test_group_weights_override_the_groups_file(data, cfg):

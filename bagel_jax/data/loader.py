@@ -29,10 +29,13 @@ rows, samples too long, too many or too large VAE images, no loss); the warning 
 logged for the first ``WARN_FIRST`` rows of a group, then at most once per ``WARN_EVERY_S`` seconds per
 group with the number of rows skipped meanwhile.
 
-State (``get_state()``): a JSON dict of integers (draw counter, next index per group, buffer of parked
-``(group, index)``) plus counters of skipped samples. A sample is a pure function of
-``(seed, group, index, shard)``, so restoring the state resumes the stream exactly.
-Multi-host: process ``p`` of ``P`` reads rows ``p, p+P, p+2P, ...`` of each group's per-epoch permutation.
+Row streams: row ``r`` of the ``R = packs_per_step`` rows of each (micro)step is packed by its own stream,
+which reads positions ``r, r+R, r+2R, ...`` of each group's per-epoch permutation with its own draws. An
+iterator builds the rows ``rows`` (default: all); a multi-host run gives each process the rows its devices
+hold (:mod:`bagel_jax.train.distributed`), so 1 process x 8 devices and 2 x 4 see the same global batch.
+State (``get_state()``): ``{"rows": [...]}`` (:mod:`.row_state`), per row a JSON dict of integers (draw
+counter, next index per group, buffer of parked ``(group, index)``, skip counters). A sample is a pure
+function of ``(seed, group, index, row)``, so restoring the state resumes every stream exactly.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ import yaml
 from ..config import check_keys, load_yaml
 from . import packing, patch_ar
 from .datasets import DATASET_CLASSES, DataConfigError, Dropout, SampleError, plan_to_items, sample_stats
+from .row_state import select_rows
 
 log = logging.getLogger("bagel_jax.data")
 
@@ -165,14 +169,14 @@ class PackedIterator:
     """Yields ``(arrays, n_tokens)`` per step: ``arrays`` maps PackedBatch field -> ``[accum, packs, ...]``."""
 
     def __init__(self, data_dir: str, dcfg: DataConfig, model_cfg, tokenizer, accum: int = 1,
-                 shard: int = 0, num_shards: int = 1):
+                 rows=None):
         self.dcfg, self.cfg, self.tok = dcfg, model_cfg, tokenizer
         self.accum = accum
-        if dcfg.packs_per_step % num_shards:
-            raise DataConfigError(f"data: packs_per_step {dcfg.packs_per_step} is not divisible by the "
-                                  f"number of processes {num_shards}")
-        self.packs = dcfg.packs_per_step // num_shards
-        self.shard, self.num_shards = shard, num_shards
+        self.num_shards = dcfg.packs_per_step        # row streams of a step (module doc)
+        self.rows = list(range(self.num_shards)) if rows is None else sorted({int(r) for r in rows})
+        if not self.rows or not all(0 <= r < self.num_shards for r in self.rows):
+            raise DataConfigError(f"data: rows {rows} must be a non-empty subset of 0..{self.num_shards - 1}")
+        self.packs = len(self.rows)
         self.groups = load_groups(data_dir, dcfg)
         self.names = list(self.groups)
         self.ds = {}
@@ -199,20 +203,24 @@ class PackedIterator:
         self.mandatory = [n for n in self.names if self.groups[n].get("is_mandatory", False)]
         self.dropout = Dropout(dcfg.dropout_text, dcfg.dropout_vit, dcfg.dropout_vae)
         self._perm_cache: dict = {}
-        self.state = dict(draw=0, next={n: 0 for n in self.names}, buffer=[],
-                          skipped={n: 0 for n in self.names}, too_long=0, dropped=0, packs=0)
+        self.states = {r: dict(draw=0, next={n: 0 for n in self.names}, buffer=[],
+                               skipped={n: 0 for n in self.names}, too_long=0, dropped=0, packs=0)
+                       for r in self.rows}
+        self._use_row(self.rows[0])
         self._failed = {}       # (group, reason) -> count over the current run of failed draws
         self._warned = {}       # group -> (rows skipped when last logged, time last logged)
 
     # -- state --------------------------------------------------------------------------------------
+    def _use_row(self, r: int) -> None:
+        """Make row stream ``r`` the one ``_draw`` / ``_sample`` / ``_next_pack`` advance."""
+        self.shard, self.state = r, self.states[r]
+
     def get_state(self) -> dict:
-        return copy.deepcopy(self.state)
+        return {"rows": [copy.deepcopy(self.states.get(r)) for r in range(self.num_shards)]}
 
     def set_state(self, state: dict) -> None:
-        if set(state.get("next", {})) != set(self.names):
-            raise DataConfigError(f"data-iterator state is for groups {sorted(state.get('next', {}))}, "
-                                  f"the data folder has {sorted(self.names)}")
-        self.state = copy.deepcopy(state)
+        self.states = select_rows(state, self.num_shards, self.rows, self.names)
+        self._use_row(self.rows[0])
 
     # -- samples ------------------------------------------------------------------------------------
     def _row(self, g: str, idx: int) -> int:
@@ -222,7 +230,9 @@ class PackedIterator:
         key = (g, epoch)
         if key not in self._perm_cache:
             gid = self.names.index(g)
-            self._perm_cache = {key: np.random.default_rng([self.dcfg.seed, gid, epoch]).permutation(N)}
+            if len(self._perm_cache) >= 2 * len(self.names):   # row streams sit in one or two epochs
+                self._perm_cache.clear()
+            self._perm_cache[key] = np.random.default_rng([self.dcfg.seed, gid, epoch]).permutation(N)
         return int(self._perm_cache[key][k % N])
 
     def _sample(self, g: str, idx: int):
@@ -341,21 +351,40 @@ class PackedIterator:
 
     # -- batches ------------------------------------------------------------------------------------
     def next_batch(self) -> tuple[dict[str, np.ndarray], int]:
-        n = self.accum * self.packs
-        packs = [self._next_pack() for _ in range(n)]
-        return self.collate(packs)
+        return self.collate(self.next_packs())
 
-    def collate(self, packs) -> tuple[dict[str, np.ndarray], int]:
-        d = self.dcfg
+    def next_packs(self) -> list:
+        """The packs of one step, ``accum x len(rows)`` in ``[accum, packs]`` order (not yet collated)."""
+        packs = []
+        for _ in range(self.accum):
+            for r in self.rows:
+                self._use_row(r)
+                packs.append(self._next_pack())
+        return packs
+
+    def layout_stats(self, packs) -> np.ndarray:
+        """What the static shapes of a step depend on: ``[tokens, und tokens, gen tokens, VAE height, VAE
+        width]``, each the maximum over ``packs`` (int64). A multi-host step collates every process's packs
+        with the maximum over processes, so that all agree on the shapes."""
         lens = [sum(sample_stats(s, self.cfg.vit.patch_size, self.cfg.latent_downsample).tokens for s in p)
                 for p in packs]
         ds = self.cfg.latent_downsample
         gen = [sum(patch_ar.latent_slots(it, ds) for s in p for it in s if isinstance(it, packing.VaeItem))
                for p in packs]
-        row_len, und_tokens, gen_tokens = packing.choose_stream_layout(
-            [n - g for n, g in zip(lens, gen)], gen, d.row_buckets, d.und_split_steps)
         hw = [it.image.shape[1:] for p in packs for s in p for it in s if isinstance(it, packing.VaeItem)]
-        mh, mw = max([h for h, _ in hw], default=0), max([w for _, w in hw], default=0)
+        return np.array([max(lens, default=0), max([n - g for n, g in zip(lens, gen)], default=0),
+                         max(gen, default=0), max([h for h, _ in hw], default=0),
+                         max([w for _, w in hw], default=0)], np.int64)
+
+    def collate(self, packs, stats=None) -> tuple[dict[str, np.ndarray], int]:
+        """The arrays of one step from its packs; ``stats``: :meth:`layout_stats` (of these packs when None)."""
+        d = self.dcfg
+        lens = [sum(sample_stats(s, self.cfg.vit.patch_size, self.cfg.latent_downsample).tokens for s in p)
+                for p in packs]
+        n, u, g, mh, mw = (int(v) for v in (self.layout_stats(packs) if stats is None else stats))
+        # two stand-in rows with the same longest row, largest und and largest gen count as the real rows
+        row_len, und_tokens, gen_tokens = packing.choose_stream_layout([u, n - g], [0, g], d.row_buckets,
+                                                                       d.und_split_steps)
         vae_hw = min((b for b in d.vae_hw_buckets if b[0] >= mh and b[1] >= mw), key=lambda b: b[0] * b[1])
         caps = packing.Capacities(rows=1, row_len=row_len, vit_tokens=row_len, latent_tokens=row_len,
                                   vae_images=max(d.vae_images_per_pack, 1), vae_hw=tuple(vae_hw), ce_tokens=row_len,
@@ -369,8 +398,3 @@ class PackedIterator:
     def __iter__(self):
         while True:
             yield self.next_batch()
-
-
-def describe_state(state: dict) -> str:
-    return (f"packs={state['packs']} skipped={sum(state['skipped'].values())} "
-            f"too_long={state['too_long']} dropped={state['dropped']}")

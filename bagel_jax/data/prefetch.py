@@ -7,12 +7,13 @@ import threading
 
 
 class Prefetcher:
-    """Runs ``it.next_batch`` (a :class:`~bagel_jax.data.loader.PackedIterator`) in a background thread; each
-    item carries the iterator state *after* it, so checkpointing the state of the last consumed batch resumes
+    """Runs ``it.next_batch`` (or ``produce``) of a :class:`~bagel_jax.data.loader.PackedIterator` in a
+    background thread; each item carries the iterator state *after* it, so checkpointing the state of the last consumed batch resumes
     exactly."""
 
-    def __init__(self, it, depth: int = 2):
+    def __init__(self, it, depth: int = 2, produce=None):
         self.it = it
+        self.produce = produce or it.next_batch   # e.g. ``it.next_packs`` (collated later, multi-host)
         self.q: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
         self.t = threading.Thread(target=self._run, daemon=True)
@@ -21,7 +22,7 @@ class Prefetcher:
     def _run(self):
         try:
             while not self._stop.is_set():
-                b = self.it.next_batch()
+                b = self.produce()
                 item = (b, self.it.get_state())
                 while not self._stop.is_set():
                     try:

@@ -12,14 +12,18 @@ import argparse
 import logging
 import os
 import sys
+import traceback
+
+import jax
 
 from ..config import ConfigError
 from ..data.datasets import DataConfigError
 from ..sharding import MeshError
 from ..tokenizer import TokenizerError
+from .distributed import Watchdog
 from .loop import run
 from .nonfinite import NonFiniteError
-from .run_checkpoint import CheckpointSaveError, TrainCheckpointError
+from .run_checkpoint import CheckpointSaveError, TrainCheckpointError, short_error
 from .run_config import TrainSetupError
 
 
@@ -49,8 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--compile-cache", default=os.environ.get("JAX_COMPILATION_CACHE_DIR"),
                     help="persistent XLA compilation cache folder (reused across restarts)")
     ap.add_argument("--multihost", action="store_true",
-                    help="call jax.distributed.initialize() first (multi-host TPU/GPU); each process reads its own "
-                         "shard of the data")
+                    help="one of several processes (hosts) under jax.distributed (docs/multihost.md); without the "
+                         "three flags below JAX detects the cluster (TPU pod, SLURM, ...)")
+    ap.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                    help="--multihost: process 0's address, the same for all (default: $JAX_COORDINATOR_ADDRESS)")
+    ap.add_argument("--num-processes", type=int, default=None,
+                    help="--multihost: number of processes (default: $JAX_NUM_PROCESSES)")
+    ap.add_argument("--process-id", type=int, default=None,
+                    help="--multihost: this process's id, 0..N-1 (default: $JAX_PROCESS_ID)")
+    ap.add_argument("--peer-timeout", type=float, default=60.0,
+                    help="--multihost: seconds without a heartbeat from another process before this one stops "
+                         "with an error")
+    ap.add_argument("--init-timeout", type=int, default=300,
+                    help="--multihost: seconds to wait for all processes to join")
     ap.add_argument("--sync-save", action="store_true", help="save checkpoints synchronously (default: asynchronous)")
     ap.add_argument("--log-every", type=int, default=1,
                     help="print a metrics line every N steps when there is no progress bar (always written to metrics.jsonl)")
@@ -71,17 +86,47 @@ def main(argv=None) -> int:
     # reports it once (CheckpointSaveError)
     logging.getLogger("absl").setLevel(logging.CRITICAL)
     args = build_parser().parse_intermixed_args(argv)
+    code = 1
+    try:
+        code = _main(args)
+        return code
+    finally:
+        Watchdog.finish(code)   # multi-host: the other processes learn how this one ended
+        if code in (1, 2) and Watchdog.active is not None:
+            # an error (not a stop all processes agreed on): JAX's exit barrier would wait minutes for peers
+            # that may be gone; exit now
+            if sys.exc_info()[0] is not None:
+                traceback.print_exc()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+
+def _error(e) -> None:
+    """One ``error:`` line; multi-host: naming the process (64 hosts' logs side by side)."""
+    who = f"process {jax.process_index()} of {jax.process_count()}: " if jax.process_count() > 1 else ""
+    print(f"error: {who}{e}", file=sys.stderr, flush=True)
+
+
+def _main(args) -> int:
     try:
         res = run(args)
     except (CheckpointSaveError, NonFiniteError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        _error(e)
         return 1
     except (TrainSetupError, ConfigError, DataConfigError, MeshError, TrainCheckpointError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        _error(e)
         return 2
     except KeyboardInterrupt:  # Ctrl-C outside the step loop (setup, export): no traceback
-        print("error: interrupted", file=sys.stderr, flush=True)
+        _error("interrupted")
         return 130
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        # a collective failed: gloo reports a peer's closed connection at once (the watchdog after
+        # --peer-timeout); elsewhere it may be the other side of a peer's error
+        _error(f"{short_error(e)} (another process probably died: see its log)")
+        return 1
     if res.get("signal") is not None and res["step"] < args.steps:
         return 128 + int(res["signal"])
     return 0

@@ -39,18 +39,19 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from .. import sharding as shd
 from ..config import BagelConfig
 from ..convert import official as conv
-from ..data.loader import PackedIterator, describe_state
-from ..data.prefetch import Interrupted, Prefetcher
+from ..data.loader import PackedIterator
+from ..data.row_state import describe_state
 from ..loading import build_modules, load_model, vae_param_shapes
 from ..models import flux_vae
 from ..models.bagel import init_params as bagel_init
 from ..models.bagel import param_shapes
 from ..tokenizer import Tokenizer, load_tokenizer
+from . import distributed as D
 from . import optimizer as O
 from . import lora as TL
 from . import step as S
 from .init import init_from_components
-from .metrics import MetricsWriter, is_main, peak_flops_per_device, step_flops, step_record
+from .metrics import MetricsWriter, is_main, peak_flops_per_device, step_record
 from .nonfinite import NonFiniteError, handle_nonfinite
 from .run_checkpoint import CheckpointSaveError, Checkpointer, TrainCheckpointError, export_ema, inference_defaults
 from .run_config import TrainSetupError, check_init_config, check_writable_dir, load_train_config
@@ -108,7 +109,7 @@ def configure_jax(args: argparse.Namespace) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     if args.multihost:
-        jax.distributed.initialize()
+        D.initialize(args)
 
 
 @dataclasses.dataclass
@@ -210,8 +211,9 @@ def start_or_resume(args: argparse.Namespace, su: RunSetup, ckpt: Checkpointer, 
         state, _ = S.init_state(params, su.opt, tc.seed, su.mesh)
         del params
         data_state = None
-        with open(os.path.join(args.workdir, "config.yaml"), "w") as f:
-            yaml.safe_dump(su.raw, f, sort_keys=False)
+        if is_main():
+            with open(os.path.join(args.workdir, "config.yaml"), "w") as f:
+                yaml.safe_dump(su.raw, f, sort_keys=False)
         start = 0
         print(f"[train] fresh start in {args.workdir} (init: {tc.init})", flush=True)
     else:
@@ -240,8 +242,8 @@ def run(args: argparse.Namespace) -> dict:
     configure_jax(args)
     su = build_setup(args)
     tokenizer = load_run_tokenizer(args, su)
-    it = PackedIterator(args.data, su.dc, su.cfg, tokenizer, accum=su.tc.accum_steps, shard=jax.process_index(),
-                        num_shards=jax.process_count())
+    it = PackedIterator(args.data, su.dc, su.cfg, tokenizer, accum=su.tc.accum_steps,
+                        rows=D.local_rows(su.mesh, su.dc.packs_per_step))
     ckpt = Checkpointer(os.path.join(args.workdir, "checkpoints"), keep=su.tc.keep_checkpoints,
                         async_save=not args.sync_save)
     try:
@@ -318,7 +320,7 @@ def train_steps(args: argparse.Namespace, su: RunSetup, st: RunStart, ckpt: Chec
           f"({n_train / 1e6:.2f}M trainable), packs/step {dc.packs_per_step} x accum {tc.accum_steps}", flush=True)
 
     sig = _Signals()  # before the loader thread starts: a signal from now on stops the run cleanly
-    pre = Prefetcher(it, dc.prefetch)
+    src = D.BatchSource(it, cfg, mesh, dc.prefetch)
     bar = tqdm(total=args.steps, initial=st.step, desc="train", disable=not is_main() or args.no_progress,
                dynamic_ncols=True)
     state, vae_params, step, dstate = st.state, st.vae_params, st.step, st.data_state
@@ -327,14 +329,14 @@ def train_steps(args: argparse.Namespace, su: RunSetup, st: RunStart, ckpt: Chec
     last, nonfinite = {}, 0
     try:
         with logging_redirect_tqdm():
-            while step < args.steps and sig.sig is None:
-                try:
-                    (batch, ntok), dstate_next = pre.next(interrupted=lambda: sig.sig is not None)
-                except Interrupted:
+            while step < args.steps:
+                got = src.next(lambda: sig.sig or 0)   # None: a signal (multi-host: on any process)
+                if got is None:
+                    sig.sig = sig.sig or src.stop_signal or None
                     break
+                batch, ntok, flops, dstate_next, totals = got
                 if args.debug_nan_at == step + 1:
                     batch = _poison(batch)
-                flops = step_flops(cfg, batch)
                 t0 = time.perf_counter()
                 gbatch = shd.put_batch(batch, mesh)
                 n_compiled = len(step_fn.cache)
@@ -343,9 +345,9 @@ def train_steps(args: argparse.Namespace, su: RunSetup, st: RunStart, ckpt: Chec
                 dt = time.perf_counter() - t0
                 step += 1
                 dstate_prev, dstate = dstate, dstate_next
-                last = step_record(step, m, ntok, dt, flops, peak, len(step_fn.cache) > n_compiled, dstate)
+                last = step_record(step, m, ntok, dt, flops, peak, len(step_fn.cache) > n_compiled, totals)
                 metrics.write(last)
-                _log_step(args, bar, step, m, last, dstate)
+                _log_step(args, bar, step, m, last, totals)
                 ckpt.check()
                 nonfinite = 0 if last["finite"] else nonfinite + 1
                 if nonfinite:
@@ -363,9 +365,10 @@ def train_steps(args: argparse.Namespace, su: RunSetup, st: RunStart, ckpt: Chec
             _say(f"[train] {name}: checkpointed and stopping at step {step}" if saved == step else
                  f"[train] {name}: stopping at step {step} (nothing trained since the start)")
     except BaseException as e:
-        # a failed save, or a non-finite state, must not be saved (again)
+        # a failed save, or a non-finite state, must not be saved (again); multi-host: a save is a collective
+        # that processes without this error would never join
         if (step > saved and dstate is not None and not isinstance(e, (CheckpointSaveError, NonFiniteError))
-                and _state_alive(state)):
+                and _state_alive(state) and not D.multi()):
             _say(f"[train] {type(e).__name__} at step {step}: saving a checkpoint before exiting")
             try:
                 ckpt.wait()
@@ -377,7 +380,7 @@ def train_steps(args: argparse.Namespace, su: RunSetup, st: RunStart, ckpt: Chec
         raise
     finally:
         bar.close()
-        pre.close(timeout=1.0)
+        src.close(timeout=1.0)
         ckpt.close()
         metrics.close()
         sig.restore()

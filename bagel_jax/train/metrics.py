@@ -98,14 +98,13 @@ def step_flops_by_part(cfg, batch: dict, vae_encode_flops: float = 0.0) -> dict[
 
 def step_record(step: int, m: dict, ntok: int, dt: float, flops: float, peak: float, compiled: bool,
                 dstate: dict) -> dict:
-    """One ``metrics.jsonl`` line: the step's metrics ``m`` (floats), throughput over all processes
-    (``ntok`` tokens of this process in ``dt`` seconds, ``flops`` of :func:`step_flops`, ``peak`` FLOP/s of
-    all devices) and the data iterator's skip counters ``dstate``."""
-    nproc = jax.process_count()
+    """One ``metrics.jsonl`` line: the step's metrics ``m`` (floats), throughput (``ntok`` tokens of the
+    whole step, over all processes, in ``dt`` seconds; ``flops`` of :func:`step_flops` of the whole step;
+    ``peak`` FLOP/s of all devices) and the data iterator's skip counters ``dstate`` (all rows)."""
     return dict(step=step, loss=m["loss"], loss_ce=m["loss_ce"], loss_mse=m["loss_mse"],
-                grad_norm=m["grad_norm"], lr=m["lr"], finite=bool(m.get("finite", 1.0)), tokens=int(ntok * nproc),
+                grad_norm=m["grad_norm"], lr=m["lr"], finite=bool(m.get("finite", 1.0)), tokens=int(ntok),
                 ce_tokens=_count(m["n_ce"]), mse_tokens=_count(m["n_mse"]), step_time=dt,
-                tokens_per_s=ntok * nproc / dt, mfu=flops * nproc / dt / peak, compiled=compiled,
+                tokens_per_s=ntok / dt, mfu=flops / dt / peak, compiled=compiled,
                 data_skipped=int(sum(dstate["skipped"].values())), data_too_long=int(dstate["too_long"]),
                 data_dropped=int(dstate["dropped"]))
 

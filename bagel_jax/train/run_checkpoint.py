@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 
 from ..data.loader import load_groups
 from ..loading import INFERENCE_DEFAULTS_FILE, BagelModel, build_modules, save_model
+from .distributed import gather_data_state
 
 ITEMS = ("state", "data")
 
@@ -98,6 +99,7 @@ class Checkpointer:
         # under its own step
         self.wait()
         self.pending = int(step)
+        data_state = gather_data_state(data_state)   # multi-host: every process's rows
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
         return self._guard(self.mngr.save, int(step), args=args, force=force)
 
