@@ -19,7 +19,7 @@ from .. import sharding as shd
 from ..quantize import validate_mode
 from .attention import validate_implementation
 from .layer_loop import validate as validate_layer_loop
-from .layers import QuantDense
+from .layers import Dense, QuantDense
 
 # name -> jax.checkpoint policy (None: no remat). One table for every scanned layer stack.
 REMAT_POLICIES = {
@@ -98,7 +98,7 @@ class ModelOptions:
 
     def dense(self, features: int, use_bias: bool = True, name: str | None = None) -> nn.Dense:
         """An ``nn.Dense`` in these dtypes (a :class:`~bagel_jax.nn.layers.QuantDense` when quantized)."""
-        cls = nn.Dense if self.quantize == "none" else QuantDense
+        cls = Dense if self.quantize == "none" else QuantDense
         return cls(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
     def remat(self, module_cls, static_argnums=()):

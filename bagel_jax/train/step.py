@@ -140,7 +140,11 @@ def make_loss_fn(model, vae, tc: TrainConfig, mask, special_weights: Mapping[int
             return (aux["ce"] * jnp.maximum(den_ce, 1.0), den_ce, aux["mse"] * jnp.maximum(aux["n_mse"], 1.0),
                     aux["n_mse"], b["ce_valid"].sum())
 
-        num_ce, den_ce, num_mse, den_mse, n_ce = jax.vmap(one)(micro, keys)
+        if G == 1:   # one pack: no vmap, whose size-1 axis makes XLA:CPU transpose weight gradients' operands
+            num_ce, den_ce, num_mse, den_mse, n_ce = (x[None] for x in one(
+                jax.tree_util.tree_map(lambda x: x[0], micro), keys[0]))
+        else:
+            num_ce, den_ce, num_mse, den_mse, n_ce = jax.vmap(one)(micro, keys)
         ce = num_ce.sum() / jnp.maximum(den_ce.sum(), 1.0)
         mse = num_mse.sum() / jnp.maximum(den_mse.sum(), 1.0)
         loss = tc.ce_weight * ce + tc.mse_weight * mse
