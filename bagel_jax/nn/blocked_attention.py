@@ -3,20 +3,21 @@ plain JAX (any backend) on BAGEL's mask vectors.
 
 Queries and keys are cut into blocks; per-block summaries of (seg, vis, nblk) decide which key blocks a
 query block must visit (:func:`block_plan`), and only those are computed (a data-dependent trip count).
-The softmax runs online in float32 (running max and sum); the backward (custom VJP) recomputes the
-probabilities of each visited block pair from the saved log-sum-exp, so memory is O(L). With a KV cache
-it is the cached inference attention, forward only.
+The softmax runs online in float32 (running max and sum). Without a cache it is differentiable: the
+head-major kernels of :mod:`bagel_jax.nn.flash_blocked` (custom VJP; the backward recomputes the
+probabilities of each visited block pair from the saved log-sum-exp, so memory is O(L)). With a KV cache
+it is the cached inference attention, forward only (:func:`_forward`).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import flash_blocked
 from .mask import CacheView, MaskVectors, default_block
 
 _NEG = -1e30  # finite "minus infinity": fully masked rows stay NaN-free
@@ -224,71 +225,6 @@ def _forward(q, k, v, q_vec, k_vec, bq, bk, cache=None, bc=None):
     return _from_blocks(out), lse, visited
 
 
-def _backward(q, k, v, q_vec, k_vec, bq, bk, out, lse, do):
-    """Flash-attention backward on block-padded inputs: the probabilities of each needed block pair are
-    recomputed from ``lse``; dq per query block, dk / dv accumulated in float32 ``[B, Lk, K, dh]``."""
-    B, Lq, H, dh = q.shape
-    K = k.shape[2]
-    G = H // K
-    scale = dh ** -0.5
-    f32 = jnp.float32
-    _, ids, count = block_plan(q_vec, k_vec, bq, bk)
-    delta = jnp.einsum("bqhd,bqhd->bqh", do.astype(f32), out.astype(f32))          # [B, Lq, H]
-    delta = delta.reshape(B, Lq, K, G).transpose(0, 2, 3, 1)                     # [B, K, G, Lq]
-    lse_b = jnp.moveaxis(lse.reshape(B, K, G, Lq // bq, bq), 3, 0)               # [nQ, B, K, G, bq]
-    delta_b = jnp.moveaxis(delta.reshape(B, K, G, Lq // bq, bq), 3, 0)
-
-    def q_block(dkv, xs):
-        qb, dob, qv, lse_i, delta_i, ids_i, n_i = xs
-        qb = qb.reshape(B, bq, K, G, dh)
-        dob = dob.reshape(B, bq, K, G, dh)
-
-        def body(t, c):
-            dq, dk, dv = c
-            start = ids_i[t] * bk
-            kb = jax.lax.dynamic_slice_in_dim(k, start, bk, axis=1)
-            vb = jax.lax.dynamic_slice_in_dim(v, start, bk, axis=1)
-            ok = _allowed(qv, _slice_vec(k_vec, start, bk))
-            s = _scores(qb, kb, ok, scale)
-            p = jnp.where(ok[:, None, None], jnp.exp(s - lse_i[..., None]), 0.0)        # [B, K, G, bq, bk]
-            dv_j = jnp.einsum("bkgqs,bqkgd->bskd", p.astype(do.dtype), dob, preferred_element_type=f32)
-            dp = jnp.einsum("bqkgd,bskd->bkgqs", dob, vb, preferred_element_type=f32)
-            ds = p * (dp - delta_i[..., None]) * scale
-            dq = dq + jnp.einsum("bkgqs,bskd->bqkgd", ds.astype(k.dtype), kb, preferred_element_type=f32)
-            dk_j = jnp.einsum("bkgqs,bqkgd->bskd", ds.astype(q.dtype), qb, preferred_element_type=f32)
-            dk = jax.lax.dynamic_update_slice_in_dim(dk, jax.lax.dynamic_slice_in_dim(dk, start, bk, 1) + dk_j, start, 1)
-            dv = jax.lax.dynamic_update_slice_in_dim(dv, jax.lax.dynamic_slice_in_dim(dv, start, bk, 1) + dv_j, start, 1)
-            return dq, dk, dv
-
-        dq, dk, dv = jax.lax.fori_loop(0, n_i, body, (jnp.zeros((B, bq, K, G, dh), f32),) + dkv)
-        return (dk, dv), dq.reshape(B, bq, H, dh)
-
-    zeros = jnp.zeros(k.shape, f32)
-    xs = (_to_blocks(q, bq), _to_blocks(do, bq), MaskVectors(*(_to_blocks(a, bq) for a in q_vec)),
-          lse_b, delta_b, ids, count)
-    (dk, dv), dq = jax.lax.scan(q_block, (zeros, zeros), xs)
-    return _from_blocks(dq).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _flash(q, k, v, q_vec, k_vec, bq, bk):
-    return _forward(q, k, v, q_vec, k_vec, bq, bk)[0]
-
-
-def _flash_fwd(q, k, v, q_vec, k_vec, bq, bk):
-    out, lse, _ = _forward(q, k, v, q_vec, k_vec, bq, bk)
-    return out, (q, k, v, q_vec, k_vec, out, lse)
-
-
-def _flash_bwd(bq, bk, res, do):
-    q, k, v, q_vec, k_vec, out, lse = res
-    dq, dk, dv = _backward(q, k, v, q_vec, k_vec, bq, bk, out, lse, do)
-    return dq, dk, dv, None, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
-
-
 def _pad_inputs(q, k, v, q_vec, k_vec, block_q, block_k):
     Lq, Lk = q.shape[1], k.shape[1]
     bq, bk = _block_size(Lq, block_q), _block_size(Lk, block_k)
@@ -318,6 +254,7 @@ def blocked_attention(q, k, v, q_vec: MaskVectors, k_vec: MaskVectors, *, cache:
     block_q, block_k = block_q or pick(Lq), block_k or pick(k.shape[1])
     q_p, k_p, v_p, qv, kv, bq, bk = _pad_inputs(q, k, v, q_vec, k_vec, block_q, block_k)
     if cache is None and not return_visited:
-        return _flash(q_p, k_p, v_p, qv, kv, bq, bk)[:, :Lq]
+        _, ids, count = block_plan(qv, kv, bq, bk)
+        return flash_blocked.flash(q_p, k_p, v_p, qv, kv, ids, count, bq, bk)[:, :Lq]
     out, _, visited = _forward(q_p, k_p, v_p, qv, kv, bq, bk, cache, block_cache)
     return (out[:, :Lq], visited) if return_visited else out[:, :Lq]

@@ -26,7 +26,23 @@ class RMSNorm(nn.Module):
         return scale.astype(x.dtype) * y.astype(x.dtype)
 
 
-class QuantDense(nn.Dense):
+class Dense(nn.Dense):
+    """``nn.Dense`` (same parameters, same values) whose matmul sees a 2-D ``[tokens, in]`` operand when the
+    leading axes of the input are all of size 1 (a packed row ``[1, seq, in]``, under ``vmap`` over one
+    pack). XLA:CPU compiles the weight gradient of a dot whose token contraction spans size-1 axes with a
+    transposing copy of the output gradient (a loop fusion writing ``[out, tokens]`` column by column);
+    with one token axis it reads the gradient in place."""
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        lead = inputs.shape[:-2]
+        if not lead or any(d != 1 for d in lead):
+            return super().__call__(inputs)
+        y = super().__call__(inputs.reshape(inputs.shape[-2:]))
+        return y.reshape(lead + y.shape)
+
+
+class QuantDense(Dense):
     """``nn.Dense`` (same parameters, same float result) that also runs a weight-only int8 kernel: when the
     params tree holds a ``scale`` ``[features]`` beside an int8 ``kernel`` ``[in, features]`` (made by
     :func:`bagel_jax.quantize.quantize_params`), ``y = (x @ kernel.astype(dtype)) * scale + bias``: the

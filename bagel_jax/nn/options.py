@@ -23,7 +23,7 @@ from .. import sharding as shd
 from ..quantize import validate_mode
 from . import layer_loop as layer_loop_lib
 from .attention import default_auto_min_len, validate_implementation
-from .layers import QuantDense
+from .layers import Dense, QuantDense
 from .lora import LoraDense
 
 # name -> jax.checkpoint policy (None: no remat). One table for every scanned layer stack.
@@ -148,7 +148,7 @@ class ModelOptions:
         if self.lora:
             return LoraDense(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
                              dropout=self.lora_dropout)
-        cls = nn.Dense if self.quantize == "none" else QuantDense
+        cls = Dense if self.quantize == "none" else QuantDense
         return cls(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
     def remat(self, module_cls, static_argnums=()):

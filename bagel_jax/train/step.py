@@ -141,7 +141,11 @@ def make_loss_fn(model, vae, tc: TrainConfig, mask, special_weights: Mapping[int
             return (aux["ce"] * jnp.maximum(den_ce, 1.0), den_ce, aux["mse"] * jnp.maximum(aux["n_mse"], 1.0),
                     aux["n_mse"], b["ce_valid"].sum())
 
-        num_ce, den_ce, num_mse, den_mse, n_ce = jax.vmap(one)(micro, keys)
+        if G == 1:   # one pack: no vmap, whose size-1 axis makes XLA:CPU transpose weight gradients' operands
+            num_ce, den_ce, num_mse, den_mse, n_ce = (x[None] for x in one(
+                jax.tree_util.tree_map(lambda x: x[0], micro), keys[0]))
+        else:
+            num_ce, den_ce, num_mse, den_mse, n_ce = jax.vmap(one)(micro, keys)
         ce = num_ce.sum() / jnp.maximum(den_ce.sum(), 1.0)
         mse = num_mse.sum() / jnp.maximum(den_mse.sum(), 1.0)
         loss = tc.ce_weight * ce + tc.mse_weight * mse
@@ -185,19 +189,30 @@ def make_train_step(model, vae, tc: TrainConfig, mask, optimizer, schedule, spec
             zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
             grads, auxs = jax.lax.scan(micro, zeros, (batch, jnp.arange(A)))
         gnorm = optax.global_norm(grads)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         loss = auxs["loss"].mean()
+        old = (params, state["opt_state"], state["ema"])
+
+        def update(p, o, e):
+            updates, o = optimizer.update(grads, o, p)
+            # the new params exist once, before the EMA reads them: otherwise XLA recomputes ``params +
+            # updates`` inside the EMA's fusion, the old params are read after their (donated) buffer is
+            # overwritten, and XLA copies every parameter array first (a full extra pass over the params)
+            p = jax.lax.optimization_barrier(optax.apply_updates(p, updates))
+            return p, o, ema_update(e, p, mask, tc.ema_decay), updates
+
         # a non-finite step never reaches the weights: params, optimiser state and EMA stay as they were
         # (the loop then stops or skips, train.on_nonfinite); only the step counter moves on
-        finite = jnp.isfinite(loss) & jnp.isfinite(gnorm) & jnp.isfinite(optax.global_norm(updates))
-        keep = lambda n, o: jnp.where(finite, n, o)
-        new_params = jax.tree_util.tree_map(keep, optax.apply_updates(params, updates), params)
-        opt_state = jax.tree_util.tree_map(keep, opt_state, state["opt_state"])
-        # the new params exist once, before the EMA reads them: otherwise XLA recomputes ``params +
-        # updates`` inside the EMA's fusion, the old params are read after their (donated) buffer is
-        # overwritten, and XLA copies every parameter array first (a full extra pass over the params)
-        new_params = jax.lax.optimization_barrier(new_params)
-        ema = jax.tree_util.tree_map(keep, ema_update(state["ema"], new_params, mask, tc.ema_decay), state["ema"])
+        finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        if tc.eps > 0:
+            # with eps > 0, finite gradients and a finite state give finite AdamW updates, so the decision is
+            # known before the update and the update runs (or not) as one pass over the state: checking the
+            # updates' norm as well, or selecting per array, splits it into several passes over params,
+            # moments and EMA (a tenth of the step on the 2-core CPU, docs/train_performance.md)
+            new_params, opt_state, ema = jax.lax.cond(finite, lambda *s: update(*s)[:3], lambda *s: s, *old)
+        else:   # eps = 0: a zero second moment gives 0 / 0, so the updates are checked too
+            *new, updates = update(*old)
+            finite = finite & jnp.isfinite(optax.global_norm(updates))
+            new_params, opt_state, ema = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), tuple(new), old)
         metrics = dict(loss=loss, loss_ce=auxs["ce"].mean(), loss_mse=auxs["mse"].mean(),
                        grad_norm=gnorm, lr=schedule(state["step"]), n_ce=auxs["n_ce"].sum(),
                        n_mse=auxs["n_mse"].sum(), finite=finite)
