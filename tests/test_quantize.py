@@ -16,7 +16,7 @@ import pytest
 from bagel_jax import quantize as quant
 from bagel_jax.convert.safetensors_io import load_file
 from bagel_jax.loading import load_model
-from bagel_jax.nn.layers import QuantDense
+from bagel_jax.nn.layers import Dense, QuantDense
 from bagel_jax.nn.options import ModelOptions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,7 +59,11 @@ def test_quant_dense_float_tree_is_nn_dense_and_int8_tree_is_the_dequantized_mat
     assert yb.dtype == jnp.bfloat16            # bfloat16 compute: int8 -> bfloat16 is exact, then bf16 rounding
     np.testing.assert_allclose(np.asarray(yb, np.float32), np.asarray(want), rtol=2e-2, atol=2e-2)
     assert ModelOptions(quantize="int8").dense(24).__class__ is QuantDense
-    assert ModelOptions().dense(24).__class__ is nn.Dense          # "none": the model is unchanged
+    # "none": the float layer, nn.Dense's parameters and values (its matmul on a 2-D operand when the leading
+    # axes are 1, layers.Dense); also for a packed row [1, seq, in]
+    assert ModelOptions().dense(24).__class__ is Dense
+    for xs in (x, x[:1], x[:1, None]):
+        np.testing.assert_array_equal(Dense(24).apply(float_tree, xs), nn.Dense(24).apply(float_tree, xs))
 
 
 def test_bad_mode_is_one_clear_error(tiny_a):
