@@ -1,5 +1,7 @@
 """Multi-host training with real processes on 127.0.0.1 (``train.py --multihost``, docs/multihost.md):
-2 processes x 4 CPU devices against 1 process x 8 on the same mesh (``data`` spans the processes), with
+2 processes x 4 CPU devices against 1 process x 8 on the same mesh (``fsdp`` spans the processes: every
+process holds half of each weight and of the optimiser state, writes its shards of the checkpoint and
+builds half of the rows; the row split of ``data`` / ``tensor`` spanning them is checked below), with
 checkpoints written by both, a killed peer, a resume, and process-count changes on restore.
 
 One chain of runs (the processes are the expensive part; checkpoints every 2 steps):
@@ -34,7 +36,7 @@ from bagel_jax.train import distributed as D
 from bagel_jax.train import launch_local
 from bagel_jax.train.run_config import TrainSetupError
 
-MESH = "data=2,fsdp=2,tensor=2"
+MESH = "data=1,fsdp=4,tensor=2"
 # data.seed=0: all 7 steps share one padded layout, the first step's of tests/test_train_mesh.py (one program)
 EXTRA = ["train.keep_checkpoints=10", "train.save_every=2", "data.seed=0"]
 PEER_TIMEOUT = 10      # --peer-timeout of the 2-process runs
