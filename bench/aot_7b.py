@@ -63,6 +63,7 @@ from bagel_jax.config import config_from_yaml  # noqa: E402
 from bagel_jax.data import packing  # noqa: E402
 from bagel_jax.loading import build_modules, vae_param_shapes  # noqa: E402
 from bagel_jax.models.bagel import param_shapes  # noqa: E402
+from bagel_jax.nn.options import as_dtype  # noqa: E402
 from bagel_jax.train import lora as TL, optimizer as O, step as S  # noqa: E402
 
 GIB = 2 ** 30
@@ -91,7 +92,7 @@ def one_config(cfg, mesh_spec: str, L: int) -> dict:
     lc = LR.LoraConfig(rank=args.lora_rank, quantize=args.quantize) if args.lora_rank else None
     if lc is not None:   # the train state is the adapter's; the frozen base is an input beside the VAE
         model = TL.lora_model(model, lc)
-        base = jax.eval_shape(lambda p: Q.quantize_params(Q.cast_floats(p, O.DTYPES[args.dtype]), lc.quantize), shapes)
+        base = jax.eval_shape(lambda p: Q.quantize_params(Q.cast_floats(p, as_dtype(args.dtype)), lc.quantize), shapes)
         base = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), base,
                                       shd.tree_shardings(base, mesh))
         print(f"LoRA rank {lc.rank}: frozen base {Q.param_bytes(base) / GIB:.2f} GiB ({args.quantize if args.quantize != 'none' else args.dtype})")

@@ -23,6 +23,7 @@ from .. import quantize as quant
 from .. import sharding as shd
 from ..config import load_config
 from ..loading import load_model
+from ..nn.options import as_dtype
 from . import optimizer as O
 from . import step as S
 from .run_config import TrainSetupError, check_init_config
@@ -40,7 +41,7 @@ class LoraRun:
         """``(frozen base, VAE params)`` from ``train.init``. A model folder is read in the base's storage
         dtype and quantized while it is read (:func:`bagel_jax.loading.load_model`), so the float32 tree never
         exists; a random or component init is built in float32 (``init_params``, :mod:`.loop`) and converted."""
-        tc, dt = su.tc, O.DTYPES[su.tc.compute_dtype]
+        tc, dt = su.tc, as_dtype(su.tc.compute_dtype)
         if isinstance(tc.init, str) and tc.init != "random":
             if not os.path.isdir(tc.init):
                 raise TrainSetupError(f"train.init: model folder not found: {tc.init}")

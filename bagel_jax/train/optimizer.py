@@ -211,6 +211,3 @@ def count_params(tree, mask=None) -> int:
     if mask is None:
         return int(sum(x.size for x in leaves))
     return int(sum(x.size for x, t in zip(leaves, jax.tree_util.tree_leaves(mask)) if t))
-
-
-DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
