@@ -19,6 +19,7 @@ _LAZY = {
     "InferenceOptions": ("bagel_jax.inference.engine", "InferenceOptions"),
     "ModelOptions": ("bagel_jax.nn.options", "ModelOptions"),
     "tune_xla_cpu": ("bagel_jax.runtime", "tune_xla_cpu"),
+    "tune_cpu_malloc": ("bagel_jax.runtime", "tune_cpu_malloc"),
     "use_compilation_cache": ("bagel_jax.runtime", "use_compilation_cache"),
 }
 

@@ -1,6 +1,8 @@
 """Process-wide JAX settings that the programs (``sample.py``, ``train.py``, ``python -m bagel_jax.app``) switch on
-and the library never does by itself: the XLA:CPU convolution tuning (:func:`tune_xla_cpu`) and JAX's persistent
-compilation cache (:func:`use_compilation_cache`). Importing ``bagel_jax`` changes no global state.
+and the library never does by itself: the XLA:CPU convolution tuning (:func:`tune_xla_cpu`), the malloc settings
+that let XLA:CPU reuse its buffers (:func:`tune_cpu_malloc`) and JAX's persistent compilation cache
+(:func:`use_compilation_cache`). Importing ``bagel_jax`` changes no global state. The convolution choice is also
+made per program, without global state, for the programs that need it (:func:`program_compiler_options`).
 
 XLA:CPU hands 2-D convolutions to YNNPACK by default (``individual_convolution`` in
 ``--xla_cpu_experimental_ynn_fusion_type``). For the FLUX VAE's 3x3 convolutions its own emitter is faster:
@@ -22,9 +24,11 @@ only.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
 import importlib.util
 import os
+import sys
 import warnings
 from typing import Optional
 
@@ -71,3 +75,62 @@ def use_compilation_cache(path: Optional[str] = DEFAULT_COMPILATION_CACHE, force
         return
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+
+# The same choice made per program (``jax.jit(..., compiler_options=...)``, no global state): the library fusion
+# types that ``-individual_convolution`` leaves of XLA:CPU's default set in the pinned jaxlib
+# (tests/test_runtime.py checks that both compile the same program)
+PROGRAM_YNN_FUSION_TYPES = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+
+
+def program_compiler_options(platform: str, environ=os.environ) -> Optional[dict]:
+    """``compiler_options`` for a program bagel_jax compiles for ``platform`` (a device's ``platform``):
+    on ``"cpu"``, when :func:`wanted`, 2-D convolutions compiled by XLA's own emitter instead of YNNPACK
+    (the choice of :func:`tune_xla_cpu`, for this one program); None otherwise. The train step uses it
+    (``bagel_jax/train/step.py``): the VAE encode of its targets runs 0.19 -> 0.12 s (two 256x256 images,
+    docs/train_performance.md)."""
+    if platform != "cpu" or not wanted(environ):
+        return None
+    return {FLAG_NAME: PROGRAM_YNN_FUSION_TYPES}
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+MALLOC_OPT_OUT = "BAGEL_JAX_CPU_MALLOC"
+_MALLOC_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_",
+               "GLIBC_TUNABLES")
+
+
+def malloc_wanted(environ=os.environ) -> bool:
+    """Whether :func:`tune_cpu_malloc` applies: Linux, a CPU-only JAX installation (as :func:`wanted`), no
+    malloc settings of the user's in the environment, and not ``BAGEL_JAX_CPU_MALLOC=0``."""
+    if environ.get(MALLOC_OPT_OUT, "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    if any(k in environ for k in _MALLOC_ENV):
+        return False
+    return not any(importlib.util.find_spec(m) is not None for m in ("jax_plugins", "libtpu"))
+
+
+def tune_cpu_malloc(environ=os.environ) -> bool:
+    """Keep freed memory in the process so that XLA:CPU's per-call buffers are not fresh pages on every call.
+
+    XLA:CPU allocates each call's temporary buffer (581 MB for the perf harness's train step) with
+    ``posix_memalign`` from a worker thread. glibc serves an allocation over 64 MiB in a thread's arena with
+    ``mmap`` whatever ``M_MMAP_THRESHOLD`` says, and ``free`` unmaps it, so every call touches new pages:
+    142,000 page faults and 0.3-1.4 s of kernel time per step on the 2-core CPU. With one arena, no
+    ``mmap`` and a 2 GiB trim threshold (``mallopt``), the buffer is reused: no page faults after the
+    first step, 1.6-2.6 -> 1.47-1.71 s per step (docs/train_performance.md). The cost: the process keeps
+    the memory it freed (up to 2 GiB of it at the top of the heap), and all threads share one malloc arena.
+
+    Applies only when :func:`malloc_wanted`, and fully only before JAX's first computation (threads that
+    already allocated keep their arenas). Returns whether it was applied. ``train.py``, ``sample.py`` and
+    the app call it; the library never does."""
+    if not malloc_wanted(environ):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):     # not glibc
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(_M_ARENA_MAX, 1) and mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))

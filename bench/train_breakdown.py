@@ -45,11 +45,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.profiler import ProfileData  # noqa: E402
 
-from bagel_jax import sharding as shd  # noqa: E402
+from bagel_jax import runtime, sharding as shd  # noqa: E402
 from bagel_jax.config import BagelConfig, LLMConfig, VAEConfig, ViTConfig  # noqa: E402
 from bagel_jax.data import packing  # noqa: E402
 from bagel_jax.loading import random_model  # noqa: E402
 from bagel_jax.models import flux_vae  # noqa: E402
+from bagel_jax.nn import layer_loop  # noqa: E402
 from bagel_jax.tokenizer import load_tokenizer  # noqa: E402
 from bagel_jax.train import optimizer as O  # noqa: E402
 from bagel_jax.train import step as St  # noqa: E402
@@ -66,6 +67,8 @@ VARIANTS = {
     "full": ({}, dict(remat_policy="full")),
     "scan": (dict(layer_loop="scan"), {}),
     "unrolled": (dict(layer_loop="unrolled"), {}),
+    # per-layer parameter arrays in the train state itself (a model built with layer_loop="unrolled")
+    "perlayer": ({}, dict(layer_loop="unrolled")),
 }
 
 
@@ -124,9 +127,10 @@ class Variant:
         self.name = name
         self.tc = O.TrainConfig(compute_dtype="float32", warmup_steps=0, **tc_over)
         model = bm.model.clone(opts=dataclasses.replace(bm.model.opts, **opt_over))
-        mask = O.trainable_mask(bm.params, self.tc)
+        params = layer_loop.unstack(bm.params) if model.opts.layer_loop == "unrolled" else bm.params
+        mask = O.trainable_mask(params, self.tc)
         opt = O.make_optimizer(self.tc, mask, 1000)
-        self.state, ssh = St.init_state(bm.params, opt, 0, mesh)
+        self.state, ssh = St.init_state(params, opt, 0, mesh)
         vsh = shd.tree_shardings(bm.vae_params, mesh)
         self.vae_params = jax.device_put(bm.vae_params, vsh)
         self.fn = St.jit_train_step(St.make_train_step(model, bm.vae, self.tc, mask, opt,
@@ -150,21 +154,43 @@ class Variant:
 # ------------------------------------------------------------------------------------------- profiling
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?(%?[\w.\-]+)\s*=\s*\S.*?\s([\w\-]+)\(")
 _META = re.compile(r'op_name="([^"]*)"')
+_COMP = re.compile(r"^(?:ENTRY\s+)?(%?[\w.\-]+)\s.*\{\s*$")
+_CALLS = re.compile(r"(?:calls|body|condition|to_apply)=(%?[\w.\-]+)|branch_computations=\{([^}]*)\}")
 
 PARTS = ("decoder matmuls", "decoder other", "attention + RoPE", "layer scan slices", "ViT", "VAE encode",
          "CE (LM head)", "MSE / latent heads", "embed / scatter / loss", "optimizer + EMA", "other")
 
 
 def hlo_index(module_text: str) -> dict:
-    """instruction name -> (opcode, op_name) of an optimised HLO module's text."""
-    out = {}
+    """instruction name -> (opcode, op_name) of an optimised HLO module's text. An instruction without an
+    ``op_name`` (YNNPACK fusions, ops of loop bodies XLA created) takes that of the instruction calling its
+    computation (a fusion, while, call), so the ops of a loop count towards the part that runs the loop."""
+    out, comp_of, caller = {}, {}, {}
+    comp = None
     for line in module_text.splitlines():
+        h = _COMP.match(line)
+        if h:
+            comp = h.group(1).lstrip("%")
+            continue
         m = _INSTR.match(line)
         if not m:
             continue
+        name = m.group(1).lstrip("%")
         op = _META.search(line)
-        out[m.group(1).lstrip("%")] = (m.group(2), op.group(1) if op else "")
-    return out
+        out[name] = (m.group(2), op.group(1) if op else "")
+        comp_of[name] = comp
+        for one, many in _CALLS.findall(line):
+            for c in (one or many).split(","):
+                caller.setdefault(c.strip().lstrip("%"), name)
+
+    def inherited(name, depth=0):
+        opcode, op_name = out[name]
+        if op_name or depth > 20:
+            return op_name
+        parent = caller.get(comp_of.get(name))
+        return inherited(parent, depth + 1) if parent in out else ""
+
+    return {n: (oc, inherited(n)) for n, (oc, _) in out.items()}
 
 
 def classify(op_name: str, is_dot: bool) -> str:
@@ -235,7 +261,11 @@ def main():
     ap.add_argument("--profile", action="store_true", help="trace the first variant's step, per-part times")
     ap.add_argument("--top", type=int, default=25, help="slowest ops listed with --profile")
     ap.add_argument("--save", default=None, help="with --profile: write every op's time per step to this JSON")
+    ap.add_argument("--tune-malloc", action="store_true",
+                    help="bagel_jax.runtime.tune_cpu_malloc() first, as train.py does (no page faults per step)")
     args = ap.parse_args()
+    if args.tune_malloc:
+        print(f"tune_cpu_malloc applied: {runtime.tune_cpu_malloc()}")
 
     cfg = perf_config()
     bm = random_model(cfg, jax.random.PRNGKey(0))

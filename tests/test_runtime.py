@@ -60,3 +60,89 @@ def test_import_changes_no_global_state():
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.split() == [repr(flags), "None"]
+
+
+OPTIONS_PROBE = r"""
+import collections, re, sys, jax, jax.numpy as jnp
+from bagel_jax import runtime
+x, w = jnp.ones((1, 64, 64, 32)), jnp.ones((3, 3, 32, 32))
+def f(x, w):   # a convolution, a dot and a reduction: each kind of library fusion XLA:CPU makes
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = y.reshape(-1, 32) @ w.reshape(-1, 32)[:32]
+    return y - y.mean(0)
+opts = runtime.program_compiler_options("cpu") if sys.argv[1] == "options" else None
+text = jax.jit(f, compiler_options=opts).lower(x, w).compile().as_text()
+bodies, cur = {}, None
+for line in text.splitlines():
+    m = re.match(r"^(%[\w.\-]+) .*\{$", line)
+    if m:
+        cur = bodies.setdefault(m.group(1), [])
+    elif cur is not None:
+        cur.append(line)
+kinds = collections.Counter()
+for line in text.splitlines():
+    if "__ynn_fusion" in line:
+        body = " ".join(bodies[re.search(r"calls=(%[\w.\-]+)", line).group(1)])
+        kinds["conv" if "convolution(" in body else "dot" if " dot(" in body else "reduce" if "reduce(" in body else "other"] += 1
+print(sorted(kinds.items()))
+"""
+
+
+def _options_probe(mode, **env):
+    e = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", runtime.OPT_OUT)}
+    e.update(env, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", OPTIONS_PROBE, mode], env=e, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(not runtime.wanted({}), reason="the tuning does not apply to this installation")
+def test_program_options_make_the_flags_choice_for_one_program():
+    """program_compiler_options("cpu") compiles a program as the XLA_FLAGS tuning does (the same library fusions:
+    dots and reductions, no convolution), without touching XLA_FLAGS; the default keeps the convolution there."""
+    tuned = _options_probe("plain", XLA_FLAGS=runtime.FLAG)
+    assert tuned == _options_probe("options")
+    default = _options_probe("plain")
+    assert "'conv'" in default and "'conv'" not in tuned and "'dot'" in tuned and "'reduce'" in tuned
+    assert runtime.program_compiler_options("gpu") is None
+    assert runtime.program_compiler_options("cpu", {runtime.OPT_OUT: "0"}) is None
+
+
+MALLOC_PROBE = r"""
+import resource, sys
+from bagel_jax import runtime
+applied = runtime.tune_cpu_malloc() if sys.argv[1] == "tune" else False
+import jax, jax.numpy as jnp
+x = jnp.ones((6144, 4096))   # a 96 MiB temporary per call: over glibc's 64 MiB thread-arena heaps
+f = jax.jit(lambda x: (jax.lax.optimization_barrier(jnp.sin(x)) * 2.0).sum())
+for _ in range(3):
+    f(x).block_until_ready()
+r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+f(x).block_until_ready()
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
+"""
+
+
+@pytest.mark.skipif(not runtime.malloc_wanted({}), reason="the malloc settings do not apply to this installation")
+def test_tune_cpu_malloc_stops_page_faults_on_every_call():
+    """Without the settings every call of a program with a large temporary faults its pages in afresh (96 MiB:
+    ~24,000 faults); after tune_cpu_malloc() (before the first computation) the buffer is reused."""
+    def probe(mode, **env):
+        # XLA_FLAGS dropped: the suite's --xla_backend_optimization_level=0 programs allocate differently
+        e = {k: v for k, v in os.environ.items()
+             if not k.startswith("MALLOC_") and k not in (runtime.MALLOC_OPT_OUT, "XLA_FLAGS")}
+        e.update(env, JAX_PLATFORMS="cpu")
+        out = subprocess.run([sys.executable, "-c", MALLOC_PROBE, mode], env=e, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        applied, faults = out.stdout.split()
+        return applied == "True", int(faults)
+
+    assert probe("plain")[1] > 12000
+    applied, faults = probe("tune")
+    assert applied and faults < 2000
+    applied, faults = probe("tune", **{runtime.MALLOC_OPT_OUT: "0"})
+    assert not applied and faults > 12000
+    assert not runtime.malloc_wanted({"MALLOC_ARENA_MAX": "4"})     # the user's own settings win
+    assert not runtime.malloc_wanted({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .. import sharding as shd
+from .. import runtime, sharding as shd
 from ..data import packing
 from ..nn import layer_loop
 from ..nn.lora import DROPOUT_RNG
@@ -270,6 +270,8 @@ def jit_train_step(step_fn, state_sh, mesh, vae_sh):
     delivers stream batches and pays nothing). Activations follow the model's rules on ``mesh``
     (``ModelOptions.activation_rules``; ``seq_parallel`` there splits the residual stream's sequence over
     ``tensor``, which is what fits 36,864-token packs of BAGEL-7B on 8 devices, see docs/performance.md).
+    On a CPU mesh the program is compiled with :func:`bagel_jax.runtime.program_compiler_options` (the VAE
+    encode's convolutions by XLA's own emitter, no global flag).
     """
     rep = shd.replicated(mesh)
 
@@ -277,6 +279,7 @@ def jit_train_step(step_fn, state_sh, mesh, vae_sh):
         return {k: shd.batch_sharding(mesh, len(v.shape)) for k, v in b.items()}
 
     cache = {}
+    copts = runtime.program_compiler_options(mesh.devices.flat[0].platform)
 
     def call(state, batch, vae_params, expert_split=None):
         if expert_split is None:
@@ -291,7 +294,8 @@ def jit_train_step(step_fn, state_sh, mesh, vae_sh):
         if key not in cache:
             cache[key] = jax.jit(functools.partial(step_fn, expert_split=expert_split),
                                  in_shardings=(state_sh, batch_sh(batch), vae_sh),
-                                 out_shardings=(state_sh, rep), donate_argnums=(0,))
+                                 out_shardings=(state_sh, rep), donate_argnums=(0,),
+                                 compiler_options=copts)
         with shd.mesh_scope(mesh):  # activations follow the model's activation rules on the mesh
             return cache[key](state, batch, vae_params)
 
