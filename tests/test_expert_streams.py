@@ -475,8 +475,8 @@ def test_unrolled_layer_loop_step_equals_scan(bm):
     for a, b in zip(jax.tree_util.tree_leaves(s0["params"]), jax.tree_util.tree_leaves(s1["params"])):
         assert a.shape == b.shape
         np.testing.assert_allclose(b, a, rtol=0, atol=2 * O.TrainConfig().lr + 1e-6)
-    assert O.TrainConfig().layer_loop == "scan"
-    assert S.resolve_layer_loop(O.TrainConfig(layer_loop="auto")) == "unrolled"   # one CPU device
+    assert O.TrainConfig().layer_loop == "auto"
+    assert S.resolve_layer_loop(O.TrainConfig()) == "unrolled"   # one CPU device
     with pytest.raises(ConfigError, match="layer_loop"):
         O.TrainConfig.from_dict({"layer_loop": "loop"})
 

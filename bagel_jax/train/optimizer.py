@@ -57,9 +57,9 @@ class TrainConfig:
     # how the step runs the layer stacks (bagel_jax/nn/layer_loop.py); the train state always holds them
     # stacked ("scan" layout), so checkpoints do not depend on it. "unrolled": the step slices the stacked
     # params per layer and runs a Python loop (no per-layer dynamic slices of weights and residuals;
-    # compiles ~1.3x longer; on the 2-core CPU ~5 % faster at 1k tokens, see
-    # docs/train_performance.md); "auto": unrolled on a single CPU device, else scan
-    layer_loop: str = "scan"
+    # compiles ~1.3x longer; on the 2-core CPU 5 % faster at 1k tokens, see docs/train_performance.md);
+    # "auto" (the default): unrolled on a single CPU device, else scan
+    layer_loop: str = "auto"
     # split the residual stream's sequence over the mesh's tensor axis (Megatron sequence parallelism);
     # what fits 36,864-token packs of BAGEL-7B in 64 GiB on 8 devices (fsdp 4 x tensor 2, docs/performance.md)
     seq_parallel: bool = False
