@@ -39,11 +39,16 @@ FLAG = f"--{FLAG_NAME}=-individual_convolution"
 OPT_OUT = "BAGEL_JAX_XLA_CPU_TUNING"
 
 
+def cpu_only_install() -> bool:
+    """No accelerator plugin (``jax_plugins`` / ``libtpu``) is installed beside JAX."""
+    return not any(importlib.util.find_spec(m) is not None for m in ("jax_plugins", "libtpu"))
+
+
 def wanted(environ=os.environ) -> bool:
     """Whether :data:`FLAG` should be added (see the module docstring)."""
     if environ.get(OPT_OUT, "1") == "0" or FLAG_NAME in environ.get("XLA_FLAGS", ""):
         return False
-    if any(importlib.util.find_spec(m) is not None for m in ("jax_plugins", "libtpu")):
+    if not cpu_only_install():
         return False
     try:
         return importlib.metadata.version("jaxlib").startswith("0.10.")
@@ -77,7 +82,6 @@ def use_compilation_cache(path: Optional[str] = DEFAULT_COMPILATION_CACHE, force
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-
 # The same choice made per program (``jax.jit(..., compiler_options=...)``, no global state): the library fusion
 # types that ``-individual_convolution`` leaves of XLA:CPU's default set in the pinned jaxlib
 # (tests/test_runtime.py checks that both compile the same program)
@@ -103,13 +107,13 @@ _MALLOC_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_",
 
 
 def malloc_wanted(environ=os.environ) -> bool:
-    """Whether :func:`tune_cpu_malloc` applies: Linux, a CPU-only JAX installation (as :func:`wanted`), no
-    malloc settings of the user's in the environment, and not ``BAGEL_JAX_CPU_MALLOC=0``."""
+    """Whether :func:`tune_cpu_malloc` applies: Linux, a CPU-only JAX installation (:func:`cpu_only_install`),
+    none of the user's ``MALLOC_*`` / ``GLIBC_TUNABLES`` variables set, and not ``BAGEL_JAX_CPU_MALLOC=0``."""
     if environ.get(MALLOC_OPT_OUT, "1") == "0" or not sys.platform.startswith("linux"):
         return False
     if any(k in environ for k in _MALLOC_ENV):
         return False
-    return not any(importlib.util.find_spec(m) is not None for m in ("jax_plugins", "libtpu"))
+    return cpu_only_install()
 
 
 def tune_cpu_malloc(environ=os.environ) -> bool:
@@ -120,7 +124,7 @@ def tune_cpu_malloc(environ=os.environ) -> bool:
     ``mmap`` whatever ``M_MMAP_THRESHOLD`` says, and ``free`` unmaps it, so every call touches new pages:
     142,000 page faults and 0.3-1.4 s of kernel time per step on the 2-core CPU. With one arena, no
     ``mmap`` and a 2 GiB trim threshold (``mallopt``), the buffer is reused: no page faults after the
-    first step, 1.6-2.6 -> 1.47-1.71 s per step (docs/train_performance.md). The cost: the process keeps
+    first step, 1.69-2.55 -> 1.56-1.71 s per step (docs/train_performance.md). The cost: the process keeps
     the memory it freed (up to 2 GiB of it at the top of the heap), and all threads share one malloc arena.
 
     Applies only when :func:`malloc_wanted`, and fully only before JAX's first computation (threads that

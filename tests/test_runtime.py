@@ -23,12 +23,18 @@ print("CONV_IN_YNN" if "__ynn_fusion" in root else "CONV_NOT_IN_YNN" if "convolu
 """
 
 
-def _probe(mode, **env):
-    e = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", runtime.OPT_OUT)}
+def _run(code, mode, drop=lambda k: False, **env):
+    """The last line ``code`` prints in a fresh CPU process (argv[1] = ``mode``), without XLA_FLAGS, the tuning's
+    opt-out and the variables ``drop`` names; ``env`` added."""
+    e = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", runtime.OPT_OUT) and not drop(k)}
     e.update(env, JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], env=e, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code, mode], env=e, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout.strip().splitlines()[-1]
+
+
+def _probe(mode, **env):
+    return _run(PROBE, mode, **env)
 
 
 def test_rules():
@@ -89,12 +95,7 @@ print(sorted(kinds.items()))
 
 
 def _options_probe(mode, **env):
-    e = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", runtime.OPT_OUT)}
-    e.update(env, JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", OPTIONS_PROBE, mode], env=e, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout.strip().splitlines()[-1]
+    return _run(OPTIONS_PROBE, mode, **env)
 
 
 @pytest.mark.skipif(not runtime.wanted({}), reason="the tuning does not apply to this installation")
@@ -129,14 +130,9 @@ def test_tune_cpu_malloc_stops_page_faults_on_every_call():
     """Without the settings every call of a program with a large temporary faults its pages in afresh (96 MiB:
     ~24,000 faults); after tune_cpu_malloc() (before the first computation) the buffer is reused."""
     def probe(mode, **env):
-        # XLA_FLAGS dropped: the suite's --xla_backend_optimization_level=0 programs allocate differently
-        e = {k: v for k, v in os.environ.items()
-             if not k.startswith("MALLOC_") and k not in (runtime.MALLOC_OPT_OUT, "XLA_FLAGS")}
-        e.update(env, JAX_PLATFORMS="cpu")
-        out = subprocess.run([sys.executable, "-c", MALLOC_PROBE, mode], env=e, capture_output=True, text=True,
-                             timeout=300)
-        assert out.returncode == 0, out.stderr[-2000:]
-        applied, faults = out.stdout.split()
+        # (without XLA_FLAGS: the suite's --xla_backend_optimization_level=0 programs allocate differently)
+        applied, faults = _run(MALLOC_PROBE, mode, lambda k: k.startswith("MALLOC_") or k == runtime.MALLOC_OPT_OUT,
+                               **env).split()
         return applied == "True", int(faults)
 
     assert probe("plain")[1] > 12000
