@@ -124,8 +124,10 @@ def tune_cpu_malloc(environ=os.environ) -> bool:
     ``mmap`` whatever ``M_MMAP_THRESHOLD`` says, and ``free`` unmaps it, so every call touches new pages:
     142,000 page faults and 0.3-1.4 s of kernel time per step on the 2-core CPU. With one arena, no
     ``mmap`` and a 2 GiB trim threshold (``mallopt``), the buffer is reused: no page faults after the
-    first step, 1.69-2.55 -> 1.56-1.71 s per step (docs/train_performance.md). The cost: the process keeps
-    the memory it freed (up to 2 GiB of it at the top of the heap), and all threads share one malloc arena.
+    first step, 1.69-2.55 -> 1.56-1.71 s per step (docs/train_performance.md; in a small program the first
+    calls may still fault while a thread's tcache holds the rest that ``posix_memalign`` cut off). The cost:
+    the process keeps the memory it freed (up to 2 GiB of it at the top of the heap), and all threads share
+    one malloc arena.
 
     Applies only when :func:`malloc_wanted`, and fully only before JAX's first computation (threads that
     already allocated keep their arenas). Returns whether it was applied. ``train.py``, ``sample.py`` and
