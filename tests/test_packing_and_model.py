@@ -91,8 +91,8 @@ def test_training_losses_do_not_depend_on_padding(bm):
     # same noise for the real tokens/images; padding gets other values (they must not matter)
     n_loose = n_loose._replace(flow_noise=n_loose.flow_noise.at[:Nl].set(n_tight.flow_noise),
                                posterior_eps=n_loose.posterior_eps.at[0, :h, :w].set(n_tight.posterior_eps[0]))
-    f = lambda b, n: train_forward(bm.model, bm.params, bm.vae, bm.vae_params,
-                                   {k: jnp.asarray(v) for k, v in b.arrays().items()}, n)[1]
+    fwd = jax.jit(lambda p, vp, b, n: train_forward(bm.model, p, bm.vae, vp, b, n)[1])   # (op by op: a minute)
+    f = lambda b, n: fwd(bm.params, bm.vae_params, {k: jnp.asarray(v) for k, v in b.arrays().items()}, n)
     a, c = f(tight, n_tight), f(loose, n_loose)
     # VAE latents depend on the padded size (quirk 20: conv borders + mid attention see the padding),
     # so compare MSE only through the CE (text) path and the token counts; CE must match exactly.

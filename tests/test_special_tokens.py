@@ -112,8 +112,8 @@ def _weighted_loss(bm, batch, weights):
     mask = jax.tree_util.tree_map(lambda _: True, bm.params)
     fn = make_loss_fn(bm.model, bm.vae, tc, mask, weights)
     micro = {k: jnp.asarray(v)[None] for k, v in batch.arrays().items()}
-    g = jax.grad(lambda p: fn(p, bm.vae_params, micro, jax.random.PRNGKey(0))[0])(bm.params)
-    return float(fn(bm.params, bm.vae_params, micro, jax.random.PRNGKey(0))[0]), g
+    loss, g = jax.jit(jax.value_and_grad(lambda p: fn(p, bm.vae_params, micro, jax.random.PRNGKey(0))[0]))(bm.params)
+    return float(loss), g
 
 
 def test_special_token_weights_scale_exactly_the_special_labels(bm):
@@ -133,13 +133,15 @@ def test_special_token_weights_scale_exactly_the_special_labels(bm):
     want = np.where((b.ce_special > 0) & (b.ce_label == sp.start_of_image), 3.0, 1.0).astype(np.float32)
     assert (want == 3.0).sum() == 1
     arr = {k: jnp.asarray(v) for k, v in b.arrays().items()}
+    forward = jax.jit(lambda a, n, w: train_forward(bm.model, bm.params, bm.vae, bm.vae_params, a, n,
+                                                    token_loss_weights=w)[0])
     noise = draw_noise(jax.random.fold_in(jax.random.PRNGKey(0), 0), arr, bm.cfg)
-    ref = train_forward(bm.model, bm.params, bm.vae, bm.vae_params, arr, noise, token_loss_weights=jnp.asarray(want))[0]
+    ref = forward(arr, noise, jnp.asarray(want))
     np.testing.assert_allclose(heavy, float(ref), rtol=1e-6)
     # <|im_end|> weights touch only the special <|im_end|> entry, not the ordinary end-of-text labels
     want = np.where((b.ce_special > 0) & (b.ce_label == sp.eos), 3.0, 1.0).astype(np.float32)
     assert (b.ce_label[b.ce_valid > 0] == sp.eos).sum() == 3 and (want == 3.0).sum() == 1
-    ref = train_forward(bm.model, bm.params, bm.vae, bm.vae_params, arr, noise, token_loss_weights=jnp.asarray(want))[0]
+    ref = forward(arr, noise, jnp.asarray(want))
     np.testing.assert_allclose(_weighted_loss(bm, b, {sp.eos: 3.0})[0], float(ref), rtol=1e-6)
     # a batch without special labels: weights change nothing
     plain = packing.pack([[[TextItem([11, 12, 13], loss=True)]]], sp, bm.cfg)

@@ -5,7 +5,9 @@ import dataclasses
 import json
 import os
 
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from train_helpers import make_data
@@ -236,6 +238,31 @@ def test_lr_schedule_official_defaults():
     assert float(s(0)) == 0.0 and abs(float(s(1000)) - 5e-5) < 1e-9 and abs(float(s(5000)) - 1e-4) < 1e-9
     c = O.lr_schedule(O.TrainConfig(lr_schedule="cosine", warmup_steps=10, total_steps=110), 0)
     assert abs(float(c(10)) - 1e-4) < 1e-9 and abs(float(c(110)) - 1e-7) < 1e-9
+
+
+def test_optimizer_takes_the_steps_grad_norm():
+    """make_optimizer's clip uses the norm the train step passes (``grad_norm=``) and gives optax's
+    clip_by_global_norm + AdamW exactly, with and without it, clipping or not; frozen leaves get no update."""
+    params = {"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(4), "frozen": jnp.ones(3)}
+    mask = {"a": True, "b": True, "frozen": False}
+    tc = O.TrainConfig(warmup_steps=0)
+    opt = O.make_optimizer(tc, mask, 10)
+    ref = optax.chain(optax.clip_by_global_norm(tc.max_grad_norm),
+                      optax.adamw(O.lr_schedule(tc, 10), b1=tc.beta1, b2=tc.beta2, eps=tc.eps, weight_decay=tc.weight_decay))
+    trained = {k: params[k] for k in ("a", "b")}
+    for scale in (1e-3, 10.0):                             # under and over max_grad_norm
+        grads = {"a": scale * jnp.full((2, 3), 0.5), "b": scale * jnp.arange(4.0), "frozen": jnp.zeros(3)}
+        want, _ = ref.update({k: grads[k] for k in ("a", "b")}, ref.init(trained), trained)
+        for kw in ({}, {"grad_norm": optax.global_norm(grads)}):
+            got, _ = opt.update(grads, opt.init(params), params, **kw)
+            for k in ("a", "b"):
+                np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]))
+            assert not np.asarray(got["frozen"]).any()
+    clip, g = O.clip_by_global_norm(1.0), {"x": jnp.array([3.0, 4.0])}   # norm 5
+    want, _ = optax.clip_by_global_norm(1.0).update(g, optax.EmptyState())
+    np.testing.assert_array_equal(clip.update(g, clip.init(g))[0]["x"], want["x"])
+    np.testing.assert_array_equal(clip.update(g, clip.init(g), grad_norm=jnp.float32(5.0))[0]["x"], want["x"])
+    np.testing.assert_allclose(clip.update(g, clip.init(g), grad_norm=jnp.float32(10.0))[0]["x"], [0.3, 0.4])  # the given one
 
 
 def test_interleaved_group(tmp_path, data, cfg):

@@ -182,10 +182,26 @@ def trainable_mask(params, tc: TrainConfig):
     return jax.tree_util.tree_map_with_path(lambda p, _: is_trainable(_path(p), tc), params)
 
 
-def make_optimizer(tc: TrainConfig, mask, total_steps: int) -> optax.GradientTransformation:
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """``optax.clip_by_global_norm`` (same formula, same empty state) that takes the norm the train step has
+    already computed as ``grad_norm=``: otherwise the update reads all gradients once more for it (a pass
+    over parameter-sized arrays, ~1 % of the CPU step). Without ``grad_norm`` it computes the norm itself."""
+    def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+        del params, extra_args
+        g = optax.global_norm(updates) if grad_norm is None else grad_norm
+        trigger = jnp.squeeze(g < max_norm)
+        return jax.tree_util.tree_map(lambda t: jax.lax.select(trigger, t, (t / g.astype(t.dtype)) * max_norm),
+                                      updates), state
+
+    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
+
+
+def make_optimizer(tc: TrainConfig, mask, total_steps: int) -> optax.GradientTransformationExtraArgs:
+    """Global-norm clipping then AdamW on the trainable leaves, nothing on the frozen ones. Its ``update``
+    takes the gradients' global norm as ``grad_norm=`` (the train step passes the one it reports)."""
     sched = lr_schedule(tc, total_steps)
     inner = optax.chain(
-        optax.clip_by_global_norm(tc.max_grad_norm),
+        clip_by_global_norm(tc.max_grad_norm),
         optax.adamw(sched, b1=tc.beta1, b2=tc.beta2, eps=tc.eps, weight_decay=tc.weight_decay),
     )
     labels = jax.tree_util.tree_map(lambda t: "train" if t else "freeze", mask)

@@ -162,6 +162,7 @@ def make_train_step(model, vae, tc: TrainConfig, mask, optimizer, schedule, spec
     The layer stacks run as ``tc.layer_loop`` says (:func:`resolve_layer_loop`; "auto" on the mesh of
     ``param_shardings``). ``loss_fn``: instead of :func:`make_loss_fn`'s (LoRA: ``bagel_jax/train/lora.py``)."""
     loss_fn = loss_fn or make_loss_fn(model, vae, tc, mask, special_weights or {}, resolve_layer_loop(tc, param_shardings))
+    optimizer = optax.with_extra_args_support(optimizer)     # its update is given ``grad_norm=`` (a plain one ignores it)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state, batch, vae_params, expert_split=None):
@@ -193,7 +194,7 @@ def make_train_step(model, vae, tc: TrainConfig, mask, optimizer, schedule, spec
         old = (params, state["opt_state"], state["ema"])
 
         def update(p, o, e):
-            updates, o = optimizer.update(grads, o, p)
+            updates, o = optimizer.update(grads, o, p, grad_norm=gnorm)
             # the new params exist once, before the EMA reads them: otherwise XLA recomputes ``params +
             # updates`` inside the EMA's fusion, the old params are read after their (donated) buffer is
             # overwritten, and XLA copies every parameter array first (a full extra pass over the params)
