@@ -98,18 +98,19 @@ def _release_compiled_programs(request):
             f.write(f"{request.module.__name__}: before {before} | after {_process_state()}\n")
 
 
-# Seconds each file took in one process on 2 cores (tests/ at commit c4d9c90, 2026-12-04, docs/testing.md);
-# files not listed count as short. The collection is ordered longest first, so that pytest-xdist
-# (`--dist loadfile`, scripts/test.sh) starts the long files first and no worker is left with one at the end.
+# Seconds each file took (setup + calls) in the 2-worker run of scripts/test.sh on 2 cores (main 8badb42,
+# 2026-12-05, docs/testing.md); files not listed count as short. The collection is ordered longest first, so
+# that pytest-xdist (`--dist loadfile`, scripts/test.sh) starts the long files first and no worker is left
+# with one at the end.
 FILE_SECONDS = {
-    "test_train_faults.py": 447, "test_multihost.py": 200, "test_train_learn.py": 171, "test_expert_streams.py": 147,
-    "test_speculative_paths.py": 117, "test_engine.py": 116, "test_train_mesh.py": 107,
-    "test_demo_interleave.py": 105, "test_verify_cli.py": 105, "test_train_resume.py": 89,
-    "test_attention_impls.py": 70, "test_demo_patch_ar.py": 67, "test_app_browser.py": 63,
-    "test_patch_ar_sampler.py": 62, "test_train_freeze.py": 62, "test_lora.py": 60, "test_speculative.py": 59,
-    "test_sample_cli.py": 58, "test_streaming.py": 57, "test_special_tokens.py": 56, "test_taylorseer.py": 49,
-    "test_demo_model.py": 46, "test_packing_and_model.py": 45, "test_train_init.py": 41,
-    "test_gpu_check.py": 30, "test_gpu_lowering.py": 14,
+    "test_multihost.py": 174, "test_train_faults.py": 125, "test_train_resume.py": 121, "test_verify_cli.py": 93,
+    "test_expert_streams.py": 87, "test_train_mesh.py": 69, "test_attention_impls.py": 68, "test_train_learn.py": 64,
+    "test_demo_interleave.py": 61, "test_engine.py": 58, "test_speculative_paths.py": 57, "test_app_browser.py": 53,
+    "test_lora.py": 52, "test_demo_patch_ar.py": 46, "test_speculative.py": 45, "test_taylorseer.py": 44,
+    "test_train_init.py": 41, "test_sample_cli.py": 41, "test_patch_ar_sampler.py": 39, "test_vit_pretrain.py": 36,
+    "test_speculative_draft.py": 35, "test_streaming.py": 32, "test_cached_attention.py": 28, "test_parity.py": 28,
+    "test_train_freeze.py": 27, "test_layer_loop.py": 25, "test_packing_and_model.py": 24, "test_demo_model.py": 24,
+    "test_gpu_check.py": 24, "test_special_tokens.py": 22, "test_runtime.py": 21, "test_cfg_plan.py": 21,
 }
 
 

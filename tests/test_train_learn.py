@@ -9,7 +9,7 @@ import pytest
 
 from train_helpers import make_data, metrics, run_train
 
-STEPS = 60
+STEPS = 40
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,8 @@ def test_losses_fall(trained):
     assert [r["step"] for r in m] == list(range(1, STEPS + 1))
     first = lambda k: np.mean([r[k] for r in m[:5]])
     last = lambda k: np.mean([r[k] for r in m[-10:]])
-    # observed on CPU: CE ~7.2 -> ~1.3, MSE ~2.15 -> ~1.2
+    # observed on CPU (first 5 vs last 10 of 40 steps): CE ~7.1 -> ~1.6, MSE ~2.1 -> ~1.2 (at 30 steps
+    # already 2.8 / 1.25, both inside these bounds)
     assert last("loss_ce") < 0.5 * first("loss_ce"), (first("loss_ce"), last("loss_ce"))
     assert last("loss_mse") < 0.8 * first("loss_mse"), (first("loss_mse"), last("loss_mse"))
     assert all(np.isfinite(r["grad_norm"]) and r["tokens_per_s"] > 0 for r in m)
