@@ -40,7 +40,7 @@ def test_demo_model_reaches_thresholds_on_held_out_subset():
         assert res[k] >= t, (k, res)
 
 
-@pytest.mark.slow   # ~4-5 min (rebuilds the recipe's start and trains 12 steps); the shipped model: the test above
+@pytest.mark.slow   # ~1.5 min alone (rebuilds the recipe's start and trains 12 steps); the shipped model: the test above
 def test_recipe_reproduces_recorded_curve(tmp_path):
     """Rebuild the recipe's starting point (same data, same ViT pre-training, same init seed, the shipped
     autoencoder) and check
