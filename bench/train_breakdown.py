@@ -70,6 +70,10 @@ VARIANTS = {
     # per-layer parameter arrays in the train state itself (a model built with layer_loop="unrolled")
     "perlayer": ({}, dict(layer_loop="unrolled")),
 }
+# the layout of the train state's layer stacks (init_state's layer_loop) where a variant is not the default
+# ("auto": per layer on one CPU device): "scan" and "unrolled" keep the state stacked, "unrolled" slicing it
+# per layer inside every step
+STATE_LAYOUT = {"scan": "scan", "unrolled": "scan"}
 
 
 def perf_config() -> BagelConfig:
@@ -130,7 +134,7 @@ class Variant:
         params = layer_loop.unstack(bm.params) if model.opts.layer_loop == "unrolled" else bm.params
         mask = O.trainable_mask(params, self.tc)
         opt = O.make_optimizer(self.tc, mask, 1000)
-        self.state, ssh = St.init_state(params, opt, 0, mesh)
+        self.state, ssh = St.init_state(params, opt, 0, mesh, layer_loop=STATE_LAYOUT.get(name, "auto"))
         vsh = shd.tree_shardings(bm.vae_params, mesh)
         self.vae_params = jax.device_put(bm.vae_params, vsh)
         self.fn = St.jit_train_step(St.make_train_step(model, bm.vae, self.tc, mask, opt,

@@ -436,12 +436,15 @@ def test_train_step_lays_out_a_logical_batch_as_streams(bm):
 
 
 def test_unrolled_layer_loop_step_equals_scan(bm):
-    """``train.layer_loop: unrolled`` runs the layer stacks as a Python loop over params sliced from the
-    stacked state (``unstack_layers``): the state keeps the scan layout (same tree, same shapes) and one
-    step gives the scan step's losses and new params. Tolerance: the two are different XLA programs (other
-    fusions, other summation order in the weight gradients), so float32 rounding may differ."""
+    """``train.layer_loop: unrolled`` runs the layer stacks as a Python loop: over params sliced from a
+    stacked state inside the step (``unstack_layers``; the state keeps the scan layout, as the trainer's), or
+    over the per-layer arrays of the state ``init_state`` builds by default on one CPU device. One step of
+    either gives the scan step's losses and new params (the per-layer state restacked). Tolerance: the
+    programs differ (other fusions, other summation order in the weight gradients), so float32 rounding may
+    differ."""
     from bagel_jax import sharding as shd
     from bagel_jax.config import ConfigError
+    from bagel_jax.nn import layer_loop
     from bagel_jax.train import optimizer as O, step as S
 
     t = packed(bm)
@@ -451,30 +454,46 @@ def test_unrolled_layer_loop_step_equals_scan(bm):
     arrays = {k: np.stack([p.arrays()[k] for p in packs])[None] for k in packs[0].arrays()}
     mesh = shd.make_mesh(1, 1, 1)
     out = {}
-    for loop in ("scan", "unrolled"):
+    for name, loop, layout in (("scan", "scan", "scan"), ("sliced", "unrolled", "scan"), ("perlayer", "auto", "auto")):
         tc = O.TrainConfig(compute_dtype="float32", warmup_steps=0, layer_loop=loop)
         mask = O.trainable_mask(bm.params, tc)
         opt = O.make_optimizer(tc, mask, 10)
-        state, ssh = S.init_state(bm.params, opt, 0, mesh)
-        assert S.resolve_layer_loop(tc, ssh["params"]) == loop
+        state, ssh = S.init_state(bm.params, opt, 0, mesh, layer_loop=layout)
+        assert layer_loop.layout_of(state["params"]) == ("unrolled" if name == "perlayer" else "scan")
+        assert S.resolve_layer_loop(tc, ssh["params"]) == ("scan" if name == "scan" else "unrolled")
         fn = S.jit_train_step(S.make_train_step(bm.model, bm.vae, tc, mask, opt, O.lr_schedule(tc, 10), None,
                                                 ssh["params"]), ssh, mesh, None)
         state, m = fn(state, shd.put_batch(arrays, mesh), bm.vae_params)
-        out[loop] = jax.device_get((m, state))
-    (m0, s0), (m1, s1) = out["scan"], out["unrolled"]
-    assert jax.tree_util.tree_structure(s0) == jax.tree_util.tree_structure(s1)
-    for k in ("loss", "loss_ce", "loss_mse", "grad_norm"):
-        np.testing.assert_allclose(m1[k], m0[k], rtol=1e-5, err_msg=k)
-    # the first Adam moment is (1 - beta1) x the clipped gradient: the gradients agree
-    mu0, mu1 = (x["opt_state"].inner_states["train"].inner_state[1][0].mu for x in (s0, s1))
-    for a, b in zip(jax.tree_util.tree_leaves(mu0), jax.tree_util.tree_leaves(mu1)):
-        assert a.shape == b.shape
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7)
-    # Adam's first step moves each weight by lr x sign(gradient): an entry whose gradient is ~0 may
-    # take the other sign in the other program, so a weight may differ by up to 2 lr
-    for a, b in zip(jax.tree_util.tree_leaves(s0["params"]), jax.tree_util.tree_leaves(s1["params"])):
-        assert a.shape == b.shape
-        np.testing.assert_allclose(b, a, rtol=0, atol=2 * O.TrainConfig().lr + 1e-6)
+        if name == "perlayer":   # restacked for the comparison; two steps: the state it returns runs again
+            assert layer_loop.layout_of(state["params"]) == "unrolled"
+            inner = state["opt_state"].inner_states["train"].inner_state[1][0]
+            state = dict(state, params=layer_loop.stack(state["params"]), ema=layer_loop.stack(state["ema"]),
+                         mu=layer_loop.stack(inner.mu))
+        else:
+            state = dict(state, mu=state["opt_state"].inner_states["train"].inner_state[1][0].mu)
+        out[name] = jax.device_get((m, state))
+        if name == "scan":
+            per_layer, psh = S.init_state(bm.params, opt, 0, mesh)
+            bad = S.jit_train_step(S.make_train_step(bm.model, bm.vae, tc, mask, opt, O.lr_schedule(tc, 10), None,
+                                                     psh["params"]), psh, mesh, None)
+            with pytest.raises(ValueError, match="per layer"):   # a per-layer state cannot run as a scan
+                bad(per_layer, shd.put_batch(arrays, mesh), bm.vae_params)
+    m0, s0 = out["scan"]
+    for name in ("sliced", "perlayer"):
+        m1, s1 = out[name]
+        assert jax.tree_util.tree_structure(s0["params"]) == jax.tree_util.tree_structure(s1["params"])
+        for k in ("loss", "loss_ce", "loss_mse", "grad_norm"):
+            np.testing.assert_allclose(m1[k], m0[k], rtol=1e-5, err_msg=f"{name} {k}")
+        # the first Adam moment is (1 - beta1) x the clipped gradient: the gradients agree
+        for a, b in zip(jax.tree_util.tree_leaves(s0["mu"]), jax.tree_util.tree_leaves(s1["mu"])):
+            assert a.shape == b.shape
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7)
+        # Adam's first step moves each weight by lr x sign(gradient): an entry whose gradient is ~0 may
+        # take the other sign in the other program, so a weight may differ by up to 2 lr
+        for key in ("params", "ema"):
+            for a, b in zip(jax.tree_util.tree_leaves(s0[key]), jax.tree_util.tree_leaves(s1[key])):
+                assert a.shape == b.shape
+                np.testing.assert_allclose(b, a, rtol=0, atol=2 * O.TrainConfig().lr + 1e-6)
     assert O.TrainConfig().layer_loop == "auto"
     assert S.resolve_layer_loop(O.TrainConfig()) == "unrolled"   # one CPU device
     with pytest.raises(ConfigError, match="layer_loop"):

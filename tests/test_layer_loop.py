@@ -41,6 +41,23 @@ def test_convert_both_ways(tiny_a):
     jax.tree_util.tree_map(np.testing.assert_array_equal, back, p)
 
 
+def test_like_lays_a_per_stack_tree_out_as_the_params():
+    """A tree of per-leaf values of the scan layout (a trainable mask, optimiser labels) serves per-layer params:
+    each layer gets the stack's values; a tree already in the params' layout comes back unchanged."""
+    stacked = {"lm": {"layers": {"q": jnp.zeros((3, 2)), "norm": jnp.zeros((3,))}, "embed": jnp.zeros((4, 2))}}
+    mask = {"lm": {"layers": {"q": True, "norm": False}, "embed": True}}
+    per_layer = layer_loop.unstack(stacked)
+    m = layer_loop.like(mask, per_layer)
+    assert sorted(m["lm"]) == ["embed", "layers_0", "layers_1", "layers_2"]
+    assert all(m["lm"][f"layers_{i}"] == {"q": True, "norm": False} for i in range(3)) and m["lm"]["embed"] is True
+    assert jax.tree_util.tree_structure(m) == jax.tree_util.tree_structure(
+        jax.tree_util.tree_map(lambda _: True, per_layer))
+    assert layer_loop.like(mask, stacked) == mask
+    assert layer_loop.like(m, per_layer) == m
+    with pytest.raises(KeyError):
+        layer_loop.like({"lm": {"layers": {"q": True}}}, per_layer)    # a leaf the tree does not name
+
+
 def test_consume_frees_the_stacked_arrays(tiny_a):
     p = load_model(tiny_a, dtype=jnp.float32).params
     k = p["language_model"]["model"]["layers"]["layer"]["q_proj"]["kernel"]

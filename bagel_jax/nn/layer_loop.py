@@ -91,6 +91,22 @@ def stack(params: Any) -> Any:
     return out
 
 
+def like(tree: Any, params: Any) -> Any:
+    """``tree`` (per-leaf values of the scan layout: a trainable mask, optimiser labels) laid out like
+    ``params``: where ``params`` holds ``layers_0 .. layers_{n-1}`` and ``tree`` one ``layers`` subtree, every
+    layer gets that subtree (the values are per stack, not per layer). A ``tree`` already laid out like
+    ``params`` is returned as it is."""
+    if not (hasattr(tree, "items") and hasattr(params, "items")):
+        return tree
+    out = {}
+    for k, v in params.items():
+        if k not in tree and _UNROLLED.match(k) and SCANNED in tree:
+            out[k] = like(tree[SCANNED], v)
+        else:
+            out[k] = like(tree[k], v)
+    return out
+
+
 def layout_of(params: Any) -> Optional[str]:
     """"scan" or "unrolled" by the names in ``params`` (None when it has no layer stack)."""
     if not hasattr(params, "items"):

@@ -208,7 +208,8 @@ def start_or_resume(args: argparse.Namespace, su: RunSetup, ckpt: Checkpointer, 
             else (su.lora.init_adapter(tc.seed, su.ssh["params"]), vae_init, None)
         if is_main():
             conv.export_params(vae_params, flux_vae.key_map(cfg.vae), ae_path)
-        state, _ = S.init_state(params, su.opt, tc.seed, su.mesh)
+        # stacked layer params on every mesh: the checkpoints' layout (the step may still run them unrolled)
+        state, _ = S.init_state(params, su.opt, tc.seed, su.mesh, layer_loop="scan")
         del params
         data_state = None
         if is_main():

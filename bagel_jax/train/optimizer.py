@@ -28,6 +28,7 @@ import optax
 from ..config import ConfigError, check_keys
 from ..data.loader import check_numbers
 from ..lora import LoraConfig
+from ..nn import layer_loop as layer_loop_lib
 from ..nn.layer_loop import validate as validate_layer_loop
 from ..nn.options import ModelOptions
 
@@ -206,15 +207,20 @@ def make_optimizer(tc: TrainConfig, mask, total_steps: int) -> optax.GradientTra
         optax.adamw(sched, b1=tc.beta1, b2=tc.beta2, eps=tc.eps, weight_decay=tc.weight_decay),
     )
     labels = jax.tree_util.tree_map(lambda t: "train" if t else "freeze", mask)
-    return optax.multi_transform({"train": inner, "freeze": optax.set_to_zero()}, labels)
+    # labels follow the layout of the tree they are applied to: a mask of stacked layer params also serves a
+    # train state that holds them per layer (init_state on one CPU device, train/step.py)
+    return optax.multi_transform({"train": inner, "freeze": optax.set_to_zero()},
+                                 lambda tree: layer_loop_lib.like(labels, tree))
 
 
 def freeze(params, mask):
+    mask = layer_loop_lib.like(mask, params)
     return jax.tree_util.tree_map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, mask)
 
 
 def ema_update(ema, params, mask, decay: float):
     """``ema <- decay * ema + (1 - decay) * params`` on trainable leaves (fp32)."""
+    mask = layer_loop_lib.like(mask, params)
     return jax.tree_util.tree_map(
         lambda e, p, t: (e * decay + p.astype(e.dtype) * (1.0 - decay)) if t else e, ema, params, mask)
 
