@@ -45,6 +45,7 @@ from ..loading import build_modules, load_model, vae_param_shapes
 from ..models import flux_vae
 from ..models.bagel import init_params as bagel_init
 from ..models.bagel import param_shapes
+from ..nn import layer_loop
 from ..tokenizer import Tokenizer, load_tokenizer
 from . import distributed as D
 from . import optimizer as O
@@ -208,8 +209,9 @@ def start_or_resume(args: argparse.Namespace, su: RunSetup, ckpt: Checkpointer, 
             else (su.lora.init_adapter(tc.seed, su.ssh["params"]), vae_init, None)
         if is_main():
             conv.export_params(vae_params, flux_vae.key_map(cfg.vae), ae_path)
-        # stacked layer params on every mesh: the checkpoints' layout (the step may still run them unrolled)
-        state, _ = S.init_state(params, su.opt, tc.seed, su.mesh, layer_loop="scan")
+        # the layout of the run's abstract state (stacked layer params for full training, on every mesh): the
+        # checkpoints' layout (the step may still run the stacks unrolled)
+        state, _ = S.init_state(params, su.opt, tc.seed, su.mesh, layer_loop=layer_loop.layout_of(su.shapes) or "scan")
         del params
         data_state = None
         if is_main():

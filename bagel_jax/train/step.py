@@ -66,11 +66,12 @@ def init_state(params, optimizer, seed: int, mesh, layer_loop: str = "auto"):
     ``layer_loop``: the layout of the layer stacks in the state. ``"scan"``: stacked (``.../layers/...``,
     leaves ``[n_layers, ...]``; the trainer's checkpoints use it on every mesh). ``"unrolled"``: one array per
     layer (``.../layers_0/...``), which the step's unrolled layer loop reads where it lies: on the 2-core CPU
-    the perf harness's step is 1.09x faster than one that slices a stacked state every step and its XLA
-    temporaries shrink from 773 to 581 MB (docs/train_performance.md). ``"auto"``: ``"unrolled"`` on one CPU
-    device (as :func:`bagel_jax.nn.layer_loop.resolve`, the layout ``bagel_jax.load`` gives there), else
-    ``"scan"``. ``params`` may come in either layout; :func:`bagel_jax.train.optimizer.make_optimizer`'s optimiser and :func:`make_train_step`
-    follow the layout of the state they are given (an optimiser of your own must accept it)."""
+    the perf harness's step ran 1.04-1.17x faster than one that slices a stacked state every step, and its
+    XLA temporaries shrink from 773 to 581 MB (docs/train_performance.md, fifth round). ``"auto"``:
+    ``"unrolled"`` on one CPU device (as :func:`bagel_jax.nn.layer_loop.resolve`, the layout ``bagel_jax.load``
+    gives there), else ``"scan"``. ``params`` may come in either layout. The optimiser of
+    :func:`bagel_jax.train.optimizer.make_optimizer` and :func:`make_train_step` follow the layout of the state
+    they are given (an optimiser of your own must accept it)."""
     want = layer_loop_lib.resolve(layer_loop, mesh)
     have = layer_loop_lib.layout_of(params)
     if have == "scan" and want == "unrolled":
