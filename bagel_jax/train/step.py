@@ -129,20 +129,19 @@ def make_loss_fn(model, vae, tc: TrainConfig, mask, special_weights: Mapping[int
     per-layer arrays: those of a per-layer state as they are, or sliced from a stacked state inside the step
     (:func:`unstack_layers`; the params and their gradients then stay stacked)."""
     cfg = model.cfg
-    scan_model = model
-    if model.opts.layer_loop == "scan":
+    if loop == "unrolled" and model.opts.layer_loop == "scan":
         model = model.clone(opts=dataclasses.replace(model.opts, layer_loop="unrolled"))
+    runs = model.opts.layer_loop            # how the model that runs reads its layer params
 
     def loss_fn(params, vae_params, micro, key, expert_split=None):
         p = freeze(params, mask)
         layout = layer_loop_lib.layout_of(p)
-        if layout == "unrolled" and loop != "unrolled" and scan_model.opts.layer_loop == "scan":
+        if layout == "unrolled" and runs == "scan":
             raise ValueError(f"the train state holds its layer stacks per layer (init_state(layer_loop='auto') on "
                              f"one CPU device) but the step runs them as {loop!r}: build the state with "
                              f"init_state(..., layer_loop={loop!r}) or set train.layer_loop to 'unrolled'")
-        if layout == "scan" and loop == "unrolled":
+        if layout == "scan" and runs == "unrolled":
             p = unstack_layers(p)
-        step_model = model if layout == "unrolled" or loop == "unrolled" else scan_model
         G = micro["token_ids"].shape[0]
         keys = jax.vmap(lambda g: jax.random.fold_in(key, g))(jnp.arange(G))
 
@@ -154,7 +153,7 @@ def make_loss_fn(model, vae, tc: TrainConfig, mask, special_weights: Mapping[int
                 special = b["ce_special"] > 0 if "ce_special" in b else jnp.zeros(b["ce_label"].shape, bool)
                 for tid, w in special_weights.items():
                     tw = jnp.where(special & (b["ce_label"] == tid), w, tw)
-            _, aux = train_forward(step_model, p, vae, vae_params, b, noise, ce_weight=tc.ce_weight,
+            _, aux = train_forward(model, p, vae, vae_params, b, noise, ce_weight=tc.ce_weight,
                                    mse_weight=tc.mse_weight, ce_loss_reweighting=tc.ce_loss_reweighting,
                                    token_loss_weights=tw, expert_split=expert_split,
                                    ce_chunk_tokens=tc.ce_chunk_tokens,
