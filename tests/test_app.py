@@ -4,6 +4,7 @@ status message, Stop ends a running call, the command line refuses bad arguments
 keeps these tests fast; tests/test_app_browser.py runs the real page on the demo model."""
 
 import dataclasses
+import os
 import threading
 
 import pytest
@@ -87,6 +88,18 @@ def test_generate_streams_thinking_then_image():
     assert isinstance(last[0], Image.Image) and last[2].startswith("done")
     (_, prompt, size, kw), = h.pipe.calls
     assert (prompt, size, kw["num_timesteps"], kw["cfg_interval"]) == ("a blue square", (32, 32), 50, (0.4, 1.0))
+
+
+def test_handlers_remove_their_image_folder():
+    """The folder of the images the page links to goes with the handlers (or at exit), not left in /tmp."""
+    import gc
+
+    h = H.Handlers(FakePipe())
+    tmp = h.tmp
+    assert os.path.isdir(tmp)
+    del h
+    gc.collect()
+    assert not os.path.exists(tmp)
 
 
 def test_batch_yields_each_image():

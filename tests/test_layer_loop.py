@@ -58,6 +58,35 @@ def test_like_lays_a_per_stack_tree_out_as_the_params():
         layer_loop.like({"lm": {"layers": {"q": True}}}, per_layer)    # a leaf the tree does not name
 
 
+def test_relayout_moves_a_whole_train_state_between_layouts():
+    """relayout (the trainer's checkpoint <-> step layouts) enters optax's state tuples, which unstack / stack do
+    not: per-layer moments are the slices of the stacked ones, a masked-out subtree (no leaves) is no
+    obstacle, and the way back is exact."""
+    import optax
+
+    stacked = {"lm": {"layers": {"q": jnp.arange(6.0).reshape(3, 2), "norm": jnp.ones((3,))}, "embed": jnp.ones((4, 2))}}
+    mask = {"lm": {"layers": {"q": True, "norm": False}, "embed": True}}
+    opt = optax.masked(optax.adam(0.1), lambda p: layer_loop.like(mask, p))
+
+    def make(p):
+        return {"params": p, "opt": opt.init(p), "step": jnp.int32(0)}
+
+    state = make(stacked)
+    state["opt"] = opt.update(stacked, state["opt"], stacked)[1]     # non-zero moments
+    target = jax.eval_shape(lambda p: make(layer_loop.unstack(p)), stacked)
+    per_layer = layer_loop.relayout(state, target)
+    assert jax.tree_util.tree_structure(per_layer) == jax.tree_util.tree_structure(target)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, per_layer["params"], layer_loop.unstack(stacked))
+    mu = state["opt"].inner_state[0].mu["lm"]["layers"]["q"]
+    for i in range(3):
+        np.testing.assert_array_equal(per_layer["opt"].inner_state[0].mu["lm"][f"layers_{i}"]["q"], mu[i])
+    back = layer_loop.relayout(per_layer, jax.eval_shape(lambda: state))
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(state)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, back, state)
+    with pytest.raises(KeyError):
+        layer_loop.relayout({"params": stacked}, target)                 # no optimiser state to lay out
+
+
 def test_consume_frees_the_stacked_arrays(tiny_a):
     p = load_model(tiny_a, dtype=jnp.float32).params
     k = p["language_model"]["model"]["layers"]["layer"]["q_proj"]["kernel"]

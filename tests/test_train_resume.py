@@ -67,6 +67,27 @@ def test_rerun_when_done_is_a_no_op(data, reference):
     assert metrics(wd) == ref
 
 
+def test_one_device_steps_per_layer_and_checkpoints_stacked(data, reference, tmp_path):
+    """On one CPU device the step runs on one array per layer (RunSetup.run_abstract; no per-step slices of
+    stacked weights); the checkpoints keep the stacked layout that every mesh reads (the resume test above
+    restores it into the per-layer state)."""
+    import jax
+
+    from bagel_jax.nn import layer_loop
+    from bagel_jax.train.cli import build_parser
+    from bagel_jax.train.loop import build_setup
+    from bagel_jax.train.run_checkpoint import load_train_state
+
+    su = build_setup(build_parser().parse_args(train_cmd(data, str(tmp_path), 1)[2:]))
+    assert layer_loop.layout_of(su.run_abstract["params"]) == "unrolled"
+    assert layer_loop.layout_of(su.abstract["params"]) == "scan"
+    paths = [jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path(load_train_state(os.path.join(reference[0], "checkpoints")))[0]]
+    stacked = [p for p in paths if "['layers']" in p]
+    assert {p.split("]")[0] for p in stacked} >= {"['params'", "['ema'", "['opt_state'"}
+    assert not [p for p in paths if "['layers_" in p]
+
+
 def _main_in_process(data, wd, steps, capsys):
     from bagel_jax.train.cli import main
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import tempfile
 import threading
 import time
+import weakref
 from typing import Optional
 
 from ..inference import streaming
@@ -83,7 +85,8 @@ class Handlers:
         self.pipe = pipe
         self.chunk = chunk
         self.default_size = "x".join(str(x) for x in pipe.default_image_size)
-        self.tmp = tempfile.mkdtemp(prefix="bagel_jax_app_")
+        self.tmp = tempfile.mkdtemp(prefix="bagel_jax_app_")   # the images the page links to; removed with the handlers
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.tmp, True)   # (or at exit)
         self._lock = threading.Lock()
         self._active: set = set()
         self._n_files = 0

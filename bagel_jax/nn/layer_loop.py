@@ -107,6 +107,34 @@ def like(tree: Any, params: Any) -> Any:
     return out
 
 
+def relayout(tree: Any, target: Any) -> Any:
+    """The values of ``tree`` laid out like ``target`` (a pytree of the same values in either layout, e.g.
+    ``jax.ShapeDtypeStruct`` s): a whole train state with its optimiser state, whose containers
+    (optax's named tuples) :func:`unstack` / :func:`stack` do not enter. Leaves are matched by path:
+    ``.../layers_i/...`` of ``target`` is slice ``i`` of ``.../layers/...`` of ``tree``, ``.../layers/...`` stacks
+    ``.../layers_0/...`` .. in order, any other path is taken as it is. A leaf ``target`` names but ``tree``
+    lacks is a KeyError."""
+    src = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    def pick(path, t):
+        k = jax.tree_util.keystr(path)
+        if k in src:
+            return src[k]
+        for i, entry in enumerate(path):
+            name = getattr(entry, "key", None)
+            if not isinstance(name, str):
+                continue
+            swap = lambda new: jax.tree_util.keystr(path[:i] + (jax.tree_util.DictKey(new),) + path[i + 1:])
+            m = _UNROLLED.match(name)
+            if m and swap(SCANNED) in src:
+                return src[swap(SCANNED)][int(m.group(1))]
+            if name == SCANNED and swap(f"{SCANNED}_0") in src:
+                return jnp.stack([src[swap(f"{SCANNED}_{j}")] for j in range(t.shape[0])])
+        raise KeyError(f"{k}: not in the tree to lay out (in neither layout)")
+
+    return jax.tree_util.tree_map_with_path(pick, target)
+
+
 def layout_of(params: Any) -> Optional[str]:
     """"scan" or "unrolled" by the names in ``params`` (None when it has no layer stack)."""
     if not hasattr(params, "items"):

@@ -69,7 +69,7 @@ def _export(ema, su, vae_params, args, tokenizer) -> None:
     (:func:`.run_checkpoint.inference_defaults`), so sampling from the export uses them by default."""
     if su.lora is not None:   # a LoRA run exports its EMA adapter (train/lora.py)
         return su.lora.export(ema, su, args.export) if is_main() else None
-    export_ema(ema, su.cfg, vae_params, args.export, tokenizer)
+    export_ema(layer_loop.stack(ema), su.cfg, vae_params, args.export, tokenizer)
     if is_main():
         inference_defaults(args.export, args.data, su.dc, su.tc.init)
     print(f"[train] exported EMA weights to {args.export}", flush=True)
@@ -133,6 +133,23 @@ class RunSetup:
     vshapes: Any              # VAE param shapes
     vsh: Any                  # VAE param shardings
     lora: Any = None          # train/lora.py LoraRun when train.lora.rank > 0 (then model/shapes/mask/opt/state are the adapter's)
+    run_abstract: Any = None  # the abstract state the step runs on when its layout differs from the checkpoints'
+    run_ssh: Any = None       # its shardings (None: ``abstract`` / ``ssh``)
+
+    @property
+    def step_ssh(self):
+        """Shardings of the state the step runs on."""
+        return self.ssh if self.run_ssh is None else self.run_ssh
+
+    def to_run(self, state):
+        """A state in the checkpoints' layout -> the layout the step runs on (no copy when they agree)."""
+        if self.run_abstract is None:
+            return state
+        return jax.device_put(layer_loop.relayout(state, self.run_abstract), self.run_ssh)
+
+    def to_disk(self, state):
+        """A state in the step's layout -> the checkpoints' layout (stacked layer params)."""
+        return state if self.run_abstract is None else layer_loop.relayout(state, self.abstract)
 
 
 def build_setup(args: argparse.Namespace) -> RunSetup:
@@ -161,7 +178,14 @@ def build_setup(args: argparse.Namespace) -> RunSetup:
                   schedule=O.lr_schedule(tc, args.steps), opt=opt, abstract=abstract,
                   ssh=S.state_shardings(abstract, mesh), vshapes=vshapes,
                   vsh=shd.tree_shardings(vshapes, mesh))
-    return TL.setup(su, args.steps) if tc.lora.rank else su
+    if tc.lora.rank:
+        return TL.setup(su, args.steps)
+    if layer_loop.layout_of(shapes) == "scan" and layer_loop.resolve(tc.layer_loop, mesh) == "unrolled":
+        # one CPU device: the step runs on one array per layer (no per-step slices of stacked weights, no
+        # stacked gradient buffers); checkpoints and exports keep the stacked layout of every other mesh
+        su.run_abstract = S.abstract_state(jax.eval_shape(layer_loop.unstack, shapes), opt, tc.seed)
+        su.run_ssh = S.state_shardings(su.run_abstract, mesh)
+    return su
 
 
 @dataclasses.dataclass
@@ -209,9 +233,9 @@ def start_or_resume(args: argparse.Namespace, su: RunSetup, ckpt: Checkpointer, 
             else (su.lora.init_adapter(tc.seed, su.ssh["params"]), vae_init, None)
         if is_main():
             conv.export_params(vae_params, flux_vae.key_map(cfg.vae), ae_path)
-        # the layout of the run's abstract state (stacked layer params for full training, on every mesh): the
-        # checkpoints' layout (the step may still run the stacks unrolled)
-        state, _ = S.init_state(params, su.opt, tc.seed, su.mesh, layer_loop=layer_loop.layout_of(su.shapes) or "scan")
+        # the layout the step runs on (RunSetup.to_run; the adapter's for LoRA)
+        run_layout = layer_loop.layout_of(su.shapes if su.run_abstract is None else su.run_abstract) or "scan"
+        state, _ = S.init_state(params, su.opt, tc.seed, su.mesh, layer_loop=run_layout)
         del params
         data_state = None
         if is_main():
@@ -223,6 +247,7 @@ def start_or_resume(args: argparse.Namespace, su: RunSetup, ckpt: Checkpointer, 
         target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                         su.abstract, su.ssh)
         state, data_state = ckpt.restore(latest, target)
+        state = su.to_run(state)
         if not os.path.isfile(ae_path):
             raise TrainCheckpointError(f"{ae_path} is missing (the frozen VAE weights of this run)")
         vae_params = conv.load_params(ae_path, flux_vae.key_map(cfg.vae), su.vshapes, dtype=jnp.float32,
@@ -248,7 +273,7 @@ def run(args: argparse.Namespace) -> dict:
     it = PackedIterator(args.data, su.dc, su.cfg, tokenizer, accum=su.tc.accum_steps,
                         rows=D.local_rows(su.mesh, su.dc.packs_per_step))
     ckpt = Checkpointer(os.path.join(args.workdir, "checkpoints"), keep=su.tc.keep_checkpoints,
-                        async_save=not args.sync_save)
+                        async_save=not args.sync_save, to_disk=su.to_disk)
     try:
         st = start_or_resume(args, su, ckpt, tokenizer)
         if st.data_state is not None:
@@ -314,8 +339,8 @@ def train_steps(args: argparse.Namespace, su: RunSetup, st: RunStart, ckpt: Chec
     cfg, tc, dc, mesh = su.cfg, su.tc, su.dc, su.mesh
     special = S.special_weights_by_id(tc, st.tokenizer)
     step_fn = S.jit_train_step(S.make_train_step(su.model, su.vae, tc, su.mask, su.opt, su.schedule, special,
-                                                 su.ssh["params"]),
-                               su.ssh, mesh, su.vsh) if su.lora is None else \
+                                                 su.step_ssh["params"]),
+                               su.step_ssh, mesh, su.vsh) if su.lora is None else \
         TL.jit_step(su, special, st.base)
     peak = peak_flops_per_device(tc) * jax.device_count()
     n_train = O.count_params(su.shapes, su.mask)

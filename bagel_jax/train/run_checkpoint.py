@@ -50,8 +50,11 @@ def short_error(e: BaseException, limit: int = 300) -> str:
 
 
 class Checkpointer:
-    def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str, keep: int = 3, async_save: bool = True, to_disk=None):
+        """``to_disk``: applied to every state before it is saved (the trainer's per-layer state -> the stacked
+        layout of its checkpoints)."""
         self.directory = os.path.abspath(directory)
+        self.to_disk = to_disk
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
         try:
             self.mngr = ocp.CheckpointManager(self.directory, options=opts, item_names=ITEMS)
@@ -100,6 +103,8 @@ class Checkpointer:
         self.wait()
         self.pending = int(step)
         data_state = gather_data_state(data_state)   # multi-host: every process's rows
+        if self.to_disk is not None:
+            state = self.to_disk(state)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
         return self._guard(self.mngr.save, int(step), args=args, force=force)
 
