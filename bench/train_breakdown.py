@@ -13,6 +13,9 @@ the same three samples four times. The step is built as the harness builds it
 variant's options change. Variants (``--variants``, comma-separated, timed alternating in one
 process, medians) are named in :data:`VARIANTS`.
 
+``--profile`` also sweeps the trace's op spans: per part the time it ran while no other thread ran an op
+(``alone s``), the step's time with none / one / two threads running ops, and the op runs per step.
+
 FLOPs: :func:`bagel_jax.train.metrics.step_flops_by_part` (matmul FLOPs a step needs, 3x forward for
 trained parts; the frozen VAE encoder forward once, from XLA's cost analysis). ``frac probe`` =
 FLOPs / time / probe GFLOP/s.
@@ -235,6 +238,7 @@ def profile_step(v: Variant, steps: int, module_text: str):
     pd = ProfileData.from_file(path)
     by_part, by_op = collections.Counter(), collections.Counter()
     unmatched = collections.Counter()
+    spans = []                                               # (start, end, thread, part) of every leaf op
     for plane in pd.planes:
         if plane.name != "/host:CPU":
             continue
@@ -254,7 +258,32 @@ def profile_step(v: Variant, steps: int, module_text: str):
                 part = classify(op_name, is_dot)
                 by_part[part] += dt
                 by_op[(e.name, opcode, part, op_name)] += dt
-    return by_part, by_op, unmatched
+                spans.append((e.start_ns, e.start_ns + e.duration_ns, line.name, part))
+    return by_part, by_op, unmatched, concurrency(spans, steps)
+
+
+def concurrency(spans, steps: int):
+    """From leaf-op spans ``(start, end, thread, part)``: the seconds per step during which 0, 1 and 2+ threads
+    ran an op (between the first op's start and the last op's end of the trace), and per part the seconds it
+    ran while no other thread ran anything (work that did not spread over the cores)."""
+    edges = sorted([(a, 1, t, p) for a, b, t, p in spans] + [(b, -1, t, p) for a, b, t, p in spans],
+                   key=lambda x: (x[0], x[1]))
+    busy = collections.Counter()                            # thread -> open ops
+    part_of = {}                                            # thread -> part of its open op
+    by_n, alone = collections.Counter(), collections.Counter()
+    last = edges[0][0] if edges else 0
+    for ts, d, t, p in edges:
+        dt = (ts - last) * 1e-9 / steps
+        active = [th for th, c in busy.items() if c > 0]
+        by_n[min(len(active), 2)] += dt
+        if len(active) == 1:
+            alone[part_of[active[0]]] += dt
+        last = ts
+        busy[t] += d
+        if d > 0:
+            part_of[t] = p
+    by_n["ops"] = len(spans) / steps
+    return by_n, alone
 
 
 def main():
@@ -313,11 +342,11 @@ def main():
             print(f"   {v.name:8s} median {med:.3f} s/step (runs {', '.join(f'{x:.3f}' for x in v.times)}): "
                   f"{flops / med / 1e9:.1f} GFLOP/s = {100 * flops / med / 1e9 / pr:.0f} % of the probe")
         for v in (variants if args.profile else []):
-            by_part, by_op, unmatched = profile_step(v, 2, v.module_text)
+            by_part, by_op, unmatched, (by_n, alone) = profile_step(v, 2, v.module_text)
             tot = sum(by_part.values())
             med = float(np.median(v.times))
             print(f"   profile of {v.name} (op time per step, summed over threads; wall {med:.3f} s):")
-            print(f"   {'part':24s} {'op s':>7s} {'share':>6s} {'GFLOP':>7s} {'% probe':>7s}")
+            print(f"   {'part':24s} {'op s':>7s} {'share':>6s} {'GFLOP':>7s} {'% probe':>7s} {'alone s':>7s}")
             flop_of = {"decoder matmuls": parts["decoder matmuls"], "attention + RoPE": parts["attention"],
                        "ViT": parts["ViT"], "VAE encode": parts["VAE encode"], "CE (LM head)": parts["CE (LM head)"],
                        "MSE / latent heads": parts["latent heads"]}
@@ -326,8 +355,13 @@ def main():
                     continue
                 f = flop_of.get(p, 0.0)
                 eff = f"{100 * f / by_part[p] / 1e9 / pr:6.0f}" if f else "      "
-                print(f"   {p:24s} {by_part[p]:7.3f} {100 * by_part[p] / tot:5.1f}% {f / 1e9:7.2f} {eff}")
+                print(f"   {p:24s} {by_part[p]:7.3f} {100 * by_part[p] / tot:5.1f}% {f / 1e9:7.2f} {eff}  "
+                      f"{alone[p]:7.3f}")
             print(f"   {'total':24s} {tot:7.3f}")
+            n_ops = int(by_n["ops"])
+            print(f"   threads running ops (s per step): none {by_n[0]:.3f}, one {by_n[1]:.3f}, two or more "
+                  f"{by_n[2]:.3f}; {n_ops} op runs per step ('alone s': a part's time with the other thread idle; "
+                  "XLA's own convolutions are not traced and count as none)")
             print("   slowest ops:")
             for (name, opcode, part, op_name), dt in by_op.most_common(args.top):
                 print(f"   {dt * 1e3:8.1f} ms  {name:28s} {opcode:12s} {part:20s} {op_name[-100:]}")
