@@ -87,6 +87,28 @@ def test_relayout_moves_a_whole_train_state_between_layouts():
         layer_loop.relayout({"params": stacked}, target)                 # no optimiser state to lay out
 
 
+def test_own_optimiser_with_a_stacked_labels_tree_is_a_clear_error():
+    """init_state's per-layer default on one CPU device: an optax optimiser whose labels tree names the stacked
+    layout gets our error naming both ways out (not optax's tree-structure message); both ways work."""
+    import optax
+
+    from bagel_jax import sharding as shd
+    from bagel_jax.train import step as S
+
+    mesh = shd.make_mesh(**shd.parse_mesh("data=1,fsdp=1,tensor=1"))
+    p = {"lm": {"layers": {"q": jnp.ones((3, 2)), "norm": jnp.ones((3,))}, "embed": jnp.ones((4, 2))}}
+    labels = {"lm": {"layers": {"q": "train", "norm": "freeze"}, "embed": "train"}}
+    parts = {"train": optax.adam(0.1), "freeze": optax.set_to_zero()}
+    if layer_loop.resolve("auto", mesh) == "unrolled":
+        with pytest.raises(ValueError, match="layer_loop.like"):
+            S.init_state(p, optax.multi_transform(parts, labels), 0, mesh)
+    state, _ = S.init_state(p, optax.multi_transform(parts, labels), 0, mesh, layer_loop="scan")
+    assert layer_loop.layout_of(state["params"]) == "scan"
+    state, _ = S.init_state(p, optax.multi_transform(parts, lambda q: layer_loop.like(labels, q)), 0, mesh,
+                            layer_loop="unrolled")
+    assert layer_loop.layout_of(state["params"]) == "unrolled"
+
+
 def test_consume_frees_the_stacked_arrays(tiny_a):
     p = load_model(tiny_a, dtype=jnp.float32).params
     k = p["language_model"]["model"]["layers"]["layer"]["q_proj"]["kernel"]

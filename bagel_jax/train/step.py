@@ -71,15 +71,24 @@ def init_state(params, optimizer, seed: int, mesh, layer_loop: str = "auto"):
     ``"unrolled"`` on one CPU device (as :func:`bagel_jax.nn.layer_loop.resolve`, the layout ``bagel_jax.load``
     gives there), else ``"scan"``. ``params`` may come in either layout. The optimiser of
     :func:`bagel_jax.train.optimizer.make_optimizer` and :func:`make_train_step` follow the layout of the state
-    they are given (an optimiser of your own must accept it)."""
+    they are given; an optimiser of your own must accept it (masks or labels as callables through
+    :func:`bagel_jax.nn.layer_loop.like`), else a ValueError says so."""
     want = layer_loop_lib.resolve(layer_loop, mesh)
     have = layer_loop_lib.layout_of(params)
     if have == "scan" and want == "unrolled":
         params = layer_loop_lib.unstack(params)
     elif have == "unrolled" and want == "scan":
         params = layer_loop_lib.stack(params)
-    abstract = abstract_state(jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params),
-                              optimizer, seed)
+    try:
+        abstract = abstract_state(jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params),
+                                  optimizer, seed)
+    except (ValueError, TypeError) as e:
+        if want != "unrolled" or have != "scan":
+            raise
+        raise ValueError(f"the optimiser does not accept the per-layer layout of the train state (layer_loop="
+                         f"{layer_loop!r} on one CPU device splits the stacked 'layers' params into 'layers_0' ..): "
+                         "give a mask or labels tree as a callable through bagel_jax.nn.layer_loop.like (as "
+                         "make_optimizer does), or pass layer_loop='scan' to keep the stacked layout") from e
     sh = state_shardings(abstract, mesh)
     params = jax.device_put(params, sh["params"])
     return jax.jit(lambda p: make_state(p, optimizer, seed), out_shardings=sh)(params), sh
