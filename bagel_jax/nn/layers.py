@@ -25,8 +25,8 @@ class RMSNorm(nn.Module):
         if len(shape) > 2 and all(d == 1 for d in shape[:-2]):
             # a packed row [1, seq, d]: the same values computed on [seq, d]. With the size-1 axis, XLA:CPU's
             # backward reductions (the scale's gradient over tokens, the row sums of the input gradient) ran
-            # 10-30x slower than the same reductions alone: the perf harness's step spent 127 ms per step in
-            # the decoder's norms, 49 ms without (docs/train_performance.md). (Dropping only the leading 1 of
+            # 10-30x slower than the same reductions alone: the perf harness's step spent 141 ms per step in
+            # the decoder's norms, 58 ms without (docs/train_performance.md). (Dropping only the leading 1 of
             # the q / k norms' [1, seq, heads, d] made theirs slower: they keep it.)
             x = x.reshape(shape[-2:])
         xf = x.astype(jnp.float32)

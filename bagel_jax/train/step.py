@@ -75,16 +75,21 @@ def init_state(params, optimizer, seed: int, mesh, layer_loop: str = "auto"):
     :func:`bagel_jax.nn.layer_loop.like`), else a ValueError says so."""
     want = layer_loop_lib.resolve(layer_loop, mesh)
     have = layer_loop_lib.layout_of(params)
+    given = params
     if have == "scan" and want == "unrolled":
         params = layer_loop_lib.unstack(params)
     elif have == "unrolled" and want == "scan":
         params = layer_loop_lib.stack(params)
+    f32 = lambda tree: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), tree)
     try:
-        abstract = abstract_state(jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params),
-                                  optimizer, seed)
+        abstract = abstract_state(f32(params), optimizer, seed)
     except (ValueError, TypeError) as e:
         if want != "unrolled" or have != "scan":
             raise
+        try:   # the layout's fault only if the optimiser accepts the stacked params it was given
+            abstract_state(f32(given), optimizer, seed)
+        except (ValueError, TypeError):
+            raise e from None
         raise ValueError(f"the optimiser does not accept the per-layer layout of the train state (layer_loop="
                          f"{layer_loop!r} on one CPU device splits the stacked 'layers' params into 'layers_0' ..): "
                          "give a mask or labels tree as a callable through bagel_jax.nn.layer_loop.like (as "
