@@ -11,6 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def packed_row(shape) -> bool:
+    """Whether ``shape`` is one packed row ``[1, .., 1, seq, d]`` (every axis before the last two of size 1).
+    XLA:CPU compiles some backward ops over such an input much slower than over the same ``[seq, d]``
+    (:class:`Dense`, :class:`RMSNorm`), so those layers compute on the 2-D view."""
+    return len(shape) > 2 and all(d == 1 for d in shape[:-2])
+
+
 class RMSNorm(nn.Module):
     """Qwen2 RMSNorm (docs/architecture.md#building-blocks): normalise in float32, cast back to the input dtype, then
     scale."""
@@ -22,12 +29,12 @@ class RMSNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
         shape = x.shape
-        if len(shape) > 2 and all(d == 1 for d in shape[:-2]):
-            # a packed row [1, seq, d]: the same values computed on [seq, d]. With the size-1 axis, XLA:CPU's
-            # backward reductions (the scale's gradient over tokens, the row sums of the input gradient) ran
-            # 10-30x slower than the same reductions alone: the perf harness's step spent 141 ms per step in
-            # the decoder's norms, 58 ms without (docs/train_performance.md). (Dropping only the leading 1 of
-            # the q / k norms' [1, seq, heads, d] made theirs slower: they keep it.)
+        if packed_row(shape):
+            # the same values computed on [seq, d]. With the size-1 axis, XLA:CPU's backward reductions (the
+            # scale's gradient over tokens, the row sums of the input gradient) ran 10-30x slower than the same
+            # reductions alone: the perf harness's step spent 141 ms per step in the decoder's norms, 58 ms
+            # without (docs/train_performance.md). (Dropping only the leading 1 of the q / k norms'
+            # [1, seq, heads, d] made theirs slower: they keep it.)
             x = x.reshape(shape[-2:])
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
@@ -43,11 +50,10 @@ class Dense(nn.Dense):
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
-        lead = inputs.shape[:-2]
-        if not lead or any(d != 1 for d in lead):
+        if not packed_row(inputs.shape):
             return super().__call__(inputs)
         y = super().__call__(inputs.reshape(inputs.shape[-2:]))
-        return y.reshape(lead + y.shape)
+        return y.reshape(inputs.shape[:-2] + y.shape)
 
 
 class QuantDense(Dense):
