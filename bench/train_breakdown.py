@@ -226,7 +226,8 @@ def classify(op_name: str, is_dot: bool) -> str:
 
 
 def profile_step(v: Variant, steps: int, module_text: str):
-    """Per-part op time (s per step) of ``steps`` runs of ``v``'s compiled step, from a profiler trace."""
+    """Per-part op time (s per step) of ``steps`` runs of ``v``'s compiled step, from a profiler trace; also
+    :func:`concurrency` of its op spans and the op runs per step."""
     idx = hlo_index(module_text)
     d = tempfile.mkdtemp(prefix="train_breakdown_trace_")
     atexit.register(shutil.rmtree, d, True)
@@ -259,7 +260,7 @@ def profile_step(v: Variant, steps: int, module_text: str):
                 by_part[part] += dt
                 by_op[(e.name, opcode, part, op_name)] += dt
                 spans.append((e.start_ns, e.start_ns + e.duration_ns, line.name, part))
-    return by_part, by_op, unmatched, concurrency(spans, steps)
+    return by_part, by_op, unmatched, concurrency(spans, steps), len(spans) / steps
 
 
 def concurrency(spans, steps: int):
@@ -282,7 +283,6 @@ def concurrency(spans, steps: int):
         busy[t] += d
         if d > 0:
             part_of[t] = p
-    by_n["ops"] = len(spans) / steps
     return by_n, alone
 
 
@@ -342,7 +342,7 @@ def main():
             print(f"   {v.name:8s} median {med:.3f} s/step (runs {', '.join(f'{x:.3f}' for x in v.times)}): "
                   f"{flops / med / 1e9:.1f} GFLOP/s = {100 * flops / med / 1e9 / pr:.0f} % of the probe")
         for v in (variants if args.profile else []):
-            by_part, by_op, unmatched, (by_n, alone) = profile_step(v, 2, v.module_text)
+            by_part, by_op, unmatched, (by_n, alone), n_ops = profile_step(v, 2, v.module_text)
             tot = sum(by_part.values())
             med = float(np.median(v.times))
             print(f"   profile of {v.name} (op time per step, summed over threads; wall {med:.3f} s):")
@@ -358,9 +358,8 @@ def main():
                 print(f"   {p:24s} {by_part[p]:7.3f} {100 * by_part[p] / tot:5.1f}% {f / 1e9:7.2f} {eff}  "
                       f"{alone[p]:7.3f}")
             print(f"   {'total':24s} {tot:7.3f}")
-            n_ops = int(by_n["ops"])
             print(f"   threads running ops (s per step): none {by_n[0]:.3f}, one {by_n[1]:.3f}, two or more "
-                  f"{by_n[2]:.3f}; {n_ops} op runs per step ('alone s': a part's time with the other thread idle; "
+                  f"{by_n[2]:.3f}; {n_ops:.0f} op runs per step ('alone s': a part's time with the other thread idle; "
                   "XLA's own convolutions are not traced and count as none)")
             print("   slowest ops:")
             for (name, opcode, part, op_name), dt in by_op.most_common(args.top):
