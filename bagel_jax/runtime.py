@@ -1,8 +1,11 @@
-"""Process-wide JAX settings that the programs (``sample.py``, ``train.py``, ``python -m bagel_jax.app``) switch on
-and the library never does by itself: the XLA:CPU convolution tuning (:func:`tune_xla_cpu`), the malloc settings
-that let XLA:CPU reuse its buffers (:func:`tune_cpu_malloc`) and JAX's persistent compilation cache
-(:func:`use_compilation_cache`). Importing ``bagel_jax`` changes no global state. The convolution choice is also
-made per program, without global state, for the programs that need it (:func:`program_compiler_options`).
+"""Process-wide settings for JAX on CPU. The programs (``sample.py``, ``train.py``, ``python -m bagel_jax.app``) switch
+on the XLA:CPU convolution tuning (:func:`tune_xla_cpu`) and JAX's persistent compilation cache
+(:func:`use_compilation_cache`); the library never does by itself. The malloc settings that let XLA:CPU reuse its
+buffers (:func:`tune_cpu_malloc`) are the one exception: ``import bagel_jax`` applies them on a CPU-only
+installation, because without them every call of a large program touches fresh pages (the train step: 0.70x the
+official instead of ~1.05x); ``BAGEL_JAX_CPU_MALLOC=0`` or any ``MALLOC_*`` / ``GLIBC_TUNABLES`` variable of the
+user's leaves malloc alone. The convolution choice is also made per program, without global state, for the
+programs that need it (:func:`program_compiler_options`).
 
 XLA:CPU hands 2-D convolutions to YNNPACK by default (``individual_convolution`` in
 ``--xla_cpu_experimental_ynn_fusion_type``). For the FLUX VAE's 3x3 convolutions its own emitter is faster:
@@ -32,7 +35,7 @@ import sys
 import warnings
 from typing import Optional
 
-import jax   # importing JAX does not start a backend, so tune_xla_cpu still works after this
+# no JAX import here: ``import bagel_jax`` imports this module (for tune_cpu_malloc) and stays light
 
 FLAG_NAME = "xla_cpu_experimental_ynn_fusion_type"
 FLAG = f"--{FLAG_NAME}=-individual_convolution"
@@ -71,6 +74,7 @@ def use_compilation_cache(path: Optional[str] = DEFAULT_COMPILATION_CACHE, force
     """Turn on JAX's persistent compilation cache in ``path`` (created), so that a later process skips most
     compilation. Without ``force`` a cache JAX already has (``JAX_COMPILATION_CACHE_DIR``, or set by the
     caller) is kept; ``path`` None or "" does nothing. A folder that cannot be created only warns."""
+    import jax
     if not path or (jax.config.jax_compilation_cache_dir and not force):
         return
     try:
@@ -116,6 +120,14 @@ def malloc_wanted(environ=os.environ) -> bool:
     return cpu_only_install()
 
 
+_malloc_tuned = False
+
+
+def malloc_tuned() -> bool:
+    """Whether :func:`tune_cpu_malloc` has applied the settings in this process (``import bagel_jax`` calls it)."""
+    return _malloc_tuned
+
+
 def tune_cpu_malloc(environ=os.environ) -> bool:
     """Keep freed memory in the process so that XLA:CPU's per-call buffers are not fresh pages on every call.
 
@@ -127,11 +139,14 @@ def tune_cpu_malloc(environ=os.environ) -> bool:
     first step, 1.69-2.55 -> 1.56-1.71 s per step (docs/train_performance.md; in a small program the first
     calls may still fault while a thread's tcache holds the rest that ``posix_memalign`` cut off). The cost:
     the process keeps the memory it freed (up to 2 GiB of it at the top of the heap), and all threads share
-    one malloc arena.
+    one malloc arena, which makes small inference calls ~4-5 % slower (the one arena is what costs it, and
+    the one arena is also what the train step needs: its buffer comes from a worker thread).
 
     Applies only when :func:`malloc_wanted`, and fully only before JAX's first computation (threads that
-    already allocated keep their arenas). Returns whether it was applied. ``train.py``, ``sample.py`` and
-    the app call it; the library never does."""
+    already allocated keep their arenas). Returns whether it was applied. ``import bagel_jax`` calls it (the
+    one process-wide setting the library makes itself: docs/library.md says why); calling it again is
+    harmless."""
+    global _malloc_tuned
     if not malloc_wanted(environ):
         return False
     try:
@@ -139,4 +154,6 @@ def tune_cpu_malloc(environ=os.environ) -> bool:
     except (OSError, AttributeError):     # not glibc
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(mallopt(_M_ARENA_MAX, 1) and mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    ok = bool(mallopt(_M_ARENA_MAX, 1) and mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    _malloc_tuned = _malloc_tuned or ok
+    return ok

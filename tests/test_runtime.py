@@ -111,9 +111,9 @@ def test_program_options_make_the_flags_choice_for_one_program():
 
 
 MALLOC_PROBE = r"""
-import ctypes, resource, sys, threading
-from bagel_jax import runtime
-applied = runtime.tune_cpu_malloc() if sys.argv[1] == "tune" else False
+import ctypes, resource, threading
+from bagel_jax import runtime          # importing bagel_jax applies the settings where malloc_wanted()
+applied = runtime.malloc_tuned()
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.argtypes, libc.malloc.restype = (ctypes.c_size_t,), ctypes.c_void_p
 libc.free.argtypes = (ctypes.c_void_p,)
@@ -136,21 +136,23 @@ print(applied, max(faults[1:]))
 
 
 @pytest.mark.skipif(not runtime.malloc_wanted({}), reason="the malloc settings do not apply to this installation")
-def test_tune_cpu_malloc_stops_page_faults_on_every_call():
+def test_importing_bagel_jax_stops_page_faults_on_every_call():
     """Without the settings a worker thread's 96 MiB buffer is a fresh mapping on every call (24,576 page
-    faults); after tune_cpu_malloc() the freed buffer is reused. glibc itself, not an XLA program: XLA:CPU's
-    ``posix_memalign`` can leave a small chunk behind the buffer that keeps it from being reused for the first
-    calls of a small program (docs/train_performance.md, third round; the train step: no faults after its
-    first step)."""
-    def probe(mode, **env):
-        applied, faults = _run(MALLOC_PROBE, mode, lambda k: k.startswith("MALLOC_") or k == runtime.MALLOC_OPT_OUT,
+    faults); after ``import bagel_jax`` (runtime.tune_cpu_malloc) the freed buffer is reused, unless the user
+    opted out or set malloc themselves. glibc itself, not an XLA program: XLA:CPU's ``posix_memalign`` can
+    leave a small chunk behind the buffer that keeps it from being reused for the first calls of a small
+    program (docs/train_performance.md, third round; the train step: no faults after its first step)."""
+    def probe(**env):
+        applied, faults = _run(MALLOC_PROBE, "-", lambda k: k.startswith("MALLOC_") or k == runtime.MALLOC_OPT_OUT,
                                **env).split()
         return applied == "True", int(faults)
 
-    assert probe("plain")[1] > 12000
-    applied, faults = probe("tune")
+    applied, faults = probe()
     assert applied and faults < 2000
-    applied, faults = probe("tune", **{runtime.MALLOC_OPT_OUT: "0"})
+    applied, faults = probe(**{runtime.MALLOC_OPT_OUT: "0"})
     assert not applied and faults > 12000
-    assert not runtime.malloc_wanted({"MALLOC_ARENA_MAX": "4"})     # the user's own settings win
+    applied, faults = probe(MALLOC_ARENA_MAX="8")                 # the user's own settings win
+    assert not applied and faults > 12000
+    assert not runtime.tune_cpu_malloc({runtime.MALLOC_OPT_OUT: "0"})
+    assert not runtime.malloc_wanted({"MALLOC_ARENA_MAX": "4"})
     assert not runtime.malloc_wanted({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
