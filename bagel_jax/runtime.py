@@ -139,7 +139,7 @@ def tune_cpu_malloc(environ=os.environ) -> bool:
     first step, 1.69-2.55 -> 1.56-1.71 s per step (docs/train_performance.md; in a small program the first
     calls may still fault while a thread's tcache holds the rest that ``posix_memalign`` cut off). The cost:
     the process keeps the memory it freed (up to 2 GiB of it at the top of the heap), and all threads share
-    one malloc arena, which makes small inference calls ~4-5 % slower (the one arena is what costs it, and
+    one malloc arena, which makes small inference calls 1-10 % slower (the one arena is what costs it, and
     the one arena is also what the train step needs: its buffer comes from a worker thread).
 
     Applies only when :func:`malloc_wanted`, and fully only before JAX's first computation (threads that
