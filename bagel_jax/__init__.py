@@ -2,10 +2,11 @@
 
 ``bagel_jax.load(folder)`` returns an inference :class:`~bagel_jax.inference.api.Pipeline`
 (understand / generate_image / edit_image / conversation / interleave). Heavy modules are imported lazily.
-On a CPU-only JAX installation importing the package sets glibc's malloc so that XLA:CPU reuses its per-call
-buffers (:func:`bagel_jax.runtime.tune_cpu_malloc`; ``BAGEL_JAX_CPU_MALLOC=0`` or the user's own ``MALLOC_*``
-settings leave malloc alone). That is the only global state it touches: the programs switch on the XLA:CPU
-tuning and the persistent compilation cache themselves (:mod:`bagel_jax.runtime`).
+On a CPU-only JAX installation importing the package lets XLA:CPU reuse the buffers of large programs from call
+to call (:func:`bagel_jax.runtime.tune_cpu_buffers`: synchronous CPU dispatch and glibc's main heap kept;
+``BAGEL_JAX_CPU_MALLOC=0`` or the user's own ``MALLOC_*`` settings leave both alone). That is the only global
+state it touches: the programs switch on the XLA:CPU tuning and the persistent compilation cache themselves
+(:mod:`bagel_jax.runtime`).
 """
 
 import importlib
@@ -13,7 +14,7 @@ import importlib
 from . import runtime as _runtime
 
 # Before JAX's first computation, as the settings need (docs/library.md, "Process settings")
-_runtime.tune_cpu_malloc()
+_runtime.tune_cpu_buffers()
 
 _LAZY = {
     "load": ("bagel_jax.inference.api", "load"),

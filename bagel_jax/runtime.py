@@ -1,11 +1,11 @@
-"""Process-wide settings for JAX on CPU. The programs (``sample.py``, ``train.py``, ``python -m bagel_jax.app``) switch
-on the XLA:CPU convolution tuning (:func:`tune_xla_cpu`) and JAX's persistent compilation cache
-(:func:`use_compilation_cache`); the library never does by itself. The malloc settings that let XLA:CPU reuse its
-buffers (:func:`tune_cpu_malloc`) are the one exception: ``import bagel_jax`` applies them on a CPU-only
-installation, because without them every call of a large program touches fresh pages (the train step: 0.70x the
-official instead of ~1.05x); ``BAGEL_JAX_CPU_MALLOC=0`` or any ``MALLOC_*`` / ``GLIBC_TUNABLES`` variable of the
-user's leaves malloc alone. The convolution choice is also made per program, without global state, for the
-programs that need it (:func:`program_compiler_options`).
+"""Process-wide settings for JAX on CPU. The programs (``sample.py``, ``train.py``, ``python -m bagel_jax.app``)
+switch on the XLA:CPU convolution tuning (:func:`tune_xla_cpu`), the malloc settings of :func:`tune_cpu_malloc`
+and JAX's persistent compilation cache (:func:`use_compilation_cache`); the library never does by itself. The
+one exception is :func:`tune_cpu_buffers`, which ``import bagel_jax`` applies on a CPU-only installation:
+without it every call of a large program touches fresh pages (the train step: 0.70x the official instead of
+1.1x); ``BAGEL_JAX_CPU_MALLOC=0`` or any ``MALLOC_*`` / ``GLIBC_TUNABLES`` variable of the user's leaves it out.
+The convolution choice is also made per program, without global state, for the programs that need it
+(:func:`program_compiler_options`).
 
 XLA:CPU hands 2-D convolutions to YNNPACK by default (``individual_convolution`` in
 ``--xla_cpu_experimental_ynn_fusion_type``). For the FLUX VAE's 3x3 convolutions its own emitter is faster:
@@ -124,8 +124,61 @@ _malloc_tuned = False
 
 
 def malloc_tuned() -> bool:
-    """Whether :func:`tune_cpu_malloc` has applied the settings in this process (``import bagel_jax`` calls it)."""
+    """Whether :func:`tune_cpu_buffers` (``import bagel_jax``) or :func:`tune_cpu_malloc` applied in this process."""
     return _malloc_tuned
+
+
+def _mallopt():
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):     # not glibc
+        return None
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return mallopt
+
+
+def _backend_started() -> bool:
+    try:
+        from jax._src import xla_bridge       # no public way to ask; assume started if the name moved
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):
+        return True
+
+
+def tune_cpu_buffers(environ=os.environ) -> bool:
+    """What ``import bagel_jax`` does on a CPU-only installation (:func:`malloc_wanted`): let XLA:CPU reuse the
+    temporary buffer of a large program from call to call instead of faulting in fresh pages every time,
+    without the one malloc arena of :func:`tune_cpu_malloc`.
+
+    XLA:CPU allocates a call's temporaries when the call runs; with JAX's asynchronous CPU dispatch that is on a
+    worker thread, whose malloc arena serves anything over 64 MiB with ``mmap`` and unmaps it on ``free``
+    (142,000 page faults per step for the perf harness's train step, 0.70x the official). Two settings move it
+    into the main heap and keep it there: single-device CPU programs run on the calling thread
+    (``jax_cpu_enable_async_dispatch=False``, JAX's earlier default on CPU; only before JAX's CPU backend
+    starts) and the main heap neither maps large blocks with ``mmap`` nor trims below 2 GiB (``mallopt``).
+    The train step: 37 page faults and 1.42 s per step instead of 142,626 and 1.84 s (alternated, one process
+    each; docs/train_performance.md, seventh round). What it costs: the Python thread waits for each
+    single-device CPU computation (no overlap of Python work with it), and the process keeps up to 2 GiB of
+    freed memory. Compile time is unchanged (the one malloc arena of :func:`tune_cpu_malloc` makes
+    compilation 10-20 % slower, which is why the import does not use it).
+
+    Returns whether the dispatch setting was made (False after JAX's first computation, with
+    ``BAGEL_JAX_CPU_MALLOC=0``, with the user's own ``MALLOC_*`` / ``GLIBC_TUNABLES``, or with an accelerator
+    plugin installed)."""
+    global _malloc_tuned
+    if not malloc_wanted(environ):
+        return False
+    mallopt = _mallopt()
+    if mallopt is None:
+        return False
+    mallopt(_M_MMAP_MAX, 0)
+    mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1)
+    if _backend_started():
+        return False
+    import jax
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    _malloc_tuned = True
+    return True
 
 
 def tune_cpu_malloc(environ=os.environ) -> bool:
@@ -139,21 +192,19 @@ def tune_cpu_malloc(environ=os.environ) -> bool:
     first step, 1.69-2.55 -> 1.56-1.71 s per step (docs/train_performance.md; in a small program the first
     calls may still fault while a thread's tcache holds the rest that ``posix_memalign`` cut off). The cost:
     the process keeps the memory it freed (up to 2 GiB of it at the top of the heap), and all threads share
-    one malloc arena, which makes small inference calls 1-10 % slower (the one arena is what costs it, and
-    the one arena is also what the train step needs: its buffer comes from a worker thread).
+    one malloc arena, which makes small inference calls 1-10 % slower and compilation 10-20 % slower
+    (docs/train_performance.md, seventh round).
 
     Applies only when :func:`malloc_wanted`, and fully only before JAX's first computation (threads that
-    already allocated keep their arenas). Returns whether it was applied. ``import bagel_jax`` calls it (the
-    one process-wide setting the library makes itself: docs/library.md says why); calling it again is
-    harmless."""
+    already allocated keep their arenas). Returns whether it was applied. ``train.py``, ``sample.py`` and the
+    app call it (a worker thread's buffers too: the app computes on its request threads); the library's
+    import makes only :func:`tune_cpu_buffers`' settings.
     global _malloc_tuned
     if not malloc_wanted(environ):
         return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):     # not glibc
+    mallopt = _mallopt()
+    if mallopt is None:
         return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     ok = bool(mallopt(_M_ARENA_MAX, 1) and mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
     _malloc_tuned = _malloc_tuned or ok
     return ok

@@ -28,9 +28,8 @@ root = os.environ["AB_ROOT"]
 sys.path.insert(0, os.path.join(root, "bench")); sys.path.insert(0, root)
 sys.argv = ["train_breakdown"]
 import train_breakdown as tb
-from bagel_jax import runtime
-if hasattr(runtime, "tune_cpu_malloc"):  # what importing bagel_jax does now, also for an older ROOT
-    runtime.tune_cpu_malloc()         # (BAGEL_JAX_CPU_MALLOC=0, --untuned-malloc, leaves malloc alone)
+if os.environ.get("AB_TUNE_MALLOC") == "1":
+    from bagel_jax import runtime; runtime.tune_cpu_malloc()
 import jax
 from bagel_jax import sharding as shd
 from bagel_jax.loading import random_model
@@ -54,9 +53,10 @@ def main():
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=1, help="the pack holds this many copies of the harness samples")
     ap.add_argument("--tune-malloc", action="store_true",
-                    help="no effect: every worker applies the malloc settings (kept for recorded commands)")
+                    help="every worker calls bagel_jax.runtime.tune_cpu_malloc() first, as train.py does")
     ap.add_argument("--untuned-malloc", action="store_true",
-                    help="workers run with BAGEL_JAX_CPU_MALLOC=0: glibc's default malloc (page faults per step)")
+                    help="workers run with BAGEL_JAX_CPU_MALLOC=0: nothing of bagel_jax.runtime.tune_cpu_buffers "
+                         "(what importing bagel_jax does on CPU)")
     ap.add_argument("--pin", default="", help="taskset -c CPUS for every worker")
     a = ap.parse_args()
     procs = []
@@ -64,6 +64,7 @@ def main():
         root, _, rest = arm.partition(":")
         var, _, flags = rest.partition(":")
         env = dict(os.environ, AB_ROOT=os.path.abspath(root), AB_VARIANT=var or "base", AB_REPEATS=str(a.repeats),
+                   AB_TUNE_MALLOC="1" if a.tune_malloc else "0",
                    **({"BAGEL_JAX_CPU_MALLOC": "0"} if a.untuned_malloc else {}),
                    XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
         cmd = (["taskset", "-c", a.pin] if a.pin else []) + [sys.executable, "-c", WORKER]

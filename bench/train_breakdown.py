@@ -295,10 +295,11 @@ def main():
     ap.add_argument("--top", type=int, default=25, help="slowest ops listed with --profile")
     ap.add_argument("--save", default=None, help="with --profile: write every op's time per step to this JSON")
     ap.add_argument("--tune-malloc", action="store_true",
-                    help="no effect: importing bagel_jax applies the malloc settings (kept for recorded commands); "
-                         "run with BAGEL_JAX_CPU_MALLOC=0 in the environment for glibc's defaults")
+                    help="bagel_jax.runtime.tune_cpu_malloc() first, as train.py does (no page faults per step)")
     args = ap.parse_args()
-    print(f"malloc settings applied (import bagel_jax): {runtime.malloc_tuned()}")
+    if args.tune_malloc:
+        print(f"tune_cpu_malloc applied: {runtime.tune_cpu_malloc()}")
+    print(f"import bagel_jax's CPU buffer settings applied: {runtime.malloc_tuned()} (BAGEL_JAX_CPU_MALLOC=0: not)")
 
     cfg = perf_config()
     bm = random_model(cfg, jax.random.PRNGKey(0))

@@ -111,16 +111,21 @@ def test_program_options_make_the_flags_choice_for_one_program():
 
 
 MALLOC_PROBE = r"""
-import ctypes, resource, threading
-from bagel_jax import runtime          # importing bagel_jax applies the settings where malloc_wanted()
+import ctypes, resource, sys, threading
+import jax
+from bagel_jax import runtime          # importing bagel_jax applies tune_cpu_buffers where malloc_wanted()
+where, tune = sys.argv[1].split("+") if "+" in sys.argv[1] else (sys.argv[1], "")
 applied = runtime.malloc_tuned()
+if tune:
+    applied = runtime.tune_cpu_malloc()
+sync = not jax.config.values["jax_cpu_enable_async_dispatch"]
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.argtypes, libc.malloc.restype = (ctypes.c_size_t,), ctypes.c_void_p
 libc.free.argtypes = (ctypes.c_void_p,)
 SIZE = 96 << 20          # over glibc's 64 MiB thread-arena heaps, like XLA:CPU's step temporaries
 faults = []
 
-def calls():             # what XLA:CPU does per call from a worker thread: allocate, write, free
+def calls():             # what XLA:CPU does per call: allocate, write, free
     for _ in range(3):
         p = libc.malloc(SIZE)
         r0 = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
@@ -128,31 +133,39 @@ def calls():             # what XLA:CPU does per call from a worker thread: allo
         faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - r0)
         libc.free(p)
 
-t = threading.Thread(target=calls)
-t.start()
-t.join()
-print(applied, max(faults[1:]))
+if where == "thread":    # asynchronous dispatch: a worker thread allocates
+    t = threading.Thread(target=calls)
+    t.start()
+    t.join()
+else:                    # synchronous dispatch: the calling thread allocates
+    calls()
+print(applied, sync, max(faults[1:]))
 """
 
 
 @pytest.mark.skipif(not runtime.malloc_wanted({}), reason="the malloc settings do not apply to this installation")
-def test_importing_bagel_jax_stops_page_faults_on_every_call():
-    """Without the settings a worker thread's 96 MiB buffer is a fresh mapping on every call (24,576 page
-    faults); after ``import bagel_jax`` (runtime.tune_cpu_malloc) the freed buffer is reused, unless the user
-    opted out or set malloc themselves. glibc itself, not an XLA program: XLA:CPU's ``posix_memalign`` can
-    leave a small chunk behind the buffer that keeps it from being reused for the first calls of a small
-    program (docs/train_performance.md, third round; the train step: no faults after its first step)."""
-    def probe(**env):
-        applied, faults = _run(MALLOC_PROBE, "-", lambda k: k.startswith("MALLOC_") or k == runtime.MALLOC_OPT_OUT,
-                               **env).split()
-        return applied == "True", int(faults)
+def test_importing_bagel_jax_keeps_large_buffers_between_calls():
+    """Without the settings a 96 MiB buffer is a fresh mapping on every call (24,576 page faults). ``import
+    bagel_jax`` (runtime.tune_cpu_buffers) makes JAX's CPU dispatch synchronous, so XLA:CPU allocates on the
+    calling thread, and keeps that thread's freed buffer in the heap; the user's opt-out or own malloc settings
+    leave both alone. tune_cpu_malloc (the programs') also covers a worker thread's buffer. glibc itself, not an
+    XLA program: XLA:CPU's ``posix_memalign`` can leave a small chunk behind the buffer that keeps it from being
+    reused for the first calls of a small program (docs/train_performance.md, third round; the train step: no
+    faults after its first step)."""
+    def probe(mode, **env):
+        applied, sync, faults = _run(MALLOC_PROBE, mode,
+                                     lambda k: k.startswith("MALLOC_") or k == runtime.MALLOC_OPT_OUT, **env).split()
+        return applied == "True", sync == "True", int(faults)
 
-    applied, faults = probe()
+    applied, sync, faults = probe("main")
+    assert applied and sync and faults < 2000
+    applied, sync, faults = probe("main", **{runtime.MALLOC_OPT_OUT: "0"})
+    assert not applied and not sync and faults > 12000
+    applied, sync, faults = probe("main", MALLOC_ARENA_MAX="8")          # the user's own settings win
+    assert not applied and not sync and faults > 12000
+    assert probe("thread")[2] > 12000                                    # a worker thread's arena still maps
+    applied, sync, faults = probe("thread+tune")
     assert applied and faults < 2000
-    applied, faults = probe(**{runtime.MALLOC_OPT_OUT: "0"})
-    assert not applied and faults > 12000
-    applied, faults = probe(MALLOC_ARENA_MAX="8")                 # the user's own settings win
-    assert not applied and faults > 12000
-    assert not runtime.tune_cpu_malloc({runtime.MALLOC_OPT_OUT: "0"})
+    assert not runtime.tune_cpu_buffers({runtime.MALLOC_OPT_OUT: "0"})
     assert not runtime.malloc_wanted({"MALLOC_ARENA_MAX": "4"})
     assert not runtime.malloc_wanted({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})

@@ -11,7 +11,7 @@ import time
 import jax
 
 from ..inference.api import load
-from ..runtime import DEFAULT_COMPILATION_CACHE, tune_xla_cpu, use_compilation_cache
+from ..runtime import DEFAULT_COMPILATION_CACHE, tune_cpu_malloc, tune_xla_cpu, use_compilation_cache
 from .handlers import Handlers
 from .ui import CSS, build
 
@@ -47,6 +47,7 @@ def main(argv=None) -> int:
         print("error: the app needs gradio: pip install -e '.[app]'", file=sys.stderr)
         return 2
     tune_xla_cpu()   # before JAX's first computation (see bagel_jax/runtime.py)
+    tune_cpu_malloc()
     use_compilation_cache(args.compilation_cache, force=True)
     dtype = args.dtype if args.dtype != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     t0 = time.time()

@@ -318,9 +318,10 @@ COMMANDS = {"understand": cmd_understand, "generate": cmd_generate, "edit": cmd_
 
 
 def main(argv=None) -> int:
-    from ..runtime import tune_xla_cpu
+    from ..runtime import tune_cpu_malloc, tune_xla_cpu
 
     tune_xla_cpu()   # before JAX's first computation (a no-op after it: see bagel_jax/runtime.py)
+    tune_cpu_malloc()
     ap = build_parser()
     args = ap.parse_args(argv)
     if not args.command:

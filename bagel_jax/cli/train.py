@@ -7,7 +7,7 @@ import os
 import sys
 import threading
 
-from ..runtime import tune_xla_cpu
+from ..runtime import tune_cpu_malloc, tune_xla_cpu
 from ..train.cli import main as train_main
 
 
@@ -33,7 +33,8 @@ def _quiet_closed_loop_hooks() -> None:
 
 
 def main(argv=None) -> int:
-    tune_xla_cpu()   # before JAX's first computation (see bagel_jax/runtime.py); import bagel_jax set malloc
+    tune_xla_cpu()   # before JAX's first computation (see bagel_jax/runtime.py)
+    tune_cpu_malloc()
     _quiet_closed_loop_hooks()
     code = train_main(argv)
     if code == 2:
