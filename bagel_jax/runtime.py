@@ -198,7 +198,7 @@ def tune_cpu_malloc(environ=os.environ) -> bool:
     Applies only when :func:`malloc_wanted`, and fully only before JAX's first computation (threads that
     already allocated keep their arenas). Returns whether it was applied. ``train.py``, ``sample.py`` and the
     app call it (a worker thread's buffers too: the app computes on its request threads); the library's
-    import makes only :func:`tune_cpu_buffers`' settings.
+    import makes only :func:`tune_cpu_buffers`' settings."""
     global _malloc_tuned
     if not malloc_wanted(environ):
         return False
