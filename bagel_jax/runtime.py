@@ -35,7 +35,7 @@ import sys
 import warnings
 from typing import Optional
 
-# no JAX import here: ``import bagel_jax`` imports this module (for tune_cpu_malloc) and stays light
+# JAX is imported where needed only: ``import bagel_jax`` imports this module (for tune_cpu_buffers)
 
 FLAG_NAME = "xla_cpu_experimental_ynn_fusion_type"
 FLAG = f"--{FLAG_NAME}=-individual_convolution"
@@ -128,7 +128,10 @@ def malloc_tuned() -> bool:
     return _malloc_tuned
 
 
-def _mallopt():
+def _wanted_mallopt(environ):
+    """glibc's ``mallopt`` when :func:`malloc_wanted` (None otherwise, or without glibc)."""
+    if not malloc_wanted(environ):
+        return None
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):     # not glibc
@@ -166,9 +169,7 @@ def tune_cpu_buffers(environ=os.environ) -> bool:
     ``BAGEL_JAX_CPU_MALLOC=0``, with the user's own ``MALLOC_*`` / ``GLIBC_TUNABLES``, or with an accelerator
     plugin installed)."""
     global _malloc_tuned
-    if not malloc_wanted(environ):
-        return False
-    mallopt = _mallopt()
+    mallopt = _wanted_mallopt(environ)
     if mallopt is None:
         return False
     mallopt(_M_MMAP_MAX, 0)
@@ -200,9 +201,7 @@ def tune_cpu_malloc(environ=os.environ) -> bool:
     app call it (a worker thread's buffers too: the app computes on its request threads); the library's
     import makes only :func:`tune_cpu_buffers`' settings."""
     global _malloc_tuned
-    if not malloc_wanted(environ):
-        return False
-    mallopt = _mallopt()
+    mallopt = _wanted_mallopt(environ)
     if mallopt is None:
         return False
     ok = bool(mallopt(_M_ARENA_MAX, 1) and mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
