@@ -120,6 +120,29 @@ def test_interleave_streams_blocks_in_order():
     assert msgs[2]["content"]["path"].endswith(".png") and last[1] == "done: 1 image(s)"
 
 
+class FakeConversation:
+    has_image = False
+
+    def ask(self, text, **kw):
+        for piece in ("it is ", "blue"):
+            streaming.active().text(0, piece)
+        return "it is blue"
+
+
+def test_chat_clears_the_message_box_once():
+    """The message and attachment boxes are cleared by the turn's first update only; the later (streaming)
+    updates leave them, so that the next message typed meanwhile is not wiped."""
+    import gradio as gr
+
+    pipe = FakePipe()
+    pipe.conversation = lambda seed=0: FakeConversation()
+    out, last = _last(H.Handlers(pipe).chat("what colour?", None, "ask", [], None, "32x32", False, 0, 50, 100,
+                                            False, 0.3, 0, 1.0))
+    assert out[0][2:4] == ("", None) and len(out) > 2 and last[-1] == "done"
+    assert all(o[2] == gr.skip() and o[3] == gr.skip() for o in out[1:])
+    assert [m["content"] for m in last[0]] == ["what colour?", "it is blue"]
+
+
 def test_bad_input_is_a_status_message():
     h = H.Handlers(FakePipe())
     settings = [H.image_defaults(True)[k] for k in H.IMAGE_FIELDS]

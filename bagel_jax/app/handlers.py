@@ -265,8 +265,12 @@ class Handlers:
         if text:
             history.append({"role": "user", "content": text})
         yield _copy(history), conv, "", None, "working..."
+        # the message and attachment boxes are cleared once, above; later updates leave them as they are, so
+        # that what the user types meanwhile (the next turn) is not wiped by a streaming update
+        import gradio as gr   # optional dependency, as in _guarded
+        skip = gr.skip
         if not text:
-            yield _copy(history), conv, "", None, "image added"
+            yield _copy(history), conv, skip(), skip(), "image added"
             return
         if action == "ask":
             stream = self._events(conv.ask, text, **txt_kw)
@@ -280,8 +284,8 @@ class Handlers:
         for ev in stream:
             if ev.kind != "done":
                 self._add_piece(history, ev, block)
-                yield _copy(history), conv, "", None, "working..."
-        yield _copy(history), conv, "", None, "done"
+                yield _copy(history), conv, skip(), skip(), "working..."
+        yield _copy(history), conv, skip(), skip(), "done"
 
     @staticmethod
     def reset():
